@@ -1,0 +1,4 @@
+//! Kubernetes-shaped object types shared by `control` and `runtime`.
+//!
+//! No IO lives here: only serde types, defaults and validation.
+#![warn(missing_docs)]

@@ -1,0 +1,2 @@
+//! Flotilla's control plane: API server, scheduler and controllers.
+#![warn(missing_docs)]

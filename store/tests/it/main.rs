@@ -1,0 +1,1 @@
+//! Store integration tests: one binary, modules by topic.

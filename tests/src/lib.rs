@@ -1,0 +1,1 @@
+//! Shared harness for Flotilla's cross-crate tests.
