@@ -1,17 +1,53 @@
-//! `flotilla`: one binary with subcommands, like k3s.
+//! `flotilla`: the one binary, with a subcommand per role, like k3s.
+//!
+//! Each subcommand lives in its own `cmd_*.rs` file and is a thin call into one library crate;
+//! this file only parses the command line and installs logging.
 use clap::{Parser, Subcommand};
 
+mod cmd_runtime;
+mod cmd_server;
+mod cmd_store;
+
 #[derive(Parser)]
-#[command(name = "flotilla", version, about = "A Kubernetes-shaped orchestrator with a Raft store and wasm pods")]
+#[command(
+    name = "flotilla",
+    version,
+    about = "A Kubernetes-shaped orchestrator: Raft store, Kubernetes API, wasm pods"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
-enum Command {}
+enum Command {
+    /// Run a member of the Raft-replicated store (etcd v3 API; flags named like etcd's).
+    Store(cmd_store::StoreArgs),
+    /// Run the Kubernetes-compatible API server.
+    Server(cmd_server::ServerArgs),
+    /// Benchmarks that print a table of measured figures.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Wasm pod runtime: start latency, density, CPU-limit accuracy, stop latency.
+    Runtime(cmd_runtime::BenchRuntimeArgs),
+}
 
 fn main() -> anyhow::Result<()> {
-    let _cli = Cli::parse();
-    Ok(())
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::Store(args) => cmd_store::run(args),
+        Command::Server(args) => cmd_server::run(args),
+        Command::Bench(BenchCommand::Runtime(args)) => cmd_runtime::run_bench(args),
+    }
 }
