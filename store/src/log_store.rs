@@ -1,0 +1,177 @@
+//! Raft log and vote in sled (openraft storage-v2 `RaftLogStorage`).
+//!
+//! Durability: `append` flushes sled before it reports the write complete to openraft, and
+//! `save_vote` flushes before returning; a flush covers every tree of the database.
+use std::fmt::Debug;
+use std::ops::{Bound, RangeBounds};
+
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
+use openraft::{
+    AnyError, Entry, LogId, OptionalSend, RaftLogReader, StorageError, StorageIOError, Vote,
+};
+
+use crate::types::{TypeConfig, decode, encode};
+
+type StorageResult<T> = Result<T, StorageError<u64>>;
+
+const VOTE: &[u8] = b"vote";
+const COMMITTED: &[u8] = b"committed";
+const LAST_PURGED: &[u8] = b"last_purged";
+
+fn read_err(e: impl std::error::Error + 'static) -> StorageError<u64> {
+    StorageIOError::read_logs(AnyError::new(&e)).into()
+}
+
+fn write_err(e: impl std::error::Error + 'static) -> StorageError<u64> {
+    StorageIOError::write_logs(AnyError::new(&e)).into()
+}
+
+/// The Raft log (`raft_log` tree, big-endian index keys) and Raft metadata (`raft_meta`).
+#[derive(Clone, Debug)]
+pub struct SledLogStore {
+    db: sled::Db,
+    log: sled::Tree,
+    meta: sled::Tree,
+}
+
+impl SledLogStore {
+    /// Opens the log trees of `db`.
+    pub fn new(db: &sled::Db) -> Result<Self, sled::Error> {
+        Ok(Self {
+            db: db.clone(),
+            log: db.open_tree("raft_log")?,
+            meta: db.open_tree("raft_meta")?,
+        })
+    }
+
+    fn get_meta<T: for<'de> serde::Deserialize<'de>>(
+        &self,
+        key: &[u8],
+    ) -> StorageResult<Option<T>> {
+        match self.meta.get(key).map_err(read_err)? {
+            None => Ok(None),
+            Some(v) => decode(&v).map(Some).map_err(read_err),
+        }
+    }
+
+    fn put_meta<T: serde::Serialize>(&self, key: &[u8], v: &T) -> StorageResult<()> {
+        let bytes = encode(v).map_err(write_err)?;
+        self.meta.insert(key, bytes).map_err(write_err)?;
+        Ok(())
+    }
+
+    async fn flush(&self) -> StorageResult<()> {
+        self.db.flush_async().await.map_err(write_err)?;
+        Ok(())
+    }
+}
+
+impl RaftLogReader<TypeConfig> for SledLogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> StorageResult<Vec<Entry<TypeConfig>>> {
+        let start = match range.start_bound() {
+            Bound::Included(i) => *i,
+            Bound::Excluded(i) => i.saturating_add(1),
+            Bound::Unbounded => 0,
+        };
+        let mut out = Vec::new();
+        for item in self.log.range(start.to_be_bytes()..) {
+            let (k, v) = item.map_err(read_err)?;
+            let idx = u64::from_be_bytes(k.as_ref().try_into().map_err(|_| {
+                StorageError::from(StorageIOError::read_logs(AnyError::error("bad log key")))
+            })?);
+            if !range.contains(&idx) {
+                break;
+            }
+            out.push(decode(&v).map_err(read_err)?);
+        }
+        Ok(out)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for SledLogStore {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> StorageResult<LogState<TypeConfig>> {
+        let last_purged_log_id: Option<LogId<u64>> = self.get_meta(LAST_PURGED)?;
+        let last = match self.log.last().map_err(read_err)? {
+            None => None,
+            Some((_, v)) => Some(decode::<Entry<TypeConfig>>(&v).map_err(read_err)?.log_id),
+        };
+        Ok(LogState {
+            last_purged_log_id,
+            last_log_id: last.or(last_purged_log_id),
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<u64>) -> StorageResult<()> {
+        self.put_meta(VOTE, vote)?;
+        self.flush().await
+    }
+
+    async fn read_vote(&mut self) -> StorageResult<Option<Vote<u64>>> {
+        self.get_meta(VOTE)
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId<u64>>) -> StorageResult<()> {
+        // Flushed with the next log append; losing it only means re-applying less on restart.
+        self.put_meta(COMMITTED, &committed)
+    }
+
+    async fn read_committed(&mut self) -> StorageResult<Option<LogId<u64>>> {
+        Ok(self.get_meta::<Option<LogId<u64>>>(COMMITTED)?.flatten())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> StorageResult<()>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut batch = sled::Batch::default();
+        for entry in entries {
+            let bytes = encode(&entry).map_err(write_err)?;
+            batch.insert(&entry.log_id.index.to_be_bytes(), bytes);
+        }
+        self.log.apply_batch(batch).map_err(write_err)?;
+        // Durable before openraft may count this entry towards a quorum.
+        let res = self.db.flush_async().await;
+        match res {
+            Ok(_) => {
+                callback.log_io_completed(Ok(()));
+                Ok(())
+            }
+            Err(e) => {
+                callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
+                Err(write_err(e))
+            }
+        }
+    }
+
+    async fn truncate(&mut self, log_id: LogId<u64>) -> StorageResult<()> {
+        let mut batch = sled::Batch::default();
+        for item in self.log.range(log_id.index.to_be_bytes()..) {
+            let (k, _) = item.map_err(write_err)?;
+            batch.remove(k);
+        }
+        self.log.apply_batch(batch).map_err(write_err)?;
+        self.flush().await
+    }
+
+    async fn purge(&mut self, log_id: LogId<u64>) -> StorageResult<()> {
+        // Record the purge point first: a crash in between leaves extra entries, never a hole.
+        self.put_meta(LAST_PURGED, &log_id)?;
+        let mut batch = sled::Batch::default();
+        for item in self.log.range(..=log_id.index.to_be_bytes()) {
+            let (k, _) = item.map_err(write_err)?;
+            batch.remove(k);
+        }
+        self.log.apply_batch(batch).map_err(write_err)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,105 @@
+//! openraft type configuration and the commands replicated through the log.
+use std::fmt;
+use std::io::Cursor;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::EtcdError;
+
+/// A cluster member as recorded in the Raft membership (openraft's `Node`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    /// Member name; empty until a member added with `member add` starts and publishes it.
+    pub name: String,
+    /// URL of the member's peer (Raft) endpoint.
+    pub peer_url: String,
+    /// URL of the member's client (etcd API) endpoint; empty until published.
+    pub client_url: String,
+    /// Added as a voter: the leader promotes it from learner once it has caught up.
+    pub promote_when_ready: bool,
+}
+
+impl fmt::Display for Member {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}@{}", self.name, self.peer_url)
+    }
+}
+
+openraft::declare_raft_types!(
+    /// openraft type configuration of the store.
+    pub TypeConfig:
+        D = Request,
+        R = Response,
+        NodeId = u64,
+        Node = Member,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = Cursor<Vec<u8>>,
+);
+
+/// One mutating etcd request. Protobuf bodies stay prost-encoded: the log stores the client's
+/// own bytes and the state machine decodes them once, at apply time.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WriteOp {
+    /// `etcdserverpb.PutRequest`.
+    Put(Vec<u8>),
+    /// `etcdserverpb.DeleteRangeRequest`.
+    DeleteRange(Vec<u8>),
+    /// `etcdserverpb.TxnRequest`.
+    Txn(Vec<u8>),
+    /// Compact history below this revision.
+    Compact(i64),
+    /// Create a lease.
+    LeaseGrant {
+        /// Lease id (chosen by the proposer when the client asked for 0).
+        id: i64,
+        /// TTL in seconds.
+        ttl: i64,
+    },
+    /// Revoke a lease (client request or leader-decided expiry) and delete its keys.
+    LeaseRevoke {
+        /// Lease id.
+        id: i64,
+    },
+}
+
+/// The application data of one Raft entry: a group-committed batch of write requests.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    /// Applied in order, each with its own revision.
+    pub ops: Vec<WriteOp>,
+}
+
+/// Result of one [`WriteOp`]: responses are prost-encoded without header.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum OpReply {
+    Put(Vec<u8>),
+    DeleteRange(Vec<u8>),
+    Txn(Vec<u8>),
+    Compact,
+    LeaseGrant,
+    LeaseRevoke,
+}
+
+/// Outcome of one op, with the store revision right after it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reply {
+    pub(crate) revision: i64,
+    pub(crate) result: Result<OpReply, EtcdError>,
+}
+
+/// The state machine's answer to one Raft entry: one [`Reply`] per op of the [`Request`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Response {
+    /// In op order.
+    pub replies: Vec<Reply>,
+}
+
+/// Compact binary encoding used for log entries, records, snapshots and peer messages.
+pub(crate) fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, postcard::Error> {
+    postcard::to_stdvec(v)
+}
+
+/// Inverse of [`encode`].
+pub(crate) fn decode<T: for<'de> Deserialize<'de>>(b: &[u8]) -> Result<T, postcard::Error> {
+    postcard::from_bytes(b)
+}
