@@ -1,2 +1,30 @@
-//! Flotilla's control plane: API server, scheduler and controllers.
+//! Flotilla's control plane: the Kubernetes-compatible API server (and, later, the scheduler
+//! and controllers).
+//!
+//! # Layout
+//! - [`storage`]: the API server's port to its key-value store ([`storage::Store`]) with
+//!   [`storage::MemStore`] (in memory) and, once the store crate exposes its etcd v3 client,
+//!   `RemoteStore`.
+//! - [`apiserver`]: REST handlers, admission (defaulting, validation), discovery, Table output,
+//!   patches, watch, HTTPS + bearer-token authentication and node/read-only authorization.
+//!
+//! # Example
+//! ```no_run
+//! # async fn demo() -> Result<(), control::apiserver::ApiServerError> {
+//! use control::apiserver::{ApiServer, ApiServerConfig};
+//! use control::storage::MemStore;
+//! let server = ApiServer::new(ApiServerConfig::new("/tmp/flotilla"), MemStore::new())?;
+//! server.bootstrap().await?;
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:6443").await?;
+//! let kubeconfig = server.write_kubeconfig(listener.local_addr()?)?;
+//! println!("kubeconfig: {}", kubeconfig.display());
+//! server.serve(listener, tokio_util::sync::CancellationToken::new()).await
+//! # }
+//! ```
 #![warn(missing_docs)]
+
+pub mod apiserver;
+pub mod storage;
+
+pub use apiserver::{ApiServer, ApiServerConfig, ApiServerError};
+pub use storage::{MemStore, Store, StoreError};

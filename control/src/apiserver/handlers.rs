@@ -1,0 +1,1508 @@
+//! Request routing and the REST verbs: get, list, create, update, patch, delete, subresources.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
+use bytes::Bytes;
+use http::{HeaderValue, Method, StatusCode, header};
+use serde_json::{Value, json};
+
+use super::admission;
+use super::auth::{Attributes, Decision, Identity, authorize};
+use super::discovery;
+use super::patch;
+use super::resources::{self, Resource, Sub};
+use super::selector::{FieldSelector, LabelSelector};
+use super::status::{ApiError, Cause};
+use super::table;
+use super::watch;
+use crate::storage::{Revision, Store, StoreError, Versioned};
+
+/// Largest request body accepted (Kubernetes' limit is 3 MiB).
+pub(crate) const MAX_BODY_BYTES: usize = 3 * 1024 * 1024;
+
+/// Shared state of every request.
+pub(crate) struct App<S> {
+    pub store: S,
+    /// Address advertised in legacy discovery.
+    pub server_address: String,
+    /// Per-request background tasks (watch pumps).
+    pub tasks: tokio_util::task::TaskTracker,
+}
+
+/// Parsed query string (last value wins).
+#[derive(Debug, Default)]
+pub(crate) struct Query(HashMap<String, String>);
+
+impl Query {
+    fn parse(q: Option<&str>) -> Query {
+        Query(
+            form_urlencoded::parse(q.unwrap_or_default().as_bytes())
+                .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                .collect(),
+        )
+    }
+
+    pub(crate) fn get(&self, k: &str) -> Option<&str> {
+        self.0.get(k).map(String::as_str).filter(|v| !v.is_empty())
+    }
+
+    pub(crate) fn flag(&self, k: &str) -> bool {
+        matches!(self.get(k), Some("true" | "1"))
+    }
+}
+
+type Result<T> = std::result::Result<T, ApiError>;
+
+fn json_response(code: StatusCode, v: &Value) -> Response {
+    let mut r = (code, v.to_string()).into_response();
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn now_rfc3339() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+fn new_uid() -> String {
+    let b: [u8; 16] = rand::random();
+    let h = hex::encode(b);
+    // Version 4 / variant bits are cosmetic here; uniqueness comes from the 122 random bits.
+    format!(
+        "{}-{}-4{}-a{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[13..16],
+        &h[17..20],
+        &h[20..32]
+    )
+}
+
+fn random_suffix() -> String {
+    // The alphabet Kubernetes uses for generateName (no vowels, no confusable characters).
+    const ALPHA: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+    (0..5)
+        .map(|_| ALPHA[rand::random_range(0..ALPHA.len())] as char)
+        .collect()
+}
+
+/// Decodes a stored value and fills in `metadata.resourceVersion`, `kind`, `apiVersion`.
+pub(crate) fn decode(res: &Resource, kv: &Versioned) -> Result<Value> {
+    let mut v: Value = serde_json::from_slice(&kv.value)
+        .map_err(|e| ApiError::internal(format!("stored object {} is corrupt: {e}", kv.key)))?;
+    if let Value::Object(m) = &mut v {
+        m.insert("kind".into(), json!(res.kind));
+        m.insert("apiVersion".into(), json!(res.api_version()));
+        let meta = m.entry("metadata").or_insert_with(|| json!({}));
+        meta["resourceVersion"] = json!(kv.mod_revision.to_string());
+    }
+    Ok(v)
+}
+
+fn encode(obj: &Value) -> Bytes {
+    let mut o = obj.clone();
+    if let Some(Value::Object(meta)) = o.get_mut("metadata") {
+        meta.remove("resourceVersion");
+    }
+    Bytes::from(o.to_string())
+}
+
+fn with_rv(mut obj: Value, rev: Revision) -> Value {
+    obj["metadata"]["resourceVersion"] = json!(rev.to_string());
+    obj
+}
+
+fn meta_str<'a>(obj: &'a Value, field: &str) -> Option<&'a str> {
+    obj.get("metadata")
+        .and_then(|m| m.get(field))
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+}
+
+/// Where a request points.
+#[derive(Debug)]
+struct Target {
+    res: &'static Resource,
+    namespace: Option<String>,
+    name: Option<String>,
+    sub: Option<Sub>,
+    /// Legacy `/watch/` path prefix.
+    watch_prefix: bool,
+}
+
+enum Route {
+    Discovery(Value, bool),
+    Target(Target),
+    SelfSubjectAccessReview,
+    Raw(Response),
+}
+
+fn route(path: &str, accept: &str, app_addr: &str) -> Result<Route> {
+    let segs: Vec<&str> = path
+        .trim_matches('/')
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .collect();
+    let aggregated = accept.contains("as=APIGroupDiscoveryList");
+    let (group, rest): (&str, &[&str]) = match segs.as_slice() {
+        ["api"] => {
+            return Ok(if aggregated {
+                Route::Discovery(discovery::aggregated(true), true)
+            } else {
+                Route::Discovery(discovery::api_versions(app_addr), false)
+            });
+        }
+        ["apis"] => {
+            return Ok(if aggregated {
+                Route::Discovery(discovery::aggregated(false), true)
+            } else {
+                Route::Discovery(discovery::api_group_list(), false)
+            });
+        }
+        ["api", "v1", rest @ ..] => ("", rest),
+        ["apis", g] => {
+            let list = discovery::api_group_list();
+            let found = list["groups"]
+                .as_array()
+                .and_then(|gs| gs.iter().find(|x| x["name"] == *g).cloned())
+                .ok_or_else(ApiError::not_found_path)?;
+            let mut found = found;
+            found["kind"] = json!("APIGroup");
+            found["apiVersion"] = json!("v1");
+            return Ok(Route::Discovery(found, false));
+        }
+        ["apis", g, v, rest @ ..] => {
+            if *g == discovery::AUTHZ_GROUP && *v == "v1" {
+                if rest.is_empty() {
+                    return discovery::api_resource_list(g)
+                        .map(|l| Route::Discovery(l, false))
+                        .ok_or_else(ApiError::not_found_path);
+                }
+                if rest == ["selfsubjectaccessreviews"] {
+                    return Ok(Route::SelfSubjectAccessReview);
+                }
+                return Err(ApiError::not_found_path());
+            }
+            if !resources::group_version_known(g, v) {
+                return Err(ApiError::new(
+                    404,
+                    "NotFound",
+                    format!(
+                        "the server could not find the requested resource: unknown group version {g}/{v}; served: {}",
+                        resources::known_group_versions()
+                    ),
+                ));
+            }
+            (*g, rest)
+        }
+        ["api", v, ..] => {
+            return Err(ApiError::new(
+                404,
+                "NotFound",
+                format!(
+                    "the server could not find the requested resource: unknown version {v}; served: {}",
+                    resources::known_group_versions()
+                ),
+            ));
+        }
+        _ => return Ok(Route::Raw(ApiError::not_found_path().into_response())),
+    };
+    if rest.is_empty() {
+        return discovery::api_resource_list(group)
+            .map(|l| Route::Discovery(l, false))
+            .ok_or_else(ApiError::not_found_path);
+    }
+    let (watch_prefix, rest) = match rest {
+        ["watch", r @ ..] => (true, r),
+        r => (false, r),
+    };
+    let unknown = |plural: &str| {
+        let known: Vec<&str> = resources::RESOURCES
+            .iter()
+            .filter(|r| r.group == group)
+            .map(|r| r.plural)
+            .collect();
+        ApiError::new(
+            404,
+            "NotFound",
+            format!(
+                "the server could not find the requested resource: unknown resource {plural:?}; known: {}",
+                known.join(", ")
+            ),
+        )
+    };
+    let find = |plural: &str| resources::find(group, "v1", plural).ok_or_else(|| unknown(plural));
+    let sub = |s: &str, res: &Resource| {
+        Sub::parse(s)
+            .filter(|s| res.has(*s))
+            .ok_or_else(ApiError::not_found_path)
+    };
+    let t = match rest {
+        ["namespaces", ns, plural] if resources::find(group, "v1", plural).is_some() => Target {
+            res: find(plural)?,
+            namespace: Some(ns.to_string()),
+            name: None,
+            sub: None,
+            watch_prefix,
+        },
+        ["namespaces", ns, plural, name] => {
+            let res = find(plural)?;
+            Target {
+                res,
+                namespace: Some(ns.to_string()),
+                name: Some(name.to_string()),
+                sub: None,
+                watch_prefix,
+            }
+        }
+        ["namespaces", ns, plural, name, s] => {
+            let res = find(plural)?;
+            Target {
+                res,
+                namespace: Some(ns.to_string()),
+                name: Some(name.to_string()),
+                sub: Some(sub(s, res)?),
+                watch_prefix,
+            }
+        }
+        [plural] => Target {
+            res: find(plural)?,
+            namespace: None,
+            name: None,
+            sub: None,
+            watch_prefix,
+        },
+        [plural, name] => Target {
+            res: find(plural)?,
+            namespace: None,
+            name: Some(name.to_string()),
+            sub: None,
+            watch_prefix,
+        },
+        [plural, name, s] => {
+            let res = find(plural)?;
+            Target {
+                res,
+                namespace: None,
+                name: Some(name.to_string()),
+                sub: Some(sub(s, res)?),
+                watch_prefix,
+            }
+        }
+        _ => return Err(ApiError::not_found_path()),
+    };
+    if t.res.namespaced && t.name.is_some() && t.namespace.is_none() {
+        // `GET /api/v1/pods/x` is not a valid path: namespaced items need their namespace.
+        return Err(ApiError::not_found_path());
+    }
+    Ok(Route::Target(t))
+}
+
+/// The catch-all handler.
+pub(crate) async fn dispatch<S: Store>(State(app): State<Arc<App<S>>>, req: Request) -> Response {
+    match dispatch_inner(app, req).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn dispatch_inner<S: Store>(app: Arc<App<S>>, req: Request) -> Result<Response> {
+    let path = req.uri().path().to_string();
+    let query = Query::parse(req.uri().query());
+    let accept = req
+        .headers()
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let id = req
+        .extensions()
+        .get::<Identity>()
+        .cloned()
+        .ok_or_else(ApiError::unauthorized)?;
+    match path.as_str() {
+        "/healthz" | "/livez" => return Ok((StatusCode::OK, "ok").into_response()),
+        "/readyz" => {
+            return Ok(if app.store.ready().await {
+                (StatusCode::OK, "ok").into_response()
+            } else {
+                let mut e = ApiError::new(
+                    503,
+                    "ServiceUnavailable",
+                    "[-]etcd failed: storage is not ready",
+                );
+                e.retry_after = Some(1);
+                e.into_response()
+            });
+        }
+        "/version" => return Ok(json_response(StatusCode::OK, &discovery::version())),
+        "/openapi/v3" => return Ok(json_response(StatusCode::OK, &discovery::openapi_index())),
+        _ => {}
+    }
+    if let Some(gv) = path.strip_prefix("/openapi/v3/") {
+        return discovery::openapi_doc(gv)
+            .map(|d| json_response(StatusCode::OK, &d))
+            .ok_or_else(ApiError::not_found_path);
+    }
+    let route = route(&path, &accept, &app.server_address)?;
+    let t = match route {
+        Route::Raw(r) => return Ok(r),
+        Route::Discovery(v, aggregated) => {
+            if req.method() != Method::GET {
+                return Err(ApiError::new(
+                    405,
+                    "MethodNotAllowed",
+                    "the server does not allow this method on the requested resource",
+                ));
+            }
+            let mut r = json_response(StatusCode::OK, &v);
+            if aggregated {
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static(discovery::AGGREGATED_CONTENT_TYPE),
+                );
+            }
+            return Ok(r);
+        }
+        Route::SelfSubjectAccessReview => {
+            let body = read_body(req).await?;
+            return self_subject_access_review(&id, &body);
+        }
+        Route::Target(t) => t,
+    };
+    let method = req.method().clone();
+    let table = accept.contains("as=Table") && accept.contains("g=meta.k8s.io");
+    let watching = t.watch_prefix || query.flag("watch");
+    let verb: &'static str = match (&method, t.name.is_some(), t.sub) {
+        (&Method::GET, false, _) if watching => "watch",
+        (&Method::GET, false, _) => "list",
+        (&Method::GET, true, _) if watching => "watch",
+        (&Method::GET, true, _) => "get",
+        (&Method::POST, _, Some(_)) => "create",
+        (&Method::POST, false, None) => "create",
+        (&Method::PUT, true, _) => "update",
+        (&Method::PATCH, true, _) => "patch",
+        (&Method::DELETE, true, _) => "delete",
+        (&Method::DELETE, false, _) => "deletecollection",
+        _ => {
+            return Err(ApiError::new(
+                405,
+                "MethodNotAllowed",
+                "the server does not allow this method on the requested resource",
+            ));
+        }
+    };
+    let field_sel = FieldSelector::parse(query.get("fieldSelector").unwrap_or(""), t.res.plural)
+        .map_err(ApiError::bad_request)?;
+    let attrs = Attributes {
+        verb,
+        group: t.res.group,
+        resource: t.res.plural,
+        subresource: t.sub.map(Sub::name),
+        namespace: t.namespace.as_deref(),
+        name: t.name.as_deref(),
+        field_node_name: field_sel.exact("spec.nodeName"),
+        field_name: field_sel.exact("metadata.name"),
+    };
+    let decision = authorize(&id, &attrs);
+    let forbidden = || {
+        ApiError::forbidden(
+            &id.user(),
+            verb,
+            t.res.group,
+            t.res.plural,
+            t.namespace.as_deref(),
+        )
+    };
+    let created_name_check = match &decision {
+        Decision::Deny => return Err(forbidden()),
+        Decision::PodBoundTo(node) => {
+            let (ns, name) = (
+                t.namespace.as_deref(),
+                t.name.as_deref().unwrap_or_default(),
+            );
+            let bound = match app.store.get(&t.res.key(ns, name)).await? {
+                Some(kv) => {
+                    decode(t.res, &kv)?
+                        .pointer("/spec/nodeName")
+                        .and_then(Value::as_str)
+                        == Some(node.as_str())
+                }
+                None => false,
+            };
+            if !bound {
+                return Err(forbidden());
+            }
+            None
+        }
+        Decision::CreatedNameIs(n) => Some(n.clone()),
+        Decision::Allow => None,
+    };
+    let content_type = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/json")
+        .to_string();
+    let ns = t.namespace.clone();
+    let ns = ns.as_deref();
+    if watching {
+        let mut field_sel = field_sel;
+        if let Some(name) = &t.name {
+            field_sel.0.push(super::selector::FieldReq {
+                path: "metadata.name".into(),
+                value: name.clone(),
+                negate: false,
+            });
+        }
+        let labels = LabelSelector::parse(query.get("labelSelector").unwrap_or(""))
+            .map_err(ApiError::bad_request)?;
+        return watch::serve_watch(app, t.res, ns, labels, field_sel, &query, table).await;
+    }
+    match (verb, t.sub) {
+        ("list", _) => list(&app, t.res, ns, &query, field_sel, table).await,
+        ("get", None) => {
+            let obj = get_object(&app, t.res, ns, t.name.as_deref().unwrap_or_default()).await?;
+            Ok(object_response(t.res, StatusCode::OK, obj, table))
+        }
+        ("get", Some(Sub::Status)) => {
+            let obj = get_object(&app, t.res, ns, t.name.as_deref().unwrap_or_default()).await?;
+            Ok(json_response(StatusCode::OK, &obj))
+        }
+        ("get", Some(Sub::Scale)) => {
+            let obj = get_object(&app, t.res, ns, t.name.as_deref().unwrap_or_default()).await?;
+            Ok(json_response(StatusCode::OK, &scale_of(&obj)))
+        }
+        ("get", Some(Sub::Log)) => Err(ApiError::new(
+            503,
+            "ServiceUnavailable",
+            "container logs are not available: this API server has no node log proxy yet",
+        )),
+        ("create", None) => {
+            let body = read_body(req).await?;
+            let mut obj = parse_body(&body, &content_type)?;
+            if let Some(want) = created_name_check
+                && meta_str(&obj, "name") != Some(want.as_str())
+            {
+                return Err(forbidden());
+            }
+            let warnings = strip_unknown(t.res, &mut obj, &query)?;
+            let created = create(&app, t.res, ns, obj, query.get("dryRun").is_some()).await?;
+            Ok(with_warnings(
+                json_response(StatusCode::CREATED, &created),
+                &warnings,
+            ))
+        }
+        ("create", Some(Sub::Binding)) => {
+            let body = read_body(req).await?;
+            let b = parse_body(&body, &content_type)?;
+            bind(&app, t.res, ns, t.name.as_deref().unwrap_or_default(), &b).await
+        }
+        ("create", Some(Sub::Eviction)) => {
+            let name = t.name.as_deref().unwrap_or_default();
+            delete(&app, t.res, ns, name, &Query::default(), &Value::Null).await?;
+            Ok(json_response(
+                StatusCode::CREATED,
+                &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}),
+            ))
+        }
+        ("update", sub) => {
+            let body = read_body(req).await?;
+            let mut obj = parse_body(&body, &content_type)?;
+            let warnings = strip_unknown(t.res, &mut obj, &query)?;
+            let name = t.name.as_deref().unwrap_or_default();
+            let out = if sub == Some(Sub::Scale) {
+                update_scale(&app, t.res, ns, name, &obj).await?
+            } else {
+                update(
+                    &app,
+                    t.res,
+                    ns,
+                    name,
+                    obj,
+                    sub,
+                    query.get("dryRun").is_some(),
+                )
+                .await?
+            };
+            Ok(with_warnings(
+                json_response(StatusCode::OK, &out),
+                &warnings,
+            ))
+        }
+        ("patch", sub) => {
+            let body = read_body(req).await?;
+            let name = t.name.as_deref().unwrap_or_default();
+            let (code, out) =
+                patch_object(&app, t.res, ns, name, sub, &body, &content_type, &query).await?;
+            Ok(json_response(code, &out))
+        }
+        ("delete", None) => {
+            let body = read_body(req).await?;
+            let opts = if body.is_empty() {
+                Value::Null
+            } else {
+                parse_body(&body, "application/json")?
+            };
+            let out = delete(
+                &app,
+                t.res,
+                ns,
+                t.name.as_deref().unwrap_or_default(),
+                &query,
+                &opts,
+            )
+            .await?;
+            Ok(json_response(StatusCode::OK, &out))
+        }
+        ("deletecollection", None) => {
+            let labels = LabelSelector::parse(query.get("labelSelector").unwrap_or(""))
+                .map_err(ApiError::bad_request)?;
+            let (items, _) = list_objects(&app, t.res, ns, &labels, &field_sel).await?;
+            for o in &items {
+                let name = meta_str(o, "name").unwrap_or_default().to_string();
+                let ons = meta_str(o, "namespace").map(str::to_string);
+                match delete(&app, t.res, ons.as_deref(), &name, &query, &Value::Null).await {
+                    Ok(_) => {}
+                    Err(e) if e.code == 404 => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            let kind = format!("{}List", t.res.kind);
+            Ok(json_response(
+                StatusCode::OK,
+                &json!({"kind": kind, "apiVersion": t.res.api_version(), "metadata": {}, "items": items}),
+            ))
+        }
+        _ => Err(ApiError::new(
+            405,
+            "MethodNotAllowed",
+            "the server does not allow this method on the requested resource",
+        )),
+    }
+}
+
+fn with_warnings(mut r: Response, warnings: &[String]) -> Response {
+    for w in warnings {
+        let text = format!("299 - \"{}\"", w.replace('"', "\\\""));
+        if let Ok(v) = HeaderValue::from_str(&text) {
+            r.headers_mut().append("Warning", v);
+        }
+    }
+    r
+}
+
+async fn read_body(req: Request) -> Result<Bytes> {
+    let too_large = || {
+        ApiError::new(
+            413,
+            "RequestEntityTooLarge",
+            format!("the request body is larger than the limit of {MAX_BODY_BYTES} bytes"),
+        )
+    };
+    if let Some(len) = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+        && len > MAX_BODY_BYTES
+    {
+        return Err(too_large());
+    }
+    axum::body::to_bytes(req.into_body(), MAX_BODY_BYTES)
+        .await
+        .map_err(|_| too_large())
+}
+
+/// Parses JSON (or YAML for `*yaml` content types); errors name the problem.
+fn parse_body(body: &[u8], content_type: &str) -> Result<Value> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::bad_request("the request body is empty"));
+    }
+    let v: Value = if content_type.contains("yaml") {
+        match serde_json::from_slice(body) {
+            Ok(v) => v,
+            Err(_) => serde_yaml::from_slice(body)
+                .map_err(|e| ApiError::bad_request(format!("error decoding YAML: {e}")))?,
+        }
+    } else {
+        serde_json::from_slice(body).map_err(|e| {
+            ApiError::bad_request(format!(
+                "error decoding request body: invalid JSON at line {} column {}: {e}",
+                e.line(),
+                e.column()
+            ))
+        })?
+    };
+    Ok(v)
+}
+
+/// Handles unknown fields per `fieldValidation`: `Strict` → 400, `Warn` (default) → warnings,
+/// `Ignore` → silently dropped. In every mode they are kept out of storage.
+fn strip_unknown(res: &Resource, obj: &mut Value, q: &Query) -> Result<Vec<String>> {
+    if !obj.is_object() {
+        return Err(ApiError::bad_request(format!(
+            "the body of the request was in an unknown format: expected a JSON object for {}",
+            res.kind
+        )));
+    }
+    let mode = q.get("fieldValidation").unwrap_or("Warn");
+    if !matches!(mode, "Strict" | "Warn" | "Ignore") {
+        return Err(ApiError::bad_request(format!(
+            "fieldValidation must be one of \"Ignore\", \"Warn\" or \"Strict\", got {mode:?}"
+        )));
+    }
+    let kind = obj
+        .get("kind")
+        .and_then(Value::as_str)
+        .unwrap_or(res.kind)
+        .to_string();
+    let found = admission::unknown_fields(obj, &kind, true);
+    let msgs: Vec<String> = found
+        .iter()
+        .map(|f| format!("unknown field \"{f}\""))
+        .collect();
+    if mode == "Strict" && !msgs.is_empty() {
+        return Err(ApiError::bad_request(format!(
+            "strict decoding error: {}",
+            msgs.join(", ")
+        )));
+    }
+    Ok(if mode == "Warn" { msgs } else { Vec::new() })
+}
+
+fn check_type(res: &Resource, obj: &Value) -> Result<()> {
+    if let Some(av) = obj.get("apiVersion").and_then(Value::as_str)
+        && av != res.api_version()
+    {
+        return Err(ApiError::bad_request(format!(
+            "the API version in the data ({av}) does not match the expected API version ({})",
+            res.api_version()
+        )));
+    }
+    if let Some(k) = obj.get("kind").and_then(Value::as_str)
+        && k != res.kind
+    {
+        return Err(ApiError::bad_request(format!(
+            "the kind in the data ({k}) does not match the expected kind ({})",
+            res.kind
+        )));
+    }
+    Ok(())
+}
+
+pub(crate) async fn get_object<S: Store>(
+    app: &App<S>,
+    res: &Resource,
+    ns: Option<&str>,
+    name: &str,
+) -> Result<Value> {
+    match app.store.get(&res.key(ns, name)).await? {
+        Some(kv) => decode(res, &kv),
+        None => Err(ApiError::not_found(res.group, res.plural, name)),
+    }
+}
+
+fn object_response(res: &Resource, code: StatusCode, obj: Value, table: bool) -> Response {
+    if table {
+        let meta = json!({"resourceVersion": obj.pointer("/metadata/resourceVersion").cloned().unwrap_or(Value::Null)});
+        let mut r = json_response(code, &table::table(res, &[obj], meta, true));
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json;as=Table;v=v1;g=meta.k8s.io"),
+        );
+        r
+    } else {
+        json_response(code, &obj)
+    }
+}
+
+/// Lists matching objects and the store revision of the read.
+pub(crate) async fn list_objects<S: Store>(
+    app: &App<S>,
+    res: &Resource,
+    ns: Option<&str>,
+    labels: &LabelSelector,
+    fields: &FieldSelector,
+) -> Result<(Vec<Value>, Revision)> {
+    let (kvs, rev) = app.store.list(&res.list_prefix(ns)).await?;
+    let mut out = Vec::with_capacity(kvs.len());
+    for kv in &kvs {
+        let o = decode(res, kv)?;
+        if labels.matches_object(&o) && fields.matches(&o) {
+            out.push(o);
+        }
+    }
+    Ok((out, rev))
+}
+
+async fn list<S: Store>(
+    app: &App<S>,
+    res: &Resource,
+    ns: Option<&str>,
+    q: &Query,
+    fields: FieldSelector,
+    table: bool,
+) -> Result<Response> {
+    let labels = LabelSelector::parse(q.get("labelSelector").unwrap_or(""))
+        .map_err(ApiError::bad_request)?;
+    let limit: Option<usize> = match q.get("limit") {
+        Some(l) => Some(
+            l.parse()
+                .map_err(|_| ApiError::bad_request(format!("invalid limit {l:?}")))?,
+        )
+        .filter(|l| *l > 0),
+        None => None,
+    };
+    // The continue token carries the last key returned and the revision of the first page.
+    let (start_after, first_rev) = match q.get("continue") {
+        Some(tok) => {
+            let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(tok)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+                .ok_or_else(|| ApiError::bad_request("continue key is not valid: invalid token"))?;
+            (
+                raw.get("start").and_then(Value::as_str).map(str::to_string),
+                raw.get("rv").and_then(Value::as_i64),
+            )
+        }
+        None => (None, None),
+    };
+    let (kvs, rev) = app.store.list(&res.list_prefix(ns)).await?;
+    let mut items = Vec::new();
+    let mut last_key = None;
+    let mut more = false;
+    for kv in kvs
+        .iter()
+        .filter(|kv| start_after.as_deref().is_none_or(|s| kv.key.as_str() > s))
+    {
+        let o = decode(res, kv)?;
+        if !(labels.matches_object(&o) && fields.matches(&o)) {
+            continue;
+        }
+        if limit.is_some_and(|l| items.len() >= l) {
+            more = true;
+            break;
+        }
+        last_key = Some(kv.key.clone());
+        items.push(o);
+    }
+    let rev = first_rev.unwrap_or(rev);
+    let mut meta = json!({"resourceVersion": rev.to_string()});
+    if more && let Some(k) = last_key {
+        let tok = json!({"start": k, "rv": rev}).to_string();
+        meta["continue"] = json!(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(tok));
+    }
+    if table {
+        let mut r = json_response(StatusCode::OK, &table::table(res, &items, meta, true));
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json;as=Table;v=v1;g=meta.k8s.io"),
+        );
+        return Ok(r);
+    }
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"kind": format!("{}List", res.kind), "apiVersion": res.api_version(), "metadata": meta, "items": items}),
+    ))
+}
+
+/// Resets status on create for kinds whose status only controllers and agents write.
+fn reset_status_on_create(res: &Resource, obj: &mut Value) {
+    if let Value::Object(m) = obj
+        && matches!(
+            res.kind,
+            "Pod" | "Deployment" | "ReplicaSet" | "Service" | "ResourceQuota"
+        )
+    {
+        m.insert("status".into(), json!({}));
+    }
+}
+
+/// Ensures the namespace exists for namespaced creates.
+async fn require_namespace<S: Store>(app: &App<S>, res: &Resource, ns: Option<&str>) -> Result<()> {
+    if !res.namespaced {
+        return Ok(());
+    }
+    let Some(ns) = ns else {
+        return Err(ApiError::bad_request(
+            "the namespace of the object must be set for namespaced resources",
+        ));
+    };
+    let nsres = resources::find("", "v1", "namespaces")
+        .ok_or_else(|| ApiError::internal("namespaces not registered"))?;
+    match app.store.get(&nsres.key(None, ns)).await? {
+        Some(kv) => {
+            let n = decode(nsres, &kv)?;
+            if n.pointer("/metadata/deletionTimestamp").is_some() {
+                return Err(ApiError::new(
+                    403,
+                    "Forbidden",
+                    format!(
+                        "{} \"{}\" is forbidden: unable to create new content in namespace {ns} because it is being terminated",
+                        res.plural, ""
+                    ),
+                ));
+            }
+            Ok(())
+        }
+        None => Err(ApiError::not_found("", "namespaces", ns)),
+    }
+}
+
+/// Creates an object: metadata, defaults, validation, store.
+pub(crate) async fn create<S: Store>(
+    app: &App<S>,
+    res: &Resource,
+    ns: Option<&str>,
+    mut obj: Value,
+    dry_run: bool,
+) -> Result<Value> {
+    check_type(res, &obj)?;
+    if !obj.get("metadata").is_some_and(Value::is_object) {
+        obj["metadata"] = json!({});
+    }
+    if res.namespaced {
+        match (meta_str(&obj, "namespace"), ns) {
+            (Some(a), Some(b)) if a != b => {
+                return Err(ApiError::bad_request(
+                    "the namespace of the provided object does not match the namespace sent on the request",
+                ));
+            }
+            (Some(_), _) | (None, None) => {}
+            (None, Some(b)) => obj["metadata"]["namespace"] = json!(b),
+        }
+    } else if let Some(m) = obj["metadata"].as_object_mut() {
+        m.remove("namespace");
+    }
+    let ns_owned = meta_str(&obj, "namespace").map(str::to_string);
+    let ns = if res.namespaced {
+        ns_owned.as_deref()
+    } else {
+        None
+    };
+    require_namespace(app, res, ns).await?;
+    let generate = meta_str(&obj, "name")
+        .is_none()
+        .then(|| meta_str(&obj, "generateName").map(str::to_string))
+        .flatten();
+    obj["kind"] = json!(res.kind);
+    obj["apiVersion"] = json!(res.api_version());
+    if let Some(m) = obj["metadata"].as_object_mut() {
+        m.insert("uid".into(), json!(new_uid()));
+        m.insert("creationTimestamp".into(), json!(now_rfc3339()));
+        m.insert("generation".into(), json!(1));
+        for f in [
+            "resourceVersion",
+            "deletionTimestamp",
+            "deletionGracePeriodSeconds",
+            "selfLink",
+        ] {
+            m.remove(f);
+        }
+    }
+    reset_status_on_create(res, &mut obj);
+    for attempt in 0..8 {
+        if let Some(g) = &generate {
+            obj["metadata"]["name"] = json!(format!("{g}{}", random_suffix()));
+        }
+        admission::default_object(res, &mut obj);
+        let causes = admission::validate(res, &obj);
+        let name = meta_str(&obj, "name").unwrap_or_default().to_string();
+        if !causes.is_empty() {
+            return Err(ApiError::invalid(res.group, res.kind, &name, causes));
+        }
+        if dry_run {
+            return Ok(obj);
+        }
+        match app.store.create(&res.key(ns, &name), encode(&obj)).await {
+            Ok(rev) => return Ok(with_rv(obj, rev)),
+            Err(StoreError::AlreadyExists) if generate.is_some() && attempt < 7 => continue,
+            Err(StoreError::AlreadyExists) => {
+                return Err(ApiError::already_exists(res.group, res.plural, &name));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(ApiError::internal("could not generate a unique name"))
+}
+
+/// Everything but metadata and status: a change here bumps `metadata.generation`.
+fn spec_part(obj: &Value) -> Value {
+    let mut o = obj.clone();
+    if let Value::Object(m) = &mut o {
+        for k in ["metadata", "status", "kind", "apiVersion"] {
+            m.remove(k);
+        }
+    }
+    o
+}
+
+/// Builds the object to store for an update of `old` by `new` (main resource or `status`).
+fn prepare_update(res: &Resource, old: &Value, mut new: Value, sub: Option<Sub>) -> Result<Value> {
+    check_type(res, &new)?;
+    if sub == Some(Sub::Status) {
+        // Status writes change nothing but status.
+        let mut out = old.clone();
+        out["status"] = new.get("status").cloned().unwrap_or_else(|| json!({}));
+        return Ok(out);
+    }
+    if !new.get("metadata").is_some_and(Value::is_object) {
+        new["metadata"] = json!({});
+    }
+    new["kind"] = json!(res.kind);
+    new["apiVersion"] = json!(res.api_version());
+    for f in [
+        "uid",
+        "creationTimestamp",
+        "namespace",
+        "deletionTimestamp",
+        "deletionGracePeriodSeconds",
+        "generation",
+    ] {
+        match old.pointer(&format!("/metadata/{f}")) {
+            Some(v) => new["metadata"][f] = v.clone(),
+            None => {
+                if let Some(m) = new["metadata"].as_object_mut() {
+                    m.remove(f);
+                }
+            }
+        }
+    }
+    if res.has(Sub::Status) && res.kind != "Node" && res.kind != "Namespace" {
+        match old.get("status") {
+            Some(s) => new["status"] = s.clone(),
+            None => {
+                if let Some(m) = new.as_object_mut() {
+                    m.remove("status");
+                }
+            }
+        }
+    }
+    admission::default_object(res, &mut new);
+    if spec_part(old) != spec_part(&new) {
+        let g = old
+            .pointer("/metadata/generation")
+            .and_then(Value::as_i64)
+            .unwrap_or(0);
+        new["metadata"]["generation"] = json!(g + 1);
+    }
+    Ok(new)
+}
+
+/// Writes `new` over the stored `old` at `old_rev`, finishing deletions whose finalizers are gone.
+async fn store_update<S: Store>(
+    app: &App<S>,
+    res: &Resource,
+    ns: Option<&str>,
+    name: &str,
+    old: &Value,
+    old_rev: Revision,
+    new: Value,
+    dry_run: bool,
+) -> Result<Value> {
+    let mut causes = admission::validate(res, &new);
+    causes.extend(admission::validate_update(res, old, &new));
+    if !causes.is_empty() {
+        return Err(ApiError::invalid(res.group, res.kind, name, causes));
+    }
+    if dry_run {
+        return Ok(new);
+    }
+    let key = res.key(ns, name);
+    let finalizers_gone = new
+        .pointer("/metadata/finalizers")
+        .and_then(Value::as_array)
+        .is_none_or(Vec::is_empty);
+    let deleting = new.pointer("/metadata/deletionTimestamp").is_some();
+    let grace_done = new
+        .pointer("/metadata/deletionGracePeriodSeconds")
+        .and_then(Value::as_i64)
+        .is_none_or(|g| g == 0);
+    if deleting && finalizers_gone && grace_done {
+        return match app.store.delete(&key, Some(old_rev)).await {
+            Ok(_) => Ok(new),
+            Err(StoreError::Conflict { .. }) => {
+                Err(ApiError::conflict(res.group, res.plural, name))
+            }
+            Err(StoreError::NotFound) => Err(ApiError::not_found(res.group, res.plural, name)),
+            Err(e) => Err(e.into()),
+        };
+    }
+    match app.store.update(&key, encode(&new), old_rev).await {
+        Ok(rev) => Ok(with_rv(new, rev)),
+        Err(StoreError::Conflict { .. }) => Err(ApiError::conflict(res.group, res.plural, name)),
+        Err(StoreError::NotFound) => Err(ApiError::not_found(res.group, res.plural, name)),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn parse_rv(s: &str) -> Result<Revision> {
+    s.parse()
+        .map_err(|_| ApiError::bad_request(format!("invalid resourceVersion {s:?}")))
+}
+
+async fn update<S: Store>(
+    app: &App<S>,
+    res: &Resource,
+    ns: Option<&str>,
+    name: &str,
+    obj: Value,
+    sub: Option<Sub>,
+    dry_run: bool,
+) -> Result<Value> {
+    if let Some(n) = meta_str(&obj, "name")
+        && n != name
+    {
+        return Err(ApiError::bad_request(format!(
+            "the name of the object ({n}) does not match the name on the URL ({name})"
+        )));
+    }
+    let Some(kv) = app.store.get(&res.key(ns, name)).await? else {
+        return Err(ApiError::not_found(res.group, res.plural, name));
+    };
+    if let Some(rv) = meta_str(&obj, "resourceVersion")
+        && parse_rv(rv)? != kv.mod_revision
+    {
+        return Err(ApiError::conflict(res.group, res.plural, name));
+    }
+    let old = decode(res, &kv)?;
+    let mut obj = obj;
+    if obj.get("metadata").is_some_and(Value::is_object) {
+        obj["metadata"]["name"] = json!(name);
+    }
+    let new = prepare_update(res, &old, obj, sub)?;
+    store_update(app, res, ns, name, &old, kv.mod_revision, new, dry_run).await
+}
+
+fn scale_of(obj: &Value) -> Value {
+    let selector = obj
+        .pointer("/spec/selector")
+        .and_then(|s| s.get("matchLabels"))
+        .and_then(Value::as_object)
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .unwrap_or_default();
+    let meta = obj.get("metadata").cloned().unwrap_or_else(|| json!({}));
+    let mut m = json!({});
+    for f in [
+        "name",
+        "namespace",
+        "uid",
+        "resourceVersion",
+        "creationTimestamp",
+    ] {
+        if let Some(v) = meta.get(f) {
+            m[f] = v.clone();
+        }
+    }
+    json!({
+        "kind": "Scale", "apiVersion": "autoscaling/v1", "metadata": m,
+        "spec": {"replicas": obj.pointer("/spec/replicas").cloned().unwrap_or(json!(0))},
+        "status": {"replicas": obj.pointer("/status/replicas").cloned().unwrap_or(json!(0)), "selector": selector},
+    })
+}
+
+async fn update_scale<S: Store>(
+    app: &App<S>,
+    res: &Resource,
+    ns: Option<&str>,
+    name: &str,
+    scale: &Value,
+) -> Result<Value> {
+    let Some(kv) = app.store.get(&res.key(ns, name)).await? else {
+        return Err(ApiError::not_found(res.group, res.plural, name));
+    };
+    if let Some(rv) = meta_str(scale, "resourceVersion")
+        && parse_rv(rv)? != kv.mod_revision
+    {
+        return Err(ApiError::conflict(res.group, res.plural, name));
+    }
+    let old = decode(res, &kv)?;
+    let replicas = scale.pointer("/spec/replicas").cloned().unwrap_or(json!(0));
+    if replicas.as_i64().is_none_or(|r| r < 0) {
+        return Err(ApiError::invalid(
+            "autoscaling",
+            "Scale",
+            name,
+            vec![Cause::invalid(
+                "spec.replicas",
+                &replicas,
+                "must be greater than or equal to 0",
+            )],
+        ));
+    }
+    let mut new = old.clone();
+    new["spec"]["replicas"] = replicas;
+    let new = prepare_update(res, &old, new, None)?;
+    let out = store_update(app, res, ns, name, &old, kv.mod_revision, new, false).await?;
+    Ok(scale_of(&out))
+}
+
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one call site; the arguments are the request"
+)]
+async fn patch_object<S: Store>(
+    app: &App<S>,
+    res: &Resource,
+    ns: Option<&str>,
+    name: &str,
+    sub: Option<Sub>,
+    body: &[u8],
+    content_type: &str,
+    q: &Query,
+) -> Result<(StatusCode, Value)> {
+    let ct = content_type.split(';').next().unwrap_or("").trim();
+    let kind = match ct {
+        "application/merge-patch+json" => "merge",
+        "application/json-patch+json" => "json",
+        "application/strategic-merge-patch+json" => "strategic",
+        "application/apply-patch+yaml" | "application/apply-patch+cbor" => "apply",
+        other => {
+            return Err(ApiError::new(
+                415,
+                "UnsupportedMediaType",
+                format!(
+                    "the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml, application/strategic-merge-patch+json (got {other:?})"
+                ),
+            ));
+        }
+    };
+    let mut patch_doc = parse_body(body, if kind == "apply" { "yaml" } else { "json" })?;
+    let mut warnings = Vec::new();
+    if kind == "apply" || kind == "strategic" || kind == "merge" {
+        if sub.is_none() && patch_doc.is_object() {
+            warnings = strip_unknown(res, &mut patch_doc, q)?;
+        } else if !patch_doc.is_object() {
+            return Err(ApiError::bad_request("the patch must be a JSON object"));
+        }
+    }
+    let _ = warnings;
+    let dry_run = q.get("dryRun").is_some();
+    // Patches without a resourceVersion retry on conflicts, as Kubernetes does.
+    for _ in 0..5 {
+        let kv = app.store.get(&res.key(ns, name)).await?;
+        let Some(kv) = kv else {
+            if kind == "apply" && sub.is_none() {
+                let mut obj = patch_doc.clone();
+                if obj.get("metadata").is_none_or(|m| !m.is_object()) {
+                    obj["metadata"] = json!({});
+                }
+                if meta_str(&obj, "name").is_some_and(|n| n != name) {
+                    return Err(ApiError::bad_request(format!(
+                        "the name of the object ({}) does not match the name on the URL ({name})",
+                        meta_str(&obj, "name").unwrap_or_default()
+                    )));
+                }
+                obj["metadata"]["name"] = json!(name);
+                let created = create(app, res, ns, obj, dry_run).await?;
+                return Ok((StatusCode::CREATED, created));
+            }
+            return Err(ApiError::not_found(res.group, res.plural, name));
+        };
+        let old = decode(res, &kv)?;
+        let base = if sub == Some(Sub::Scale) {
+            scale_of(&old)
+        } else {
+            old.clone()
+        };
+        let mut patched = match kind {
+            "merge" => {
+                let mut t = base.clone();
+                patch::merge_patch(&mut t, &patch_doc);
+                t
+            }
+            "json" => patch::json_patch(&base, &patch_doc).map_err(|e| {
+                ApiError::new(
+                    422,
+                    "Invalid",
+                    format!("the server rejected our request due to an error in our request: {e}"),
+                )
+            })?,
+            _ => patch::strategic_merge(&base, &patch_doc).map_err(ApiError::bad_request)?,
+        };
+        if kind == "apply" {
+            // Server-side apply here merges the applied configuration like a strategic patch;
+            // managedFields ownership is not tracked.
+            if let Some(m) = patched.get_mut("metadata").and_then(Value::as_object_mut) {
+                m.remove("managedFields");
+            }
+        }
+        let explicit_rv = patch_doc
+            .pointer("/metadata/resourceVersion")
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        if let Some(rv) = &explicit_rv
+            && parse_rv(rv)? != kv.mod_revision
+        {
+            return Err(ApiError::conflict(res.group, res.plural, name));
+        }
+        if meta_str(&patched, "name") != Some(name) {
+            return Err(ApiError::bad_request(
+                "the patch may not change metadata.name",
+            ));
+        }
+        let new = if sub == Some(Sub::Scale) {
+            let replicas = patched
+                .pointer("/spec/replicas")
+                .cloned()
+                .unwrap_or(json!(0));
+            if replicas.as_i64().is_none_or(|r| r < 0) {
+                return Err(ApiError::invalid(
+                    "autoscaling",
+                    "Scale",
+                    name,
+                    vec![Cause::invalid(
+                        "spec.replicas",
+                        &replicas,
+                        "must be greater than or equal to 0",
+                    )],
+                ));
+            }
+            let mut n = old.clone();
+            n["spec"]["replicas"] = replicas;
+            prepare_update(res, &old, n, None)?
+        } else {
+            prepare_update(res, &old, patched, sub)?
+        };
+        match store_update(app, res, ns, name, &old, kv.mod_revision, new, dry_run).await {
+            Ok(out) => {
+                let out = if sub == Some(Sub::Scale) {
+                    scale_of(&out)
+                } else {
+                    out
+                };
+                return Ok((StatusCode::OK, out));
+            }
+            Err(e) if e.code == 409 && explicit_rv.is_none() => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(ApiError::conflict(res.group, res.plural, name))
+}
+
+/// Deletes an object; pods bound to a node and objects with finalizers are only marked.
+pub(crate) async fn delete<S: Store>(
+    app: &App<S>,
+    res: &Resource,
+    ns: Option<&str>,
+    name: &str,
+    q: &Query,
+    opts: &Value,
+) -> Result<Value> {
+    let key = res.key(ns, name);
+    let Some(kv) = app.store.get(&key).await? else {
+        return Err(ApiError::not_found(res.group, res.plural, name));
+    };
+    let old = decode(res, &kv)?;
+    if let Some(uid) = opts.pointer("/preconditions/uid").and_then(Value::as_str)
+        && meta_str(&old, "uid") != Some(uid)
+    {
+        return Err(ApiError::new(
+            409,
+            "Conflict",
+            format!(
+                "Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
+                meta_str(&old, "uid").unwrap_or_default()
+            ),
+        ));
+    }
+    if let Some(rv) = opts
+        .pointer("/preconditions/resourceVersion")
+        .and_then(Value::as_str)
+        && parse_rv(rv)? != kv.mod_revision
+    {
+        return Err(ApiError::conflict(res.group, res.plural, name));
+    }
+    if res.kind == "Namespace" {
+        delete_namespace_contents(app, name).await?;
+    }
+    let requested_grace = q
+        .get("gracePeriodSeconds")
+        .and_then(|g| g.parse::<i64>().ok())
+        .or_else(|| opts.get("gracePeriodSeconds").and_then(Value::as_i64));
+    let grace = if res.kind == "Pod" {
+        let unbound = old
+            .pointer("/spec/nodeName")
+            .and_then(Value::as_str)
+            .is_none_or(str::is_empty);
+        let terminal = matches!(
+            old.pointer("/status/phase").and_then(Value::as_str),
+            Some("Succeeded" | "Failed")
+        );
+        if unbound || terminal {
+            0
+        } else {
+            requested_grace
+                .or_else(|| {
+                    old.pointer("/spec/terminationGracePeriodSeconds")
+                        .and_then(Value::as_i64)
+                })
+                .unwrap_or(30)
+                .max(0)
+        }
+    } else {
+        0
+    };
+    let has_finalizers = old
+        .pointer("/metadata/finalizers")
+        .and_then(Value::as_array)
+        .is_some_and(|f| !f.is_empty());
+    let already = old
+        .pointer("/metadata/deletionGracePeriodSeconds")
+        .and_then(Value::as_i64);
+    if grace > 0 || has_finalizers {
+        if old.pointer("/metadata/deletionTimestamp").is_some()
+            && already.is_some_and(|a| a <= grace)
+        {
+            return Ok(old);
+        }
+        let mut new = old.clone();
+        let at = chrono::Utc::now() + chrono::Duration::seconds(grace);
+        new["metadata"]["deletionTimestamp"] =
+            json!(at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+        new["metadata"]["deletionGracePeriodSeconds"] = json!(grace);
+        if !(grace == 0 && !has_finalizers) {
+            return match app.store.update(&key, encode(&new), kv.mod_revision).await {
+                Ok(rev) => Ok(with_rv(new, rev)),
+                Err(StoreError::Conflict { .. }) => {
+                    Err(ApiError::conflict(res.group, res.plural, name))
+                }
+                Err(e) => Err(e.into()),
+            };
+        }
+    }
+    match app.store.delete(&key, Some(kv.mod_revision)).await {
+        Ok(_) => Ok(old),
+        Err(StoreError::Conflict { .. }) => Err(ApiError::conflict(res.group, res.plural, name)),
+        Err(StoreError::NotFound) => Err(ApiError::not_found(res.group, res.plural, name)),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Removes every namespaced object of a namespace being deleted (the namespace controller's
+/// job in Kubernetes, done synchronously here).
+async fn delete_namespace_contents<S: Store>(app: &App<S>, ns: &str) -> Result<()> {
+    for res in resources::RESOURCES.iter().filter(|r| r.namespaced) {
+        let (kvs, _) = app.store.list(&res.list_prefix(Some(ns))).await?;
+        for kv in kvs {
+            match app.store.delete(&kv.key, None).await {
+                Ok(_) | Err(StoreError::NotFound) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn bind<S: Store>(
+    app: &App<S>,
+    res: &Resource,
+    ns: Option<&str>,
+    name: &str,
+    binding: &Value,
+) -> Result<Response> {
+    let node = binding
+        .pointer("/target/name")
+        .and_then(Value::as_str)
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| {
+            ApiError::invalid("", "Binding", name, vec![Cause::required("target.name")])
+        })?
+        .to_string();
+    for _ in 0..5 {
+        let Some(kv) = app.store.get(&res.key(ns, name)).await? else {
+            return Err(ApiError::not_found(res.group, res.plural, name));
+        };
+        let old = decode(res, &kv)?;
+        if old.pointer("/metadata/deletionTimestamp").is_some() {
+            return Err(ApiError::new(
+                409,
+                "Conflict",
+                format!(
+                    "Operation cannot be fulfilled on pods/binding \"{name}\": pod {name} is being deleted, cannot be assigned to a host"
+                ),
+            ));
+        }
+        if let Some(cur) = old
+            .pointer("/spec/nodeName")
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+        {
+            return Err(ApiError::new(
+                409,
+                "Conflict",
+                format!(
+                    "Operation cannot be fulfilled on pods/binding \"{name}\": pod {name} is already assigned to node \"{cur}\""
+                ),
+            ));
+        }
+        let mut new = old.clone();
+        new["spec"]["nodeName"] = json!(node);
+        match app
+            .store
+            .update(&kv.key, encode(&new), kv.mod_revision)
+            .await
+        {
+            Ok(_) => {
+                return Ok(json_response(
+                    StatusCode::CREATED,
+                    &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}),
+                ));
+            }
+            Err(StoreError::Conflict { .. }) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(ApiError::conflict(res.group, res.plural, name))
+}
+
+fn self_subject_access_review(id: &Identity, body: &[u8]) -> Result<Response> {
+    let mut review = parse_body(body, "application/json")?;
+    let ra = review
+        .pointer("/spec/resourceAttributes")
+        .cloned()
+        .unwrap_or(Value::Null);
+    let s = |k: &str| ra.get(k).and_then(Value::as_str).filter(|v| !v.is_empty());
+    let verb: &'static str = match s("verb").unwrap_or("get") {
+        "get" => "get",
+        "list" => "list",
+        "watch" => "watch",
+        "create" => "create",
+        "update" => "update",
+        "patch" => "patch",
+        "delete" => "delete",
+        "deletecollection" => "deletecollection",
+        _ => "unknown",
+    };
+    let allowed = verb != "unknown"
+        && authorize(
+            id,
+            &Attributes {
+                verb,
+                group: s("group").unwrap_or(""),
+                resource: s("resource").unwrap_or(""),
+                subresource: s("subresource"),
+                namespace: s("namespace"),
+                name: s("name"),
+                field_node_name: None,
+                field_name: None,
+            },
+        ) == Decision::Allow;
+    review["status"] = json!({"allowed": allowed});
+    review["kind"] = json!("SelfSubjectAccessReview");
+    review["apiVersion"] = json!("authorization.k8s.io/v1");
+    Ok(json_response(StatusCode::CREATED, &review))
+}

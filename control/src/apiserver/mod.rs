@@ -1,0 +1,302 @@
+//! The Kubernetes-compatible API server: REST on a [`Store`], served over HTTPS with bearer
+//! tokens. Authentication, request logging and timeouts are tower layers.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::Request;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::service::TowerToHyperService;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::storage::Store;
+
+mod admission;
+mod auth;
+mod discovery;
+mod handlers;
+mod patch;
+mod pki;
+mod resources;
+mod selector;
+mod status;
+mod table;
+mod watch;
+
+pub use auth::Identity;
+pub use pki::{Pki, PkiError};
+
+/// API server settings.
+#[derive(Debug, Clone)]
+pub struct ApiServerConfig {
+    /// Holds `pki/`, `auth/` and the kubeconfigs; created if missing.
+    pub data_dir: PathBuf,
+    /// Development only: plain HTTP with no authentication at all.
+    pub insecure_http: bool,
+    /// Extra names/IPs for the serving certificate (besides localhost and loopback).
+    pub extra_sans: Vec<String>,
+    /// Limit for non-watch requests.
+    pub request_timeout: Duration,
+}
+
+impl ApiServerConfig {
+    /// HTTPS + tokens with material under `data_dir`.
+    pub fn new(data_dir: impl Into<PathBuf>) -> ApiServerConfig {
+        ApiServerConfig {
+            data_dir: data_dir.into(),
+            insecure_http: false,
+            extra_sans: Vec::new(),
+            request_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Failures of the API server itself (request errors are `Status` answers, not these).
+#[derive(Debug, thiserror::Error)]
+pub enum ApiServerError {
+    /// Certificates, tokens or kubeconfig.
+    #[error("security material")]
+    Pki(#[from] PkiError),
+    /// The listener failed.
+    #[error("listener failed")]
+    Io(#[from] std::io::Error),
+    /// The store refused the bootstrap writes.
+    #[error("store failed during bootstrap")]
+    Store(#[from] crate::storage::StoreError),
+}
+
+/// An API server over store `S`.
+pub struct ApiServer<S: Store> {
+    app: Arc<handlers::App<S>>,
+    pki: Option<Pki>,
+    config: ApiServerConfig,
+}
+
+/// Namespaces every cluster has.
+const SYSTEM_NAMESPACES: &[&str] = &["default", "kube-system", "kube-public", "kube-node-lease"];
+
+impl<S: Store> ApiServer<S> {
+    /// Loads or creates the security material (unless `insecure_http`).
+    pub fn new(config: ApiServerConfig, store: S) -> Result<ApiServer<S>, ApiServerError> {
+        let pki = if config.insecure_http {
+            None
+        } else {
+            Some(Pki::load_or_create(&config.data_dir, &config.extra_sans)?)
+        };
+        Ok(ApiServer {
+            app: Arc::new(handlers::App {
+                store,
+                server_address: "127.0.0.1".into(),
+                tasks: tokio_util::task::TaskTracker::new(),
+            }),
+            pki,
+            config,
+        })
+    }
+
+    /// Certificates and tokens (`None` in insecure mode).
+    pub fn pki(&self) -> Option<&Pki> {
+        self.pki.as_ref()
+    }
+
+    /// Creates the system namespaces if they are missing.
+    pub async fn bootstrap(&self) -> Result<(), ApiServerError> {
+        let res = resources::find("", "v1", "namespaces").ok_or_else(|| {
+            crate::storage::StoreError::Internal("namespaces not registered".into())
+        })?;
+        for ns in SYSTEM_NAMESPACES {
+            if self.app.store.get(&res.key(None, ns)).await?.is_some() {
+                continue;
+            }
+            let obj = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}});
+            match handlers::create(&self.app, res, None, obj, false).await {
+                Ok(_) => {}
+                Err(e) if e.code == 409 => {}
+                Err(e) => {
+                    return Err(crate::storage::StoreError::Internal(e.message).into());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `DATA_DIR/kubeconfig.yaml` (admin, mode 0600) for a server listening on `addr`;
+    /// returns its path. Insecure mode writes a kubeconfig without credentials.
+    pub fn write_kubeconfig(&self, addr: SocketAddr) -> Result<PathBuf, ApiServerError> {
+        let host = if addr.ip().is_unspecified() {
+            "127.0.0.1".to_string()
+        } else if addr.is_ipv6() {
+            format!("[{}]", addr.ip())
+        } else {
+            addr.ip().to_string()
+        };
+        match &self.pki {
+            Some(pki) => Ok(pki.write_kubeconfigs(
+                &self.config.data_dir,
+                &format!("https://{host}:{}", addr.port()),
+            )?),
+            None => {
+                let path = self.config.data_dir.join("kubeconfig.yaml");
+                let text = format!(
+                    "apiVersion: v1\nkind: Config\nclusters:\n- name: flotilla\n  cluster:\n    server: http://{host}:{}\nusers:\n- name: anon\n  user: {{}}\ncontexts:\n- name: flotilla\n  context:\n    cluster: flotilla\n    user: anon\n    namespace: default\ncurrent-context: flotilla\n",
+                    addr.port()
+                );
+                pki::write_private(&path, text.as_bytes())?;
+                Ok(path)
+            }
+        }
+    }
+
+    /// The axum router with every layer: request logging → authentication → timeout → handlers.
+    fn router(&self) -> Router {
+        let timeout = self.config.request_timeout;
+        Router::new()
+            .fallback(handlers::dispatch::<S>)
+            .with_state(self.app.clone())
+            .layer(middleware::from_fn(move |req: Request, next: Next| {
+                timeout_layer(timeout, req, next)
+            }))
+            .layer(middleware::from_fn_with_state(
+                auth::Authenticator {
+                    pki: self.pki.clone(),
+                },
+                auth::authenticate,
+            ))
+            .layer(middleware::from_fn(log_layer))
+    }
+
+    /// Serves connections from `listener` until `shutdown` is cancelled.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> Result<(), ApiServerError> {
+        let router = self.router();
+        let tls = match &self.pki {
+            Some(p) => Some(tokio_rustls::TlsAcceptor::from(p.server_config()?)),
+            None => None,
+        };
+        let conns = tokio_util::task::TaskTracker::new();
+        let conn_cancel = shutdown.child_token();
+        loop {
+            let (stream, peer) = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = stream.set_nodelay(true);
+            let service = TowerToHyperService::new(router.clone());
+            let tls = tls.clone();
+            let cancel = conn_cancel.clone();
+            conns.spawn(async move {
+                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                let served = async {
+                    match tls {
+                        Some(acceptor) => {
+                            let s = match tokio::time::timeout(
+                                Duration::from_secs(10),
+                                acceptor.accept(stream),
+                            )
+                            .await
+                            {
+                                Ok(Ok(s)) => s,
+                                Ok(Err(e)) => {
+                                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                                    return;
+                                }
+                                Err(_) => return,
+                            };
+                            if let Err(e) = builder
+                                .serve_connection_with_upgrades(TokioIo::new(s), service)
+                                .await
+                            {
+                                tracing::debug!(%peer, error = %e, "connection ended");
+                            }
+                        }
+                        None => {
+                            if let Err(e) = builder
+                                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                                .await
+                            {
+                                tracing::debug!(%peer, error = %e, "connection ended");
+                            }
+                        }
+                    }
+                };
+                tokio::select! {
+                    _ = served => {}
+                    _ = cancel.cancelled() => {}
+                }
+            });
+        }
+        // Watches never finish on their own: stop connections and watch pumps, then wait.
+        conn_cancel.cancel();
+        conns.close();
+        self.app.tasks.close();
+        let _ = tokio::time::timeout(Duration::from_secs(5), conns.wait()).await;
+        Ok(())
+    }
+}
+
+/// Bounds every non-watch request; watches end by their own `timeoutSeconds`.
+async fn timeout_layer(limit: Duration, req: Request, next: Next) -> Response {
+    let q = req.uri().query().unwrap_or("");
+    let watching = q.split('&').any(|kv| kv == "watch=true" || kv == "watch=1")
+        || req.uri().path().contains("/watch/");
+    if watching {
+        return next.run(req).await;
+    }
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(r) => r,
+        Err(_) => status::ApiError::new(504, "Timeout", "the request did not complete in time")
+            .into_response(),
+    }
+}
+
+/// One log line per request: method, path, status, latency.
+async fn log_layer(req: Request, next: Next) -> Response {
+    let method = req.method().clone();
+    let uri = req.uri().clone();
+    let started = tokio::time::Instant::now();
+    let resp = next.run(req).await;
+    tracing::debug!(
+        %method,
+        uri = %uri,
+        status = resp.status().as_u16(),
+        elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
+        "request"
+    );
+    resp
+}
+
+/// Convenience: bootstrap, write the kubeconfig and serve until `shutdown`.
+pub async fn run<S: Store>(
+    config: ApiServerConfig,
+    store: S,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), ApiServerError> {
+    let server = ApiServer::new(config, store)?;
+    server.bootstrap().await?;
+    let path = server.write_kubeconfig(listener.local_addr()?)?;
+    tracing::info!(kubeconfig = %path.display(), "API server ready");
+    server.serve(listener, shutdown).await
+}
+
+/// Path of the admin kubeconfig under a data dir.
+pub fn kubeconfig_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("kubeconfig.yaml")
+}

@@ -1,0 +1,239 @@
+//! Watch: newline-delimited JSON events from a store watch, with selectors, initial events,
+//! bookmarks and `410 Expired` for compacted revisions.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use futures::StreamExt;
+use http::{HeaderValue, StatusCode, header};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+use super::handlers::{App, Query, decode};
+use super::resources::Resource;
+use super::selector::{FieldSelector, LabelSelector};
+use super::status::ApiError;
+use super::table;
+use crate::storage::{Revision, Store, StoreError, Versioned, WatchEvent};
+
+/// How often an idle watch that allows bookmarks gets one.
+const BOOKMARK_EVERY: Duration = Duration::from_secs(10);
+/// Default and maximum watch duration (Kubernetes picks 30–60 min).
+const MAX_WATCH: Duration = Duration::from_secs(3600);
+
+struct Filter {
+    res: &'static Resource,
+    labels: LabelSelector,
+    fields: FieldSelector,
+}
+
+impl Filter {
+    fn decode_match(&self, kv: &Versioned) -> Option<Value> {
+        let o = decode(self.res, kv).ok()?;
+        (self.labels.matches_object(&o) && self.fields.matches(&o)).then_some(o)
+    }
+}
+
+struct Encoder {
+    res: &'static Resource,
+    table: bool,
+    columns_sent: bool,
+}
+
+impl Encoder {
+    fn event(&mut self, ty: &str, obj: Value) -> Bytes {
+        let object = if self.table && ty != "BOOKMARK" && ty != "ERROR" {
+            let meta = json!({"resourceVersion": obj.pointer("/metadata/resourceVersion").cloned().unwrap_or(Value::Null)});
+            let t = table::table(self.res, &[obj], meta, !self.columns_sent);
+            self.columns_sent = true;
+            t
+        } else {
+            obj
+        };
+        let mut line = json!({"type": ty, "object": object}).to_string();
+        line.push('\n');
+        Bytes::from(line)
+    }
+
+    fn bookmark(&mut self, rev: Revision, initial_end: bool) -> Bytes {
+        let mut meta = json!({"resourceVersion": rev.to_string()});
+        if initial_end {
+            meta["annotations"] = json!({"k8s.io/initial-events-end": "true"});
+        }
+        self.event(
+            "BOOKMARK",
+            json!({"kind": self.res.kind, "apiVersion": self.res.api_version(), "metadata": meta}),
+        )
+    }
+}
+
+/// Converts one store event into a watch event for this filter, if it concerns it.
+fn convert(f: &Filter, ev: &WatchEvent) -> Option<(&'static str, Value)> {
+    match ev {
+        WatchEvent::Put { kv, prev } => {
+            let new = f.decode_match(kv);
+            let was = prev.as_ref().and_then(|p| f.decode_match(p)).is_some();
+            match (new, was) {
+                (Some(o), true) => Some(("MODIFIED", o)),
+                (Some(o), false) => Some(("ADDED", o)),
+                (None, true) => {
+                    // It stopped matching: to this watcher it is gone.
+                    let o = decode(f.res, kv).ok()?;
+                    Some(("DELETED", o))
+                }
+                (None, false) => None,
+            }
+        }
+        WatchEvent::Delete { revision, prev, .. } => {
+            let mut o = f.decode_match(prev.as_ref()?)?;
+            o["metadata"]["resourceVersion"] = json!(revision.to_string());
+            Some(("DELETED", o))
+        }
+    }
+}
+
+fn expired(requested: Revision, oldest: Revision) -> Value {
+    ApiError::new(
+        410,
+        "Expired",
+        format!("too old resource version: {requested} ({oldest})"),
+    )
+    .status_json()
+}
+
+/// Serves `?watch=true`.
+pub(crate) async fn serve_watch<S: Store>(
+    app: Arc<App<S>>,
+    res: &'static Resource,
+    ns: Option<&str>,
+    labels: LabelSelector,
+    fields: FieldSelector,
+    q: &Query,
+    table: bool,
+) -> Result<Response, ApiError> {
+    let send_initial = q.flag("sendInitialEvents");
+    let bookmarks = q.flag("allowWatchBookmarks");
+    let rv = q.get("resourceVersion");
+    let timeout = q
+        .get("timeoutSeconds")
+        .and_then(|t| t.parse::<u64>().ok())
+        .map(Duration::from_secs)
+        .unwrap_or(MAX_WATCH)
+        .min(MAX_WATCH);
+    if send_initial && !bookmarks {
+        return Err(ApiError::invalid(
+            "meta.k8s.io",
+            "ListOptions",
+            "",
+            vec![super::status::Cause::forbidden(
+                "allowWatchBookmarks",
+                "allowWatchBookmarks must be true when sendInitialEvents is set",
+            )],
+        ));
+    }
+    let filter = Filter {
+        res,
+        labels,
+        fields,
+    };
+    let prefix = res.list_prefix(ns);
+    // No resourceVersion (or "0"), or sendInitialEvents: start with the current state as ADDED.
+    let initial_state = send_initial || rv.is_none() || rv == Some("0");
+    let (initial, start) = if initial_state {
+        let (kvs, rev) = app.store.list(&prefix).await?;
+        (
+            kvs.iter()
+                .filter_map(|kv| filter.decode_match(kv))
+                .collect::<Vec<_>>(),
+            rev,
+        )
+    } else {
+        let r = rv
+            .unwrap_or_default()
+            .parse::<Revision>()
+            .map_err(|_| ApiError::bad_request(format!("invalid resourceVersion {rv:?}")))?;
+        (Vec::new(), r)
+    };
+    let (tx, rx) = mpsc::channel::<Bytes>(256);
+    let mut enc = Encoder {
+        res,
+        table,
+        columns_sent: false,
+    };
+    let store = app.store.clone();
+    app.tasks.spawn(async move {
+        for o in initial {
+            if tx.send(enc.event("ADDED", o)).await.is_err() {
+                return;
+            }
+        }
+        if send_initial && tx.send(enc.bookmark(start, true)).await.is_err() {
+            return;
+        }
+        let mut stream = match store.watch(&prefix, start).await {
+            Ok(s) => s,
+            Err(StoreError::Compacted { requested, oldest }) => {
+                let _ = tx
+                    .send(enc.event("ERROR", expired(requested, oldest)))
+                    .await;
+                return;
+            }
+            Err(e) => {
+                let _ = tx
+                    .send(enc.event("ERROR", ApiError::from(e).status_json()))
+                    .await;
+                return;
+            }
+        };
+        let deadline = tokio::time::sleep(timeout);
+        tokio::pin!(deadline);
+        let mut tick = tokio::time::interval(BOOKMARK_EVERY);
+        tick.tick().await;
+        let mut last = start;
+        loop {
+            tokio::select! {
+                _ = &mut deadline => return,
+                _ = tx.closed() => return,
+                _ = tick.tick(), if bookmarks => {
+                    if tx.send(enc.bookmark(last, false)).await.is_err() {
+                        return;
+                    }
+                }
+                ev = stream.next() => {
+                    let ev = match ev {
+                        Some(Ok(ev)) => ev,
+                        Some(Err(StoreError::Compacted { requested, oldest })) => {
+                            let _ = tx.send(enc.event("ERROR", expired(requested, oldest))).await;
+                            return;
+                        }
+                        // Lagging or a broken store watch: end the stream; clients re-list.
+                        Some(Err(_)) | None => return,
+                    };
+                    last = ev.revision();
+                    if let Some((ty, obj)) = convert(&filter, &ev)
+                        && tx.send(enc.event(ty, obj)).await.is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    let body = Body::from_stream(
+        tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok::<Bytes, Infallible>),
+    );
+    let mut r = (StatusCode::OK, body).into_response();
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(if table {
+            "application/json;as=Table;v=v1;g=meta.k8s.io"
+        } else {
+            "application/json"
+        }),
+    );
+    Ok(r)
+}

@@ -1,0 +1,94 @@
+//! Behaviour every [`Store`] implementation must show (run by each implementation's tests).
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+
+use super::{Store, StoreError, WatchEvent};
+
+/// Runs every check against a fresh, empty store.
+pub(crate) async fn run_all<S: Store>(s: S) {
+    let p = "/registry/conf/";
+    let r1 = s
+        .create(&format!("{p}a"), Bytes::from_static(b"1"))
+        .await
+        .expect("create a");
+    assert_eq!(
+        s.create(&format!("{p}a"), Bytes::from_static(b"x")).await,
+        Err(StoreError::AlreadyExists)
+    );
+    let got = s
+        .get(&format!("{p}a"))
+        .await
+        .expect("get")
+        .expect("present");
+    assert_eq!(got.mod_revision, r1);
+    assert_eq!(&got.value[..], b"1");
+    assert!(s.get(&format!("{p}zz")).await.expect("get").is_none());
+
+    let r2 = s
+        .update(&format!("{p}a"), Bytes::from_static(b"2"), r1)
+        .await
+        .expect("update");
+    assert!(r2 > r1);
+    match s
+        .update(&format!("{p}a"), Bytes::from_static(b"3"), r1)
+        .await
+    {
+        Err(StoreError::Conflict { current: Some(cur) }) => assert_eq!(cur.mod_revision, r2),
+        other => panic!("expected conflict, got {other:?}"),
+    }
+    assert_eq!(
+        s.update(&format!("{p}nope"), Bytes::from_static(b"3"), r1)
+            .await,
+        Err(StoreError::NotFound)
+    );
+    s.create(&format!("{p}b"), Bytes::from_static(b"b"))
+        .await
+        .expect("create b");
+    s.create("/registry/conf0", Bytes::from_static(b"outside"))
+        .await
+        .expect("create outside");
+    let (items, rev) = s.list(p).await.expect("list");
+    assert_eq!(items.len(), 2, "prefix must not match siblings");
+    assert_eq!(items[0].key, format!("{p}a"));
+    assert!(rev >= items[1].mod_revision);
+
+    let mut w = s.watch(p, rev).await.expect("watch");
+    assert!(matches!(
+        s.delete(&format!("{p}b"), Some(r1)).await,
+        Err(StoreError::Conflict { .. })
+    ));
+    let rd = s.delete(&format!("{p}b"), None).await.expect("delete");
+    assert_eq!(
+        s.delete(&format!("{p}b"), None).await,
+        Err(StoreError::NotFound)
+    );
+    let ev = tokio::time::timeout(Duration::from_secs(10), w.next())
+        .await
+        .expect("watch event in time")
+        .expect("stream open")
+        .expect("event");
+    match ev {
+        WatchEvent::Delete {
+            key,
+            revision,
+            prev,
+        } => {
+            assert_eq!(key, format!("{p}b"));
+            assert_eq!(revision, rd);
+            assert_eq!(prev.map(|p| p.value), Some(Bytes::from_static(b"b")));
+        }
+        other => panic!("expected delete, got {other:?}"),
+    }
+    // A watch from an old revision replays history.
+    let mut w = s.watch(p, r1).await.expect("watch from r1");
+    let ev = tokio::time::timeout(Duration::from_secs(10), w.next())
+        .await
+        .expect("replayed event in time")
+        .expect("stream open")
+        .expect("event");
+    assert_eq!(ev.revision(), r2);
+    assert!(s.ready().await);
+}

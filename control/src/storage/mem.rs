@@ -1,0 +1,266 @@
+//! In-memory [`Store`]: a `BTreeMap`, a revision counter and a broadcast channel. Used by unit
+//! tests, the `--store=mem` server mode and the API tests.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio::sync::broadcast;
+use tokio_stream::wrappers::BroadcastStream;
+
+use super::{Revision, Store, StoreError, Versioned, WatchEvent, WatchStream};
+
+/// Events kept for watches that start in the past; older starts get `Compacted`.
+const HISTORY: usize = 20_000;
+
+/// In-memory store. Clones share the same data.
+#[derive(Clone)]
+pub struct MemStore {
+    inner: Arc<Mutex<Inner>>,
+    /// Fault hook: while set every call fails with `Unavailable` (tests of the 503 path).
+    down: Arc<AtomicBool>,
+    events: broadcast::Sender<WatchEvent>,
+}
+
+struct Inner {
+    data: BTreeMap<String, Versioned>,
+    revision: Revision,
+    history: VecDeque<WatchEvent>,
+}
+
+impl Default for MemStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MemStore {
+    /// An empty store at revision 1 (like a fresh etcd).
+    pub fn new() -> Self {
+        let (events, _) = broadcast::channel(8192);
+        MemStore {
+            inner: Arc::new(Mutex::new(Inner {
+                data: BTreeMap::new(),
+                revision: 1,
+                history: VecDeque::new(),
+            })),
+            down: Arc::new(AtomicBool::new(false)),
+            events,
+        }
+    }
+
+    /// Simulates a store outage (`true`) or its end (`false`).
+    pub fn set_unavailable(&self, down: bool) {
+        self.down.store(down, Ordering::SeqCst);
+    }
+
+    /// Drops the watch history up to the current revision, like an etcd compaction.
+    pub fn compact(&self) {
+        if let Ok(mut inner) = self.lock() {
+            inner.history.clear();
+        }
+    }
+
+    fn lock(&self) -> Result<MutexGuard<'_, Inner>, StoreError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable(
+                "store is down (fault injected)".into(),
+            ));
+        }
+        self.inner
+            .lock()
+            .map_err(|_| StoreError::Internal("store lock poisoned".into()))
+    }
+
+    fn record(&self, inner: &mut Inner, event: WatchEvent) {
+        inner.history.push_back(event.clone());
+        while inner.history.len() > HISTORY {
+            inner.history.pop_front();
+        }
+        // No receivers is fine: nobody watches.
+        let _ = self.events.send(event);
+    }
+}
+
+impl Inner {
+    /// Oldest revision a watch may start after.
+    fn oldest(&self) -> Revision {
+        self.history
+            .front()
+            .map(|e| e.revision() - 1)
+            .unwrap_or(self.revision)
+    }
+}
+
+fn event_key(event: &WatchEvent) -> &str {
+    match event {
+        WatchEvent::Put { kv, .. } => &kv.key,
+        WatchEvent::Delete { key, .. } => key,
+    }
+}
+
+impl Store for MemStore {
+    async fn get(&self, key: &str) -> Result<Option<Versioned>, StoreError> {
+        Ok(self.lock()?.data.get(key).cloned())
+    }
+
+    async fn list(&self, prefix: &str) -> Result<(Vec<Versioned>, Revision), StoreError> {
+        let inner = self.lock()?;
+        let items = inner
+            .data
+            .range(prefix.to_string()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(_, v)| v.clone())
+            .collect();
+        Ok((items, inner.revision))
+    }
+
+    async fn create(&self, key: &str, value: Bytes) -> Result<Revision, StoreError> {
+        let mut inner = self.lock()?;
+        if inner.data.contains_key(key) {
+            return Err(StoreError::AlreadyExists);
+        }
+        inner.revision += 1;
+        let kv = Versioned {
+            key: key.to_string(),
+            value,
+            mod_revision: inner.revision,
+        };
+        inner.data.insert(key.to_string(), kv.clone());
+        let rev = inner.revision;
+        self.record(&mut inner, WatchEvent::Put { kv, prev: None });
+        Ok(rev)
+    }
+
+    async fn update(
+        &self,
+        key: &str,
+        value: Bytes,
+        expected: Revision,
+    ) -> Result<Revision, StoreError> {
+        let mut inner = self.lock()?;
+        let Some(prev) = inner.data.get(key).cloned() else {
+            return Err(StoreError::NotFound);
+        };
+        if prev.mod_revision != expected {
+            return Err(StoreError::Conflict {
+                current: Some(prev),
+            });
+        }
+        inner.revision += 1;
+        let kv = Versioned {
+            key: key.to_string(),
+            value,
+            mod_revision: inner.revision,
+        };
+        inner.data.insert(key.to_string(), kv.clone());
+        let rev = inner.revision;
+        self.record(
+            &mut inner,
+            WatchEvent::Put {
+                kv,
+                prev: Some(prev),
+            },
+        );
+        Ok(rev)
+    }
+
+    async fn delete(&self, key: &str, expected: Option<Revision>) -> Result<Revision, StoreError> {
+        let mut inner = self.lock()?;
+        let Some(prev) = inner.data.get(key).cloned() else {
+            return Err(StoreError::NotFound);
+        };
+        if let Some(expected) = expected
+            && prev.mod_revision != expected
+        {
+            return Err(StoreError::Conflict {
+                current: Some(prev),
+            });
+        }
+        inner.data.remove(key);
+        inner.revision += 1;
+        let revision = inner.revision;
+        self.record(
+            &mut inner,
+            WatchEvent::Delete {
+                key: key.to_string(),
+                revision,
+                prev: Some(prev),
+            },
+        );
+        Ok(revision)
+    }
+
+    async fn watch(&self, prefix: &str, after: Revision) -> Result<WatchStream, StoreError> {
+        let inner = self.lock()?;
+        if after < inner.oldest() {
+            return Err(StoreError::Compacted {
+                requested: after,
+                oldest: inner.oldest(),
+            });
+        }
+        let replay: Vec<WatchEvent> = inner
+            .history
+            .iter()
+            .filter(|e| e.revision() > after && event_key(e).starts_with(prefix))
+            .cloned()
+            .collect();
+        // Subscribing under the lock means no event falls between replay and live stream.
+        let rx = self.events.subscribe();
+        let last = replay
+            .last()
+            .map(|e| e.revision())
+            .unwrap_or(after)
+            .max(inner.revision);
+        drop(inner);
+        let prefix = prefix.to_string();
+        let live = BroadcastStream::new(rx).filter_map(move |item| {
+            let out = match item {
+                Ok(e) if e.revision() > last && event_key(&e).starts_with(&prefix) => Some(Ok(e)),
+                Ok(_) => None,
+                Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => {
+                    Some(Err(StoreError::Unavailable(format!(
+                        "watcher lagged by {n} events"
+                    ))))
+                }
+            };
+            futures::future::ready(out)
+        });
+        Ok(Box::pin(
+            futures::stream::iter(replay.into_iter().map(Ok)).chain(live),
+        ))
+    }
+
+    async fn ready(&self) -> bool {
+        self.lock().is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn conformance() {
+        crate::storage::conformance::run_all(MemStore::new()).await;
+    }
+
+    #[tokio::test]
+    async fn outage_and_compaction() {
+        let s = MemStore::new();
+        s.create("/a", Bytes::from_static(b"1"))
+            .await
+            .expect("create");
+        s.set_unavailable(true);
+        assert!(matches!(s.get("/a").await, Err(StoreError::Unavailable(_))));
+        s.set_unavailable(false);
+        s.compact();
+        assert!(matches!(
+            s.watch("/", 1).await,
+            Err(StoreError::Compacted { .. })
+        ));
+        assert!(s.watch("/", 2).await.is_ok());
+    }
+}

@@ -1,0 +1,135 @@
+//! The API server's port to its key-value store, shaped around Kubernetes semantics.
+//!
+//! Keys are strings like `/registry/core/pods/default/web`; values are the JSON objects with
+//! `metadata.resourceVersion` removed (it is the key's mod revision, filled in on read).
+
+use std::future::Future;
+use std::pin::Pin;
+
+use bytes::Bytes;
+use futures::Stream;
+
+mod mem;
+
+pub use mem::MemStore;
+
+/// A store revision (etcd's `mod_revision`), the source of `metadata.resourceVersion`.
+pub type Revision = i64;
+
+/// One stored value with the revisions the API server needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Versioned {
+    /// Full key.
+    pub key: String,
+    /// Stored bytes (JSON).
+    pub value: Bytes,
+    /// Revision of the last change to this key.
+    pub mod_revision: Revision,
+}
+
+/// A change seen by a watch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WatchEvent {
+    /// Key created or changed; `prev` is the value before (absent on create).
+    Put {
+        /// New value.
+        kv: Versioned,
+        /// Value before the change, if the key existed.
+        prev: Option<Versioned>,
+    },
+    /// Key deleted at `revision`; `prev` is the deleted value.
+    Delete {
+        /// Deleted key.
+        key: String,
+        /// Revision of the deletion.
+        revision: Revision,
+        /// Value before the deletion, if the store knows it.
+        prev: Option<Versioned>,
+    },
+}
+
+impl WatchEvent {
+    /// Revision at which the event happened.
+    pub fn revision(&self) -> Revision {
+        match self {
+            WatchEvent::Put { kv, .. } => kv.mod_revision,
+            WatchEvent::Delete { revision, .. } => *revision,
+        }
+    }
+}
+
+/// Stream of watch events in revision order.
+pub type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchEvent, StoreError>> + Send>>;
+
+/// Failures of a [`Store`] call; variants say what the caller can do.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum StoreError {
+    /// The key does not exist.
+    #[error("key not found")]
+    NotFound,
+    /// `create` found the key already present.
+    #[error("key already exists")]
+    AlreadyExists,
+    /// `update`/`delete` expected another revision; `current` is the value now stored.
+    #[error("revision conflict")]
+    Conflict {
+        /// The current value, if the key still exists.
+        current: Option<Versioned>,
+    },
+    /// A watch asked for a revision older than the store keeps.
+    #[error("revision {requested} compacted (oldest kept {oldest})")]
+    Compacted {
+        /// The revision asked for.
+        requested: Revision,
+        /// The oldest revision still available.
+        oldest: Revision,
+    },
+    /// The store cannot be reached or has no quorum: retry later.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// Anything else (corrupt data, protocol errors).
+    #[error("store failure: {0}")]
+    Internal(String),
+}
+
+/// The API server's storage port (house style §7.1). Implementations: [`MemStore`] and
+/// `RemoteStore` (etcd v3).
+pub trait Store: Clone + Send + Sync + 'static {
+    /// Reads one key.
+    fn get(&self, key: &str) -> impl Future<Output = Result<Option<Versioned>, StoreError>> + Send;
+    /// Reads every key under `prefix` (sorted by key) and the store revision of the read.
+    fn list(
+        &self,
+        prefix: &str,
+    ) -> impl Future<Output = Result<(Vec<Versioned>, Revision), StoreError>> + Send;
+    /// Creates a key that must not exist; returns its revision.
+    fn create(
+        &self,
+        key: &str,
+        value: Bytes,
+    ) -> impl Future<Output = Result<Revision, StoreError>> + Send;
+    /// Replaces a key whose mod revision must equal `expected`.
+    fn update(
+        &self,
+        key: &str,
+        value: Bytes,
+        expected: Revision,
+    ) -> impl Future<Output = Result<Revision, StoreError>> + Send;
+    /// Deletes a key, if `expected` is set only at that mod revision; returns the deletion revision.
+    fn delete(
+        &self,
+        key: &str,
+        expected: Option<Revision>,
+    ) -> impl Future<Output = Result<Revision, StoreError>> + Send;
+    /// Streams changes under `prefix` with revision > `after`.
+    fn watch(
+        &self,
+        prefix: &str,
+        after: Revision,
+    ) -> impl Future<Output = Result<WatchStream, StoreError>> + Send;
+    /// Whether the store answers (for `/readyz`).
+    fn ready(&self) -> impl Future<Output = bool> + Send;
+}
+
+#[cfg(test)]
+pub(crate) mod conformance;
