@@ -2,3 +2,5 @@
 //!
 //! No IO lives here: only serde types, defaults and validation.
 #![warn(missing_docs)]
+
+pub mod pod;

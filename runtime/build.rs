@@ -1,0 +1,67 @@
+//! Builds the `wasm-examples` guests for `wasm32-wasip1` with a nested cargo, into a target
+//! directory of their own (sharing the outer one would deadlock on its build lock), and tells
+//! the crate where they are through `FLOTILLA_GUESTS_DIR`.
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn main() {
+    let manifest_dir = PathBuf::from(env("CARGO_MANIFEST_DIR"));
+    let out_dir = PathBuf::from(env("OUT_DIR"));
+    let workspace = manifest_dir
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| manifest_dir.clone());
+    println!(
+        "cargo:rerun-if-changed={}",
+        workspace.join("wasm-examples/src").display()
+    );
+    println!(
+        "cargo:rerun-if-changed={}",
+        workspace.join("wasm-examples/Cargo.toml").display()
+    );
+    // OUT_DIR is <target>/<profile>/build/<pkg>-<hash>/out.
+    let target_root = out_dir
+        .ancestors()
+        .nth(4)
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| out_dir.clone());
+    let guest_target = target_root.join("wasm-guests");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(&workspace)
+        .args(["build", "--offline", "--release", "--target", "wasm32-wasip1", "-p", "wasm-examples"])
+        .env("CARGO_TARGET_DIR", &guest_target)
+        // Small guests, as wasmtime-notes §3 measured them.
+        .env("CARGO_PROFILE_RELEASE_OPT_LEVEL", "s")
+        .env("CARGO_PROFILE_RELEASE_LTO", "true")
+        .env("CARGO_PROFILE_RELEASE_CODEGEN_UNITS", "1")
+        .env("CARGO_PROFILE_RELEASE_PANIC", "abort")
+        .env("CARGO_PROFILE_RELEASE_DEBUG", "false")
+        .env("CARGO_PROFILE_RELEASE_STRIP", "true");
+    for var in [
+        "CARGO_ENCODED_RUSTFLAGS",
+        "RUSTFLAGS",
+        "CARGO_BUILD_TARGET",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "RUSTC_WRAPPER",
+        "CARGO_BUILD_RUSTC_WRAPPER",
+        "CARGO_BUILD_RUSTC_WORKSPACE_WRAPPER",
+        "CARGO_PRIMARY_PACKAGE",
+    ] {
+        cmd.env_remove(var);
+    }
+    let guests = guest_target.join("wasm32-wasip1/release");
+    match cmd.status() {
+        Ok(s) if s.success() => {}
+        Ok(s) => println!(
+            "cargo:warning=building wasm-examples for wasm32-wasip1 failed ({s}); is the target \
+             installed (`rustup target add wasm32-wasip1`)? Tests that run guests will fail."
+        ),
+        Err(e) => println!("cargo:warning=cannot run cargo to build wasm-examples: {e}"),
+    }
+    println!("cargo:rustc-env=FLOTILLA_GUESTS_DIR={}", guests.display());
+}
+
+fn env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| panic!("cargo sets {name} for build scripts"))
+}

@@ -1,0 +1,293 @@
+//! Test doubles and the conformance suite every [`PodRuntime`] implementation passes.
+//!
+//! Compiled for this crate's unit tests and, for other crates, with feature `test-util`.
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use api::pod::{ContainerState, ContainerStateRunning, ContainerStateTerminated};
+
+use crate::pod_runtime::{
+    ContainerStats, ContainerStatus, PodConfig, PodId, PodRuntime, PodStats, PodStatus,
+    RuntimeError, SandboxState,
+};
+
+pub mod conformance;
+
+/// What a fake container does, chosen by its image name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FakeBehavior {
+    /// Runs until stopped.
+    RunForever,
+    /// Prints `stdout` (one CRI log line per line) and exits with `code` after `after`.
+    Exit {
+        /// Exit code.
+        code: i32,
+        /// Time from start to exit.
+        after: Duration,
+        /// Text the container writes to stdout.
+        stdout: String,
+    },
+}
+
+/// A call the fake received, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FakeCall {
+    /// `run_pod` of a pod with this name.
+    Run(String),
+    /// `stop_pod`.
+    Stop(PodId, Duration),
+    /// `remove_pod`.
+    Remove(PodId),
+    /// `pod_status`.
+    Status(PodId),
+    /// `list_pods`.
+    List,
+    /// `logs`.
+    Logs(PodId, String),
+    /// `stats`.
+    Stats(PodId),
+}
+
+struct FakeContainer {
+    name: String,
+    image: String,
+    behavior: FakeBehavior,
+    stopped: Option<Instant>,
+}
+
+struct FakePod {
+    config: PodConfig,
+    started: Instant,
+    containers: Vec<FakeContainer>,
+}
+
+/// A scripted [`PodRuntime`]: images map to behaviours, calls are recorded, nothing runs.
+#[derive(Default)]
+pub struct FakeRuntime {
+    scripts: Mutex<HashMap<String, FakeBehavior>>,
+    pods: Mutex<BTreeMap<PodId, FakePod>>,
+    calls: Mutex<Vec<FakeCall>>,
+    next_id: AtomicU64,
+}
+
+impl FakeRuntime {
+    /// An empty fake: every image is unknown until scripted.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Containers with image `image` behave as `behavior`.
+    pub fn script(&self, image: impl Into<String>, behavior: FakeBehavior) {
+        lock(&self.scripts).insert(image.into(), behavior);
+    }
+
+    /// Calls received so far.
+    pub fn calls(&self) -> Vec<FakeCall> {
+        lock(&self.calls).clone()
+    }
+
+    fn record(&self, call: FakeCall) {
+        lock(&self.calls).push(call);
+    }
+
+    fn status_of(id: &PodId, pod: &FakePod, now: Instant) -> PodStatus {
+        let started_at = Some(crate::wasm::time::rfc3339_nanos(
+            std::time::SystemTime::now(),
+        ));
+        let containers: Vec<ContainerStatus> = pod
+            .containers
+            .iter()
+            .map(|c| {
+                let natural_end = match &c.behavior {
+                    FakeBehavior::RunForever => None,
+                    FakeBehavior::Exit { code, after, .. } => Some((pod.started + *after, *code)),
+                };
+                let state = match (natural_end, c.stopped) {
+                    (Some((end, code)), stopped)
+                        if end <= now && stopped.is_none_or(|s| end <= s) =>
+                    {
+                        terminated(code, if code == 0 { "Completed" } else { "Error" })
+                    }
+                    (_, Some(_)) => terminated(143, "Error"),
+                    _ => ContainerState::Running(ContainerStateRunning {
+                        started_at: started_at.clone(),
+                    }),
+                };
+                ContainerStatus {
+                    name: c.name.clone(),
+                    image: c.image.clone(),
+                    state,
+                }
+            })
+            .collect();
+        let all_done = containers.iter().all(|c| c.state.is_terminated());
+        PodStatus {
+            id: id.clone(),
+            name: pod.config.name.clone(),
+            namespace: pod.config.namespace.clone(),
+            state: if all_done {
+                SandboxState::NotReady
+            } else {
+                SandboxState::Ready
+            },
+            containers,
+        }
+    }
+}
+
+fn terminated(code: i32, reason: &str) -> ContainerState {
+    ContainerState::Terminated(ContainerStateTerminated {
+        exit_code: code,
+        reason: Some(reason.to_owned()),
+        ..ContainerStateTerminated::default()
+    })
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding a fake's lock already failed the test; keep going for its report.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl PodRuntime for FakeRuntime {
+    fn name(&self) -> &'static str {
+        "fake"
+    }
+
+    async fn run_pod(&self, pod: &PodConfig) -> Result<PodId, RuntimeError> {
+        self.record(FakeCall::Run(pod.name.clone()));
+        if pod.spec.containers.is_empty() {
+            return Err(RuntimeError::InvalidSpec("pod has no containers".into()));
+        }
+        let scripts = lock(&self.scripts).clone();
+        let mut containers = Vec::new();
+        for c in &pod.spec.containers {
+            let behavior =
+                scripts
+                    .get(&c.image)
+                    .cloned()
+                    .ok_or_else(|| RuntimeError::ImageNotFound {
+                        image: c.image.clone(),
+                        reason: "not scripted".into(),
+                    })?;
+            containers.push(FakeContainer {
+                name: c.name.clone(),
+                image: c.image.clone(),
+                behavior,
+                stopped: None,
+            });
+        }
+        let id = PodId(format!(
+            "fake-{}",
+            self.next_id.fetch_add(1, Ordering::Relaxed)
+        ));
+        lock(&self.pods).insert(
+            id.clone(),
+            FakePod {
+                config: pod.clone(),
+                started: Instant::now(),
+                containers,
+            },
+        );
+        Ok(id)
+    }
+
+    async fn stop_pod(&self, id: &PodId, grace: Duration) -> Result<(), RuntimeError> {
+        self.record(FakeCall::Stop(id.clone(), grace));
+        let now = Instant::now();
+        if let Some(pod) = lock(&self.pods).get_mut(id) {
+            for c in &mut pod.containers {
+                c.stopped.get_or_insert(now);
+            }
+        }
+        Ok(())
+    }
+
+    async fn remove_pod(&self, id: &PodId) -> Result<(), RuntimeError> {
+        self.record(FakeCall::Remove(id.clone()));
+        lock(&self.pods).remove(id);
+        Ok(())
+    }
+
+    async fn pod_status(&self, id: &PodId) -> Result<PodStatus, RuntimeError> {
+        self.record(FakeCall::Status(id.clone()));
+        let pods = lock(&self.pods);
+        let pod = pods
+            .get(id)
+            .ok_or_else(|| RuntimeError::NotFound(id.clone()))?;
+        Ok(Self::status_of(id, pod, Instant::now()))
+    }
+
+    async fn list_pods(&self) -> Result<Vec<PodStatus>, RuntimeError> {
+        self.record(FakeCall::List);
+        let now = Instant::now();
+        Ok(lock(&self.pods)
+            .iter()
+            .map(|(id, p)| Self::status_of(id, p, now))
+            .collect())
+    }
+
+    async fn logs(&self, id: &PodId, container: &str) -> Result<String, RuntimeError> {
+        self.record(FakeCall::Logs(id.clone(), container.to_owned()));
+        let pods = lock(&self.pods);
+        let pod = pods
+            .get(id)
+            .ok_or_else(|| RuntimeError::NotFound(id.clone()))?;
+        let c = pod
+            .containers
+            .iter()
+            .find(|c| c.name == container)
+            .ok_or_else(|| RuntimeError::ContainerNotFound {
+                pod: id.clone(),
+                container: container.to_owned(),
+            })?;
+        let status = Self::status_of(id, pod, Instant::now());
+        let done = status
+            .containers
+            .iter()
+            .any(|s| s.name == container && s.state.is_terminated());
+        let mut out = String::new();
+        if let (FakeBehavior::Exit { stdout, .. }, true) = (&c.behavior, done) {
+            let ts = crate::wasm::time::rfc3339_nanos(std::time::SystemTime::now());
+            for line in stdout.lines() {
+                out.push_str(&format!("{ts} stdout F {line}\n"));
+            }
+        }
+        Ok(out)
+    }
+
+    async fn stats(&self, id: &PodId) -> Result<PodStats, RuntimeError> {
+        self.record(FakeCall::Stats(id.clone()));
+        let pods = lock(&self.pods);
+        let pod = pods
+            .get(id)
+            .ok_or_else(|| RuntimeError::NotFound(id.clone()))?;
+        Ok(PodStats {
+            containers: pod
+                .containers
+                .iter()
+                .map(|c| ContainerStats {
+                    name: c.name.clone(),
+                    ..ContainerStats::default()
+                })
+                .collect(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn fake_passes_conformance_and_records_calls() {
+        let fake = FakeRuntime::new();
+        let fixtures = conformance::Fixtures::for_fake(&fake);
+        conformance::run_all(&fake, &fixtures).await;
+        let calls = fake.calls();
+        assert!(calls.iter().any(|c| matches!(c, FakeCall::Run(_))));
+        assert!(calls.iter().any(|c| matches!(c, FakeCall::Stop(_, _))));
+        assert!(calls.iter().any(|c| matches!(c, FakeCall::Remove(_))));
+    }
+}

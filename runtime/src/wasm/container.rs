@@ -1,0 +1,422 @@
+//! One running container: its store, WASI context, limits, and how its end is classified.
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Instant, SystemTime};
+
+use api::pod::{
+    ContainerState, ContainerStateRunning, ContainerStateTerminated, ContainerStateWaiting,
+};
+use tokio::sync::Notify;
+use tokio::task::AbortHandle;
+use tokio_util::sync::CancellationToken;
+use wasmtime::{InstancePre, ResourceLimiter, Store, Trap, UpdateDeadline};
+use wasmtime_wasi::p1::WasiP1Ctx;
+use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder};
+
+use super::cpu::{Governed, Quota};
+use super::executor::Worker;
+use super::logs::LogSink;
+use super::time::rfc3339_nanos;
+
+/// Exit code and reason of a container the node stopped gracefully (128 + SIGTERM).
+pub(crate) const EXIT_STOPPED: i32 = 143;
+/// Exit code of a container killed forcefully, out of memory or out of fuel (128 + SIGKILL).
+pub(crate) const EXIT_KILLED: i32 = 137;
+/// Exit code of a trapped guest (128 + SIGABRT, what `abort()` gives a native process).
+pub(crate) const EXIT_TRAP: i32 = 134;
+
+/// Store data of a container.
+pub(crate) struct PodData {
+    pub(crate) wasi: WasiP1Ctx,
+    limiter: MemLimiter,
+}
+
+impl PodData {
+    /// Data for a store that never runs a guest (used to enumerate the linker).
+    pub(crate) fn placeholder() -> Self {
+        PodData {
+            wasi: WasiCtxBuilder::new().build_p1(),
+            limiter: MemLimiter {
+                limit: 0,
+                memory: 0,
+                tables: 0,
+                shared: None,
+            },
+        }
+    }
+}
+
+/// `limits.memory` over linear memories plus tables (a pointer per table element).
+struct MemLimiter {
+    limit: u64,
+    memory: u64,
+    tables: u64,
+    shared: Option<Arc<ContainerShared>>,
+}
+
+impl MemLimiter {
+    fn grow(&mut self, is_memory: bool, current: u64, desired: u64) -> bool {
+        let (mine, other) = if is_memory {
+            (self.memory, self.tables)
+        } else {
+            (self.tables, self.memory)
+        };
+        let new_mine = mine.saturating_sub(current).saturating_add(desired);
+        if new_mine.saturating_add(other) > self.limit {
+            if let Some(s) = &self.shared {
+                s.oom.store(true, Ordering::Relaxed);
+            }
+            return false;
+        }
+        if is_memory {
+            self.memory = new_mine;
+        } else {
+            self.tables = new_mine;
+        }
+        if let Some(s) = &self.shared {
+            s.memory_bytes
+                .store(self.memory + self.tables, Ordering::Relaxed);
+        }
+        true
+    }
+}
+
+impl ResourceLimiter for MemLimiter {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(self.grow(true, current as u64, desired as u64))
+    }
+
+    fn table_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let per = std::mem::size_of::<usize>() as u64;
+        Ok(self.grow(false, current as u64 * per, desired as u64 * per))
+    }
+}
+
+/// The error an epoch callback raises to end a container the node is stopping.
+#[derive(Debug, thiserror::Error)]
+#[error("stopped by the node")]
+struct Stopped;
+
+/// State of a container shared between its task, the runtime's API and the epoch callback.
+pub(crate) struct ContainerShared {
+    pub(crate) name: String,
+    pub(crate) image: String,
+    state: Mutex<ContainerState>,
+    done: Notify,
+    /// Checked by the epoch callback: a spinning guest ends at the next tick.
+    kill: AtomicBool,
+    /// Wakes the container task wherever it waits (host call, throttle, fair-share turn).
+    cancel: CancellationToken,
+    pub(crate) cpu_ns: AtomicU64,
+    pub(crate) fuel_used: AtomicU64,
+    pub(crate) memory_bytes: AtomicU64,
+    /// Set by the epoch callback when the guest yields because its slice ended.
+    pub(crate) yielded: AtomicBool,
+    oom: AtomicBool,
+    requested_at: Instant,
+    first_instruction: OnceLock<(Instant, SystemTime)>,
+    abort: Mutex<Option<AbortHandle>>,
+    pub(crate) log: Arc<LogSink>,
+    pub(crate) log_path: PathBuf,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl ContainerShared {
+    pub(crate) fn new(
+        name: String,
+        image: String,
+        requested_at: Instant,
+        log: Arc<LogSink>,
+        log_path: PathBuf,
+    ) -> Arc<Self> {
+        Arc::new(ContainerShared {
+            name,
+            image,
+            state: Mutex::new(ContainerState::Waiting(ContainerStateWaiting {
+                reason: Some("ContainerCreating".into()),
+                message: None,
+            })),
+            done: Notify::new(),
+            kill: AtomicBool::new(false),
+            cancel: CancellationToken::new(),
+            cpu_ns: AtomicU64::new(0),
+            fuel_used: AtomicU64::new(0),
+            memory_bytes: AtomicU64::new(0),
+            yielded: AtomicBool::new(false),
+            oom: AtomicBool::new(false),
+            requested_at,
+            first_instruction: OnceLock::new(),
+            abort: Mutex::new(None),
+            log,
+            log_path,
+        })
+    }
+
+    pub(crate) fn state(&self) -> ContainerState {
+        lock(&self.state).clone()
+    }
+
+    pub(crate) fn is_terminated(&self) -> bool {
+        lock(&self.state).is_terminated()
+    }
+
+    /// Time from the `run_pod` call to the first guest instruction.
+    pub(crate) fn start_latency(&self) -> Option<std::time::Duration> {
+        self.first_instruction
+            .get()
+            .map(|(t, _)| t.duration_since(self.requested_at))
+    }
+
+    /// Graceful stop: the guest ends at its next epoch tick or wake-up.
+    pub(crate) fn request_stop(&self) {
+        self.kill.store(true, Ordering::Relaxed);
+        self.cancel.cancel();
+    }
+
+    /// Forceful stop: drops the task at its next poll, whatever it awaits.
+    pub(crate) fn abort(&self) {
+        self.kill.store(true, Ordering::Relaxed);
+        if let Some(a) = lock(&self.abort).as_ref() {
+            a.abort();
+        }
+    }
+
+    /// Waits until the container has terminated or `deadline` passes; true if terminated.
+    pub(crate) async fn wait_terminated(&self, deadline: tokio::time::Instant) -> bool {
+        loop {
+            let notified = self.done.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.is_terminated() {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.is_terminated();
+            }
+        }
+    }
+
+    fn mark_running(&self) {
+        let now = (Instant::now(), SystemTime::now());
+        let _ = self.first_instruction.set(now);
+        *lock(&self.state) = ContainerState::Running(ContainerStateRunning {
+            started_at: Some(rfc3339_nanos(now.1)),
+        });
+    }
+
+    fn finish(&self, exit_code: i32, reason: &str, message: Option<String>) {
+        {
+            let mut st = lock(&self.state);
+            if st.is_terminated() {
+                return;
+            }
+            *st = ContainerState::Terminated(ContainerStateTerminated {
+                exit_code,
+                reason: Some(reason.to_owned()),
+                message,
+                started_at: self.first_instruction.get().map(|(_, t)| rfc3339_nanos(*t)),
+                finished_at: Some(rfc3339_nanos(SystemTime::now())),
+            });
+        }
+        self.log.close();
+        self.done.notify_waiters();
+    }
+}
+
+/// Everything needed to start one container.
+pub(crate) struct Launch {
+    pub(crate) pre: InstancePre<PodData>,
+    pub(crate) argv: Vec<String>,
+    pub(crate) env: Vec<(String, String)>,
+    pub(crate) cwd: Option<String>,
+    pub(crate) preopens: Vec<(PathBuf, String, FsPerms)>,
+    pub(crate) memory_limit: u64,
+    pub(crate) fuel_limit: Option<u64>,
+    pub(crate) cpu_limit_millis: Option<u64>,
+    pub(crate) shares: u64,
+}
+
+/// Releases the container's slot when its task ends, however it ends.
+struct ExitGuard {
+    shared: Arc<ContainerShared>,
+    worker: Arc<Worker>,
+    live: Arc<AtomicUsize>,
+}
+
+impl Drop for ExitGuard {
+    fn drop(&mut self) {
+        self.shared
+            .finish(EXIT_KILLED, "Error", Some("killed by the node".into()));
+        self.worker.load.fetch_sub(1, Ordering::Relaxed);
+        self.live.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+static NEXT_KEY: AtomicU64 = AtomicU64::new(1);
+
+/// Starts the container on `worker`. The caller has counted it in `live` and `worker.load`.
+pub(crate) fn spawn(
+    launch: Launch,
+    shared: Arc<ContainerShared>,
+    worker: Arc<Worker>,
+    live: Arc<AtomicUsize>,
+) {
+    let key = NEXT_KEY.fetch_add(1, Ordering::Relaxed);
+    let task_shared = shared.clone();
+    let handle = worker.handle.clone();
+    let task = async move {
+        let shared = task_shared;
+        let guard = ExitGuard {
+            shared: shared.clone(),
+            worker,
+            live,
+        };
+        let quota = launch
+            .cpu_limit_millis
+            .map(|m| Quota::new(m, Instant::now()));
+        let shares = launch.shares;
+        let guest = Governed::new(
+            run_guest(launch, shared.clone()),
+            shared.clone(),
+            quota,
+            guard.worker.sched.clone(),
+            key,
+            shares,
+        );
+        let (code, reason, message) = tokio::select! {
+            biased;
+            () = shared.cancel.cancelled() => {
+                (EXIT_STOPPED, "Error", Some("stopped by the node".to_owned()))
+            }
+            end = guest => end,
+        };
+        shared.finish(code, reason, message);
+        drop(guard);
+    };
+    let join = handle.spawn(task);
+    *lock(&shared.abort) = Some(join.abort_handle());
+}
+
+type End = (i32, &'static str, Option<String>);
+
+async fn run_guest(l: Launch, shared: Arc<ContainerShared>) -> End {
+    let mut b = WasiCtxBuilder::new();
+    b.args(&l.argv)
+        .envs(&l.env)
+        .stdout(shared.log.stdout())
+        .stderr(shared.log.stderr())
+        .allow_blocking_current_thread(true);
+    if let Some(cwd) = &l.cwd {
+        b.initial_cwd(cwd);
+    }
+    for (host, guest, perms) in &l.preopens {
+        if let Err(e) = b.preopened_dir(host, guest, *perms) {
+            return (
+                1,
+                "StartError",
+                Some(format!("cannot open volume {}: {e}", host.display())),
+            );
+        }
+    }
+    let data = PodData {
+        wasi: b.build_p1(),
+        limiter: MemLimiter {
+            limit: l.memory_limit,
+            memory: 0,
+            tables: 0,
+            shared: Some(shared.clone()),
+        },
+    };
+    let mut store = Store::new(l.pre.module().engine(), data);
+    store.limiter(|d| &mut d.limiter);
+    let initial_fuel = l.fuel_limit.unwrap_or(u64::MAX);
+    if let Err(e) = store.set_fuel(initial_fuel) {
+        return (1, "StartError", Some(format!("cannot set fuel: {e}")));
+    }
+    store.set_epoch_deadline(1);
+    let cb_shared = shared.clone();
+    store.epoch_deadline_callback(move |ctx| {
+        if cb_shared.kill.load(Ordering::Relaxed) {
+            return Err(wasmtime::Error::new(Stopped));
+        }
+        if let Ok(left) = ctx.get_fuel() {
+            cb_shared
+                .fuel_used
+                .store(initial_fuel - left, Ordering::Relaxed);
+        }
+        cb_shared.yielded.store(true, Ordering::Relaxed);
+        Ok(UpdateDeadline::Yield(1))
+    });
+    let result = async {
+        let instance = l.pre.instantiate_async(&mut store).await?;
+        let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
+        shared.mark_running();
+        start.call_async(&mut store, ()).await
+    }
+    .await;
+    if let Ok(left) = store.get_fuel() {
+        shared
+            .fuel_used
+            .store(initial_fuel - left, Ordering::Relaxed);
+    }
+    classify(result, &shared, l.memory_limit)
+}
+
+fn classify(result: wasmtime::Result<()>, shared: &ContainerShared, memory_limit: u64) -> End {
+    let oom = shared.oom.load(Ordering::Relaxed);
+    let oom_message = || Some(format!("memory limit of {memory_limit} bytes reached"));
+    let e = match result {
+        Ok(()) => return (0, "Completed", None),
+        Err(e) => e,
+    };
+    if let Some(I32Exit(code)) = e.downcast_ref::<I32Exit>() {
+        return match (*code, oom) {
+            (0, _) => (0, "Completed", None),
+            (_, true) => (EXIT_KILLED, "OOMKilled", oom_message()),
+            (c, false) => (c, "Error", None),
+        };
+    }
+    if e.is::<Stopped>() {
+        return (EXIT_STOPPED, "Error", Some("stopped by the node".into()));
+    }
+    if let Some(Trap::OutOfFuel) = e.downcast_ref::<Trap>() {
+        return (
+            EXIT_KILLED,
+            "FuelExhausted",
+            Some("fuel limit exhausted".into()),
+        );
+    }
+    if oom {
+        return (EXIT_KILLED, "OOMKilled", oom_message());
+    }
+    let mut message = match e.downcast_ref::<Trap>() {
+        Some(trap) => format!("wasm trap: {trap}"),
+        None => format!("{e}"),
+    };
+    // The chain carries the wasm backtrace; keep its first lines as the message's detail.
+    let detail = format!("{e:?}");
+    for line in detail
+        .lines()
+        .filter(|l| l.trim_start().starts_with(|c: char| c.is_ascii_digit()))
+        .take(3)
+    {
+        message.push_str("\n  ");
+        message.push_str(line.trim());
+    }
+    message.truncate(4096);
+    (EXIT_TRAP, "Error", Some(message))
+}

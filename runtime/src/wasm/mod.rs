@@ -1,0 +1,629 @@
+//! Pods as WASI preview 1 modules in wasmtime, with requests and limits enforced in the sandbox.
+//!
+//! Layout: [`image`] fetches modules into a content-addressed cache; [`modules`] compiles them
+//! once (artifacts on disk keyed by content and engine) and keeps an `InstancePre` per module;
+//! [`executor`] runs one current-thread Tokio runtime per core; [`cpu`] accounts, throttles and
+//! fair-shares CPU per container; [`container`] builds the store and classifies how a guest
+//! ended; [`logs`] writes the CRI log files.
+//!
+//! One `Engine` per node with epoch interruption (a 1 ms ticker thread) and fuel metering; the
+//! pooling allocator is sized to [`WasmRuntimeConfig::max_pods`], and pods past it are refused.
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use api::pod::{Container, PodSpec};
+use wasmtime::{Engine, InstanceAllocationStrategy, InstancePre, PoolingAllocationConfig};
+use wasmtime_wasi::FsPerms;
+
+use crate::pod_runtime::{
+    ContainerStats, ContainerStatus, PodConfig, PodId, PodRuntime, PodStats, PodStatus,
+    RuntimeError, SandboxState,
+};
+
+mod container;
+mod cpu;
+mod executor;
+mod image;
+mod logs;
+mod modules;
+pub(crate) mod time;
+
+use container::{ContainerShared, Launch, PodData};
+
+/// Annotation: fuel (executed wasm instructions) budget for every container of the pod.
+pub const FUEL_LIMIT_ANNOTATION: &str = "flotilla.dev/fuel-limit";
+
+/// Settings of a [`WasmRuntime`].
+#[derive(Debug, Clone)]
+pub struct WasmRuntimeConfig {
+    /// Node state: image cache, compiled modules, pod volumes and logs.
+    pub root_dir: PathBuf,
+    /// Most containers alive at once; sizes the pooling allocator. Pods past it are refused.
+    pub max_pods: u32,
+    /// Modules larger than this are refused.
+    pub max_module_bytes: u64,
+    /// Largest linear memory a container may have; also the limit of containers without
+    /// `limits.memory`.
+    pub max_memory_bytes: u64,
+    /// Executor threads (one current-thread runtime each); 0 means one per core.
+    pub executor_threads: usize,
+    /// Epoch tick: the time slice and the granularity of stops and throttling.
+    pub epoch_tick: Duration,
+    /// Rotate a container log past this size.
+    pub log_max_bytes: u64,
+    /// Log files kept per container, the current one included.
+    pub log_max_files: u32,
+}
+
+impl WasmRuntimeConfig {
+    /// Defaults: 1024 pods, 100 MiB modules, 1 GiB memory, a thread per core, 1 ms ticks,
+    /// 10 MiB × 5 log files.
+    pub fn new(root_dir: impl Into<PathBuf>) -> Self {
+        WasmRuntimeConfig {
+            root_dir: root_dir.into(),
+            max_pods: 1024,
+            max_module_bytes: 100 << 20,
+            max_memory_bytes: 1 << 30,
+            executor_threads: 0,
+            epoch_tick: Duration::from_millis(1),
+            log_max_bytes: 10 << 20,
+            log_max_files: 5,
+        }
+    }
+}
+
+struct WasmPod {
+    id: PodId,
+    name: String,
+    namespace: String,
+    dir: PathBuf,
+    containers: Vec<Arc<ContainerShared>>,
+}
+
+struct Inner {
+    config: WasmRuntimeConfig,
+    images: image::ImageStore,
+    modules: modules::Modules,
+    executors: executor::Executors,
+    pods: Mutex<HashMap<PodId, Arc<WasmPod>>>,
+    live: Arc<AtomicUsize>,
+    next_id: AtomicU64,
+    ticker_stop: Arc<AtomicBool>,
+    ticker: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.ticker_stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self
+            .ticker
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+        {
+            let _ = t.join();
+        }
+        self.executors.shutdown();
+    }
+}
+
+/// The wasm [`PodRuntime`]. Cheap to clone; dropping the last clone stops every pod.
+#[derive(Clone)]
+pub struct WasmRuntime {
+    inner: Arc<Inner>,
+}
+
+/// Memory mappings the node needs for `max_pods` (wasmtime-notes §8: pooling ≈ 2.5 per slot up
+/// front plus ≈ 3.5 per live pod), with headroom for the rest of the process.
+fn mappings_needed(max_pods: u32) -> u64 {
+    4096 + 7 * u64::from(max_pods)
+}
+
+fn check_map_count(max_pods: u32) -> Result<(), RuntimeError> {
+    let Some(limit) = read_max_map_count() else {
+        return Ok(());
+    };
+    let used = std::fs::read_to_string("/proc/self/maps")
+        .map(|s| s.lines().count() as u64)
+        .unwrap_or(0);
+    let need = used + mappings_needed(max_pods);
+    if need > limit {
+        return Err(RuntimeError::Config(format!(
+            "{max_pods} pods need about {need} memory mappings but vm.max_map_count is {limit}; \
+             raise it (as root: `sysctl -w vm.max_map_count={}`) or lower max_pods to {}",
+            need.next_power_of_two(),
+            limit.saturating_sub(used + 4096) / 7
+        )));
+    }
+    Ok(())
+}
+
+/// Current `vm.max_map_count`, if readable.
+pub fn read_max_map_count() -> Option<u64> {
+    std::fs::read_to_string("/proc/sys/vm/max_map_count")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+impl WasmRuntime {
+    /// Builds the engine, pool, executors and epoch ticker; checks `vm.max_map_count`.
+    pub fn new(config: WasmRuntimeConfig) -> Result<Self, RuntimeError> {
+        if config.max_pods == 0 {
+            return Err(RuntimeError::Config("max_pods must be at least 1".into()));
+        }
+        check_map_count(config.max_pods)?;
+        let mut pool = PoolingAllocationConfig::new();
+        pool.total_core_instances(config.max_pods)
+            .total_memories(config.max_pods)
+            .total_tables(config.max_pods)
+            .total_stacks(config.max_pods)
+            .max_memory_size(usize::try_from(config.max_memory_bytes).unwrap_or(usize::MAX));
+        let mut wc = wasmtime::Config::new();
+        wc.epoch_interruption(true)
+            .consume_fuel(true)
+            .parallel_compilation(true)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let engine = Engine::new(&wc)
+            .map_err(|e| RuntimeError::Config(format!("cannot create the wasm engine: {e:#}")))?;
+        let root = &config.root_dir;
+        // Pods do not survive the node agent: start from a clean pods directory.
+        let pods_dir = root.join("pods");
+        let _ = std::fs::remove_dir_all(&pods_dir);
+        std::fs::create_dir_all(&pods_dir).map_err(|e| {
+            RuntimeError::Config(format!("cannot create {}: {e}", pods_dir.display()))
+        })?;
+        let images = image::ImageStore::new(root.join("images/sha256"), config.max_module_bytes)?;
+        let modules = modules::Modules::new(engine.clone(), root.join("modules"))?;
+        let threads = match config.executor_threads {
+            0 => std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            n => n,
+        };
+        let executors = executor::Executors::new(threads)?;
+        let ticker_stop = Arc::new(AtomicBool::new(false));
+        let ticker = {
+            let engine = engine.clone();
+            let stop = ticker_stop.clone();
+            let tick = config.epoch_tick;
+            std::thread::Builder::new()
+                .name("flotilla-epoch".into())
+                .spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        std::thread::sleep(tick);
+                        engine.increment_epoch();
+                    }
+                })
+                .map_err(|e| RuntimeError::Config(format!("cannot spawn the epoch ticker: {e}")))?
+        };
+        Ok(WasmRuntime {
+            inner: Arc::new(Inner {
+                config,
+                images,
+                modules,
+                executors,
+                pods: Mutex::new(HashMap::new()),
+                live: Arc::new(AtomicUsize::new(0)),
+                next_id: AtomicU64::new(1),
+                ticker_stop,
+                ticker: Mutex::new(Some(ticker)),
+            }),
+        })
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &WasmRuntimeConfig {
+        &self.inner.config
+    }
+
+    /// Containers currently holding a pool slot.
+    pub fn live_containers(&self) -> usize {
+        self.inner.live.load(Ordering::Relaxed)
+    }
+
+    /// Number of executor threads.
+    pub fn executor_threads(&self) -> usize {
+        self.inner.executors.len()
+    }
+
+    /// CPU time consumed so far by the executor threads (from `/proc/self/task/*/schedstat`),
+    /// i.e. by guests plus the runtime's own per-slice work: an independent check of the
+    /// per-container accounting.
+    pub fn executor_cpu_ns(&self) -> u64 {
+        self.inner.executors.cpu_ns()
+    }
+
+    /// Fetches and compiles an image ahead of time (what `run_pod` does on a cold image).
+    pub async fn pull(&self, image: &str) -> Result<(), RuntimeError> {
+        self.prepare(image).await.map(|_| ())
+    }
+
+    async fn prepare(&self, image: &str) -> Result<InstancePre<PodData>, RuntimeError> {
+        let inner = &self.inner;
+        if let Some((digest, _)) = inner.images.cached(image)
+            && let Some(pre) = inner.modules.get(&digest)
+        {
+            return Ok(pre);
+        }
+        let inner = self.inner.clone();
+        let image = image.to_owned();
+        // Fetching, hashing and Cranelift are blocking and CPU-heavy: keep them off the reactor.
+        tokio::task::spawn_blocking(move || {
+            let (digest, path) = inner.images.pull(&image)?;
+            inner.modules.prepare(&image, &digest, &path)
+        })
+        .await
+        .map_err(|e| RuntimeError::Internal(format!("image preparation task failed: {e}")))?
+    }
+
+    fn pod(&self, id: &PodId) -> Option<Arc<WasmPod>> {
+        self.inner
+            .pods
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(id)
+            .cloned()
+    }
+
+    fn launch(
+        &self,
+        pod: &PodConfig,
+        c: &Container,
+        pre: InstancePre<PodData>,
+        pod_dir: &Path,
+    ) -> Result<Launch, RuntimeError> {
+        let cfg = &self.inner.config;
+        let res = &c.resources;
+        let memory_limit = res.memory_limit_bytes()?.unwrap_or(cfg.max_memory_bytes);
+        if memory_limit > cfg.max_memory_bytes {
+            return Err(RuntimeError::InvalidSpec(format!(
+                "container {:?}: limits.memory {memory_limit} exceeds the node's per-pod maximum of {}",
+                c.name, cfg.max_memory_bytes
+            )));
+        }
+        let cpu_limit_millis = res.cpu_limit_millis()?;
+        if cpu_limit_millis == Some(0) {
+            return Err(RuntimeError::InvalidSpec(format!(
+                "container {:?}: limits.cpu is 0",
+                c.name
+            )));
+        }
+        // API defaulting copies limits into unset requests; do the same for the share weight.
+        let request = res.cpu_request_millis()?.or(cpu_limit_millis);
+        let fuel_limit = fuel_limit(&pod.annotations, &c.name)?;
+        let mut argv = if c.command.is_empty() {
+            vec![c.name.clone()]
+        } else {
+            c.command.clone()
+        };
+        argv.extend(c.args.iter().cloned());
+        let mut env: Vec<(String, String)> = c
+            .env
+            .iter()
+            .map(|e| (e.name.clone(), e.value.clone()))
+            .collect();
+        if let Some(wd) = &c.working_dir {
+            env.push(("PWD".into(), wd.clone()));
+        }
+        let mut preopens = Vec::new();
+        for m in &c.volume_mounts {
+            let v = pod
+                .spec
+                .volumes
+                .iter()
+                .find(|v| v.name == m.name)
+                .ok_or_else(|| {
+                    RuntimeError::InvalidSpec(format!(
+                        "container {:?} mounts unknown volume {:?}",
+                        c.name, m.name
+                    ))
+                })?;
+            let (host, writable_default) = match (&v.empty_dir, &v.host_path) {
+                (Some(_), None) => (pod_dir.join("volumes").join(&v.name), true),
+                (None, Some(h)) => (PathBuf::from(&h.path), false),
+                _ => {
+                    return Err(RuntimeError::InvalidSpec(format!(
+                        "volume {:?}: exactly one of emptyDir and hostPath is supported",
+                        v.name
+                    )));
+                }
+            };
+            let writable = !m.read_only.unwrap_or(!writable_default);
+            let perms = if writable {
+                FsPerms::ReadWrite
+            } else {
+                FsPerms::ReadOnly
+            };
+            preopens.push((host, m.mount_path.clone(), perms));
+        }
+        Ok(Launch {
+            pre,
+            argv,
+            env,
+            cwd: c.working_dir.clone(),
+            preopens,
+            memory_limit,
+            fuel_limit,
+            cpu_limit_millis,
+            shares: cpu::shares(request),
+        })
+    }
+}
+
+fn fuel_limit(
+    annotations: &BTreeMap<String, String>,
+    container: &str,
+) -> Result<Option<u64>, RuntimeError> {
+    let specific = format!("{FUEL_LIMIT_ANNOTATION}.{container}");
+    let Some(v) = annotations
+        .get(&specific)
+        .or_else(|| annotations.get(FUEL_LIMIT_ANNOTATION))
+    else {
+        return Ok(None);
+    };
+    let clean: String = v.chars().filter(|c| *c != '_').collect();
+    clean.trim().parse::<u64>().map(Some).map_err(|_| {
+        RuntimeError::InvalidSpec(format!(
+            "annotation {FUEL_LIMIT_ANNOTATION}: {v:?} is not a whole number"
+        ))
+    })
+}
+
+fn validate(spec: &PodSpec) -> Result<(), RuntimeError> {
+    if spec.containers.is_empty() {
+        return Err(RuntimeError::InvalidSpec("pod has no containers".into()));
+    }
+    if !spec.init_containers.is_empty() {
+        return Err(RuntimeError::InvalidSpec(
+            "the wasm runtime does not run init containers yet".into(),
+        ));
+    }
+    let mut names = HashSet::new();
+    for c in &spec.containers {
+        if c.name.is_empty() || !names.insert(c.name.as_str()) {
+            return Err(RuntimeError::InvalidSpec(format!(
+                "container name {:?} is empty or repeated",
+                c.name
+            )));
+        }
+        if c.name.contains('/') || c.name.contains("..") {
+            return Err(RuntimeError::InvalidSpec(format!(
+                "container name {:?} is not a DNS label",
+                c.name
+            )));
+        }
+    }
+    for v in &spec.volumes {
+        if v.name.contains('/') || v.name.contains("..") || v.name.is_empty() {
+            return Err(RuntimeError::InvalidSpec(format!(
+                "volume name {:?} is not a DNS label",
+                v.name
+            )));
+        }
+    }
+    Ok(())
+}
+
+impl PodRuntime for WasmRuntime {
+    fn name(&self) -> &'static str {
+        "wasm"
+    }
+
+    async fn run_pod(&self, pod: &PodConfig) -> Result<PodId, RuntimeError> {
+        let requested_at = Instant::now();
+        validate(&pod.spec)?;
+        let n = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let id = PodId(format!("wasm-{n}"));
+        let pod_dir = self.inner.config.root_dir.join("pods").join(&id.0);
+        let mut launches = Vec::with_capacity(pod.spec.containers.len());
+        for c in &pod.spec.containers {
+            let pre = self.prepare(&c.image).await?;
+            launches.push(self.launch(pod, c, pre, &pod_dir)?);
+        }
+        let want = launches.len();
+        let cap = self.inner.config.max_pods as usize;
+        let reserved = self
+            .inner
+            .live
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |live| {
+                (live + want <= cap).then_some(live + want)
+            });
+        if let Err(live) = reserved {
+            return Err(RuntimeError::AtCapacity(format!(
+                "{live} of {cap} wasm containers are running (max_pods); pod {:?} needs {want} more",
+                pod.name
+            )));
+        }
+        if pod.spec.volumes.iter().any(|v| v.empty_dir.is_some()) {
+            for v in pod.spec.volumes.iter().filter(|v| v.empty_dir.is_some()) {
+                if let Err(e) = std::fs::create_dir_all(pod_dir.join("volumes").join(&v.name)) {
+                    self.inner.live.fetch_sub(want, Ordering::AcqRel);
+                    return Err(RuntimeError::Internal(format!(
+                        "cannot create emptyDir {:?}: {e}",
+                        v.name
+                    )));
+                }
+            }
+        }
+        let policy = logs::LogPolicy {
+            max_bytes: self.inner.config.log_max_bytes,
+            max_files: self.inner.config.log_max_files,
+        };
+        let shared: Vec<Arc<ContainerShared>> = pod
+            .spec
+            .containers
+            .iter()
+            .map(|c| {
+                let log_path = pod_dir.join("logs").join(&c.name).join("0.log");
+                let sink = logs::LogSink::new(log_path.clone(), policy.clone());
+                ContainerShared::new(
+                    c.name.clone(),
+                    c.image.clone(),
+                    requested_at,
+                    sink,
+                    log_path,
+                )
+            })
+            .collect();
+        let entry = Arc::new(WasmPod {
+            id: id.clone(),
+            name: pod.name.clone(),
+            namespace: pod.namespace.clone(),
+            dir: pod_dir,
+            containers: shared.clone(),
+        });
+        self.inner
+            .pods
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(id.clone(), entry);
+        for (launch, s) in launches.into_iter().zip(shared) {
+            let worker = self.inner.executors.place();
+            container::spawn(launch, s, worker, self.inner.live.clone());
+        }
+        Ok(id)
+    }
+
+    async fn stop_pod(&self, id: &PodId, grace: Duration) -> Result<(), RuntimeError> {
+        let Some(pod) = self.pod(id) else {
+            return Ok(());
+        };
+        for c in &pod.containers {
+            c.request_stop();
+        }
+        let deadline = tokio::time::Instant::now() + grace;
+        for c in &pod.containers {
+            if !c.wait_terminated(deadline).await {
+                c.abort();
+            }
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        for c in &pod.containers {
+            if !c.wait_terminated(deadline).await {
+                return Err(RuntimeError::Internal(format!(
+                    "container {:?} of pod {id} did not stop after being aborted",
+                    c.name
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    async fn remove_pod(&self, id: &PodId) -> Result<(), RuntimeError> {
+        let Some(pod) = self.pod(id) else {
+            return Ok(());
+        };
+        self.stop_pod(id, Duration::ZERO).await?;
+        self.inner
+            .pods
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(id);
+        let dir = pod.dir.clone();
+        if dir.exists() {
+            tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&dir))
+                .await
+                .map_err(|e| RuntimeError::Internal(format!("cleanup task failed: {e}")))?
+                .map_err(|e| RuntimeError::Internal(format!("cannot remove pod directory: {e}")))?;
+        }
+        Ok(())
+    }
+
+    async fn pod_status(&self, id: &PodId) -> Result<PodStatus, RuntimeError> {
+        let pod = self
+            .pod(id)
+            .ok_or_else(|| RuntimeError::NotFound(id.clone()))?;
+        Ok(status_of(&pod))
+    }
+
+    async fn list_pods(&self) -> Result<Vec<PodStatus>, RuntimeError> {
+        let pods: Vec<Arc<WasmPod>> = self
+            .inner
+            .pods
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect();
+        Ok(pods.iter().map(|p| status_of(p)).collect())
+    }
+
+    async fn logs(&self, id: &PodId, container: &str) -> Result<String, RuntimeError> {
+        let pod = self
+            .pod(id)
+            .ok_or_else(|| RuntimeError::NotFound(id.clone()))?;
+        let c = pod
+            .containers
+            .iter()
+            .find(|c| c.name == container)
+            .ok_or_else(|| RuntimeError::ContainerNotFound {
+                pod: id.clone(),
+                container: container.to_owned(),
+            })?;
+        let path = c.log_path.clone();
+        let files = self.inner.config.log_max_files;
+        tokio::task::spawn_blocking(move || logs::read_all(&path, files))
+            .await
+            .map_err(|e| RuntimeError::Internal(format!("log read task failed: {e}")))?
+            .map_err(|e| RuntimeError::Internal(format!("cannot read log: {e}")))
+    }
+
+    async fn stats(&self, id: &PodId) -> Result<PodStats, RuntimeError> {
+        let pod = self
+            .pod(id)
+            .ok_or_else(|| RuntimeError::NotFound(id.clone()))?;
+        Ok(PodStats {
+            containers: pod
+                .containers
+                .iter()
+                .map(|c| ContainerStats {
+                    name: c.name.clone(),
+                    cpu_ns: c.cpu_ns.load(Ordering::Relaxed),
+                    instructions: Some(c.fuel_used.load(Ordering::Relaxed)),
+                    memory_bytes: c.memory_bytes.load(Ordering::Relaxed),
+                    start_latency: c.start_latency(),
+                })
+                .collect(),
+        })
+    }
+}
+
+fn status_of(pod: &WasmPod) -> PodStatus {
+    let containers: Vec<ContainerStatus> = pod
+        .containers
+        .iter()
+        .map(|c| ContainerStatus {
+            name: c.name.clone(),
+            image: c.image.clone(),
+            state: c.state(),
+        })
+        .collect();
+    let ready = containers.iter().any(|c| !c.state.is_terminated());
+    PodStatus {
+        id: pod.id.clone(),
+        name: pod.name.clone(),
+        namespace: pod.namespace.clone(),
+        state: if ready {
+            SandboxState::Ready
+        } else {
+            SandboxState::NotReady
+        },
+        containers,
+    }
+}
+
+/// Paths of the `wasm-examples` guests built for this crate by its build script.
+pub mod guests {
+    use std::path::PathBuf;
+
+    /// The built guest `name` (`hello`, `exit_code`, `spinner`, `memory_hog`, `sleeper`,
+    /// `log_spammer`, `file_writer`, `upper`).
+    pub fn path(name: &str) -> PathBuf {
+        PathBuf::from(env!("FLOTILLA_GUESTS_DIR")).join(format!("{name}.wasm"))
+    }
+}
