@@ -18,7 +18,7 @@
 //!
 //! # Example
 //!
-//! ```ignore
+//! ```no_run
 //! # async fn demo() -> Result<(), store::StoreError> {
 //! let handle = store::Node::start(store::StoreConfig::default()).await?;
 //! println!("serving etcd v3 on {}", handle.client_addr());
@@ -28,16 +28,24 @@
 //! ```
 #![warn(missing_docs)]
 
+mod batcher;
 mod config;
 mod error;
+mod lessor;
 mod log_store;
 mod mvcc;
+mod network;
+mod node;
+mod read_index;
+mod service;
 mod state_machine;
 mod types;
 
 pub use config::{ClusterState, ConfigError, StoreConfig, Tunables};
 pub use error::StoreError;
 pub use log_store::SledLogStore;
+pub use network::TonicNetworkFactory;
+pub use node::{Node, NodeHandle, NodeMetrics};
 pub use state_machine::SledStateMachine;
 pub use types::{Member, TypeConfig};
 

@@ -158,14 +158,6 @@ impl Mvcc {
         self.size
     }
 
-    /// Number of live keys.
-    pub(crate) fn key_count(&self) -> usize {
-        self.keys
-            .values()
-            .filter(|v| v.last().is_some_and(|v| v.kv.is_some()))
-            .count()
-    }
-
     fn latest(&self, key: &[u8]) -> Option<&KeyValue> {
         self.keys.get(key)?.last()?.kv.as_ref()
     }

@@ -74,6 +74,12 @@ impl Shared {
     fn write(&self) -> RwLockWriteGuard<'_, SmState> {
         self.state.write().unwrap_or_else(|p| p.into_inner())
     }
+    /// Flushes sled (on shutdown).
+    pub(crate) fn flush(&self) {
+        if let Err(e) = self.db.flush() {
+            tracing::warn!(error = %e, "flush on shutdown failed");
+        }
+    }
     /// Bytes sled uses on disk.
     pub(crate) fn db_size(&self) -> u64 {
         self.db.size_on_disk().unwrap_or(0)

@@ -1,0 +1,121 @@
+//! Group commit: packs concurrent write requests into one Raft entry.
+//!
+//! openraft 0.9 waits for one leader log flush per entry, so one entry per request would cap
+//! throughput at one request per fsync. The batcher keeps at most `MAX_IN_FLIGHT` entries in
+//! flight and, while they commit, gathers the requests that arrive into the next entry, as
+//! etcd does.
+use std::sync::Arc;
+
+use openraft::Raft;
+use openraft::error::{ClientWriteError, RaftError};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::error::EtcdError;
+use crate::types::{Reply, Request, TypeConfig, WriteOp};
+
+const MAX_IN_FLIGHT: usize = 2;
+
+type Pending = (WriteOp, oneshot::Sender<Result<Reply, EtcdError>>);
+
+/// Handle to submit writes to the local Raft leader.
+#[derive(Debug, Clone)]
+pub(crate) struct Batcher {
+    tx: mpsc::Sender<Pending>,
+}
+
+impl Batcher {
+    /// Starts the batching task; it ends when `cancel` fires.
+    pub(crate) fn spawn(
+        raft: Raft<TypeConfig>,
+        max_batch_ops: usize,
+        cancel: CancellationToken,
+        tracker: &tokio_util::task::TaskTracker,
+    ) -> Self {
+        let (tx, rx) = mpsc::channel(4096);
+        tracker.spawn(run(raft, rx, max_batch_ops.max(1), cancel, tracker.clone()));
+        Self { tx }
+    }
+
+    /// Proposes `op` (this member must be the leader). `NotLeader` means the op was not
+    /// appended and may be retried elsewhere.
+    pub(crate) async fn submit(&self, op: WriteOp) -> Result<Reply, EtcdError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send((op, tx))
+            .await
+            .map_err(|_| EtcdError::Stopped)?;
+        rx.await.map_err(|_| EtcdError::Stopped)?
+    }
+}
+
+async fn run(
+    raft: Raft<TypeConfig>,
+    mut rx: mpsc::Receiver<Pending>,
+    max_batch_ops: usize,
+    cancel: CancellationToken,
+    tracker: tokio_util::task::TaskTracker,
+) {
+    let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    loop {
+        let permit = tokio::select! {
+            _ = cancel.cancelled() => return,
+            p = permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+        };
+        let first = tokio::select! {
+            _ = cancel.cancelled() => return,
+            m = rx.recv() => match m {
+                Some(m) => m,
+                None => return,
+            },
+        };
+        let mut batch = vec![first];
+        while batch.len() < max_batch_ops {
+            match rx.try_recv() {
+                Ok(m) => batch.push(m),
+                Err(_) => break,
+            }
+        }
+        let raft = raft.clone();
+        tracker.spawn(async move {
+            let _permit = permit;
+            let (ops, waiters): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+            let n = ops.len();
+            match raft.client_write(Request { ops }).await {
+                Ok(resp) => {
+                    let replies = resp.data.replies;
+                    if replies.len() != n {
+                        for w in waiters {
+                            let _ =
+                                w.send(Err(EtcdError::Internal("reply count mismatch".to_owned())));
+                        }
+                        return;
+                    }
+                    for (w, r) in waiters.into_iter().zip(replies) {
+                        let _ = w.send(Ok(r));
+                    }
+                }
+                Err(e) => {
+                    let err = match e {
+                        RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => {
+                            EtcdError::NotLeader
+                        }
+                        RaftError::APIError(ClientWriteError::ChangeMembershipError(_)) => {
+                            EtcdError::Internal("unexpected membership error".to_owned())
+                        }
+                        RaftError::Fatal(f) => {
+                            tracing::error!(error = %f, "raft stopped");
+                            EtcdError::Stopped
+                        }
+                    };
+                    for w in waiters {
+                        let _ = w.send(Err(err.clone()));
+                    }
+                }
+            }
+        });
+    }
+}

@@ -1,0 +1,823 @@
+//! Starting, running and stopping one store member.
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use openraft::error::{ClientWriteError, InitializeError, RaftError};
+use openraft::network::RaftNetworkFactory;
+use openraft::storage::RaftLogStorage;
+use openraft::{ChangeMembers, Raft, ServerState, SnapshotPolicy};
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::batcher::Batcher;
+use crate::config::{ClusterState, StoreConfig, Tunables, cluster_id, member_id};
+use crate::error::{EtcdError, StoreError};
+use crate::lessor::Lessor;
+use crate::log_store::SledLogStore;
+use crate::network::{TonicNetworkFactory, peer_channel};
+use crate::pb::etcdserverpb::ResponseHeader;
+use crate::pb::raftpb::RaftBytes;
+use crate::pb::raftpb::raft_peer_client::RaftPeerClient;
+use crate::read_index::{ReadQueue, Reads, resolve};
+use crate::service;
+use crate::state_machine::{Shared, SledStateMachine};
+use crate::types::{Member, Reply, TypeConfig, WriteOp, decode, encode};
+
+/// Requests only the leader can serve; followers forward them over the peer service.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) enum ForwardRequest {
+    Write(WriteOp),
+    ReadIndex,
+    LeaseKeepAlive(i64),
+    LeaseTimeToLive(i64),
+    MemberAdd {
+        peer_url: String,
+        learner: bool,
+    },
+    MemberRemove(u64),
+    MemberPromote(u64),
+    Publish {
+        id: u64,
+        name: String,
+        client_url: String,
+    },
+}
+
+/// Leader answers to [`ForwardRequest`]s.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) enum ForwardResponse {
+    Write(Reply),
+    ReadIndex(u64),
+    /// Remaining TTL in seconds.
+    Ttl(i64),
+    MemberAdded(u64),
+    Done,
+}
+
+/// Entry point for starting a member.
+#[derive(Debug)]
+pub struct Node;
+
+/// A point-in-time view of a member's Raft state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeMetrics {
+    /// This member's id.
+    pub id: u64,
+    /// Current leader as this member knows it.
+    pub leader: Option<u64>,
+    /// Current Raft term.
+    pub term: u64,
+    /// Index of the last applied log entry.
+    pub last_applied: u64,
+    /// Current store revision.
+    pub revision: i64,
+    /// Voter ids of the current membership.
+    pub voters: BTreeSet<u64>,
+    /// Learner ids of the current membership.
+    pub learners: BTreeSet<u64>,
+}
+
+/// State shared by the services and background tasks of one member.
+pub(crate) struct Inner {
+    pub(crate) id: u64,
+    pub(crate) name: String,
+    pub(crate) cluster_id: u64,
+    pub(crate) token: String,
+    pub(crate) client_url: String,
+    pub(crate) raft: Raft<TypeConfig>,
+    pub(crate) sm: Arc<Shared>,
+    pub(crate) tunables: Tunables,
+    pub(crate) nospace: AtomicBool,
+    pub(crate) cancel: CancellationToken,
+    pub(crate) tracker: TaskTracker,
+    batcher: Batcher,
+    reads: Reads,
+    lessor: Lessor,
+    peers: Mutex<HashMap<String, RaftPeerClient<tonic::transport::Channel>>>,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inner")
+            .field("id", &self.id)
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A running member. Dropping it does not stop the member: call [`NodeHandle::shutdown`].
+#[derive(Debug, Clone)]
+pub struct NodeHandle {
+    inner: Arc<Inner>,
+    client_addr: SocketAddr,
+    peer_addr: SocketAddr,
+}
+
+async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, StoreError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StoreError::Bind { addr, what, source })
+}
+
+fn open_db(path: &std::path::Path) -> Result<sled::Db, StoreError> {
+    // Right after an in-process restart the previous instance's file lock may linger briefly.
+    let mut attempts = 0;
+    loop {
+        let res = sled::Config::new()
+            .path(path)
+            .cache_capacity(128 * 1024 * 1024)
+            .open();
+        match res {
+            Ok(db) => return Ok(db),
+            Err(sled::Error::Io(e))
+                if attempts < 30 && e.kind() == std::io::ErrorKind::WouldBlock =>
+            {
+                attempts += 1;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(source) => {
+                return Err(StoreError::Open {
+                    path: path.to_path_buf(),
+                    source,
+                });
+            }
+        }
+    }
+}
+
+/// Checks (or records, on first start) which member and cluster the data dir belongs to.
+fn check_identity(db: &sled::Db, config: &StoreConfig) -> Result<(), StoreError> {
+    let open_err = |source| StoreError::Open {
+        path: config.data_dir.clone(),
+        source,
+    };
+    let t = db.open_tree("identity").map_err(open_err)?;
+    let get = |k: &str| -> Result<Option<String>, StoreError> {
+        Ok(t.get(k)
+            .map_err(open_err)?
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    };
+    match (get("name")?, get("token")?) {
+        (Some(name), Some(token)) => {
+            if name != config.name || token != config.initial_cluster_token {
+                return Err(StoreError::IdentityMismatch {
+                    path: config.data_dir.clone(),
+                    found_member: name,
+                    found_cluster: token,
+                    want_member: config.name.clone(),
+                    want_cluster: config.initial_cluster_token.clone(),
+                });
+            }
+        }
+        _ => {
+            t.insert("name", config.name.as_bytes()).map_err(open_err)?;
+            t.insert("token", config.initial_cluster_token.as_bytes())
+                .map_err(open_err)?;
+            t.flush().map_err(open_err)?;
+        }
+    }
+    Ok(())
+}
+
+impl Node {
+    /// Binds the configured addresses and starts the member.
+    pub async fn start(config: StoreConfig) -> Result<NodeHandle, StoreError> {
+        let client = bind(config.listen_client_addr, "client").await?;
+        let peer = bind(config.listen_peer_addr, "peer").await?;
+        Self::start_with_listeners(config, client, peer).await
+    }
+
+    /// Starts the member on already-bound listeners (tests bind port 0 first).
+    pub async fn start_with_listeners(
+        config: StoreConfig,
+        client: TcpListener,
+        peer: TcpListener,
+    ) -> Result<NodeHandle, StoreError> {
+        let network = TonicNetworkFactory::new(config.tunables.max_request_bytes * 4);
+        Self::start_with(config, client, peer, network).await
+    }
+
+    /// Starts the member with a caller-provided Raft transport (for fault injection).
+    pub async fn start_with<N>(
+        config: StoreConfig,
+        client: TcpListener,
+        peer: TcpListener,
+        network: N,
+    ) -> Result<NodeHandle, StoreError>
+    where
+        N: RaftNetworkFactory<TypeConfig>,
+    {
+        config.validate()?;
+        let client_addr = client.local_addr().map_err(|source| StoreError::Bind {
+            addr: config.listen_client_addr,
+            what: "client",
+            source,
+        })?;
+        let peer_addr = peer.local_addr().map_err(|source| StoreError::Bind {
+            addr: config.listen_peer_addr,
+            what: "peer",
+            source,
+        })?;
+        std::fs::create_dir_all(&config.data_dir).map_err(|e| StoreError::Open {
+            path: config.data_dir.clone(),
+            source: sled::Error::Io(e),
+        })?;
+        let db = open_db(&config.data_dir)?;
+        check_identity(&db, &config)?;
+        let mut log = SledLogStore::new(&db).map_err(|source| StoreError::Open {
+            path: config.data_dir.clone(),
+            source,
+        })?;
+        let sm = SledStateMachine::open(&db)?;
+        let raft_err = |e: &dyn std::fmt::Display| StoreError::Raft(e.to_string());
+        let fresh = {
+            let state = log.get_log_state().await.map_err(|e| raft_err(&e))?;
+            let vote = log.read_vote().await.map_err(|e| raft_err(&e))?;
+            state.last_log_id.is_none() && vote.is_none()
+        };
+
+        let my_peer_url = config.peer_url();
+        let id = member_id(&config.initial_cluster_token, &my_peer_url);
+        let t = &config.tunables;
+        let election_ms = t.election_timeout.as_millis() as u64;
+        let raft_config = openraft::Config {
+            cluster_name: config.initial_cluster_token.clone(),
+            heartbeat_interval: t.heartbeat_interval.as_millis() as u64,
+            election_timeout_min: election_ms,
+            election_timeout_max: election_ms * 2,
+            install_snapshot_timeout: election_ms.max(1000),
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(t.snapshot_count),
+            max_in_snapshot_log_to_keep: t.snapshot_catchup_entries,
+            snapshot_max_chunk_size: 1024 * 1024,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| raft_err(&e))?;
+        let shared = sm.shared();
+        let raft = Raft::new(id, Arc::new(raft_config), network, log, sm)
+            .await
+            .map_err(|e| raft_err(&e))?;
+
+        let cancel = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let batcher = Batcher::spawn(raft.clone(), t.max_batch_ops, cancel.clone(), &tracker);
+        let inner = Arc::new(Inner {
+            id,
+            name: config.name.clone(),
+            cluster_id: cluster_id(&config.initial_cluster_token),
+            token: config.initial_cluster_token.clone(),
+            client_url: config.client_url(),
+            raft: raft.clone(),
+            sm: shared,
+            tunables: config.tunables.clone(),
+            nospace: AtomicBool::new(false),
+            cancel: cancel.clone(),
+            tracker: tracker.clone(),
+            batcher,
+            reads: Arc::new(ReadQueue::default()),
+            lessor: Lessor::default(),
+            peers: Mutex::new(HashMap::new()),
+        });
+
+        service::serve(inner.clone(), client, peer);
+
+        if fresh && config.initial_cluster_state == ClusterState::New {
+            let members: BTreeMap<u64, Member> = config
+                .initial_cluster
+                .iter()
+                .map(|(name, url)| {
+                    (
+                        member_id(&config.initial_cluster_token, url),
+                        Member {
+                            name: name.clone(),
+                            peer_url: url.clone(),
+                            client_url: String::new(),
+                            promote_when_ready: false,
+                        },
+                    )
+                })
+                .collect();
+            tracing::info!(member = %config.name, id = format_args!("{id:x}"), size = members.len(), "bootstrapping a new cluster");
+            match raft.initialize(members).await {
+                Ok(()) => {}
+                Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {}
+                Err(e) => return Err(raft_err(&e)),
+            }
+        } else if fresh {
+            tracing::info!(member = %config.name, id = format_args!("{id:x}"), "joining an existing cluster; waiting for the leader");
+        } else {
+            tracing::info!(member = %config.name, id = format_args!("{id:x}"), "restarting from {}", config.data_dir.display());
+        }
+
+        tracker.spawn(read_loop(inner.clone()));
+        tracker.spawn(leader_loop(inner.clone()));
+        tracker.spawn(log_leadership(inner.clone()));
+        tracker.spawn(publish_loop(inner.clone()));
+
+        Ok(NodeHandle {
+            inner,
+            client_addr,
+            peer_addr,
+        })
+    }
+}
+
+impl NodeHandle {
+    /// Address serving the etcd v3 API.
+    pub fn client_addr(&self) -> SocketAddr {
+        self.client_addr
+    }
+
+    /// Address serving Raft traffic.
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.peer_addr
+    }
+
+    /// This member's id (as shown by `etcdctl member list`).
+    pub fn id(&self) -> u64 {
+        self.inner.id
+    }
+
+    /// Current Raft view of this member.
+    pub fn metrics(&self) -> NodeMetrics {
+        let m = self.inner.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        NodeMetrics {
+            id: self.inner.id,
+            leader: m.current_leader,
+            term: m.current_term,
+            last_applied: m.last_applied.map_or(0, |l| l.index),
+            revision: self.inner.sm.read().mvcc.revision(),
+            voters: membership.voter_ids().collect(),
+            learners: membership.learner_ids().collect(),
+        }
+    }
+
+    /// Stops serving, stops Raft and closes the data dir.
+    pub async fn shutdown(&self) {
+        self.inner.cancel.cancel();
+        self.inner.tracker.close();
+        if let Err(e) = self.inner.raft.shutdown().await {
+            tracing::warn!(error = %e, "raft shutdown");
+        }
+        if tokio::time::timeout(Duration::from_secs(5), self.inner.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("background tasks did not stop within 5s");
+        }
+        self.inner.sm.flush();
+    }
+}
+
+impl Inner {
+    /// etcd response header at `revision`.
+    pub(crate) fn header(&self, revision: i64) -> Option<ResponseHeader> {
+        Some(ResponseHeader {
+            cluster_id: self.cluster_id,
+            member_id: self.id,
+            revision,
+            raft_term: self.raft.metrics().borrow().current_term,
+        })
+    }
+
+    pub(crate) fn current_revision(&self) -> i64 {
+        self.sm.read().mvcc.revision()
+    }
+
+    fn leader(&self) -> Option<(u64, Member)> {
+        let m = self.raft.metrics().borrow().clone();
+        let leader = m.current_leader?;
+        let node = m
+            .membership_config
+            .membership()
+            .get_node(&leader)
+            .cloned()?;
+        Some((leader, node))
+    }
+
+    /// Runs `req` on the leader: here when this member leads, else over the peer service.
+    /// Retries while there is no leader or leadership moves, up to the request timeout.
+    pub(crate) async fn leader_call(
+        &self,
+        req: ForwardRequest,
+    ) -> Result<ForwardResponse, EtcdError> {
+        let deadline = tokio::time::Instant::now() + self.tunables.request_timeout;
+        let idempotent = !matches!(
+            req,
+            ForwardRequest::Write(_) | ForwardRequest::MemberAdd { .. }
+        );
+        let mut last_err = EtcdError::Timeout;
+        while tokio::time::Instant::now() < deadline {
+            if self.cancel.is_cancelled() {
+                return Err(EtcdError::Stopped);
+            }
+            let Some((leader, node)) = self.leader() else {
+                last_err = EtcdError::NoLeader;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            let res = if leader == self.id {
+                self.handle_as_leader(req.clone()).await
+            } else {
+                self.forward(&node.peer_url, &req, idempotent).await
+            };
+            match res {
+                Err(EtcdError::NotLeader) | Err(EtcdError::NoLeader) => {
+                    last_err = EtcdError::LeaderChanged;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                other => return other,
+            }
+        }
+        Err(match last_err {
+            EtcdError::NoLeader | EtcdError::LeaderChanged => EtcdError::Timeout,
+            e => e,
+        })
+    }
+
+    async fn forward(
+        &self,
+        peer_url: &str,
+        req: &ForwardRequest,
+        idempotent: bool,
+    ) -> Result<ForwardResponse, EtcdError> {
+        let client = {
+            let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+            match peers.get(peer_url) {
+                Some(c) => c.clone(),
+                None => {
+                    let ch = peer_channel(peer_url)
+                        .map_err(|e| EtcdError::Internal(format!("bad peer url: {e}")))?;
+                    let c = RaftPeerClient::new(ch)
+                        .max_decoding_message_size(64 * 1024 * 1024)
+                        .max_encoding_message_size(64 * 1024 * 1024);
+                    peers.insert(peer_url.to_owned(), c.clone());
+                    c
+                }
+            }
+        };
+        let data = encode(req).map_err(|e| EtcdError::Internal(e.to_string()))?;
+        let mut client = client;
+        let res = tokio::time::timeout(
+            self.tunables.request_timeout,
+            client.forward(RaftBytes { data }),
+        )
+        .await;
+        match res {
+            Err(_) => Err(EtcdError::Timeout),
+            Ok(Ok(resp)) => decode::<Result<ForwardResponse, EtcdError>>(&resp.into_inner().data)
+                .map_err(|e| EtcdError::Internal(e.to_string()))?,
+            Ok(Err(status)) => {
+                // A refused connection never reached the leader: safe to retry anything.
+                let never_sent = status.code() == tonic::Code::Unavailable
+                    && status.message().contains("connect");
+                if idempotent || never_sent {
+                    Err(EtcdError::NotLeader)
+                } else {
+                    Err(EtcdError::TimeoutDueToConnectionLost)
+                }
+            }
+        }
+    }
+
+    /// Serves a leader-only request; `NotLeader` when this member does not lead.
+    pub(crate) async fn handle_as_leader(
+        &self,
+        req: ForwardRequest,
+    ) -> Result<ForwardResponse, EtcdError> {
+        let m = self.raft.metrics().borrow().clone();
+        if m.current_leader != Some(self.id) {
+            return Err(EtcdError::NotLeader);
+        }
+        let membership = m.membership_config.membership().clone();
+        match req {
+            ForwardRequest::Write(op) => Ok(ForwardResponse::Write(self.batcher.submit(op).await?)),
+            ForwardRequest::ReadIndex => {
+                let (read, _applied) = self
+                    .raft
+                    .get_read_log_id()
+                    .await
+                    .map_err(|_| EtcdError::NotLeader)?;
+                Ok(ForwardResponse::ReadIndex(read.map_or(0, |l| l.index)))
+            }
+            ForwardRequest::LeaseKeepAlive(id) => {
+                let ttl = self.sm.read().mvcc.lease(id).map(|l| l.ttl);
+                let ttl = ttl.ok_or(EtcdError::LeaseNotFound)?;
+                Ok(ForwardResponse::Ttl(self.lessor.keep_alive(id, ttl)))
+            }
+            ForwardRequest::LeaseTimeToLive(id) => {
+                let ttl = self.sm.read().mvcc.lease(id).map(|l| l.ttl);
+                let ttl = ttl.ok_or(EtcdError::LeaseNotFound)?;
+                Ok(ForwardResponse::Ttl(self.lessor.remaining(id, ttl)))
+            }
+            ForwardRequest::MemberAdd { peer_url, learner } => {
+                let id = member_id(&self.token, &peer_url);
+                if membership
+                    .nodes()
+                    .any(|(nid, n)| *nid == id || n.peer_url == peer_url)
+                {
+                    return Err(EtcdError::PeerUrlExist);
+                }
+                let member = Member {
+                    name: String::new(),
+                    peer_url,
+                    client_url: String::new(),
+                    promote_when_ready: !learner,
+                };
+                tracing::info!(id = format_args!("{id:x}"), %member, learner, "adding member as learner");
+                self.raft
+                    .add_learner(id, member, false)
+                    .await
+                    .map_err(map_membership_err)?;
+                Ok(ForwardResponse::MemberAdded(id))
+            }
+            ForwardRequest::MemberRemove(id) => {
+                if membership.get_node(&id).is_none() {
+                    return Err(EtcdError::MemberNotFound);
+                }
+                let is_voter = membership.voter_ids().any(|v| v == id);
+                tracing::info!(id = format_args!("{id:x}"), is_voter, "removing member");
+                let change = if is_voter {
+                    ChangeMembers::RemoveVoters(BTreeSet::from([id]))
+                } else {
+                    ChangeMembers::RemoveNodes(BTreeSet::from([id]))
+                };
+                self.raft
+                    .change_membership(change, false)
+                    .await
+                    .map_err(map_membership_err)?;
+                Ok(ForwardResponse::Done)
+            }
+            ForwardRequest::MemberPromote(id) => {
+                if membership.get_node(&id).is_none() {
+                    return Err(EtcdError::MemberNotFound);
+                }
+                if membership.voter_ids().any(|v| v == id) {
+                    return Err(EtcdError::MemberNotLearner);
+                }
+                if !learner_caught_up(&m, id) {
+                    return Err(EtcdError::LearnerNotReady);
+                }
+                tracing::info!(id = format_args!("{id:x}"), "promoting learner to voter");
+                self.raft
+                    .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), true)
+                    .await
+                    .map_err(map_membership_err)?;
+                Ok(ForwardResponse::Done)
+            }
+            ForwardRequest::Publish {
+                id,
+                name,
+                client_url,
+            } => {
+                let Some(old) = membership.get_node(&id) else {
+                    return Err(EtcdError::MemberNotFound);
+                };
+                if old.name == name && old.client_url == client_url {
+                    return Ok(ForwardResponse::Done);
+                }
+                let updated = Member {
+                    name,
+                    client_url,
+                    ..old.clone()
+                };
+                self.raft
+                    .change_membership(
+                        ChangeMembers::SetNodes(BTreeMap::from([(id, updated)])),
+                        true,
+                    )
+                    .await
+                    .map_err(map_membership_err)?;
+                Ok(ForwardResponse::Done)
+            }
+        }
+    }
+
+    /// A write: proposed on the leader, acknowledged once committed and applied.
+    pub(crate) async fn write(&self, op: WriteOp) -> Result<Reply, EtcdError> {
+        match self.leader_call(ForwardRequest::Write(op)).await? {
+            ForwardResponse::Write(r) => Ok(r),
+            other => Err(EtcdError::Internal(format!("unexpected {other:?}"))),
+        }
+    }
+
+    /// Waits until this member's state reflects every write committed before the call
+    /// (ReadIndex, batched across concurrent reads).
+    pub(crate) async fn linearizable_barrier(&self) -> Result<(), EtcdError> {
+        self.reads.barrier().await
+    }
+
+    /// Lease keep-alive on the leader; returns the TTL.
+    pub(crate) async fn lease_keep_alive(&self, id: i64) -> Result<i64, EtcdError> {
+        match self.leader_call(ForwardRequest::LeaseKeepAlive(id)).await? {
+            ForwardResponse::Ttl(t) => Ok(t),
+            other => Err(EtcdError::Internal(format!("unexpected {other:?}"))),
+        }
+    }
+
+    /// Remaining lease TTL as the leader counts it.
+    pub(crate) async fn lease_remaining(&self, id: i64) -> Result<i64, EtcdError> {
+        match self
+            .leader_call(ForwardRequest::LeaseTimeToLive(id))
+            .await?
+        {
+            ForwardResponse::Ttl(t) => Ok(t),
+            other => Err(EtcdError::Internal(format!("unexpected {other:?}"))),
+        }
+    }
+}
+
+fn map_membership_err(e: RaftError<u64, ClientWriteError<u64, Member>>) -> EtcdError {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => EtcdError::NotLeader,
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
+            tracing::warn!(error = %e, "membership change refused");
+            EtcdError::Unhealthy
+        }
+        RaftError::Fatal(_) => EtcdError::Stopped,
+    }
+}
+
+fn learner_caught_up(m: &openraft::RaftMetrics<u64, Member>, id: u64) -> bool {
+    let Some(last) = m.last_log_index else {
+        return false;
+    };
+    let matched = m
+        .replication
+        .as_ref()
+        .and_then(|r| r.get(&id).cloned())
+        .flatten()
+        .map(|l| l.index);
+    matched.is_some_and(|i| i + 100 >= last)
+}
+
+/// etcd's linearizable read loop: one ReadIndex round per batch of waiting reads.
+async fn read_loop(inner: Arc<Inner>) {
+    loop {
+        let waiters = tokio::select! {
+            _ = inner.cancel.cancelled() => return,
+            w = inner.reads.next_round() => w,
+        };
+        let result = async {
+            let idx = match inner.leader_call(ForwardRequest::ReadIndex).await? {
+                ForwardResponse::ReadIndex(i) => i,
+                other => return Err(EtcdError::Internal(format!("unexpected {other:?}"))),
+            };
+            inner
+                .raft
+                .wait(Some(inner.tunables.request_timeout))
+                .applied_index_at_least(Some(idx), "linearizable read")
+                .await
+                .map_err(|_| EtcdError::Timeout)?;
+            Ok(())
+        }
+        .await;
+        resolve(waiters, result);
+    }
+}
+
+/// Leader duties: lease expiry and promotion of caught-up learners added as voters.
+async fn leader_loop(inner: Arc<Inner>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    let promoting = Arc::new(Mutex::new(BTreeSet::<u64>::new()));
+    loop {
+        tokio::select! {
+            _ = inner.cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let m = inner.raft.metrics().borrow().clone();
+        let leader_term = (m.state == ServerState::Leader).then_some(m.current_term);
+        let leases: Vec<(i64, i64)> = inner.sm.read().mvcc.leases().collect();
+        for id in inner.lessor.tick(leader_term, &leases) {
+            let inner2 = inner.clone();
+            inner.tracker.spawn(async move {
+                tracing::info!(lease = format_args!("{id:x}"), "lease expired; revoking");
+                if let Err(e) = inner2.write(WriteOp::LeaseRevoke { id }).await {
+                    tracing::warn!(lease = id, error = %e, "lease revoke failed");
+                }
+                inner2.lessor.revoke_done(id);
+            });
+        }
+        if leader_term.is_none() {
+            continue;
+        }
+        let membership = m.membership_config.membership().clone();
+        for id in membership.learner_ids() {
+            let wants = membership
+                .get_node(&id)
+                .is_some_and(|n| n.promote_when_ready);
+            if !wants || !learner_caught_up(&m, id) {
+                continue;
+            }
+            if !promoting
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(id)
+            {
+                continue;
+            }
+            let inner2 = inner.clone();
+            let promoting = promoting.clone();
+            inner.tracker.spawn(async move {
+                tracing::info!(
+                    id = format_args!("{id:x}"),
+                    "learner caught up; promoting to voter"
+                );
+                let res = inner2
+                    .raft
+                    .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), true)
+                    .await;
+                if let Err(e) = res {
+                    tracing::warn!(error = %e, "promotion failed; will retry");
+                }
+                promoting
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&id);
+            });
+        }
+    }
+}
+
+/// Logs leader changes and elections (and why they happen).
+async fn log_leadership(inner: Arc<Inner>) {
+    let mut rx = inner.raft.metrics();
+    let mut last = (None, 0u64, ServerState::Learner);
+    loop {
+        tokio::select! {
+            _ = inner.cancel.cancelled() => return,
+            r = rx.changed() => if r.is_err() { return },
+        }
+        let m = rx.borrow().clone();
+        let now = (m.current_leader, m.current_term, m.state);
+        if now == last {
+            continue;
+        }
+        if m.state == ServerState::Candidate && last.2 != ServerState::Candidate {
+            tracing::warn!(
+                member = %inner.name,
+                term = m.current_term,
+                previous_leader = ?last.0.map(|l| format!("{l:x}")),
+                "starting election: no heartbeat from a leader within the election timeout"
+            );
+        }
+        if now.0 != last.0 || now.1 != last.1 {
+            match m.current_leader {
+                Some(l) => {
+                    let name = m
+                        .membership_config
+                        .membership()
+                        .get_node(&l)
+                        .map(|n| n.name.clone())
+                        .unwrap_or_default();
+                    tracing::info!(
+                        member = %inner.name,
+                        leader = format_args!("{l:x}"),
+                        leader_name = %name,
+                        term = m.current_term,
+                        is_me = l == inner.id,
+                        "raft leader elected"
+                    );
+                }
+                None => tracing::info!(member = %inner.name, term = m.current_term, "no leader"),
+            }
+        }
+        last = now;
+    }
+}
+
+/// Publishes this member's name and client URL into the membership (like etcd's publish).
+async fn publish_loop(inner: Arc<Inner>) {
+    loop {
+        let published = {
+            let m = inner.raft.metrics().borrow().clone();
+            m.membership_config
+                .membership()
+                .get_node(&inner.id)
+                .map(|n| n.name == inner.name && n.client_url == inner.client_url)
+        };
+        if published == Some(true) {
+            return;
+        }
+        if published.is_some() {
+            let req = ForwardRequest::Publish {
+                id: inner.id,
+                name: inner.name.clone(),
+                client_url: inner.client_url.clone(),
+            };
+            if let Err(e) = inner.leader_call(req).await {
+                tracing::debug!(error = %e, "publish failed; retrying");
+            }
+        }
+        tokio::select! {
+            _ = inner.cancel.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    }
+}

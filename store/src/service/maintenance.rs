@@ -1,0 +1,144 @@
+//! `etcdserverpb.Maintenance`: Status and Alarm; the other RPCs answer Unimplemented.
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use crate::node::Inner;
+use crate::pb::etcdserverpb::maintenance_server::Maintenance;
+use crate::pb::etcdserverpb::{
+    AlarmMember, AlarmRequest, AlarmResponse, AlarmType, DefragmentRequest, DefragmentResponse,
+    HashKvRequest, HashKvResponse, HashRequest, HashResponse, MoveLeaderRequest,
+    MoveLeaderResponse, SnapshotRequest, SnapshotResponse, StatusRequest, StatusResponse,
+    alarm_request::AlarmAction,
+};
+
+/// The etcd API version this store speaks (clients gate features on it).
+const VERSION: &str = "3.4.0";
+
+pub(crate) struct MaintenanceService {
+    inner: Arc<Inner>,
+}
+
+impl MaintenanceService {
+    pub(crate) fn new(inner: Arc<Inner>) -> Self {
+        Self { inner }
+    }
+
+    fn alarms(&self) -> Vec<AlarmMember> {
+        if self.inner.nospace.load(Ordering::Relaxed) {
+            vec![AlarmMember {
+                member_id: self.inner.id,
+                alarm: AlarmType::Nospace as i32,
+            }]
+        } else {
+            Vec::new()
+        }
+    }
+}
+
+type SnapshotStream =
+    Pin<Box<dyn Stream<Item = Result<SnapshotResponse, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl Maintenance for MaintenanceService {
+    async fn alarm(
+        &self,
+        request: Request<AlarmRequest>,
+    ) -> Result<Response<AlarmResponse>, Status> {
+        let r = request.into_inner();
+        match r.action() {
+            AlarmAction::Get => {}
+            AlarmAction::Activate => {
+                if r.alarm() == AlarmType::Nospace {
+                    self.inner.nospace.store(true, Ordering::Relaxed);
+                }
+            }
+            AlarmAction::Deactivate => {
+                if r.alarm() == AlarmType::Nospace {
+                    self.inner.nospace.store(false, Ordering::Relaxed);
+                }
+            }
+        }
+        Ok(Response::new(AlarmResponse {
+            header: self.inner.header(self.inner.current_revision()),
+            alarms: self.alarms(),
+        }))
+    }
+
+    async fn status(
+        &self,
+        _request: Request<StatusRequest>,
+    ) -> Result<Response<StatusResponse>, Status> {
+        let m = self.inner.raft.metrics().borrow().clone();
+        let is_learner = !m
+            .membership_config
+            .membership()
+            .voter_ids()
+            .any(|v| v == self.inner.id);
+        let (revision, in_use) = {
+            let st = self.inner.sm.read();
+            (st.mvcc.revision(), st.mvcc.size())
+        };
+        let errors = self
+            .alarms()
+            .iter()
+            .map(|_| "memberID:{} alarm:NOSPACE".replace("{}", &self.inner.id.to_string()))
+            .collect();
+        Ok(Response::new(StatusResponse {
+            header: self.inner.header(revision),
+            version: VERSION.to_owned(),
+            db_size: self.inner.sm.db_size() as i64,
+            leader: m.current_leader.unwrap_or(0),
+            raft_index: m.last_log_index.unwrap_or(0),
+            raft_term: m.current_term,
+            raft_applied_index: m.last_applied.map_or(0, |l| l.index),
+            errors,
+            db_size_in_use: in_use as i64,
+            is_learner,
+        }))
+    }
+
+    async fn defragment(
+        &self,
+        _request: Request<DefragmentRequest>,
+    ) -> Result<Response<DefragmentResponse>, Status> {
+        // sled compacts its own segments; nothing to do, as etcd answers for an idle backend.
+        Ok(Response::new(DefragmentResponse {
+            header: self.inner.header(self.inner.current_revision()),
+        }))
+    }
+
+    async fn hash(&self, _request: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
+        Err(Status::unimplemented("hash is not supported by flotilla"))
+    }
+
+    async fn hash_kv(
+        &self,
+        _request: Request<HashKvRequest>,
+    ) -> Result<Response<HashKvResponse>, Status> {
+        Err(Status::unimplemented("hashkv is not supported by flotilla"))
+    }
+
+    type SnapshotStream = SnapshotStream;
+
+    async fn snapshot(
+        &self,
+        _request: Request<SnapshotRequest>,
+    ) -> Result<Response<Self::SnapshotStream>, Status> {
+        Err(Status::unimplemented(
+            "snapshot is not supported by flotilla",
+        ))
+    }
+
+    async fn move_leader(
+        &self,
+        _request: Request<MoveLeaderRequest>,
+    ) -> Result<Response<MoveLeaderResponse>, Status> {
+        Err(Status::unimplemented(
+            "move-leader is not supported by flotilla (openraft 0.9)",
+        ))
+    }
+}

@@ -1,0 +1,85 @@
+//! gRPC services: one file per etcd service, plus the internal peer service.
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::error::EtcdError;
+use crate::node::Inner;
+use crate::pb::etcdserverpb::cluster_server::ClusterServer;
+use crate::pb::etcdserverpb::kv_server::KvServer;
+use crate::pb::etcdserverpb::lease_server::LeaseServer;
+use crate::pb::etcdserverpb::maintenance_server::MaintenanceServer;
+use crate::pb::etcdserverpb::watch_server::WatchServer;
+use crate::pb::raftpb::raft_peer_server::RaftPeerServer;
+
+mod cluster;
+mod kv;
+mod lease;
+mod maintenance;
+mod peer;
+mod watch;
+
+/// gRPC framing overhead allowed on top of the request limit (etcd uses the same margin).
+const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
+
+/// Starts the client (etcd API) and peer servers on the member's task tracker.
+pub(crate) fn serve(inner: Arc<Inner>, client: TcpListener, peer: TcpListener) {
+    let max = inner.tunables.max_request_bytes + GRPC_OVERHEAD_BYTES;
+    let client_router = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(
+            KvServer::new(kv::KvService::new(inner.clone()))
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(usize::MAX),
+        )
+        .add_service(
+            WatchServer::new(watch::WatchService::new(inner.clone()))
+                .max_decoding_message_size(max),
+        )
+        .add_service(
+            LeaseServer::new(lease::LeaseService::new(inner.clone()))
+                .max_decoding_message_size(max),
+        )
+        .add_service(
+            ClusterServer::new(cluster::ClusterService::new(inner.clone()))
+                .max_decoding_message_size(max),
+        )
+        .add_service(
+            MaintenanceServer::new(maintenance::MaintenanceService::new(inner.clone()))
+                .max_decoding_message_size(max),
+        );
+    let peer_router = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(
+            RaftPeerServer::new(peer::PeerService::new(inner.clone()))
+                .max_decoding_message_size(usize::MAX)
+                .max_encoding_message_size(usize::MAX),
+        );
+    let cancel = inner.cancel.clone();
+    inner.tracker.spawn(async move {
+        let res = client_router
+            .serve_with_incoming_shutdown(TcpListenerStream::new(client), cancel.cancelled())
+            .await;
+        if let Err(e) = res {
+            tracing::error!(error = %e, "client server failed");
+        }
+    });
+    let cancel = inner.cancel.clone();
+    inner.tracker.spawn(async move {
+        let res = peer_router
+            .serve_with_incoming_shutdown(TcpListenerStream::new(peer), cancel.cancelled())
+            .await;
+        if let Err(e) = res {
+            tracing::error!(error = %e, "peer server failed");
+        }
+    });
+}
+
+/// Rejects requests above the configured size with etcd's error.
+pub(crate) fn check_size(inner: &Inner, len: usize) -> Result<(), EtcdError> {
+    if len > inner.tunables.max_request_bytes {
+        return Err(EtcdError::RequestTooLarge);
+    }
+    Ok(())
+}

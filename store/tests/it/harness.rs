@@ -1,0 +1,214 @@
+//! In-process clusters over loopback with real sled data dirs in tempdirs.
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use store::pb::etcdserverpb::kv_client::KvClient;
+use store::pb::etcdserverpb::{PutRequest, RangeRequest};
+use store::{ClusterState, Node, NodeHandle, StoreConfig, Tunables};
+use tokio::net::TcpListener;
+use tonic::transport::Channel;
+
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,store=info".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// Tunables for tests: fast elections, generous request timeout for 2 loaded cores.
+pub fn test_tunables() -> Tunables {
+    Tunables {
+        heartbeat_interval: Duration::from_millis(100),
+        election_timeout: Duration::from_millis(800),
+        request_timeout: Duration::from_secs(10),
+        ..Tunables::default()
+    }
+}
+
+pub struct TestCluster {
+    pub nodes: Vec<Option<NodeHandle>>,
+    pub configs: Vec<StoreConfig>,
+    _dirs: Vec<tempfile::TempDir>,
+}
+
+async fn bind() -> (TcpListener, SocketAddr) {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let a = l.local_addr().expect("addr");
+    (l, a)
+}
+
+impl TestCluster {
+    pub async fn start(n: usize, tunables: Tunables) -> Self {
+        let mut listeners = Vec::new();
+        let mut initial = Vec::new();
+        for i in 0..n {
+            let (c, ca) = bind().await;
+            let (p, pa) = bind().await;
+            initial.push((format!("n{}", i + 1), format!("http://{pa}")));
+            listeners.push((c, ca, p, pa));
+        }
+        let mut nodes = Vec::new();
+        let mut configs = Vec::new();
+        let mut dirs = Vec::new();
+        for (i, (c, ca, p, pa)) in listeners.into_iter().enumerate() {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let config = StoreConfig {
+                name: format!("n{}", i + 1),
+                data_dir: dir.path().join("data"),
+                listen_client_addr: ca,
+                listen_peer_addr: pa,
+                initial_cluster: initial.clone(),
+                initial_cluster_state: ClusterState::New,
+                tunables: tunables.clone(),
+                ..StoreConfig::default()
+            };
+            let node = Node::start_with_listeners(config.clone(), c, p)
+                .await
+                .expect("start node");
+            nodes.push(Some(node));
+            configs.push(config);
+            dirs.push(dir);
+        }
+        Self {
+            nodes,
+            configs,
+            _dirs: dirs,
+        }
+    }
+
+    /// Adds a member process (not yet in the cluster) that will join with state `existing`.
+    pub async fn prepare_joiner(&mut self) -> (StoreConfig, TcpListener, TcpListener) {
+        let (c, ca) = bind().await;
+        let (p, pa) = bind().await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let name = format!("n{}", self.configs.len() + 1);
+        let mut initial = self.configs[0].initial_cluster.clone();
+        initial.push((name.clone(), format!("http://{pa}")));
+        let config = StoreConfig {
+            name,
+            data_dir: dir.path().join("data"),
+            listen_client_addr: ca,
+            listen_peer_addr: pa,
+            initial_cluster: initial,
+            initial_cluster_state: ClusterState::Existing,
+            tunables: self.configs[0].tunables.clone(),
+            ..StoreConfig::default()
+        };
+        self._dirs.push(dir);
+        (config, c, p)
+    }
+
+    pub fn node(&self, i: usize) -> &NodeHandle {
+        self.nodes[i].as_ref().expect("node is running")
+    }
+
+    pub fn client_url(&self, i: usize) -> String {
+        format!("http://{}", self.configs[i].listen_client_addr)
+    }
+
+    pub async fn kv(&self, i: usize) -> KvClient<Channel> {
+        KvClient::connect(self.client_url(i))
+            .await
+            .expect("connect")
+    }
+
+    /// Index of the member all running members agree leads.
+    pub async fn wait_leader(&self, timeout: Duration) -> usize {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let leaders: Vec<Option<u64>> = self
+                .nodes
+                .iter()
+                .flatten()
+                .map(|n| n.metrics().leader)
+                .collect();
+            if let Some(Some(l)) = leaders.first()
+                && leaders.iter().all(|x| *x == Some(*l))
+                && let Some(i) = self
+                    .nodes
+                    .iter()
+                    .position(|n| n.as_ref().is_some_and(|n| n.id() == *l))
+            {
+                return i;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no agreed leader within {timeout:?}: {leaders:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn kill(&mut self, i: usize) {
+        if let Some(n) = self.nodes[i].take() {
+            n.shutdown().await;
+        }
+    }
+
+    pub async fn restart(&mut self, i: usize) {
+        let config = self.configs[i].clone();
+        let c = TcpListener::bind(config.listen_client_addr)
+            .await
+            .expect("rebind client");
+        let p = TcpListener::bind(config.listen_peer_addr)
+            .await
+            .expect("rebind peer");
+        let node = Node::start_with_listeners(config, c, p)
+            .await
+            .expect("restart");
+        self.nodes[i] = Some(node);
+    }
+
+    pub async fn shutdown(mut self) {
+        for i in 0..self.nodes.len() {
+            self.kill(i).await;
+        }
+    }
+}
+
+pub async fn put(kv: &mut KvClient<Channel>, key: &str, value: &str) -> i64 {
+    kv.put(PutRequest {
+        key: key.into(),
+        value: value.into(),
+        ..Default::default()
+    })
+    .await
+    .expect("put")
+    .into_inner()
+    .header
+    .expect("header")
+    .revision
+}
+
+pub async fn get(kv: &mut KvClient<Channel>, key: &str) -> Option<String> {
+    let r = kv
+        .range(RangeRequest {
+            key: key.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("range")
+        .into_inner();
+    r.kvs
+        .first()
+        .map(|kv| String::from_utf8_lossy(&kv.value).into_owned())
+}
+
+/// Polls `f` until it returns true.
+pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !f().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -1,0 +1,262 @@
+//! One member: the KV API's semantics and errors as etcd defines them.
+use std::time::Duration;
+
+use store::pb::etcdserverpb::{
+    CompactionRequest, Compare, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp,
+    TxnRequest, compare, request_op,
+};
+
+use crate::harness::{TestCluster, get, init_tracing, put, test_tunables};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_semantics_and_errors() {
+    init_tracing();
+    let c = TestCluster::start(1, test_tunables()).await;
+    c.wait_leader(Duration::from_secs(20)).await;
+    let mut kv = c.kv(0).await;
+
+    // Revisions: fresh store is at 1, each write +1.
+    let r1 = put(&mut kv, "a", "1").await;
+    assert_eq!(r1, 2);
+    let r2 = put(&mut kv, "a", "2").await;
+    assert_eq!(r2, 3);
+    put(&mut kv, "b", "x").await;
+    put(&mut kv, "c", "y").await;
+
+    let a = kv
+        .range(RangeRequest {
+            key: "a".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(a.kvs[0].version, 2);
+    assert_eq!(a.kvs[0].create_revision, 2);
+    assert_eq!(a.kvs[0].mod_revision, 3);
+
+    // Prefix / limit / count.
+    let all = kv
+        .range(RangeRequest {
+            key: vec![0],
+            range_end: vec![0],
+            limit: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(all.count, 3);
+    assert_eq!(all.kvs.len(), 2);
+    assert!(all.more);
+
+    // Historical read.
+    let old = kv
+        .range(RangeRequest {
+            key: "a".into(),
+            revision: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(old.kvs[0].value, b"1");
+
+    // Future revision.
+    let err = kv
+        .range(RangeRequest {
+            key: "a".into(),
+            revision: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::OutOfRange);
+    assert_eq!(
+        err.message(),
+        "etcdserver: mvcc: required revision is a future revision"
+    );
+
+    // Empty key.
+    let err = kv.put(PutRequest::default()).await.unwrap_err();
+    assert_eq!(err.message(), "etcdserver: key is not provided");
+
+    // Unknown lease.
+    let err = kv
+        .put(PutRequest {
+            key: "l".into(),
+            value: "v".into(),
+            lease: 42,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    assert_eq!(err.message(), "etcdserver: requested lease not found");
+
+    // ignore_value on a missing key.
+    let err = kv
+        .put(PutRequest {
+            key: "zz".into(),
+            ignore_value: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.message(), "etcdserver: key not found");
+
+    // Too large.
+    let err = kv
+        .put(PutRequest {
+            key: "big".into(),
+            value: vec![0; 1600 * 1024],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert_eq!(err.message(), "etcdserver: request is too large");
+
+    // Txn: CAS on mod revision, one revision for the whole txn.
+    let put_op = |k: &str, v: &str| RequestOp {
+        request: Some(request_op::Request::RequestPut(PutRequest {
+            key: k.into(),
+            value: v.into(),
+            ..Default::default()
+        })),
+    };
+    let before = get_rev(&mut kv).await;
+    let t = kv
+        .txn(TxnRequest {
+            compare: vec![Compare {
+                result: compare::CompareResult::Equal as i32,
+                target: compare::CompareTarget::Mod as i32,
+                key: "a".into(),
+                target_union: Some(compare::TargetUnion::ModRevision(r2)),
+                ..Default::default()
+            }],
+            success: vec![put_op("a", "3"), put_op("d", "4")],
+            failure: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(t.succeeded);
+    assert_eq!(t.header.unwrap().revision, before + 1);
+    // Same compare now fails.
+    let t = kv
+        .txn(TxnRequest {
+            compare: vec![Compare {
+                result: compare::CompareResult::Equal as i32,
+                target: compare::CompareTarget::Mod as i32,
+                key: "a".into(),
+                target_union: Some(compare::TargetUnion::ModRevision(r2)),
+                ..Default::default()
+            }],
+            success: vec![put_op("a", "never")],
+            failure: vec![RequestOp {
+                request: Some(request_op::Request::RequestRange(RangeRequest {
+                    key: "a".into(),
+                    ..Default::default()
+                })),
+            }],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!t.succeeded);
+    assert_eq!(get(&mut kv, "a").await.as_deref(), Some("3"));
+
+    // Duplicate key and too many ops.
+    let err = kv
+        .txn(TxnRequest {
+            success: vec![put_op("x", "1"), put_op("x", "2")],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.message(),
+        "etcdserver: duplicate key given in txn request"
+    );
+    let many: Vec<RequestOp> = (0..129).map(|i| put_op(&format!("k{i}"), "v")).collect();
+    let err = kv
+        .txn(TxnRequest {
+            success: many,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.message(),
+        "etcdserver: too many operations in txn request"
+    );
+
+    // Delete with prev_kv; a delete of nothing does not bump the revision.
+    let d = kv
+        .delete_range(DeleteRangeRequest {
+            key: "b".into(),
+            prev_kv: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(d.deleted, 1);
+    assert_eq!(d.prev_kvs[0].value, b"x");
+    let rev = get_rev(&mut kv).await;
+    let d = kv
+        .delete_range(DeleteRangeRequest {
+            key: "nope".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(d.deleted, 0);
+    assert_eq!(d.header.unwrap().revision, rev);
+
+    // Compaction.
+    kv.compact(CompactionRequest {
+        revision: rev,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let err = kv
+        .range(RangeRequest {
+            key: "a".into(),
+            revision: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.message(),
+        "etcdserver: mvcc: required revision has been compacted"
+    );
+    let err = kv
+        .compact(CompactionRequest {
+            revision: rev,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::OutOfRange);
+    c.shutdown().await;
+}
+
+async fn get_rev(
+    kv: &mut store::pb::etcdserverpb::kv_client::KvClient<tonic::transport::Channel>,
+) -> i64 {
+    kv.range(RangeRequest {
+        key: "a".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .header
+    .unwrap()
+    .revision
+}
