@@ -255,14 +255,20 @@ struct ExitGuard {
     shared: Arc<ContainerShared>,
     worker: Arc<Worker>,
     live: Arc<AtomicUsize>,
+    /// How the container ended; `None` if its task was aborted or dropped.
+    end: Option<End>,
 }
 
 impl Drop for ExitGuard {
     fn drop(&mut self) {
-        self.shared
-            .finish(EXIT_KILLED, "Error", Some("killed by the node".into()));
+        // Release the slot before publishing the end, so whoever waits for the end sees it free.
         self.worker.load.fetch_sub(1, Ordering::Relaxed);
         self.live.fetch_sub(1, Ordering::Relaxed);
+        let (code, reason, message) =
+            self.end
+                .take()
+                .unwrap_or((EXIT_KILLED, "Error", Some("killed by the node".into())));
+        self.shared.finish(code, reason, message);
     }
 }
 
@@ -280,10 +286,11 @@ pub(crate) fn spawn(
     let handle = worker.handle.clone();
     let task = async move {
         let shared = task_shared;
-        let guard = ExitGuard {
+        let mut guard = ExitGuard {
             shared: shared.clone(),
             worker,
             live,
+            end: None,
         };
         let quota = launch
             .cpu_limit_millis
@@ -297,14 +304,14 @@ pub(crate) fn spawn(
             key,
             shares,
         );
-        let (code, reason, message) = tokio::select! {
+        let end = tokio::select! {
             biased;
             () = shared.cancel.cancelled() => {
                 (EXIT_STOPPED, "Error", Some("stopped by the node".to_owned()))
             }
             end = guest => end,
         };
-        shared.finish(code, reason, message);
+        guard.end = Some(end);
         drop(guard);
     };
     let join = handle.spawn(task);

@@ -209,7 +209,7 @@ impl ImageStore {
         }
         let path = self.cas_path(&hex);
         if !path.exists() {
-            let tmp = self.dir.join(format!(".{hex}.{}.tmp", std::process::id()));
+            let tmp = self.dir.join(format!(".{hex}.{}", super::temp_suffix()));
             std::fs::write(&tmp, &bytes)
                 .and_then(|()| std::fs::rename(&tmp, &path))
                 .map_err(|e| RuntimeError::Internal(format!("cannot store image: {e}")))?;

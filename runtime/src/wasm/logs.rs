@@ -131,32 +131,39 @@ impl LogSink {
     }
 
     fn append(&self, st: &mut SinkState, data: &[u8]) {
-        if st.file.is_some() && st.size > 0 && st.size + data.len() as u64 > self.policy.max_bytes {
+        if st.file.is_none() && !self.open(st) {
+            return;
+        }
+        if st.size > 0 && st.size + data.len() as u64 > self.policy.max_bytes {
             st.file = None;
             if let Err(e) = rotate(&self.path, self.policy.max_files) {
                 tracing::warn!(path = %self.path.display(), error = %e, "log rotation failed");
             }
-            st.size = 0;
-        }
-        if st.file.is_none() {
-            match open_log(&self.path) {
-                Ok(f) => {
-                    st.size = f.metadata().map(|m| m.len()).unwrap_or(0);
-                    st.file = Some(f);
-                }
-                Err(e) => {
-                    st.write_errors += 1;
-                    if st.write_errors == 1 {
-                        tracing::warn!(path = %self.path.display(), error = %e, "cannot open log");
-                    }
-                    return;
-                }
+            if !self.open(st) {
+                return;
             }
         }
         if let Some(f) = st.file.as_mut() {
             match f.write_all(data) {
                 Ok(()) => st.size += data.len() as u64,
                 Err(_) => st.write_errors += 1,
+            }
+        }
+    }
+
+    fn open(&self, st: &mut SinkState) -> bool {
+        match open_log(&self.path) {
+            Ok(f) => {
+                st.size = f.metadata().map(|m| m.len()).unwrap_or(0);
+                st.file = Some(f);
+                true
+            }
+            Err(e) => {
+                st.write_errors += 1;
+                if st.write_errors == 1 {
+                    tracing::warn!(path = %self.path.display(), error = %e, "cannot open log");
+                }
+                false
             }
         }
     }

@@ -31,6 +31,16 @@ mod logs;
 mod modules;
 pub(crate) mod time;
 
+/// A name for a temporary file unique within this process and across processes.
+pub(crate) fn temp_suffix() -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{}.{}.tmp",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
 use container::{ContainerShared, Launch, PodData};
 
 /// Annotation: fuel (executed wasm instructions) budget for every container of the pod.
@@ -41,6 +51,9 @@ pub const FUEL_LIMIT_ANNOTATION: &str = "flotilla.dev/fuel-limit";
 pub struct WasmRuntimeConfig {
     /// Node state: image cache, compiled modules, pod volumes and logs.
     pub root_dir: PathBuf,
+    /// Image cache and compiled modules; defaults to `root_dir`. Several runtimes (tests) may
+    /// share one.
+    pub cache_dir: Option<PathBuf>,
     /// Most containers alive at once; sizes the pooling allocator. Pods past it are refused.
     pub max_pods: u32,
     /// Modules larger than this are refused.
@@ -64,6 +77,7 @@ impl WasmRuntimeConfig {
     pub fn new(root_dir: impl Into<PathBuf>) -> Self {
         WasmRuntimeConfig {
             root_dir: root_dir.into(),
+            cache_dir: None,
             max_pods: 1024,
             max_module_bytes: 100 << 20,
             max_memory_bytes: 1 << 30,
@@ -177,8 +191,9 @@ impl WasmRuntime {
         std::fs::create_dir_all(&pods_dir).map_err(|e| {
             RuntimeError::Config(format!("cannot create {}: {e}", pods_dir.display()))
         })?;
-        let images = image::ImageStore::new(root.join("images/sha256"), config.max_module_bytes)?;
-        let modules = modules::Modules::new(engine.clone(), root.join("modules"))?;
+        let cache = config.cache_dir.clone().unwrap_or_else(|| root.clone());
+        let images = image::ImageStore::new(cache.join("images/sha256"), config.max_module_bytes)?;
+        let modules = modules::Modules::new(engine.clone(), cache.join("modules"))?;
         let threads = match config.executor_threads {
             0 => std::thread::available_parallelism()
                 .map(|n| n.get())

@@ -129,7 +129,7 @@ impl Modules {
         self.check_imports(image, &module)?;
         match module.serialize() {
             Ok(data) => {
-                let tmp = artifact.with_extension(format!("tmp{}", std::process::id()));
+                let tmp = artifact.with_extension(super::temp_suffix());
                 if let Err(e) =
                     std::fs::write(&tmp, data).and_then(|()| std::fs::rename(&tmp, artifact))
                 {

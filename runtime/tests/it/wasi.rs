@@ -1,0 +1,179 @@
+use std::time::Duration;
+
+use api::pod::{EmptyDirVolumeSource, HostPathVolumeSource, PodSpec, Volume, VolumeMount};
+use runtime::{PodConfig, PodRuntime};
+
+use crate::{container, node, node_with, pod, run, wait_done, with_env};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hello_sees_args_env_and_logs_in_cri_format() {
+    let _shared = crate::CPU_LOCK.read().await;
+    let n = node();
+    let mut c = with_env(
+        container("hello", "hello", &["one", "two"]),
+        &[("GREETING", "hi there")],
+    );
+    c.command = vec!["hello-cmd".into()];
+    let id = run(&n.rt, &pod("hello", vec![c])).await;
+    let st = wait_done(&n.rt, &id).await;
+    let t = st.containers[0].state.terminated().expect("terminated");
+    assert_eq!((t.exit_code, t.reason.as_deref()), (0, Some("Completed")));
+    assert!(t.started_at.is_some() && t.finished_at.is_some());
+    let logs = n.rt.logs(&id, "hello").await.expect("logs");
+    assert!(
+        logs.contains(r#"stdout F hello from flotilla: args=["hello-cmd", "one", "two"]"#),
+        "{logs}"
+    );
+    assert!(logs.contains("stdout F GREETING=hi there"), "{logs}");
+    let stats = n.rt.stats(&id).await.expect("stats");
+    let s = &stats.containers[0];
+    assert!(s.cpu_ns > 0, "cpu accounted");
+    assert!(
+        s.instructions.unwrap_or(0) > 1000,
+        "fuel metered: {:?}",
+        s.instructions
+    );
+    assert!(s.memory_bytes > 0);
+    assert!(s.start_latency.is_some());
+    n.rt.remove_pod(&id).await.expect("remove");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exit_codes_propagate() {
+    let _shared = crate::CPU_LOCK.read().await;
+    let n = node();
+    for code in [0, 1, 42] {
+        let arg = code.to_string();
+        let id = run(
+            &n.rt,
+            &pod("exit", vec![container("c", "exit_code", &[&arg])]),
+        )
+        .await;
+        let st = wait_done(&n.rt, &id).await;
+        let t = st.containers[0].state.terminated().expect("terminated");
+        assert_eq!(t.exit_code, code);
+        assert_eq!(
+            t.reason.as_deref(),
+            Some(if code == 0 { "Completed" } else { "Error" })
+        );
+    }
+}
+
+fn volume_pod(name: &str, args: &[&str], volume: Volume, read_only: Option<bool>) -> PodConfig {
+    let mut c = container("writer", "file_writer", args);
+    c.volume_mounts = vec![VolumeMount {
+        name: volume.name.clone(),
+        mount_path: "/data".into(),
+        read_only,
+    }];
+    PodConfig::new(
+        name,
+        PodSpec {
+            containers: vec![c],
+            volumes: vec![volume],
+            ..PodSpec::default()
+        },
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volumes_are_preopens_and_nothing_else_is_reachable() {
+    let _shared = crate::CPU_LOCK.read().await;
+    let n = node();
+    let secret_dir = tempfile::tempdir().expect("tempdir");
+    let secret = secret_dir.path().join("secret.txt");
+    std::fs::write(&secret, "host secret").expect("secret");
+    let secret_arg = secret.display().to_string();
+
+    // emptyDir: writable; host files outside it are unreachable, by absolute path or by `..`.
+    let scratch = Volume {
+        name: "scratch".into(),
+        empty_dir: Some(EmptyDirVolumeSource::default()),
+        ..Volume::default()
+    };
+    let id = run(
+        &n.rt,
+        &volume_pod("ed", &["/data", &secret_arg], scratch, None),
+    )
+    .await;
+    let st = wait_done(&n.rt, &id).await;
+    let logs = n.rt.logs(&id, "writer").await.expect("logs");
+    assert_eq!(
+        st.containers[0].state.terminated().map(|t| t.exit_code),
+        Some(0),
+        "{logs}"
+    );
+    assert!(logs.contains("read back: hello from file_writer"), "{logs}");
+    assert!(
+        !logs.contains("escape succeeded"),
+        "guest escaped its preopens: {logs}"
+    );
+    assert_eq!(logs.matches("escape blocked").count(), 2, "{logs}");
+
+    // hostPath: read-only unless the mount says otherwise.
+    let host_dir = tempfile::tempdir().expect("tempdir");
+    let hp = Volume {
+        name: "host".into(),
+        host_path: Some(HostPathVolumeSource {
+            path: host_dir.path().display().to_string(),
+            type_: None,
+        }),
+        ..Volume::default()
+    };
+    let id = run(
+        &n.rt,
+        &volume_pod("hp-ro", &["/data", &secret_arg], hp.clone(), None),
+    )
+    .await;
+    let st = wait_done(&n.rt, &id).await;
+    let logs = n.rt.logs(&id, "writer").await.expect("logs");
+    assert_eq!(
+        st.containers[0].state.terminated().map(|t| t.exit_code),
+        Some(1),
+        "write must fail: {logs}"
+    );
+    assert!(!host_dir.path().join("out.txt").exists());
+    let id = run(
+        &n.rt,
+        &volume_pod("hp-rw", &["/data", &secret_arg], hp, Some(false)),
+    )
+    .await;
+    let st = wait_done(&n.rt, &id).await;
+    assert_eq!(
+        st.containers[0].state.terminated().map(|t| t.exit_code),
+        Some(0)
+    );
+    let written =
+        std::fs::read_to_string(host_dir.path().join("out.txt")).expect("host file written");
+    assert_eq!(written, "hello from file_writer\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_rotate_by_size() {
+    let _shared = crate::CPU_LOCK.read().await;
+    let n = node_with(|c| {
+        c.log_max_bytes = 64 * 1024;
+        c.log_max_files = 3;
+    });
+    let id = run(
+        &n.rt,
+        &pod("spam", vec![container("spam", "log_spammer", &["20000"])]),
+    )
+    .await;
+    let st = wait_done(&n.rt, &id).await;
+    assert_eq!(
+        st.containers[0].state.terminated().map(|t| t.exit_code),
+        Some(0)
+    );
+    let logs = n.rt.logs(&id, "spam").await.expect("logs");
+    assert!(
+        logs.len() <= 3 * 64 * 1024 + 1024,
+        "rotation bounds the log: {} bytes",
+        logs.len()
+    );
+    let last = logs.lines().last().expect("lines");
+    assert!(last.contains("stdout F spam line 19999"), "{last}");
+    assert!(logs.contains(" stderr F spam line 19990 on stderr"));
+    assert!(!logs.contains("spam line 0 "), "oldest lines rotated away");
+    tokio::time::sleep(Duration::from_millis(1)).await;
+}
