@@ -13,6 +13,7 @@ use crate::pb::etcdserverpb::maintenance_server::MaintenanceServer;
 use crate::pb::etcdserverpb::watch_server::WatchServer;
 use crate::pb::raftpb::raft_peer_server::RaftPeerServer;
 
+mod authority;
 mod cluster;
 mod kv;
 mod lease;
@@ -57,9 +58,11 @@ pub(crate) fn serve(inner: Arc<Inner>, client: TcpListener, peer: TcpListener) {
                 .max_encoding_message_size(usize::MAX),
         );
     let cancel = inner.cancel.clone();
+    let tracker = inner.tracker.clone();
     inner.tracker.spawn(async move {
+        let incoming = authority::incoming(client, cancel.clone(), &tracker);
         let res = client_router
-            .serve_with_incoming_shutdown(TcpListenerStream::new(client), cancel.cancelled())
+            .serve_with_incoming_shutdown(incoming, cancel.cancelled())
             .await;
         if let Err(e) = res {
             tracing::error!(error = %e, "client server failed");

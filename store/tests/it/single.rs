@@ -243,6 +243,19 @@ async fn kv_semantics_and_errors() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::OutOfRange);
+    // Maintenance status.
+    let mut m =
+        store::pb::etcdserverpb::maintenance_client::MaintenanceClient::connect(c.client_url(0))
+            .await
+            .unwrap();
+    let st = m
+        .status(store::pb::etcdserverpb::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(st.leader, c.node(0).id());
+    assert_eq!(st.version, "3.4.0");
+    assert!(st.raft_term >= 1);
     c.shutdown().await;
 }
 

@@ -1,0 +1,273 @@
+//! The real etcd 3.4 client (`etcdctl` from Debian's etcd-client) against a 3-member store.
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::process::Command;
+
+use crate::harness::{TestCluster, init_tracing, test_tunables, wait_until};
+
+const ETCDCTL: &str = "/usr/bin/etcdctl";
+
+fn etcdctl(endpoints: &str) -> Command {
+    let mut c = Command::new(ETCDCTL);
+    c.env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={endpoints}"))
+        .arg("--command-timeout=15s")
+        .arg("--dial-timeout=5s")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    c
+}
+
+/// Runs etcdctl, returns (success, stdout, stderr).
+async fn run(endpoints: &str, args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
+    let mut cmd = etcdctl(endpoints);
+    cmd.args(args);
+    if stdin.is_some() {
+        cmd.stdin(Stdio::piped());
+    }
+    let mut child = cmd
+        .spawn()
+        .expect("spawn etcdctl (apt install etcd-client)");
+    if let Some(input) = stdin {
+        let mut s = child.stdin.take().expect("stdin");
+        s.write_all(input.as_bytes()).await.expect("write stdin");
+        drop(s);
+    }
+    let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+        .await
+        .expect("etcdctl finished")
+        .expect("etcdctl output");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    tracing::info!(?args, %stdout, %stderr, "etcdctl");
+    (out.status.success(), stdout, stderr)
+}
+
+async fn ok(endpoints: &str, args: &[&str]) -> String {
+    let (success, stdout, stderr) = run(endpoints, args, None).await;
+    assert!(success, "etcdctl {args:?} failed: {stdout} {stderr}");
+    stdout
+}
+
+fn header_revision(json: &str) -> i64 {
+    let v: serde_json::Value = serde_json::from_str(json).expect("json output");
+    v["header"]["revision"].as_i64().expect("revision")
+}
+
+/// A background `etcdctl watch` whose output is collected until it is stopped.
+struct WatchChild {
+    child: tokio::process::Child,
+}
+
+impl WatchChild {
+    fn spawn(endpoints: &str, args: &[&str]) -> Self {
+        let mut cmd = etcdctl(endpoints);
+        cmd.arg("watch").args(args);
+        Self {
+            child: cmd.spawn().expect("spawn etcdctl watch"),
+        }
+    }
+
+    /// Reads output until `needle` appears (stdout and stderr together).
+    async fn expect_output(&mut self, needle: &str, timeout: Duration) -> String {
+        let mut out = self.child.stdout.take().expect("stdout");
+        let mut err = self.child.stderr.take().expect("stderr");
+        let mut buf = String::new();
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut a = [0u8; 4096];
+        let mut b = [0u8; 4096];
+        while !buf.contains(needle) {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            assert!(!left.is_zero(), "watch output lacks {needle:?}: {buf}");
+            tokio::select! {
+                n = out.read(&mut a) => match n {
+                    Ok(0) | Err(_) => { tokio::time::sleep(Duration::from_millis(50)).await; }
+                    Ok(n) => buf.push_str(&String::from_utf8_lossy(&a[..n])),
+                },
+                n = err.read(&mut b) => match n {
+                    Ok(0) | Err(_) => { tokio::time::sleep(Duration::from_millis(50)).await; }
+                    Ok(n) => buf.push_str(&String::from_utf8_lossy(&b[..n])),
+                },
+                _ = tokio::time::sleep(left) => {}
+            }
+        }
+        buf
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcdctl_against_three_members() {
+    init_tracing();
+    let c = TestCluster::start(3, test_tunables()).await;
+    let leader = c.wait_leader(Duration::from_secs(30)).await;
+    let follower = (leader + 1) % 3;
+    let all = (0..3)
+        .map(|i| c.client_url(i))
+        .collect::<Vec<_>>()
+        .join(",");
+    let lead = c.client_url(leader);
+    let foll = c.client_url(follower);
+
+    // put / get through a follower (forwarded to the leader).
+    assert_eq!(ok(&foll, &["put", "foo", "bar"]).await.trim(), "OK");
+    let rev1 = header_revision(&ok(&foll, &["get", "foo", "-w", "json"]).await);
+    assert_eq!(ok(&lead, &["put", "foo", "baz"]).await.trim(), "OK");
+    ok(&all, &["put", "foo/a", "1"]).await;
+    ok(&all, &["put", "foo/b", "2"]).await;
+    assert_eq!(
+        ok(&foll, &["get", "--prefix", "foo/"]).await,
+        "foo/a\n1\nfoo/b\n2\n"
+    );
+    // get --rev sees the old value.
+    assert_eq!(
+        ok(&foll, &["get", "foo", &format!("--rev={rev1}")]).await,
+        "foo\nbar\n"
+    );
+    // del
+    assert_eq!(ok(&all, &["del", "foo/a"]).await.trim(), "1");
+    assert_eq!(ok(&lead, &["get", "foo/a"]).await, "");
+
+    // txn in its stdin form: compares, blank line, success ops, blank line, failure ops.
+    let (success, out, err) = run(
+        &foll,
+        &["txn"],
+        Some("value(\"foo\") = \"baz\"\n\nput txnkey yes\n\nput txnkey no\n\n"),
+    )
+    .await;
+    assert!(success, "txn failed: {err}");
+    assert!(out.starts_with("SUCCESS"), "txn output: {out}");
+    assert_eq!(
+        ok(&lead, &["get", "txnkey", "--print-value-only"])
+            .await
+            .trim(),
+        "yes"
+    );
+    let (success, out, _) = run(
+        &foll,
+        &["txn"],
+        Some("value(\"foo\") = \"nope\"\n\nput txnkey yes2\n\nput txnkey no\n\n"),
+    )
+    .await;
+    assert!(success);
+    assert!(out.starts_with("FAILURE"), "txn output: {out}");
+    assert_eq!(
+        ok(&lead, &["get", "txnkey", "--print-value-only"])
+            .await
+            .trim(),
+        "no"
+    );
+
+    // watch in another process sees a put.
+    let now = header_revision(&ok(&lead, &["get", "foo", "-w", "json"]).await);
+    let mut watch = WatchChild::spawn(&foll, &["wkey", &format!("--rev={}", now + 1)]);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    ok(&lead, &["put", "wkey", "wval"]).await;
+    let seen = watch.expect_output("wval", Duration::from_secs(20)).await;
+    assert!(seen.contains("PUT\nwkey\nwval"), "watch output: {seen}");
+    drop(watch);
+
+    // leases: grant, keep-alive --once, put --lease, expiry deletes the key.
+    let out = ok(&foll, &["lease", "grant", "3"]).await;
+    // "lease 694d77aa9e38260f granted with TTL(3s)"
+    let id = out.split_whitespace().nth(1).expect("lease id").to_owned();
+    let out = ok(&foll, &["lease", "keep-alive", "--once", &id]).await;
+    assert!(out.contains("keepalived with TTL(3)"), "keep-alive: {out}");
+    assert_eq!(
+        ok(&foll, &["put", "--lease", &id, "leased", "v"])
+            .await
+            .trim(),
+        "OK"
+    );
+    let out = ok(&foll, &["lease", "timetolive", "--keys", &id]).await;
+    assert!(out.contains("leased"), "timetolive: {out}");
+    assert_eq!(
+        ok(&lead, &["get", "leased", "--print-value-only"])
+            .await
+            .trim(),
+        "v"
+    );
+    let lead2 = lead.clone();
+    wait_until("leased key to expire", Duration::from_secs(20), || {
+        let lead = lead2.clone();
+        async move { ok(&lead, &["get", "leased"]).await.is_empty() }
+    })
+    .await;
+    let out = ok(&foll, &["lease", "timetolive", &id]).await;
+    assert!(
+        out.contains("already expired"),
+        "timetolive after expiry: {out}"
+    );
+
+    // member list / member add / endpoint status.
+    let out = ok(&foll, &["member", "list"]).await;
+    assert_eq!(out.lines().count(), 3, "member list: {out}");
+    for i in 0..3 {
+        assert!(
+            out.contains(&format!(", n{}, ", i + 1)),
+            "member list: {out}"
+        );
+        assert!(
+            out.contains(&c.client_url(i)),
+            "member list lacks client url: {out}"
+        );
+    }
+    let out = ok(
+        &foll,
+        &["member", "add", "n4", "--peer-urls=http://127.0.0.1:1"],
+    )
+    .await;
+    assert!(out.contains("added to cluster"), "member add: {out}");
+    let out = ok(&lead, &["member", "list"]).await;
+    assert_eq!(out.lines().count(), 4, "member list after add: {out}");
+    assert!(
+        out.contains("unstarted"),
+        "new member shows as unstarted: {out}"
+    );
+    let new_id = out
+        .lines()
+        .find(|l| l.contains("unstarted"))
+        .and_then(|l| l.split(',').next())
+        .expect("new member id")
+        .to_owned();
+    ok(&lead, &["member", "remove", &new_id]).await;
+    assert_eq!(ok(&lead, &["member", "list"]).await.lines().count(), 3);
+
+    let out = ok(&all, &["endpoint", "status", "-w", "json"]).await;
+    let v: serde_json::Value = serde_json::from_str(&out).expect("status json");
+    let arr = v.as_array().expect("array");
+    assert_eq!(arr.len(), 3);
+    let leader_id = c.node(leader).id();
+    for s in arr {
+        assert_eq!(s["Status"]["version"], "3.4.0");
+        assert_eq!(s["Status"]["leader"].as_u64(), Some(leader_id));
+    }
+
+    // compaction, then a watch from a compacted revision is refused.
+    let rev = header_revision(&ok(&lead, &["get", "foo", "-w", "json"]).await);
+    let out = ok(&foll, &["compaction", &rev.to_string()]).await;
+    assert!(
+        out.contains(&format!("compacted revision {rev}")),
+        "compaction: {out}"
+    );
+    let mut watch = WatchChild::spawn(&foll, &["foo", "--rev=1"]);
+    let out = watch
+        .expect_output(
+            "required revision has been compacted",
+            Duration::from_secs(20),
+        )
+        .await;
+    assert!(out.contains("compacted"), "{out}");
+    drop(watch);
+    let (success, _, err) = run(&foll, &["get", "foo", "--rev=1"], None).await;
+    assert!(!success);
+    assert!(
+        err.contains("required revision has been compacted"),
+        "{err}"
+    );
+
+    c.shutdown().await;
+}
