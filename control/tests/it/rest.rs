@@ -1,0 +1,728 @@
+//! Exact REST semantics over HTTPS with tokens: status codes, selectors, paging, watch,
+//! graceful deletion, finalizers, node and read-only roles.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::harness::{Server, start};
+
+const JSON: (&str, &str) = ("Content-Type", "application/json");
+
+fn pod(name: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": {"app": name}},
+           "spec": {"containers": [{"name": "c", "image": "busybox"}]}})
+}
+
+async fn post(s: &Server, path: &str, v: &Value) -> anyhow::Result<crate::harness::Resp> {
+    s.http("POST", path, &[JSON], v.to_string().as_bytes())
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_codes() -> anyhow::Result<()> {
+    let s = start().await?;
+    let pods = "/api/v1/namespaces/default/pods";
+
+    // 401 without credentials; public health endpoints stay open.
+    let r = s.http_as(None, "GET", pods, &[], b"").await?;
+    assert_eq!(r.status, 401);
+    assert_eq!(r.json()["reason"], "Unauthorized");
+    assert_eq!(
+        s.http_as(None, "GET", "/healthz", &[], b"").await?.status,
+        200
+    );
+    assert_eq!(
+        s.http_as(None, "GET", "/readyz", &[], b"").await?.status,
+        200
+    );
+
+    // 400 names the problem.
+    let r = s
+        .http("POST", pods, &[JSON], b"{\"apiVersion\": \"v1\", ")
+        .await?;
+    assert_eq!(r.status, 400);
+    let msg = r.json()["message"].as_str().unwrap_or_default().to_string();
+    assert!(msg.contains("line 1 column"), "{msg}");
+
+    // 404: object, unknown resource (listing the known ones), unknown group version.
+    let r = s.http("GET", &format!("{pods}/nope"), &[], b"").await?;
+    assert_eq!(
+        (r.status, r.json()["reason"].clone()),
+        (404, json!("NotFound"))
+    );
+    assert_eq!(r.json()["details"]["kind"], "pods");
+    let r = s
+        .http("GET", "/api/v1/namespaces/default/widgets", &[], b"")
+        .await?;
+    assert_eq!(r.status, 404);
+    assert!(
+        r.json()["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("pods") && m.contains("configmaps"))
+    );
+    let r = s.http("GET", "/apis/batch/v1/jobs", &[], b"").await?;
+    assert_eq!(r.status, 404);
+    assert!(
+        r.json()["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("apps/v1"))
+    );
+
+    // 201, then 409 AlreadyExists.
+    let r = post(&s, pods, &pod("a")).await?;
+    assert_eq!(r.status, 201);
+    let created = r.json();
+    assert!(
+        created["metadata"]["uid"].is_string()
+            && created["metadata"]["creationTimestamp"].is_string()
+    );
+    let rv = created["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let r = post(&s, pods, &pod("a")).await?;
+    assert_eq!(
+        (r.status, r.json()["reason"].clone()),
+        (409, json!("AlreadyExists"))
+    );
+
+    // 409 Conflict on a stale resourceVersion; the fresh one works.
+    let mut upd = created.clone();
+    upd["spec"]["activeDeadlineSeconds"] = json!(100);
+    upd["metadata"]["resourceVersion"] = json!("1");
+    let r = s
+        .http(
+            "PUT",
+            &format!("{pods}/a"),
+            &[JSON],
+            upd.to_string().as_bytes(),
+        )
+        .await?;
+    assert_eq!(
+        (r.status, r.json()["reason"].clone()),
+        (409, json!("Conflict"))
+    );
+    upd["metadata"]["resourceVersion"] = json!(rv);
+    let r = s
+        .http(
+            "PUT",
+            &format!("{pods}/a"),
+            &[JSON],
+            upd.to_string().as_bytes(),
+        )
+        .await?;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_ne!(r.json()["metadata"]["resourceVersion"], json!(rv));
+
+    // 422 lists every cause with field paths.
+    let bad = json!({"metadata": {"name": "b"}, "spec": {"restartPolicy": "Sometimes", "containers": [{"name": "c"}]}});
+    let r = post(&s, pods, &bad).await?;
+    assert_eq!(r.status, 422);
+    let causes: Vec<String> = r.json()["details"]["causes"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|c| c["field"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(causes, ["spec.containers[0].image", "spec.restartPolicy"]);
+
+    // Strict field validation → 400; Ignore drops the field; Warn warns.
+    let mut extra = pod("c");
+    extra["spec"]["foo"] = json!(1);
+    let r = post(&s, &format!("{pods}?fieldValidation=Strict"), &extra).await?;
+    assert_eq!(r.status, 400);
+    assert!(
+        r.json()["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("unknown field \"spec.foo\""))
+    );
+    let r = post(&s, pods, &extra).await?;
+    assert_eq!(r.status, 201);
+    assert!(r.header("warning").is_some_and(|w| w.contains("spec.foo")));
+    assert!(
+        r.json()["spec"].get("foo").is_none(),
+        "unknown fields are kept out"
+    );
+
+    // 413 over 3 MiB.
+    let mut big = pod("big");
+    big["metadata"]["annotations"] = json!({"x": "y".repeat(3 * 1024 * 1024 + 10)});
+    let r = post(&s, pods, &big).await?;
+    assert_eq!(r.status, 413);
+
+    // 415 for an unknown patch type.
+    let r = s
+        .http(
+            "PATCH",
+            &format!("{pods}/a"),
+            &[("Content-Type", "text/plain")],
+            b"{}",
+        )
+        .await?;
+    assert_eq!(r.status, 415);
+
+    // 503 + Retry-After while the store is down, and nothing half-written.
+    s.store.set_unavailable(true);
+    let r = post(&s, pods, &pod("during-outage")).await?;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.header("retry-after"), Some("1"));
+    assert_eq!(s.http("GET", "/readyz", &[], b"").await?.status, 503);
+    s.store.set_unavailable(false);
+    let r = s
+        .http("GET", &format!("{pods}/during-outage"), &[], b"")
+        .await?;
+    assert_eq!(r.status, 404);
+
+    // Namespace must exist.
+    let r = post(&s, "/api/v1/namespaces/nope/pods", &pod("x")).await?;
+    assert_eq!(r.status, 404);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovery_version_openapi() -> anyhow::Result<()> {
+    let s = start().await?;
+    let r = s
+        .http("GET", "/api", &[("Accept", "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList,application/json")], b"")
+        .await?;
+    assert_eq!(
+        r.header("content-type"),
+        Some("application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList")
+    );
+    assert_eq!(r.json()["items"][0]["metadata"]["name"], "");
+    let r = s
+        .http("GET", "/api", &[("Accept", "application/json")], b"")
+        .await?;
+    assert_eq!(r.json()["kind"], "APIVersions");
+    let r = s.http("GET", "/apis/apps/v1", &[], b"").await?;
+    let names: Vec<String> = r.json()["resources"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x["name"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        names.contains(&"deployments/scale".to_string()),
+        "{names:?}"
+    );
+    let r = s.http("GET", "/version", &[], b"").await?;
+    assert_eq!(r.json()["major"], "1");
+    let r = s.http("GET", "/openapi/v3", &[], b"").await?;
+    let url = r.json()["paths"]["apis/apps/v1"]["serverRelativeURL"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let r = s.http("GET", &url, &[], b"").await?;
+    assert_eq!(r.status, 200);
+    assert!(r.body.windows(10).any(|w| w == b"Deployment"));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn selectors_paging_generate_name() -> anyhow::Result<()> {
+    let s = start().await?;
+    let pods = "/api/v1/namespaces/default/pods";
+    for i in 0..5 {
+        let mut p = pod(&format!("p{i}"));
+        p["metadata"]["labels"] =
+            json!({"app": "x", "idx": i.to_string(), "even": (i % 2 == 0).to_string()});
+        if i < 2 {
+            p["spec"]["nodeName"] = json!("n1");
+        }
+        assert_eq!(post(&s, pods, &p).await?.status, 201);
+    }
+    let names = |v: Value| -> Vec<String> {
+        v["items"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x["metadata"]["name"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let q = |sel: &str| {
+        format!(
+            "{pods}?labelSelector={}",
+            sel.replace(' ', "%20").replace('!', "%21")
+        )
+    };
+    assert_eq!(
+        names(s.http("GET", &q("even=true"), &[], b"").await?.json()),
+        ["p0", "p2", "p4"]
+    );
+    assert_eq!(
+        names(s.http("GET", &q("idx in (1,3)"), &[], b"").await?.json()),
+        ["p1", "p3"]
+    );
+    assert_eq!(
+        names(
+            s.http("GET", &q("idx notin (0,1,2)"), &[], b"")
+                .await?
+                .json()
+        ),
+        ["p3", "p4"]
+    );
+    assert_eq!(
+        names(s.http("GET", &q("idx!=0,app"), &[], b"").await?.json()),
+        ["p1", "p2", "p3", "p4"]
+    );
+    assert_eq!(
+        names(s.http("GET", &q("!idx"), &[], b"").await?.json()),
+        Vec::<String>::new()
+    );
+    let r = s
+        .http(
+            "GET",
+            &format!("{pods}?fieldSelector=spec.nodeName%3Dn1"),
+            &[],
+            b"",
+        )
+        .await?;
+    assert_eq!(names(r.json()), ["p0", "p1"]);
+    let r = s
+        .http(
+            "GET",
+            "/api/v1/pods?fieldSelector=metadata.name%3Dp3,status.phase%3DPending",
+            &[],
+            b"",
+        )
+        .await?;
+    assert_eq!(names(r.json()), ["p3"]);
+    let r = s
+        .http(
+            "GET",
+            &format!("{pods}?fieldSelector=spec.bogus%3D1"),
+            &[],
+            b"",
+        )
+        .await?;
+    assert_eq!(r.status, 400);
+
+    // limit/continue walk every item exactly once.
+    let mut all = Vec::new();
+    let mut cont = String::new();
+    for _ in 0..10 {
+        let path = if cont.is_empty() {
+            format!("{pods}?limit=2")
+        } else {
+            format!("{pods}?limit=2&continue={cont}")
+        };
+        let v = s.http("GET", &path, &[], b"").await?.json();
+        all.extend(names(v.clone()));
+        match v["metadata"]["continue"].as_str() {
+            Some(c) => cont = c.to_string(),
+            None => break,
+        }
+    }
+    assert_eq!(all, ["p0", "p1", "p2", "p3", "p4"]);
+
+    // generateName.
+    let r = post(&s, pods, &json!({"metadata": {"generateName": "gen-"}, "spec": {"containers": [{"name": "c", "image": "i"}]}})).await?;
+    assert_eq!(r.status, 201);
+    let name = r.json()["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(name.starts_with("gen-") && name.len() == 9, "{name}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_bookmarks_initial_events_and_gone() -> anyhow::Result<()> {
+    let s = start().await?;
+    let pods = "/api/v1/namespaces/default/pods";
+    let r = post(&s, pods, &pod("w0")).await?;
+    let rv0 = r.json()["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+
+    // From a resourceVersion: only later changes, with label filtering turning updates into
+    // ADDED/DELETED for this watcher.
+    let mut w = s
+        .open_stream(&format!(
+            "{pods}?watch=true&resourceVersion={rv0}&labelSelector=app%3Dw1"
+        ))
+        .await?;
+    post(&s, pods, &pod("w1")).await?;
+    let ev = w.next_event(Duration::from_secs(10)).await?;
+    assert_eq!(
+        (
+            ev["type"].as_str(),
+            ev["object"]["metadata"]["name"].as_str()
+        ),
+        (Some("ADDED"), Some("w1"))
+    );
+    let r = s
+        .http(
+            "PATCH",
+            &format!("{pods}/w1"),
+            &[("Content-Type", "application/merge-patch+json")],
+            br#"{"metadata":{"labels":{"app":"other"}}}"#,
+        )
+        .await?;
+    assert_eq!(r.status, 200);
+    let ev = w.next_event(Duration::from_secs(10)).await?;
+    assert_eq!(ev["type"], "DELETED", "stopped matching: {ev}");
+
+    // sendInitialEvents: current objects, then the initial-events-end bookmark, then changes.
+    let mut w = s
+        .open_stream(&format!("{pods}?watch=true&sendInitialEvents=true&allowWatchBookmarks=true&resourceVersionMatch=NotOlderThan&fieldSelector=metadata.name%3Dw0"))
+        .await?;
+    let ev = w.next_event(Duration::from_secs(10)).await?;
+    assert_eq!(
+        (
+            ev["type"].as_str(),
+            ev["object"]["metadata"]["name"].as_str()
+        ),
+        (Some("ADDED"), Some("w0"))
+    );
+    let ev = w.next_event(Duration::from_secs(10)).await?;
+    assert_eq!(ev["type"], "BOOKMARK");
+    assert_eq!(
+        ev["object"]["metadata"]["annotations"]["k8s.io/initial-events-end"],
+        "true"
+    );
+    let r = s.http("DELETE", &format!("{pods}/w0"), &[], b"").await?;
+    assert_eq!(r.status, 200);
+    let ev = w.next_event(Duration::from_secs(10)).await?;
+    assert_eq!(
+        (
+            ev["type"].as_str(),
+            ev["object"]["metadata"]["name"].as_str()
+        ),
+        (Some("DELETED"), Some("w0"))
+    );
+
+    // Periodic bookmarks on an idle watch.
+    let rv = s.http("GET", pods, &[], b"").await?.json()["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let mut w = s
+        .open_stream(&format!(
+            "{pods}?watch=true&resourceVersion={rv}&allowWatchBookmarks=true"
+        ))
+        .await?;
+    let ev = w.next_event(Duration::from_secs(30)).await?;
+    assert_eq!(ev["type"], "BOOKMARK");
+    assert_eq!(ev["object"]["metadata"]["resourceVersion"], json!(rv));
+
+    // Compacted history: 410 Expired.
+    s.store.compact();
+    post(&s, pods, &pod("w2")).await?;
+    let mut w = s
+        .open_stream(&format!("{pods}?watch=true&resourceVersion={rv0}"))
+        .await?;
+    let ev = w.next_event(Duration::from_secs(10)).await?;
+    assert_eq!(ev["type"], "ERROR");
+    assert_eq!(
+        (
+            ev["object"]["code"].as_i64(),
+            ev["object"]["reason"].as_str()
+        ),
+        (Some(410), Some("Expired"))
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_delete_finalizers_status_scale() -> anyhow::Result<()> {
+    let s = start().await?;
+    let pods = "/api/v1/namespaces/default/pods";
+    let mut p = pod("g");
+    p["spec"]["nodeName"] = json!("n1");
+    post(&s, pods, &p).await?;
+    // Bound pod: marked with deletionTimestamp + grace, stays until a grace-0 delete.
+    let r = s
+        .http(
+            "DELETE",
+            &format!("{pods}/g"),
+            &[JSON],
+            br#"{"propagationPolicy":"Background"}"#,
+        )
+        .await?;
+    assert_eq!(r.status, 200);
+    assert!(r.json()["metadata"]["deletionTimestamp"].is_string());
+    assert_eq!(r.json()["metadata"]["deletionGracePeriodSeconds"], 30);
+    assert_eq!(
+        s.http("GET", &format!("{pods}/g"), &[], b"").await?.status,
+        200
+    );
+    let r = s
+        .http(
+            "DELETE",
+            &format!("{pods}/g?gracePeriodSeconds=0"),
+            &[],
+            b"",
+        )
+        .await?;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        s.http("GET", &format!("{pods}/g"), &[], b"").await?.status,
+        404
+    );
+
+    // Finalizers hold an object until they are removed.
+    let cm = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "f", "finalizers": ["x/y"]}, "data": {"a": "1"}});
+    post(&s, "/api/v1/namespaces/default/configmaps", &cm).await?;
+    let r = s
+        .http(
+            "DELETE",
+            "/api/v1/namespaces/default/configmaps/f",
+            &[],
+            b"",
+        )
+        .await?;
+    assert!(r.json()["metadata"]["deletionTimestamp"].is_string());
+    assert_eq!(
+        s.http("GET", "/api/v1/namespaces/default/configmaps/f", &[], b"")
+            .await?
+            .status,
+        200
+    );
+    let r = s
+        .http(
+            "PATCH",
+            "/api/v1/namespaces/default/configmaps/f",
+            &[("Content-Type", "application/json-patch+json")],
+            br#"[{"op":"remove","path":"/metadata/finalizers"}]"#,
+        )
+        .await?;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        s.http("GET", "/api/v1/namespaces/default/configmaps/f", &[], b"")
+            .await?
+            .status,
+        404
+    );
+
+    // Status subresource writes only status; main writes keep status.
+    post(&s, pods, &pod("st")).await?;
+    let r = s
+        .http("PATCH", &format!("{pods}/st/status"), &[("Content-Type", "application/merge-patch+json")], br#"{"status":{"phase":"Running","podIP":"10.1.0.5"},"metadata":{"labels":{"no":"no"}}}"#)
+        .await?;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["status"]["phase"], "Running");
+    assert!(r.json()["metadata"]["labels"].get("no").is_none());
+    let r = s
+        .http(
+            "PATCH",
+            &format!("{pods}/st"),
+            &[("Content-Type", "application/merge-patch+json")],
+            br#"{"status":{"phase":"Failed"}}"#,
+        )
+        .await?;
+    assert_eq!(r.json()["status"]["phase"], "Running");
+
+    // Scale subresource.
+    let d = json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "d"},
+        "spec": {"selector": {"matchLabels": {"a": "b"}}, "template": {"metadata": {"labels": {"a": "b"}},
+        "spec": {"containers": [{"name": "c", "image": "i"}]}}}});
+    let r = post(&s, "/apis/apps/v1/namespaces/default/deployments", &d).await?;
+    assert_eq!(r.json()["spec"]["replicas"], 1);
+    assert_eq!(r.json()["spec"]["strategy"]["type"], "RollingUpdate");
+    let r = s
+        .http(
+            "GET",
+            "/apis/apps/v1/namespaces/default/deployments/d/scale",
+            &[],
+            b"",
+        )
+        .await?;
+    assert_eq!(
+        (
+            r.json()["kind"].as_str(),
+            r.json()["status"]["selector"].as_str()
+        ),
+        (Some("Scale"), Some("a=b"))
+    );
+    let r = s
+        .http("PUT", "/apis/apps/v1/namespaces/default/deployments/d/scale", &[JSON], br#"{"kind":"Scale","apiVersion":"autoscaling/v1","metadata":{"name":"d"},"spec":{"replicas":7}}"#)
+        .await?;
+    assert_eq!(r.json()["spec"]["replicas"], 7);
+    let r = s
+        .http(
+            "GET",
+            "/apis/apps/v1/namespaces/default/deployments/d",
+            &[],
+            b"",
+        )
+        .await?;
+    assert_eq!(
+        (
+            r.json()["spec"]["replicas"].as_i64(),
+            r.json()["metadata"]["generation"].as_i64()
+        ),
+        (Some(7), Some(2))
+    );
+
+    // Deleting a namespace removes its contents.
+    post(
+        &s,
+        "/api/v1/namespaces",
+        &json!({"metadata": {"name": "tmp"}}),
+    )
+    .await?;
+    post(&s, "/api/v1/namespaces/tmp/pods", &pod("x")).await?;
+    s.http("DELETE", "/api/v1/namespaces/tmp", &[], b"").await?;
+    assert_eq!(
+        s.http("GET", "/api/v1/namespaces/tmp/pods/x", &[], b"")
+            .await?
+            .status,
+        404
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_and_readonly_rights() -> anyhow::Result<()> {
+    let s = start().await?;
+    let n1 = s.pki.node_token("n1");
+    let t = Some(n1.as_str());
+    let node = |name: &str| json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}});
+    let r = s
+        .http_as(
+            t,
+            "POST",
+            "/api/v1/nodes",
+            &[JSON],
+            node("n1").to_string().as_bytes(),
+        )
+        .await?;
+    assert_eq!(r.status, 201);
+    let r = s
+        .http_as(
+            t,
+            "POST",
+            "/api/v1/nodes",
+            &[JSON],
+            node("n2").to_string().as_bytes(),
+        )
+        .await?;
+    assert_eq!(r.status, 403);
+    assert_eq!(r.json()["reason"], "Forbidden");
+    let r = s
+        .http_as(
+            t,
+            "PATCH",
+            "/api/v1/nodes/n1/status",
+            &[("Content-Type", "application/merge-patch+json")],
+            br#"{"status":{"conditions":[{"type":"Ready","status":"True"}]}}"#,
+        )
+        .await?;
+    assert_eq!(r.status, 200);
+    // Leases: only its own, in kube-node-lease.
+    let lease = json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": {"name": "n1"}, "spec": {"holderIdentity": "n1"}});
+    let r = s
+        .http_as(
+            t,
+            "POST",
+            "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases",
+            &[JSON],
+            lease.to_string().as_bytes(),
+        )
+        .await?;
+    assert_eq!(r.status, 201);
+    let r = s
+        .http_as(
+            t,
+            "GET",
+            "/apis/coordination.k8s.io/v1/namespaces/default/leases",
+            &[],
+            b"",
+        )
+        .await?;
+    assert_eq!(r.status, 403);
+    // Pods: only those bound to it, and list/watch only with its nodeName selector.
+    let mut mine = pod("mine");
+    mine["spec"]["nodeName"] = json!("n1");
+    post(&s, "/api/v1/namespaces/default/pods", &mine).await?;
+    post(&s, "/api/v1/namespaces/default/pods", &pod("other")).await?;
+    assert_eq!(
+        s.http_as(t, "GET", "/api/v1/pods", &[], b"").await?.status,
+        403
+    );
+    let r = s
+        .http_as(
+            t,
+            "GET",
+            "/api/v1/pods?fieldSelector=spec.nodeName%3Dn1",
+            &[],
+            b"",
+        )
+        .await?;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["items"].as_array().map(Vec::len), Some(1));
+    assert_eq!(
+        s.http_as(t, "GET", "/api/v1/namespaces/default/pods/mine", &[], b"")
+            .await?
+            .status,
+        200
+    );
+    assert_eq!(
+        s.http_as(t, "GET", "/api/v1/namespaces/default/pods/other", &[], b"")
+            .await?
+            .status,
+        403
+    );
+    let r = s
+        .http_as(
+            t,
+            "PATCH",
+            "/api/v1/namespaces/default/pods/mine/status",
+            &[("Content-Type", "application/merge-patch+json")],
+            br#"{"status":{"phase":"Running"}}"#,
+        )
+        .await?;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        s.http_as(
+            t,
+            "PATCH",
+            "/api/v1/namespaces/default/pods/other/status",
+            &[("Content-Type", "application/merge-patch+json")],
+            b"{}"
+        )
+        .await?
+        .status,
+        403
+    );
+    assert_eq!(
+        s.http_as(t, "GET", "/api/v1/namespaces/default/secrets", &[], b"")
+            .await?
+            .status,
+        403
+    );
+    // Read-only: reads except secrets, no writes.
+    let ro = Some(s.readonly_token.as_str());
+    assert_eq!(
+        s.http_as(ro, "GET", "/api/v1/pods", &[], b"").await?.status,
+        200
+    );
+    assert_eq!(
+        s.http_as(ro, "GET", "/api/v1/namespaces/default/secrets", &[], b"")
+            .await?
+            .status,
+        403
+    );
+    assert_eq!(
+        s.http_as(
+            ro,
+            "DELETE",
+            "/api/v1/namespaces/default/pods/other",
+            &[],
+            b""
+        )
+        .await?
+        .status,
+        403
+    );
+    Ok(())
+}
