@@ -76,6 +76,10 @@ pub struct NodeMetrics {
     pub last_applied: u64,
     /// Current store revision.
     pub revision: i64,
+    /// Last log index included in this member's latest snapshot (0 = none).
+    pub snapshot: u64,
+    /// Last purged log index (0 = none).
+    pub purged: u64,
     /// Voter ids of the current membership.
     pub voters: BTreeSet<u64>,
     /// Learner ids of the current membership.
@@ -353,6 +357,8 @@ impl NodeHandle {
             term: m.current_term,
             last_applied: m.last_applied.map_or(0, |l| l.index),
             revision: self.inner.sm.read().mvcc.revision(),
+            snapshot: m.snapshot.map_or(0, |l| l.index),
+            purged: m.purged.map_or(0, |l| l.index),
             voters: membership.voter_ids().collect(),
             learners: membership.learner_ids().collect(),
         }
