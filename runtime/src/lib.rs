@@ -33,6 +33,9 @@ pub mod pod_runtime;
 pub mod testing;
 pub mod wasm;
 
+/// The object-model crate, re-exported so callers can build pod specs without naming it.
+pub use api;
+
 pub use any::AnyRuntime;
 pub use pod_runtime::{
     ContainerStats, ContainerStatus, PodConfig, PodId, PodRuntime, PodStats, PodStatus,

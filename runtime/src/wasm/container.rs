@@ -121,6 +121,8 @@ pub(crate) struct ContainerShared {
     pub(crate) cpu_ns: AtomicU64,
     pub(crate) fuel_used: AtomicU64,
     pub(crate) memory_bytes: AtomicU64,
+    /// Host address of the guest's linear memory once instantiated (0 before).
+    pub(crate) memory_base: AtomicUsize,
     /// Set by the epoch callback when the guest yields because its slice ended.
     pub(crate) yielded: AtomicBool,
     oom: AtomicBool,
@@ -156,6 +158,7 @@ impl ContainerShared {
             cpu_ns: AtomicU64::new(0),
             fuel_used: AtomicU64::new(0),
             memory_bytes: AtomicU64::new(0),
+            memory_base: AtomicUsize::new(0),
             yielded: AtomicBool::new(false),
             oom: AtomicBool::new(false),
             requested_at,
@@ -248,6 +251,8 @@ pub(crate) struct Launch {
     pub(crate) fuel_limit: Option<u64>,
     pub(crate) cpu_limit_millis: Option<u64>,
     pub(crate) shares: u64,
+    /// `requests.cpu` (defaulted from `limits.cpu`), for placement.
+    pub(crate) request_millis: u64,
 }
 
 /// Releases the container's slot when its task ends, however it ends.
@@ -257,12 +262,14 @@ struct ExitGuard {
     live: Arc<AtomicUsize>,
     /// How the container ended; `None` if its task was aborted or dropped.
     end: Option<End>,
+    request_millis: u64,
 }
 
 impl Drop for ExitGuard {
     fn drop(&mut self) {
         // Release the slot before publishing the end, so whoever waits for the end sees it free.
         self.worker.load.fetch_sub(1, Ordering::Relaxed);
+        self.worker.millis.fetch_sub(self.request_millis, Ordering::Relaxed);
         self.live.fetch_sub(1, Ordering::Relaxed);
         let (code, reason, message) =
             self.end
@@ -291,6 +298,7 @@ pub(crate) fn spawn(
             worker,
             live,
             end: None,
+            request_millis: launch.request_millis,
         };
         let quota = launch
             .cpu_limit_millis
@@ -371,6 +379,11 @@ async fn run_guest(l: Launch, shared: Arc<ContainerShared>) -> End {
     let result = async {
         let instance = l.pre.instantiate_async(&mut store).await?;
         let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
+        if let Some(mem) = instance.get_memory(&mut store, "memory") {
+            // Only the address is kept, for the node's own memory accounting.
+            let base = mem.data_ptr(&store) as usize;
+            shared.memory_base.store(base, Ordering::Relaxed);
+        }
         shared.mark_running();
         start.call_async(&mut store, ()).await
     }

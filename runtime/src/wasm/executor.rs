@@ -4,7 +4,7 @@
 //! max/min CPU 1.7–3.0 between equal spinners); a current-thread runtime round-robins its tasks,
 //! and [`super::cpu::Governed`] weights them by `requests.cpu`.
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 
@@ -18,6 +18,8 @@ pub(crate) struct Worker {
     pub(crate) handle: Handle,
     /// Containers placed here and not yet ended.
     pub(crate) load: AtomicUsize,
+    /// Sum of the CPU requests (millicores) of those containers.
+    pub(crate) millis: AtomicU64,
     pub(crate) sched: Arc<Sched>,
     /// `/proc/self/task/<tid>` of the worker thread, for its CPU time.
     task_dir: Arc<OnceLock<PathBuf>>,
@@ -57,6 +59,7 @@ impl Executors {
             workers.push(Arc::new(Worker {
                 handle,
                 load: AtomicUsize::new(0),
+                millis: AtomicU64::new(0),
                 sched: Arc::new(Sched::default()),
                 task_dir,
                 stop: Mutex::new(Some(stop_tx)),
@@ -66,14 +69,16 @@ impl Executors {
         Ok(Executors { workers })
     }
 
-    /// The least-loaded worker, with its load already counted for one more container.
-    pub(crate) fn place(&self) -> Arc<Worker> {
+    /// The least-loaded worker (by requested CPU, then by container count), with the new
+    /// container already counted in its load.
+    pub(crate) fn place(&self, request_millis: u64) -> Arc<Worker> {
         let w = self
             .workers
             .iter()
-            .min_by_key(|w| w.load.load(Ordering::Relaxed))
+            .min_by_key(|w| (w.millis.load(Ordering::Relaxed), w.load.load(Ordering::Relaxed)))
             .expect("invariant: at least one worker");
         w.load.fetch_add(1, Ordering::Relaxed);
+        w.millis.fetch_add(request_millis, Ordering::Relaxed);
         w.clone()
     }
 

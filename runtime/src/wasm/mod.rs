@@ -253,6 +253,32 @@ impl WasmRuntime {
         self.inner.executors.cpu_ns()
     }
 
+    /// Waits until every container of the pod has terminated, or `timeout` passes.
+    pub async fn wait_pod(&self, id: &PodId, timeout: Duration) -> Result<PodStatus, RuntimeError> {
+        let pod = self.pod(id).ok_or_else(|| RuntimeError::NotFound(id.clone()))?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        for c in &pod.containers {
+            if !c.wait_terminated(deadline).await {
+                return Err(RuntimeError::Transient(format!("pod {id} still runs after {timeout:?}")));
+            }
+        }
+        Ok(status_of(&pod))
+    }
+
+    /// `(host address, size)` of the linear memory of every instantiated container, for
+    /// measuring how much of the node's RSS is guest memory.
+    pub fn linear_memory_ranges(&self) -> Vec<(usize, usize)> {
+        let pods = self.inner.pods.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        pods.values()
+            .flat_map(|p| p.containers.iter())
+            .filter_map(|c| {
+                let base = c.memory_base.load(Ordering::Relaxed);
+                let len = c.memory_bytes.load(Ordering::Relaxed);
+                (base != 0).then(|| (base, usize::try_from(len).unwrap_or(usize::MAX)))
+            })
+            .collect()
+    }
+
     /// Fetches and compiles an image ahead of time (what `run_pod` does on a cold image).
     pub async fn pull(&self, image: &str) -> Result<(), RuntimeError> {
         self.prepare(image).await.map(|_| ())
@@ -366,6 +392,7 @@ impl WasmRuntime {
             fuel_limit,
             cpu_limit_millis,
             shares: cpu::shares(request),
+            request_millis: request.unwrap_or(0),
         })
     }
 }
@@ -498,7 +525,7 @@ impl PodRuntime for WasmRuntime {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .insert(id.clone(), entry);
         for (launch, s) in launches.into_iter().zip(shared) {
-            let worker = self.inner.executors.place();
+            let worker = self.inner.executors.place(launch.request_millis);
             container::spawn(launch, s, worker, self.inner.live.clone());
         }
         Ok(id)
