@@ -1,10 +1,172 @@
-//! `flotilla` subcommand wiring (placeholder until its crate lands).
+//! `flotilla store`: run one member of the Raft-replicated store (etcd v3 API).
+//!
+//! Flags are named like etcd's so an etcd operator can reuse their command lines.
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
 
-/// Arguments (placeholder).
-#[derive(clap::Args)]
-pub(crate) struct StoreArgs {}
+use anyhow::{Context, bail};
 
-/// Entry point (placeholder).
-pub(crate) fn run(_args: StoreArgs) -> anyhow::Result<()> {
-    anyhow::bail!("this subcommand is not implemented yet")
+/// Arguments of `flotilla store` (etcd flag names).
+#[derive(clap::Args, Debug)]
+pub(crate) struct StoreArgs {
+    /// Human-readable name of this member.
+    #[arg(long, default_value = "default", env = "FLOTILLA_STORE_NAME")]
+    name: String,
+    /// Data directory (default `./<name>.flotilla`).
+    #[arg(long, env = "FLOTILLA_STORE_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// URL to serve the etcd v3 API on (only http, one address).
+    #[arg(long, default_value = "http://127.0.0.1:2379")]
+    listen_client_urls: String,
+    /// URL to serve Raft traffic on (only http, one address).
+    #[arg(long, default_value = "http://127.0.0.1:2380")]
+    listen_peer_urls: String,
+    /// Client URL to advertise to the cluster (default: the listen client URL).
+    #[arg(long)]
+    advertise_client_urls: Option<String>,
+    /// Peer URL to advertise to the cluster (default: the listen peer URL).
+    #[arg(long)]
+    initial_advertise_peer_urls: Option<String>,
+    /// Initial cluster, `name=http://host:port,...` (default: this member alone).
+    #[arg(long)]
+    initial_cluster: Option<String>,
+    /// `new` to bootstrap, `existing` to join a cluster that already ran `member add`.
+    #[arg(long, default_value = "new", value_parser = ["new", "existing"])]
+    initial_cluster_state: String,
+    /// Token distinguishing this cluster from others (the cluster id derives from it).
+    #[arg(long, default_value = "flotilla-cluster")]
+    initial_cluster_token: String,
+    /// Heartbeat interval in milliseconds.
+    #[arg(long, default_value_t = 100)]
+    heartbeat_interval: u64,
+    /// Election timeout in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    election_timeout: u64,
+    /// Applied entries between Raft snapshots.
+    #[arg(long, default_value_t = 10_000)]
+    snapshot_count: u64,
+    /// Largest accepted request in bytes.
+    #[arg(long, default_value_t = 1536 * 1024)]
+    max_request_bytes: usize,
+    /// Most operations in one Txn.
+    #[arg(long, default_value_t = 128)]
+    max_txn_ops: usize,
+    /// Space quota in bytes; exceeding it raises the NOSPACE alarm.
+    #[arg(long, default_value_t = 2 * 1024 * 1024 * 1024)]
+    quota_backend_bytes: u64,
+}
+
+/// `http://host:port[,...]` -> the first address.
+fn parse_url(flag: &str, s: &str) -> anyhow::Result<(String, SocketAddr)> {
+    let first = s.split(',').next().unwrap_or_default().trim();
+    let Some(rest) = first.strip_prefix("http://") else {
+        bail!("--{flag}: only http:// URLs are supported, got {first:?}");
+    };
+    let hostport = rest.trim_end_matches('/');
+    let addr: SocketAddr = match hostport.parse() {
+        Ok(a) => a,
+        Err(_) => {
+            use std::net::ToSocketAddrs;
+            hostport
+                .to_socket_addrs()
+                .with_context(|| format!("--{flag}: cannot resolve {hostport:?}"))?
+                .next()
+                .with_context(|| format!("--{flag}: no address for {hostport:?}"))?
+        }
+    };
+    Ok((first.trim_end_matches('/').to_owned(), addr))
+}
+
+impl StoreArgs {
+    fn into_config(self) -> anyhow::Result<store::StoreConfig> {
+        let (client_url, client_addr) = parse_url("listen-client-urls", &self.listen_client_urls)?;
+        let (peer_url, peer_addr) = parse_url("listen-peer-urls", &self.listen_peer_urls)?;
+        let advertise_peer = match &self.initial_advertise_peer_urls {
+            Some(u) => parse_url("initial-advertise-peer-urls", u)?.0,
+            None => peer_url,
+        };
+        let advertise_client = match &self.advertise_client_urls {
+            Some(u) => parse_url("advertise-client-urls", u)?.0,
+            None => client_url,
+        };
+        let initial_cluster = match &self.initial_cluster {
+            Some(s) => store::StoreConfig::parse_initial_cluster(s).context("--initial-cluster")?,
+            None => vec![(self.name.clone(), advertise_peer.clone())],
+        };
+        if let Some((_, url)) = initial_cluster.iter().find(|(n, _)| *n == self.name)
+            && *url != advertise_peer
+        {
+            bail!(
+                "--initial-cluster lists {} at {url}, but this member's peer URL is {advertise_peer} \
+                 (set --listen-peer-urls or --initial-advertise-peer-urls to match)",
+                self.name
+            );
+        }
+        let tunables = store::Tunables {
+            heartbeat_interval: Duration::from_millis(self.heartbeat_interval),
+            election_timeout: Duration::from_millis(self.election_timeout),
+            snapshot_count: self.snapshot_count,
+            max_request_bytes: self.max_request_bytes,
+            max_txn_ops: self.max_txn_ops,
+            quota_backend_bytes: self.quota_backend_bytes,
+            ..store::Tunables::default()
+        };
+        Ok(store::StoreConfig {
+            data_dir: self
+                .data_dir
+                .unwrap_or_else(|| PathBuf::from(format!("{}.flotilla", self.name))),
+            name: self.name,
+            listen_client_addr: client_addr,
+            listen_peer_addr: peer_addr,
+            advertise_peer_url: Some(advertise_peer),
+            advertise_client_url: Some(advertise_client),
+            initial_cluster,
+            initial_cluster_state: if self.initial_cluster_state == "existing" {
+                store::ClusterState::Existing
+            } else {
+                store::ClusterState::New
+            },
+            initial_cluster_token: self.initial_cluster_token,
+            tunables,
+        })
+    }
+}
+
+/// Runs a store member until SIGINT or SIGTERM.
+pub(crate) fn run(args: StoreArgs) -> anyhow::Result<()> {
+    let config = args.into_config()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("failed to build the tokio runtime")?;
+    rt.block_on(async move {
+        let name = config.name.clone();
+        let data_dir = config.data_dir.clone();
+        let node = store::Node::start(config)
+            .await
+            .with_context(|| format!("failed to start store member {name:?}"))?;
+        tracing::info!(
+            member = %name,
+            id = format_args!("{:x}", node.id()),
+            client = %node.client_addr(),
+            peer = %node.peer_addr(),
+            data_dir = %data_dir.display(),
+            "store member serving the etcd v3 API"
+        );
+        wait_for_signal().await?;
+        tracing::info!("shutting down");
+        node.shutdown().await;
+        Ok(())
+    })
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.context("wait for SIGINT")?,
+        _ = term.recv() => {}
+    }
+    Ok(())
 }
