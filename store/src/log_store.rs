@@ -2,6 +2,10 @@
 //!
 //! Durability: `append` flushes sled before it reports the write complete to openraft, and
 //! `save_vote` flushes before returning; a flush covers every tree of the database.
+#![allow(
+    clippy::result_large_err,
+    reason = "openraft's StorageError is the error type its storage traits require"
+)]
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
 

@@ -93,8 +93,11 @@ impl Default for Mvcc {
     }
 }
 
+/// A key range as `BTreeMap::range` bounds.
+pub(crate) type KeyBounds = (Bound<Vec<u8>>, Bound<Vec<u8>>);
+
 /// Key bounds of etcd's `[key, range_end)` convention.
-pub(crate) fn bounds(key: &[u8], range_end: &[u8]) -> Option<(Bound<Vec<u8>>, Bound<Vec<u8>>)> {
+pub(crate) fn bounds(key: &[u8], range_end: &[u8]) -> Option<KeyBounds> {
     if range_end.is_empty() {
         return Some((Bound::Included(key.to_vec()), Bound::Included(key.to_vec())));
     }
@@ -439,11 +442,10 @@ impl Mvcc {
                         return Err(EtcdError::Compacted);
                     }
                 }
-                Some(request_op::Request::RequestDeleteRange(d)) => {
-                    if d.key.is_empty() {
-                        return Err(EtcdError::EmptyKey);
-                    }
+                Some(request_op::Request::RequestDeleteRange(d)) if d.key.is_empty() => {
+                    return Err(EtcdError::EmptyKey);
                 }
+                Some(request_op::Request::RequestDeleteRange(_)) => {}
                 Some(request_op::Request::RequestTxn(t)) => {
                     // The nested branch is chosen at execution; both must be valid for
                     // all-or-nothing semantics (compares only read).
@@ -764,6 +766,9 @@ fn compare_kv(c: &Compare, kv: &KeyValue) -> bool {
     }
 }
 
+/// Delete ranges and put keys of one Txn branch.
+type BranchKeys = (Vec<(Vec<u8>, Vec<u8>)>, BTreeSet<Vec<u8>>);
+
 /// Static Txn checks done before proposing: op count and duplicate keys (etcd's
 /// `checkIntervals`).
 pub(crate) fn check_txn(t: &TxnRequest, max_ops: usize) -> Result<(), EtcdError> {
@@ -782,9 +787,7 @@ pub(crate) fn check_txn(t: &TxnRequest, max_ops: usize) -> Result<(), EtcdError>
     if !count_ok(t, max_ops) {
         return Err(EtcdError::TooManyOps);
     }
-    fn branch(
-        ops: &[RequestOp],
-    ) -> Result<(Vec<(Vec<u8>, Vec<u8>)>, BTreeSet<Vec<u8>>), EtcdError> {
+    fn branch(ops: &[RequestOp]) -> Result<BranchKeys, EtcdError> {
         let mut dels = Vec::new();
         let mut puts = BTreeSet::new();
         for op in ops {
@@ -803,11 +806,10 @@ pub(crate) fn check_txn(t: &TxnRequest, max_ops: usize) -> Result<(), EtcdError>
                     }
                     dels.push((d.key.clone(), d.range_end.clone()));
                 }
-                Some(request_op::Request::RequestRange(r)) => {
-                    if r.key.is_empty() {
-                        return Err(EtcdError::EmptyKey);
-                    }
+                Some(request_op::Request::RequestRange(r)) if r.key.is_empty() => {
+                    return Err(EtcdError::EmptyKey);
                 }
+                Some(request_op::Request::RequestRange(_)) => {}
                 Some(request_op::Request::RequestTxn(n)) => {
                     for c in &n.compare {
                         if c.key.is_empty() {

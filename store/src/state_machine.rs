@@ -3,6 +3,10 @@
 //! Memory holds the etcd model ([`Mvcc`]) for reads and watches; sled holds its records. Each
 //! Raft entry is applied in one sled transaction that also writes `last_applied`, so replay after
 //! a crash is idempotent. Snapshots are the full model, stored in sled as well.
+#![allow(
+    clippy::result_large_err,
+    reason = "openraft's StorageError is the error type its storage traits require"
+)]
 use std::io::Cursor;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -47,6 +51,9 @@ fn record_key(rev: i64, sub: u32) -> [u8; 12] {
     k[8..].copy_from_slice(&sub.to_be_bytes());
     k
 }
+
+/// A persisted snapshot: metadata and body.
+type StoredSnapshot = (SnapshotMeta<u64, Member>, Vec<u8>);
 
 /// What readers need, consistent under one lock.
 #[derive(Debug, Default)]
@@ -236,7 +243,7 @@ impl SledStateMachine {
             })
     }
 
-    fn load_current_snapshot(&self) -> StorageResult<Option<(SnapshotMeta<u64, Member>, Vec<u8>)>> {
+    fn load_current_snapshot(&self) -> StorageResult<Option<StoredSnapshot>> {
         match self.snapshot.get(CURRENT).map_err(sm_read_err)? {
             None => Ok(None),
             Some(v) => Ok(Some(decode(&v).map_err(sm_read_err)?)),

@@ -267,9 +267,9 @@ async fn get_rev(
         ..Default::default()
     })
     .await
-    .unwrap()
+    .expect("range")
     .into_inner()
     .header
-    .unwrap()
+    .expect("header")
     .revision
 }
