@@ -1,10 +1,12 @@
 //! Builds the `wasm-examples` guests for `wasm32-wasip1` with a nested cargo, into a target
 //! directory of their own (sharing the outer one would deadlock on its build lock), and tells
-//! the crate where they are through `FLOTILLA_GUESTS_DIR`.
+//! the crate where they are through `FLOTILLA_GUESTS_DIR`. Also compiles the CRI `runtime.v1`
+//! subset in `proto/` with protox (no protoc needed).
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn main() {
+    compile_cri_protos();
     let manifest_dir = PathBuf::from(env("CARGO_MANIFEST_DIR"));
     let out_dir = PathBuf::from(env("OUT_DIR"));
     let workspace = manifest_dir
@@ -64,4 +66,17 @@ fn main() {
 
 fn env(name: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| panic!("cargo sets {name} for build scripts"))
+}
+
+/// Generates the CRI client and server (`runtime.v1`) from `proto/`; a broken proto is a build
+/// error, unlike a missing wasm target.
+fn compile_cri_protos() {
+    let fds = protox::compile(["runtime/v1/cri.proto"], ["proto"])
+        .unwrap_or_else(|e| panic!("compiling proto/runtime/v1/cri.proto: {e}"));
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .compile_fds(fds)
+        .unwrap_or_else(|e| panic!("generating CRI code: {e}"));
+    println!("cargo:rerun-if-changed=proto");
 }

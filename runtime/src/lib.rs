@@ -28,6 +28,7 @@
 #![warn(missing_docs)]
 
 pub mod any;
+pub mod cri;
 pub mod pod_runtime;
 #[cfg(any(test, feature = "test-util"))]
 pub mod testing;
@@ -37,6 +38,7 @@ pub mod wasm;
 pub use api;
 
 pub use any::AnyRuntime;
+pub use cri::CriRuntime;
 pub use pod_runtime::{
     ContainerStats, ContainerStatus, PodConfig, PodId, PodRuntime, PodStats, PodStatus,
     RuntimeError, SandboxState,
