@@ -18,6 +18,15 @@ const MAX_IN_FLIGHT: usize = 2;
 
 type Pending = (WriteOp, oneshot::Sender<Result<Reply, EtcdError>>);
 
+/// How well batching works (exposed through `NodeMetrics`).
+#[derive(Debug, Default)]
+pub(crate) struct BatchCounters {
+    /// Raft entries proposed by this member's batcher.
+    pub(crate) entries: std::sync::atomic::AtomicU64,
+    /// Client write requests they carried.
+    pub(crate) ops: std::sync::atomic::AtomicU64,
+}
+
 /// Handle to submit writes to the local Raft leader.
 #[derive(Debug, Clone)]
 pub(crate) struct Batcher {
@@ -31,9 +40,17 @@ impl Batcher {
         max_batch_ops: usize,
         cancel: CancellationToken,
         tracker: &tokio_util::task::TaskTracker,
+        counters: Arc<BatchCounters>,
     ) -> Self {
         let (tx, rx) = mpsc::channel(4096);
-        tracker.spawn(run(raft, rx, max_batch_ops.max(1), cancel, tracker.clone()));
+        tracker.spawn(run(
+            raft,
+            rx,
+            max_batch_ops.max(1),
+            cancel,
+            tracker.clone(),
+            counters,
+        ));
         Self { tx }
     }
 
@@ -55,6 +72,7 @@ async fn run(
     max_batch_ops: usize,
     cancel: CancellationToken,
     tracker: tokio_util::task::TaskTracker,
+    counters: Arc<BatchCounters>,
 ) {
     let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     loop {
@@ -80,6 +98,12 @@ async fn run(
             }
         }
         let raft = raft.clone();
+        counters
+            .entries
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        counters
+            .ops
+            .fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
         tracker.spawn(async move {
             let _permit = permit;
             let (ops, waiters): (Vec<_>, Vec<_>) = batch.into_iter().unzip();

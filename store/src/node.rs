@@ -1,7 +1,7 @@
 //! Starting, running and stopping one store member.
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -14,7 +14,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::batcher::Batcher;
+use crate::batcher::{BatchCounters, Batcher};
 use crate::config::{ClusterState, StoreConfig, Tunables, cluster_id, member_id};
 use crate::error::{EtcdError, StoreError};
 use crate::lessor::Lessor;
@@ -80,6 +80,14 @@ pub struct NodeMetrics {
     pub snapshot: u64,
     /// Last purged log index (0 = none).
     pub purged: u64,
+    /// Raft entries this member's group-commit batcher proposed (while leader).
+    pub proposed_entries: u64,
+    /// Client writes those entries carried.
+    pub proposed_writes: u64,
+    /// ReadIndex rounds run for linearizable reads.
+    pub read_index_rounds: u64,
+    /// Linearizable reads served through those rounds.
+    pub linearizable_reads: u64,
     /// Voter ids of the current membership.
     pub voters: BTreeSet<u64>,
     /// Learner ids of the current membership.
@@ -100,7 +108,10 @@ pub(crate) struct Inner {
     pub(crate) cancel: CancellationToken,
     pub(crate) tracker: TaskTracker,
     batcher: Batcher,
+    batch_counters: Arc<BatchCounters>,
     reads: Reads,
+    read_rounds: std::sync::atomic::AtomicU64,
+    linearizable_reads: std::sync::atomic::AtomicU64,
     lessor: Lessor,
     peers: Mutex<HashMap<String, RaftPeerClient<tonic::transport::Channel>>>,
 }
@@ -269,7 +280,14 @@ impl Node {
 
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
-        let batcher = Batcher::spawn(raft.clone(), t.max_batch_ops, cancel.clone(), &tracker);
+        let batch_counters = Arc::new(BatchCounters::default());
+        let batcher = Batcher::spawn(
+            raft.clone(),
+            t.max_batch_ops,
+            cancel.clone(),
+            &tracker,
+            batch_counters.clone(),
+        );
         let inner = Arc::new(Inner {
             id,
             name: config.name.clone(),
@@ -283,7 +301,10 @@ impl Node {
             cancel: cancel.clone(),
             tracker: tracker.clone(),
             batcher,
+            batch_counters,
             reads: Arc::new(ReadQueue::default()),
+            read_rounds: Default::default(),
+            linearizable_reads: Default::default(),
             lessor: Lessor::default(),
             peers: Mutex::new(HashMap::new()),
         });
@@ -359,6 +380,10 @@ impl NodeHandle {
             revision: self.inner.sm.read().mvcc.revision(),
             snapshot: m.snapshot.map_or(0, |l| l.index),
             purged: m.purged.map_or(0, |l| l.index),
+            proposed_entries: self.inner.batch_counters.entries.load(Ordering::Relaxed),
+            proposed_writes: self.inner.batch_counters.ops.load(Ordering::Relaxed),
+            read_index_rounds: self.inner.read_rounds.load(Ordering::Relaxed),
+            linearizable_reads: self.inner.linearizable_reads.load(Ordering::Relaxed),
             voters: membership.voter_ids().collect(),
             learners: membership.learner_ids().collect(),
         }
@@ -670,6 +695,10 @@ async fn read_loop(inner: Arc<Inner>) {
             _ = inner.cancel.cancelled() => return,
             w = inner.reads.next_round() => w,
         };
+        inner.read_rounds.fetch_add(1, Ordering::Relaxed);
+        inner
+            .linearizable_reads
+            .fetch_add(waiters.len() as u64, Ordering::Relaxed);
         let result = async {
             let idx = match inner.leader_call(ForwardRequest::ReadIndex).await? {
                 ForwardResponse::ReadIndex(i) => i,

@@ -68,7 +68,8 @@ pub(crate) struct SmState {
 pub(crate) struct Shared {
     state: RwLock<SmState>,
     /// One message per applied batch; subscribe while holding the read lock so that replay
-    /// up to the current revision and the live feed join without gap or overlap.
+    /// up to the current revision and the live feed join without gap or overlap. An empty
+    /// message means the model was replaced by a snapshot.
     pub(crate) events: broadcast::Sender<Arc<Vec<RevEvents>>>,
     db: sled::Db,
 }
@@ -400,7 +401,12 @@ impl RaftStateMachine<TypeConfig> for SledStateMachine {
         let state = tokio::task::spawn_blocking(move || this.write_snapshot_state(&meta2, &data))
             .await
             .map_err(|e| snap_err(std::io::Error::other(e.to_string())))??;
-        *self.shared.write() = state;
+        {
+            let mut st = self.shared.write();
+            *st = state;
+            // The model jumped: an empty batch tells watch streams to re-join from history.
+            let _ = self.shared.events.send(Arc::new(Vec::new()));
+        }
         Ok(())
     }
 

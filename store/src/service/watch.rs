@@ -50,11 +50,18 @@ impl Watch for WatchService {
         &self,
         request: Request<Streaming<WatchRequest>>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        // Go clients set `hasleader=true` (WithRequireLeader): such streams must fail over when
+        // this member loses its leader.
+        let require_leader = request
+            .metadata()
+            .get("hasleader")
+            .is_some_and(|v| v.as_bytes() == b"true");
         let input = request.into_inner();
         let (tx, rx) = mpsc::channel(256);
         let inner = self.inner.clone();
         self.inner.tracker.spawn(async move {
             let mut s = Session::new(inner, tx);
+            s.require_leader = require_leader;
             s.run(input).await;
         });
         Ok(Response::new(Box::pin(
@@ -106,6 +113,8 @@ struct Session {
     feed_rev: i64,
     watchers: BTreeMap<i64, Watcher>,
     next_id: i64,
+    require_leader: bool,
+    leaderless_since: Option<tokio::time::Instant>,
 }
 
 enum Flow {
@@ -126,6 +135,8 @@ impl Session {
             feed_rev,
             watchers: BTreeMap::new(),
             next_id: 0,
+            require_leader: false,
+            leaderless_since: None,
         }
     }
 
@@ -148,6 +159,7 @@ impl Session {
     async fn run(&mut self, mut input: Streaming<WatchRequest>) {
         let mut progress = tokio::time::interval(PROGRESS_INTERVAL);
         progress.tick().await;
+        let mut leader_check = tokio::time::interval(Duration::from_millis(500));
         let cancel = self.inner.cancel.clone();
         loop {
             let flow = tokio::select! {
@@ -165,6 +177,7 @@ impl Session {
                     Err(RecvError::Closed) => Flow::Stop,
                 },
                 _ = progress.tick() => self.on_progress_tick().await,
+                _ = leader_check.tick(), if self.require_leader => self.check_leader().await,
             };
             if matches!(flow, Flow::Stop) {
                 return;
@@ -301,7 +314,8 @@ impl Session {
 
     async fn on_batch(&mut self, batch: &[RevEvents]) -> Flow {
         let Some(last) = batch.last().map(|b| b.revision) else {
-            return Flow::Continue;
+            // A snapshot replaced the state machine: replay what it brought from history.
+            return self.rejoin().await;
         };
         let mut out: Vec<(i64, Vec<Event>)> = Vec::new();
         for (id, w) in self.watchers.iter_mut() {
@@ -342,6 +356,23 @@ impl Session {
             }
         }
         self.feed_rev = now;
+        Flow::Continue
+    }
+
+    /// etcd cancels require-leader streams after about three election timeouts without one.
+    async fn check_leader(&mut self) -> Flow {
+        let has_leader = self.inner.raft.metrics().borrow().current_leader.is_some();
+        if has_leader {
+            self.leaderless_since = None;
+            return Flow::Continue;
+        }
+        let since = *self
+            .leaderless_since
+            .get_or_insert_with(tokio::time::Instant::now);
+        if since.elapsed() > self.inner.tunables.election_timeout * 3 {
+            let _ = self.tx.send(Err(EtcdError::NoLeader.into())).await;
+            return Flow::Stop;
+        }
         Flow::Continue
     }
 

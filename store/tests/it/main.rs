@@ -1,5 +1,7 @@
 //! Store integration tests: one binary, modules by topic.
 
+/// Group commit and batched linearizable reads.
+mod batching;
 /// Three members: failover, restart, membership, snapshot catch-up.
 mod cluster;
 /// The real `etcdctl` (3.4) against a 3-member store.

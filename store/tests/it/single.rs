@@ -273,3 +273,85 @@ async fn get_rev(
     .expect("header")
     .revision
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn space_quota_raises_nospace_alarm() {
+    use store::pb::etcdserverpb::maintenance_client::MaintenanceClient;
+    use store::pb::etcdserverpb::{AlarmRequest, AlarmType, StatusRequest, alarm_request};
+    init_tracing();
+    let tunables = store::Tunables {
+        quota_backend_bytes: 64 * 1024,
+        ..test_tunables()
+    };
+    let c = TestCluster::start(1, tunables).await;
+    c.wait_leader(Duration::from_secs(20)).await;
+    let mut kv = c.kv(0).await;
+    let mut err = None;
+    for i in 0..100 {
+        let r = kv
+            .put(PutRequest {
+                key: format!("q{i}").into(),
+                value: vec![0; 4096],
+                ..Default::default()
+            })
+            .await;
+        if let Err(e) = r {
+            err = Some(e);
+            break;
+        }
+    }
+    let err = err.expect("quota reached");
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+    assert_eq!(err.message(), "etcdserver: mvcc: database space exceeded");
+    let mut m = MaintenanceClient::connect(c.client_url(0)).await.unwrap();
+    let alarms = m
+        .alarm(AlarmRequest {
+            action: alarm_request::AlarmAction::Get as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(alarms.alarms.len(), 1);
+    assert_eq!(alarms.alarms[0].alarm, AlarmType::Nospace as i32);
+    let st = m.status(StatusRequest {}).await.unwrap().into_inner();
+    assert!(
+        st.errors.iter().any(|e| e.contains("NOSPACE")),
+        "{:?}",
+        st.errors
+    );
+    // Reads and deletes still work; writes stay refused while the alarm is active.
+    assert!(get(&mut kv, "q0").await.is_some());
+    let err = kv
+        .put(PutRequest {
+            key: "small".into(),
+            value: "v".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_dir_of_another_member_is_refused() {
+    init_tracing();
+    let mut c = TestCluster::start(1, test_tunables()).await;
+    c.wait_leader(Duration::from_secs(20)).await;
+    let mut kv = c.kv(0).await;
+    put(&mut kv, "persist", "me").await;
+    c.kill(0).await;
+    let mut other = c.configs[0].clone();
+    other.name = "intruder".to_owned();
+    other.initial_cluster = vec![("intruder".to_owned(), other.initial_cluster[0].1.clone())];
+    let err = store::Node::start(other).await.unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("belongs to member \"n1\""), "{msg}");
+    // The rightful member restarts from the same dir with its data.
+    c.restart(0).await;
+    c.wait_leader(Duration::from_secs(20)).await;
+    let mut kv = c.kv(0).await;
+    assert_eq!(get(&mut kv, "persist").await.as_deref(), Some("me"));
+    c.shutdown().await;
+}
