@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use control::apiserver::{ApiServer, ApiServerConfig};
-use control::storage::MemStore;
+use control::storage::{MemStore, RemoteStore, Store};
 use tokio_util::sync::CancellationToken;
 
 /// Arguments of `flotilla server`.
@@ -17,9 +17,16 @@ pub(crate) struct ServerArgs {
     /// Address to serve HTTPS on.
     #[arg(long, default_value = "0.0.0.0:6443", env = "FLOTILLA_LISTEN")]
     listen: SocketAddr,
-    /// Store to use: `mem` keeps everything in memory (lost on exit; for development).
-    #[arg(long, value_parser = ["mem"], conflicts_with = "store_endpoints")]
+    /// Store to use without `--store-endpoints`: `embedded` (default) runs a one-member
+    /// Flotilla store under DATA_DIR/store; `mem` keeps everything in memory (lost on exit).
+    #[arg(long, value_parser = ["embedded", "mem"], conflicts_with = "store_endpoints")]
     store: Option<String>,
+    /// Client (etcd v3) address of the embedded store.
+    #[arg(long, default_value = "127.0.0.1:12379")]
+    embedded_store_client: String,
+    /// Peer (Raft) address of the embedded store.
+    #[arg(long, default_value = "127.0.0.1:12380")]
+    embedded_store_peer: String,
     /// etcd v3 endpoints of the Flotilla store (or a real etcd), comma-separated URLs.
     #[arg(long, value_delimiter = ',', env = "FLOTILLA_STORE_ENDPOINTS")]
     store_endpoints: Vec<String>,
@@ -48,15 +55,38 @@ async fn serve(args: ServerArgs) -> anyhow::Result<()> {
     config.insecure_http = args.insecure_http_no_auth;
     config.extra_sans = args.tls_san.clone();
     if !args.store_endpoints.is_empty() {
-        anyhow::bail!(
-            "--store-endpoints is not supported by this build yet (the etcd v3 RemoteStore is missing); use --store=mem"
-        );
+        let store =
+            RemoteStore::connect(&args.store_endpoints).context("invalid --store-endpoints")?;
+        return serve_on(args, config, store).await;
     }
-    if args.store.as_deref() != Some("mem") {
-        anyhow::bail!("choose a store: --store=mem or --store-endpoints URLS");
+    match args.store.as_deref() {
+        Some("mem") => serve_on(args, config, MemStore::new()).await,
+        Some("embedded") | None => {
+            let dir = args.data_dir.join("store");
+            let node = control::storage::embedded::start_on(
+                &dir,
+                &args.embedded_store_client,
+                &args.embedded_store_peer,
+            )
+            .await
+            .context("failed to start the embedded store")?;
+            println!("embedded store: etcd v3 API on {}", node.client_addr());
+            let store = RemoteStore::connect(&[format!("http://{}", node.client_addr())])
+                .context("failed to connect to the embedded store")?;
+            let result = serve_on(args, config, store).await;
+            node.shutdown().await;
+            result
+        }
+        Some(other) => anyhow::bail!("unknown --store {other:?}"),
     }
-    let server =
-        ApiServer::new(config, MemStore::new()).context("failed to prepare the API server")?;
+}
+
+async fn serve_on<S: Store>(
+    args: ServerArgs,
+    config: ApiServerConfig,
+    store: S,
+) -> anyhow::Result<()> {
+    let server = ApiServer::new(config, store).context("failed to prepare the API server")?;
     if let Some(node) = &args.print_node_token {
         let pki = server
             .pki()
@@ -64,10 +94,19 @@ async fn serve(args: ServerArgs) -> anyhow::Result<()> {
         println!("{}", pki.node_token(node));
         return Ok(());
     }
-    server
-        .bootstrap()
-        .await
-        .context("failed to create the system namespaces")?;
+    // The store may still be electing a leader: retry the bootstrap writes for a while.
+    let mut attempt = 0;
+    loop {
+        match server.bootstrap().await {
+            Ok(()) => break,
+            Err(e) if attempt < 30 => {
+                attempt += 1;
+                tracing::info!(error = %e, "store not ready yet; retrying");
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e).context("failed to create the system namespaces"),
+        }
+    }
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("failed to listen on {}", args.listen))?;

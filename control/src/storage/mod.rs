@@ -9,9 +9,12 @@ use std::pin::Pin;
 use bytes::Bytes;
 use futures::Stream;
 
+pub mod embedded;
 mod mem;
+mod remote;
 
 pub use mem::MemStore;
+pub use remote::RemoteStore;
 
 /// A store revision (etcd's `mod_revision`), the source of `metadata.resourceVersion`.
 pub type Revision = i64;

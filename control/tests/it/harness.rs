@@ -21,7 +21,10 @@ pub struct Server {
     pub readonly_token: String,
     pub ca_pem: String,
     pub pki: control::apiserver::Pki,
-    pub store: MemStore,
+    /// Set when the server runs on a MemStore (fault injection: outage, compaction).
+    pub mem: Option<MemStore>,
+    /// Set when the server runs on an embedded Flotilla store through RemoteStore.
+    node: Option<store::NodeHandle>,
     shutdown: CancellationToken,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -31,6 +34,11 @@ impl Drop for Server {
         self.shutdown.cancel();
         if let Some(t) = self.task.take() {
             t.abort();
+        }
+        if let Some(node) = self.node.take()
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            rt.spawn(async move { node.shutdown().await });
         }
     }
 }
@@ -47,10 +55,69 @@ fn venv_python() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tools/venv/bin/python")
 }
 
+/// A server on a MemStore.
 pub async fn start() -> anyhow::Result<Server> {
     let dir = tempfile::tempdir()?;
-    let store = MemStore::new();
-    let server = ApiServer::new(ApiServerConfig::new(dir.path()), store.clone())?;
+    let mem = MemStore::new();
+    let mut s = start_with(dir, mem.clone()).await?;
+    s.mem = Some(mem);
+    Ok(s)
+}
+
+/// A server on an embedded one-member Flotilla store, through the etcd v3 RemoteStore.
+pub async fn start_embedded() -> anyhow::Result<Server> {
+    let dir = tempfile::tempdir()?;
+    let node = control::storage::embedded::start(&dir.path().join("store")).await?;
+    let store =
+        control::storage::RemoteStore::connect(&[format!("http://{}", node.client_addr())])?;
+    // A fresh one-member store elects itself quickly; wait for writes to work.
+    let mut s = None;
+    for _ in 0..100 {
+        match start_with_ref(dir.path(), store.clone()).await {
+            Ok(x) => {
+                s = Some(x);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    let (addr, kubeconfig, pki, shutdown, task) =
+        s.context("embedded store never became writable")?;
+    Ok(Server::assemble(
+        dir,
+        addr,
+        kubeconfig,
+        pki,
+        shutdown,
+        task,
+        None,
+        Some(node),
+    ))
+}
+
+async fn start_with<S: control::storage::Store>(
+    dir: tempfile::TempDir,
+    store: S,
+) -> anyhow::Result<Server> {
+    let (addr, kubeconfig, pki, shutdown, task) = start_with_ref(dir.path(), store).await?;
+    Ok(Server::assemble(
+        dir, addr, kubeconfig, pki, shutdown, task, None, None,
+    ))
+}
+
+type Started = (
+    std::net::SocketAddr,
+    PathBuf,
+    control::apiserver::Pki,
+    CancellationToken,
+    tokio::task::JoinHandle<()>,
+);
+
+async fn start_with_ref<S: control::storage::Store>(
+    dir: &Path,
+    store: S,
+) -> anyhow::Result<Started> {
+    let server = ApiServer::new(ApiServerConfig::new(dir), store)?;
     server.bootstrap().await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
@@ -63,18 +130,53 @@ pub async fn start() -> anyhow::Result<Server> {
             eprintln!("server failed: {e:?}");
         }
     });
-    Ok(Server {
-        addr,
-        kubeconfig,
-        admin_token: pki.admin_token.clone(),
-        readonly_token: pki.readonly_token.clone(),
-        ca_pem: pki.ca_pem.clone(),
-        pki,
-        dir,
-        store,
-        shutdown,
-        task: Some(task),
-    })
+    Ok((addr, kubeconfig, pki, shutdown, task))
+}
+
+impl Server {
+    #[allow(clippy::too_many_arguments, reason = "test plumbing")]
+    fn assemble(
+        dir: tempfile::TempDir,
+        addr: std::net::SocketAddr,
+        kubeconfig: PathBuf,
+        pki: control::apiserver::Pki,
+        shutdown: CancellationToken,
+        task: tokio::task::JoinHandle<()>,
+        mem: Option<MemStore>,
+        node: Option<store::NodeHandle>,
+    ) -> Server {
+        Server {
+            addr,
+            kubeconfig,
+            admin_token: pki.admin_token.clone(),
+            readonly_token: pki.readonly_token.clone(),
+            ca_pem: pki.ca_pem.clone(),
+            pki,
+            dir,
+            mem,
+            node,
+            shutdown,
+            task: Some(task),
+        }
+    }
+}
+
+/// Declares `mod <name> { mem, store }`: the scenario `<name>(&Server)` on a MemStore and on an
+/// embedded Flotilla store through RemoteStore.
+#[macro_export]
+macro_rules! on_both_stores {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn mem() -> anyhow::Result<()> {
+                super::$name(&$crate::harness::start().await?).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn store() -> anyhow::Result<()> {
+                super::$name(&$crate::harness::start_embedded().await?).await
+            }
+        }
+    )*};
 }
 
 /// Output of one kubectl run.
@@ -100,6 +202,49 @@ impl Out {
 }
 
 impl Server {
+    /// Starts (`true`) or ends a store outage. Returns whether the store is back; the embedded
+    /// store is shut down for good, so ending its outage returns `false`.
+    pub async fn store_outage(&self, down: bool) -> anyhow::Result<bool> {
+        if let Some(mem) = &self.mem {
+            mem.set_unavailable(down);
+            return Ok(true);
+        }
+        if down && let Some(node) = &self.node {
+            node.shutdown().await;
+        }
+        Ok(false)
+    }
+
+    /// Compacts the store's history up to its current revision.
+    pub async fn compact(&self) -> anyhow::Result<()> {
+        if let Some(mem) = &self.mem {
+            mem.compact();
+            return Ok(());
+        }
+        let node = self.node.as_ref().context("no store")?;
+        let mut kv = store::pb::etcdserverpb::kv_client::KvClient::connect(format!(
+            "http://{}",
+            node.client_addr()
+        ))
+        .await?;
+        let rev = kv
+            .range(store::pb::etcdserverpb::RangeRequest {
+                key: b"/".to_vec(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner()
+            .header
+            .context("header")?
+            .revision;
+        kv.compact(store::pb::etcdserverpb::CompactionRequest {
+            revision: rev,
+            physical: true,
+        })
+        .await?;
+        Ok(())
+    }
+
     /// Writes a kubeconfig using `token` (or none) for this server.
     pub fn kubeconfig_with(&self, name: &str, token: &str) -> anyhow::Result<PathBuf> {
         let path = self.dir.path().join(name);

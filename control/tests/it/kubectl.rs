@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::harness::start;
+use crate::harness::Server;
 
 const DEPLOY_V1: &str = r#"
 apiVersion: apps/v1
@@ -51,10 +51,7 @@ fn json(s: &str) -> serde_json::Value {
     serde_json::from_str(s).unwrap_or(serde_json::Value::Null)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn apply_get_describe_scale_label_patch_delete() -> anyhow::Result<()> {
-    let s = start().await?;
-
+async fn apply_get_describe_scale_label_patch_delete(s: &Server) -> anyhow::Result<()> {
     // apply: create, then change.
     let out = s
         .kubectl_stdin(&["apply", "-f", "-"], DEPLOY_V1)
@@ -226,9 +223,7 @@ async fn apply_get_describe_scale_label_patch_delete() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pods_table_wide_watch_events_delete() -> anyhow::Result<()> {
-    let s = start().await?;
+async fn pods_table_wide_watch_events_delete(s: &Server) -> anyhow::Result<()> {
     let out = s.kubectl_stdin(&["create", "-f", "-"], POD).await?.ok()?;
     assert!(out.contains("pod/p1 created"), "{out}");
     let out = s.kubectl(&["get", "pods"]).await?.ok()?;
@@ -330,9 +325,7 @@ async fn pods_table_wide_watch_events_delete() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn server_side_apply_and_errors() -> anyhow::Result<()> {
-    let s = start().await?;
+async fn server_side_apply_and_errors(s: &Server) -> anyhow::Result<()> {
     // --server-side creates when absent, then changes.
     let out = s
         .kubectl_stdin(&["apply", "--server-side", "-f", "-"], DEPLOY_V1)
@@ -431,3 +424,9 @@ async fn server_side_apply_and_errors() -> anyhow::Result<()> {
     assert!(out.code != 0 && out.stderr.contains("Forbidden"), "{out:?}");
     Ok(())
 }
+
+crate::on_both_stores!(
+    apply_get_describe_scale_label_patch_delete,
+    pods_table_wide_watch_events_delete,
+    server_side_apply_and_errors
+);

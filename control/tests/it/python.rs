@@ -1,6 +1,6 @@
 //! The official Python `kubernetes` client (from the venv of scripts/kubectl).
 
-use crate::harness::start;
+use crate::harness::Server;
 
 const SCRIPT: &str = r#"
 import sys, threading, time
@@ -67,10 +67,10 @@ assert len(dyn_pods.get(namespace="default").items) == 0
 print("python client OK")
 "#;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn list_create_watch_patch_delete() -> anyhow::Result<()> {
-    let s = start().await?;
+async fn list_create_watch_patch_delete(s: &Server) -> anyhow::Result<()> {
     let out = s.python(SCRIPT).await?.ok()?;
     assert!(out.contains("python client OK"), "{out}");
     Ok(())
 }
+
+crate::on_both_stores!(list_create_watch_patch_delete);

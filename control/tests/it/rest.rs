@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::harness::{Server, start};
+use crate::harness::Server;
 
 const JSON: (&str, &str) = ("Content-Type", "application/json");
 
@@ -19,9 +19,7 @@ async fn post(s: &Server, path: &str, v: &Value) -> anyhow::Result<crate::harnes
         .await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn status_codes() -> anyhow::Result<()> {
-    let s = start().await?;
+async fn status_codes(s: &Server) -> anyhow::Result<()> {
     let pods = "/api/v1/namespaces/default/pods";
 
     // 401 without credentials; public health endpoints stay open.
@@ -70,7 +68,7 @@ async fn status_codes() -> anyhow::Result<()> {
     );
 
     // 201, then 409 AlreadyExists.
-    let r = post(&s, pods, &pod("a")).await?;
+    let r = post(s, pods, &pod("a")).await?;
     assert_eq!(r.status, 201);
     let created = r.json();
     assert!(
@@ -81,7 +79,7 @@ async fn status_codes() -> anyhow::Result<()> {
         .as_str()
         .unwrap_or_default()
         .to_string();
-    let r = post(&s, pods, &pod("a")).await?;
+    let r = post(s, pods, &pod("a")).await?;
     assert_eq!(
         (r.status, r.json()["reason"].clone()),
         (409, json!("AlreadyExists"))
@@ -117,7 +115,7 @@ async fn status_codes() -> anyhow::Result<()> {
 
     // 422 lists every cause with field paths.
     let bad = json!({"metadata": {"name": "b"}, "spec": {"restartPolicy": "Sometimes", "containers": [{"name": "c"}]}});
-    let r = post(&s, pods, &bad).await?;
+    let r = post(s, pods, &bad).await?;
     assert_eq!(r.status, 422);
     let causes: Vec<String> = r.json()["details"]["causes"]
         .as_array()
@@ -132,14 +130,14 @@ async fn status_codes() -> anyhow::Result<()> {
     // Strict field validation → 400; Ignore drops the field; Warn warns.
     let mut extra = pod("c");
     extra["spec"]["foo"] = json!(1);
-    let r = post(&s, &format!("{pods}?fieldValidation=Strict"), &extra).await?;
+    let r = post(s, &format!("{pods}?fieldValidation=Strict"), &extra).await?;
     assert_eq!(r.status, 400);
     assert!(
         r.json()["message"]
             .as_str()
             .is_some_and(|m| m.contains("unknown field \"spec.foo\""))
     );
-    let r = post(&s, pods, &extra).await?;
+    let r = post(s, pods, &extra).await?;
     assert_eq!(r.status, 201);
     assert!(r.header("warning").is_some_and(|w| w.contains("spec.foo")));
     assert!(
@@ -150,7 +148,7 @@ async fn status_codes() -> anyhow::Result<()> {
     // 413 over 3 MiB.
     let mut big = pod("big");
     big["metadata"]["annotations"] = json!({"x": "y".repeat(3 * 1024 * 1024 + 10)});
-    let r = post(&s, pods, &big).await?;
+    let r = post(s, pods, &big).await?;
     assert_eq!(r.status, 413);
 
     // 415 for an unknown patch type.
@@ -165,26 +163,28 @@ async fn status_codes() -> anyhow::Result<()> {
     assert_eq!(r.status, 415);
 
     // 503 + Retry-After while the store is down, and nothing half-written.
-    s.store.set_unavailable(true);
-    let r = post(&s, pods, &pod("during-outage")).await?;
-    assert_eq!(r.status, 503);
+    s.store_outage(true).await?;
+    let r = post(s, pods, &pod("during-outage")).await?;
+    assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(r.header("retry-after"), Some("1"));
     assert_eq!(s.http("GET", "/readyz", &[], b"").await?.status, 503);
-    s.store.set_unavailable(false);
-    let r = s
-        .http("GET", &format!("{pods}/during-outage"), &[], b"")
-        .await?;
-    assert_eq!(r.status, 404);
+    if s.store_outage(false).await? {
+        let r = s
+            .http("GET", &format!("{pods}/during-outage"), &[], b"")
+            .await?;
+        assert_eq!(r.status, 404);
+    } else {
+        // The embedded store cannot come back in-process; the outage ends this scenario.
+        return Ok(());
+    }
 
     // Namespace must exist.
-    let r = post(&s, "/api/v1/namespaces/nope/pods", &pod("x")).await?;
+    let r = post(s, "/api/v1/namespaces/nope/pods", &pod("x")).await?;
     assert_eq!(r.status, 404);
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn discovery_version_openapi() -> anyhow::Result<()> {
-    let s = start().await?;
+async fn discovery_version_openapi(s: &Server) -> anyhow::Result<()> {
     let r = s
         .http("GET", "/api", &[("Accept", "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList,application/json")], b"")
         .await?;
@@ -223,9 +223,7 @@ async fn discovery_version_openapi() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn selectors_paging_generate_name() -> anyhow::Result<()> {
-    let s = start().await?;
+async fn selectors_paging_generate_name(s: &Server) -> anyhow::Result<()> {
     let pods = "/api/v1/namespaces/default/pods";
     for i in 0..5 {
         let mut p = pod(&format!("p{i}"));
@@ -234,7 +232,7 @@ async fn selectors_paging_generate_name() -> anyhow::Result<()> {
         if i < 2 {
             p["spec"]["nodeName"] = json!("n1");
         }
-        assert_eq!(post(&s, pods, &p).await?.status, 201);
+        assert_eq!(post(s, pods, &p).await?.status, 201);
     }
     let names = |v: Value| -> Vec<String> {
         v["items"]
@@ -323,7 +321,7 @@ async fn selectors_paging_generate_name() -> anyhow::Result<()> {
     assert_eq!(all, ["p0", "p1", "p2", "p3", "p4"]);
 
     // generateName.
-    let r = post(&s, pods, &json!({"metadata": {"generateName": "gen-"}, "spec": {"containers": [{"name": "c", "image": "i"}]}})).await?;
+    let r = post(s, pods, &json!({"metadata": {"generateName": "gen-"}, "spec": {"containers": [{"name": "c", "image": "i"}]}})).await?;
     assert_eq!(r.status, 201);
     let name = r.json()["metadata"]["name"]
         .as_str()
@@ -333,11 +331,9 @@ async fn selectors_paging_generate_name() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn watch_bookmarks_initial_events_and_gone() -> anyhow::Result<()> {
-    let s = start().await?;
+async fn watch_bookmarks_initial_events_and_gone(s: &Server) -> anyhow::Result<()> {
     let pods = "/api/v1/namespaces/default/pods";
-    let r = post(&s, pods, &pod("w0")).await?;
+    let r = post(s, pods, &pod("w0")).await?;
     let rv0 = r.json()["metadata"]["resourceVersion"]
         .as_str()
         .unwrap_or_default()
@@ -350,7 +346,7 @@ async fn watch_bookmarks_initial_events_and_gone() -> anyhow::Result<()> {
             "{pods}?watch=true&resourceVersion={rv0}&labelSelector=app%3Dw1"
         ))
         .await?;
-    post(&s, pods, &pod("w1")).await?;
+    post(s, pods, &pod("w1")).await?;
     let ev = w.next_event(Duration::from_secs(10)).await?;
     assert_eq!(
         (
@@ -415,8 +411,8 @@ async fn watch_bookmarks_initial_events_and_gone() -> anyhow::Result<()> {
     assert_eq!(ev["object"]["metadata"]["resourceVersion"], json!(rv));
 
     // Compacted history: 410 Expired.
-    s.store.compact();
-    post(&s, pods, &pod("w2")).await?;
+    s.compact().await?;
+    post(s, pods, &pod("w2")).await?;
     let mut w = s
         .open_stream(&format!("{pods}?watch=true&resourceVersion={rv0}"))
         .await?;
@@ -432,13 +428,11 @@ async fn watch_bookmarks_initial_events_and_gone() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn graceful_delete_finalizers_status_scale() -> anyhow::Result<()> {
-    let s = start().await?;
+async fn graceful_delete_finalizers_status_scale(s: &Server) -> anyhow::Result<()> {
     let pods = "/api/v1/namespaces/default/pods";
     let mut p = pod("g");
     p["spec"]["nodeName"] = json!("n1");
-    post(&s, pods, &p).await?;
+    post(s, pods, &p).await?;
     // Bound pod: marked with deletionTimestamp + grace, stays until a grace-0 delete.
     let r = s
         .http(
@@ -471,7 +465,7 @@ async fn graceful_delete_finalizers_status_scale() -> anyhow::Result<()> {
 
     // Finalizers hold an object until they are removed.
     let cm = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "f", "finalizers": ["x/y"]}, "data": {"a": "1"}});
-    post(&s, "/api/v1/namespaces/default/configmaps", &cm).await?;
+    post(s, "/api/v1/namespaces/default/configmaps", &cm).await?;
     let r = s
         .http(
             "DELETE",
@@ -504,7 +498,7 @@ async fn graceful_delete_finalizers_status_scale() -> anyhow::Result<()> {
     );
 
     // Status subresource writes only status; main writes keep status.
-    post(&s, pods, &pod("st")).await?;
+    post(s, pods, &pod("st")).await?;
     let r = s
         .http("PATCH", &format!("{pods}/st/status"), &[("Content-Type", "application/merge-patch+json")], br#"{"status":{"phase":"Running","podIP":"10.1.0.5"},"metadata":{"labels":{"no":"no"}}}"#)
         .await?;
@@ -525,7 +519,7 @@ async fn graceful_delete_finalizers_status_scale() -> anyhow::Result<()> {
     let d = json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "d"},
         "spec": {"selector": {"matchLabels": {"a": "b"}}, "template": {"metadata": {"labels": {"a": "b"}},
         "spec": {"containers": [{"name": "c", "image": "i"}]}}}});
-    let r = post(&s, "/apis/apps/v1/namespaces/default/deployments", &d).await?;
+    let r = post(s, "/apis/apps/v1/namespaces/default/deployments", &d).await?;
     assert_eq!(r.json()["spec"]["replicas"], 1);
     assert_eq!(r.json()["spec"]["strategy"]["type"], "RollingUpdate");
     let r = s
@@ -570,7 +564,7 @@ async fn graceful_delete_finalizers_status_scale() -> anyhow::Result<()> {
         &json!({"metadata": {"name": "tmp"}}),
     )
     .await?;
-    post(&s, "/api/v1/namespaces/tmp/pods", &pod("x")).await?;
+    post(s, "/api/v1/namespaces/tmp/pods", &pod("x")).await?;
     s.http("DELETE", "/api/v1/namespaces/tmp", &[], b"").await?;
     assert_eq!(
         s.http("GET", "/api/v1/namespaces/tmp/pods/x", &[], b"")
@@ -581,9 +575,7 @@ async fn graceful_delete_finalizers_status_scale() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn node_and_readonly_rights() -> anyhow::Result<()> {
-    let s = start().await?;
+async fn node_and_readonly_rights(s: &Server) -> anyhow::Result<()> {
     let n1 = s.pki.node_token("n1");
     let t = Some(n1.as_str());
     let node = |name: &str| json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}});
@@ -643,8 +635,8 @@ async fn node_and_readonly_rights() -> anyhow::Result<()> {
     // Pods: only those bound to it, and list/watch only with its nodeName selector.
     let mut mine = pod("mine");
     mine["spec"]["nodeName"] = json!("n1");
-    post(&s, "/api/v1/namespaces/default/pods", &mine).await?;
-    post(&s, "/api/v1/namespaces/default/pods", &pod("other")).await?;
+    post(s, "/api/v1/namespaces/default/pods", &mine).await?;
+    post(s, "/api/v1/namespaces/default/pods", &pod("other")).await?;
     assert_eq!(
         s.http_as(t, "GET", "/api/v1/pods", &[], b"").await?.status,
         403
@@ -726,3 +718,12 @@ async fn node_and_readonly_rights() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+crate::on_both_stores!(
+    status_codes,
+    discovery_version_openapi,
+    selectors_paging_generate_name,
+    watch_bookmarks_initial_events_and_gone,
+    graceful_delete_finalizers_status_scale,
+    node_and_readonly_rights
+);
