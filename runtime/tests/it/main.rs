@@ -3,6 +3,7 @@
 //! - `conformance`: the `PodRuntime` contract for the wasm runtime and the fake (via `AnyRuntime`).
 //! - `wasi`: args, env, exit codes, logs, volumes and the sandbox boundary.
 //! - `limits`: memory, CPU quota, fair share, fuel and the pod cap, each failing if not enforced.
+//! - `cri`: `CriRuntime` against a real containerd (`FLOTILLA_CRI_SOCKET`, see the module).
 //! - `hostile`: guests that loop, trap, or are malformed, next to pods that must keep running.
 use std::path::PathBuf;
 use std::sync::OnceLock;
@@ -13,6 +14,7 @@ use runtime::testing::conformance::wait_for_status;
 use runtime::{PodConfig, PodId, PodRuntime, PodStatus, WasmRuntime, WasmRuntimeConfig};
 
 mod conformance;
+mod cri;
 mod hostile;
 mod limits;
 mod wasi;
