@@ -18,6 +18,12 @@ pub enum StoreError {
         #[source]
         source: sled::Error,
     },
+    /// Another process (or a member not yet shut down) holds the data directory.
+    #[error("data dir {path} is in use by another process (is another member running on it?)")]
+    Locked {
+        /// The data directory.
+        path: PathBuf,
+    },
     /// The data directory was written by a different member or cluster.
     #[error(
         "data dir {path} belongs to member {found_member:?} of cluster {found_cluster:?}, \

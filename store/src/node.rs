@@ -139,8 +139,9 @@ async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, Store
         .map_err(|source| StoreError::Bind { addr, what, source })
 }
 
-fn open_db(path: &std::path::Path) -> Result<sled::Db, StoreError> {
-    // Right after an in-process restart the previous instance's file lock may linger briefly.
+async fn open_db(path: &std::path::Path) -> Result<sled::Db, StoreError> {
+    // Right after an in-process restart the previous instance's file lock may linger briefly
+    // (sled releases it when its last handle and flusher thread are gone).
     let mut attempts = 0;
     loop {
         let res = sled::Config::new()
@@ -149,11 +150,14 @@ fn open_db(path: &std::path::Path) -> Result<sled::Db, StoreError> {
             .open();
         match res {
             Ok(db) => return Ok(db),
-            Err(sled::Error::Io(e))
-                if attempts < 30 && e.kind() == std::io::ErrorKind::WouldBlock =>
-            {
+            Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
                 attempts += 1;
-                std::thread::sleep(Duration::from_millis(100));
+                if attempts > 50 {
+                    return Err(StoreError::Locked {
+                        path: path.to_path_buf(),
+                    });
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
             Err(source) => {
                 return Err(StoreError::Open {
@@ -242,7 +246,7 @@ impl Node {
             path: config.data_dir.clone(),
             source: sled::Error::Io(e),
         })?;
-        let db = open_db(&config.data_dir)?;
+        let db = open_db(&config.data_dir).await?;
         check_identity(&db, &config)?;
         let mut log = SledLogStore::new(&db).map_err(|source| StoreError::Open {
             path: config.data_dir.clone(),

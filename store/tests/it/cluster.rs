@@ -7,8 +7,8 @@ use store::pb::etcdserverpb::lease_client::LeaseClient;
 use store::pb::etcdserverpb::watch_client::WatchClient;
 use store::pb::etcdserverpb::{
     LeaseGrantRequest, LeaseKeepAliveRequest, LeaseRevokeRequest, MemberAddRequest,
-    MemberListRequest, MemberRemoveRequest, PutRequest, RangeRequest, WatchCreateRequest,
-    WatchRequest, watch_request,
+    MemberListRequest, MemberPromoteRequest, MemberRemoveRequest, PutRequest, RangeRequest,
+    WatchCreateRequest, WatchRequest, watch_request,
 };
 use store::{Node, Tunables};
 use tokio_stream::StreamExt;
@@ -232,6 +232,57 @@ async fn member_add_join_promote_remove() {
     assert_eq!(list.members.len(), 3);
     put(&mut kv, "after-remove", "ok").await;
     joiner.shutdown().await;
+
+    tracing::info!("--- member add --learner, then member promote");
+    let (config, cl, pl) = c.prepare_joiner().await;
+    let added = cluster
+        .member_add(MemberAddRequest {
+            peer_ur_ls: vec![format!("http://{}", config.listen_peer_addr)],
+            is_learner: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let learner_id = added.member.unwrap().id;
+    let learner = Node::start_with_listeners(config, cl, pl).await.unwrap();
+    // A learner stays a learner until promoted; promotion succeeds once it is in sync.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(c.node(0).metrics().learners.contains(&learner_id));
+    wait_until("learner promoted", Duration::from_secs(30), || {
+        let mut cluster = cluster.clone();
+        async move {
+            match cluster
+                .member_promote(MemberPromoteRequest { id: learner_id })
+                .await
+            {
+                Ok(_) => true,
+                Err(e) => {
+                    assert_eq!(
+                        e.message(),
+                        "etcdserver: can only promote a learner member which is in sync with leader"
+                    );
+                    false
+                }
+            }
+        }
+    })
+    .await;
+    assert!(c.node(0).metrics().voters.contains(&learner_id));
+    let err = cluster
+        .member_promote(MemberPromoteRequest { id: learner_id })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.message(),
+        "etcdserver: can only promote a learner member"
+    );
+    cluster
+        .member_remove(MemberRemoveRequest { id: learner_id })
+        .await
+        .unwrap();
+    learner.shutdown().await;
+    put(&mut kv, "after-learner", "ok").await;
+
     // Unknown member.
     let err = cluster
         .member_remove(MemberRemoveRequest { id: 12345 })
