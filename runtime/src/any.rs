@@ -1,6 +1,7 @@
 //! `AnyRuntime`: the runtimes of a node, dispatched by `match` (no trait objects).
 use std::time::Duration;
 
+use crate::cri::CriRuntime;
 use crate::pod_runtime::{PodConfig, PodId, PodRuntime, PodStats, PodStatus, RuntimeError};
 #[cfg(any(test, feature = "test-util"))]
 use crate::testing::FakeRuntime;
@@ -10,6 +11,8 @@ use crate::wasm::WasmRuntime;
 pub enum AnyRuntime {
     /// WASI modules in wasmtime.
     Wasm(WasmRuntime),
+    /// OCI containers through a CRI runtime (containerd).
+    Cri(CriRuntime),
     /// The scripted test double.
     #[cfg(any(test, feature = "test-util"))]
     Fake(FakeRuntime),
@@ -19,6 +22,7 @@ macro_rules! dispatch {
     ($self:ident, $rt:ident => $e:expr) => {
         match $self {
             AnyRuntime::Wasm($rt) => $e,
+            AnyRuntime::Cri($rt) => $e,
             #[cfg(any(test, feature = "test-util"))]
             AnyRuntime::Fake($rt) => $e,
         }

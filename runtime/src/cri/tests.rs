@@ -413,3 +413,18 @@ async fn runtime_errors_map_to_kinds() {
         Err(RuntimeError::InvalidSpec(_))
     ));
 }
+
+#[tokio::test]
+async fn any_runtime_dispatches_to_cri() {
+    let h = harness().await;
+    let any = crate::AnyRuntime::Cri(h.rt.clone());
+    assert_eq!(any.name(), "cri");
+    conformance::unknown_ids(&any).await;
+    let id = any
+        .run_pod(&pod("via-any", vec![container("c", BUSYBOX)]))
+        .await
+        .expect("run");
+    assert_eq!(h.rt.pod_status(&id).await.unwrap().name, "via-any");
+    any.remove_pod(&id).await.unwrap();
+    assert_eq!(h.fake.counts(), (0, 0));
+}
