@@ -124,6 +124,10 @@ pub struct ExecOutput {
 /// Pods as OCI containers in a CRI runtime. Cheap to clone.
 #[derive(Clone)]
 pub struct CriRuntime {
+    inner: std::sync::Arc<Inner>,
+}
+
+struct Inner {
     config: CriRuntimeConfig,
     runtime: RuntimeServiceClient<Channel>,
     images: ImageServiceClient<Channel>,
@@ -133,8 +137,8 @@ pub struct CriRuntime {
 impl std::fmt::Debug for CriRuntime {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CriRuntime")
-            .field("endpoint", &self.config.endpoint)
-            .field("version", &self.version)
+            .field("endpoint", &self.inner.config.endpoint)
+            .field("version", &self.inner.version)
             .finish_non_exhaustive()
     }
 }
@@ -215,25 +219,27 @@ impl CriRuntime {
         };
         tracing::info!(endpoint = %config.endpoint, ?version, "connected to CRI runtime");
         Ok(CriRuntime {
-            config,
-            runtime,
-            images,
-            version,
+            inner: std::sync::Arc::new(Inner {
+                config,
+                runtime,
+                images,
+                version,
+            }),
         })
     }
 
     /// What the runtime reported at connect time.
     pub fn version(&self) -> &CriVersion {
-        &self.version
+        &self.inner.version
     }
 
     /// The configuration.
     pub fn config(&self) -> &CriRuntimeConfig {
-        &self.config
+        &self.inner.config
     }
 
     fn rt(&self) -> RuntimeServiceClient<Channel> {
-        self.runtime.clone()
+        self.inner.runtime.clone()
     }
 
     /// Makes sure `image` is on the node according to `policy`.
@@ -245,7 +251,8 @@ impl CriRuntime {
         let present = if policy == PullPolicy::Always {
             false
         } else {
-            self.images
+            self.inner
+                .images
                 .clone()
                 .image_status(pb::ImageStatusRequest {
                     image: Some(spec.clone()),
@@ -269,7 +276,8 @@ impl CriRuntime {
                     .into(),
             });
         }
-        self.images
+        self.inner
+            .images
             .clone()
             .pull_image(pb::PullImageRequest {
                 image: Some(spec),
@@ -310,7 +318,7 @@ impl CriRuntime {
 
     fn is_ours(&self, labels: &std::collections::HashMap<String, String>) -> bool {
         labels.get(LABEL_MANAGED).map(String::as_str) == Some("true")
-            && labels.get(LABEL_INSTANCE) == Some(&self.config.instance)
+            && labels.get(LABEL_INSTANCE) == Some(&self.inner.config.instance)
     }
 
     /// Containers of a sandbox in spec order.
@@ -524,7 +532,7 @@ impl CriRuntime {
     /// Removes the pod's cgroup directories left behind by the runtime (containerd-cri.md
     /// §8.3: pod-level `cgroup_parent` dirs survive `RemovePodSandbox`).
     fn remove_pod_cgroups(&self, parent: &str) {
-        if parent.is_empty() || self.config.cgroup_root.is_none() {
+        if parent.is_empty() || self.inner.config.cgroup_root.is_none() {
             return;
         }
         let Ok(controllers) = std::fs::read_dir("/sys/fs/cgroup") else {
@@ -542,7 +550,7 @@ impl CriRuntime {
 
     async fn remove_pod_files(&self, meta: &pb::PodSandboxMetadata) {
         let paths = convert::PodPaths::new(
-            &self.config.root_dir,
+            &self.inner.config.root_dir,
             &meta.namespace,
             &meta.name,
             &meta.uid,
@@ -649,7 +657,7 @@ impl CriRuntime {
                 filter: Some(pb::PodSandboxFilter {
                     label_selector: [
                         (LABEL_MANAGED.to_owned(), "true".to_owned()),
-                        (LABEL_INSTANCE.to_owned(), self.config.instance.clone()),
+                        (LABEL_INSTANCE.to_owned(), self.inner.config.instance.clone()),
                     ]
                     .into_iter()
                     .collect(),
@@ -681,8 +689,12 @@ impl PodRuntime for CriRuntime {
                 "init containers are not supported by the CRI runtime yet".into(),
             ));
         }
-        let paths =
-            convert::PodPaths::new(&self.config.root_dir, &pod.namespace, &pod.name, &pod.uid);
+        let paths = convert::PodPaths::new(
+            &self.inner.config.root_dir,
+            &pod.namespace,
+            &pod.name,
+            &pod.uid,
+        );
         // Everything that can be checked without side effects comes first.
         let configs = (0..pod.spec.containers.len())
             .map(|i| {
@@ -690,8 +702,8 @@ impl PodRuntime for CriRuntime {
                     pod,
                     i,
                     &paths,
-                    &self.config.instance,
-                    self.config.host_network,
+                    &self.inner.config.instance,
+                    self.inner.config.host_network,
                 )
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -716,9 +728,9 @@ impl PodRuntime for CriRuntime {
             pod,
             &paths,
             &convert::SandboxOptions {
-                instance: &self.config.instance,
-                host_network: self.config.host_network,
-                cgroup_root: self.config.cgroup_root.as_deref(),
+                instance: &self.inner.config.instance,
+                host_network: self.inner.config.host_network,
+                cgroup_root: self.inner.config.cgroup_root.as_deref(),
                 attempt,
             },
         );
@@ -726,7 +738,7 @@ impl PodRuntime for CriRuntime {
             .rt()
             .run_pod_sandbox(pb::RunPodSandboxRequest {
                 config: Some(sandbox.clone()),
-                runtime_handler: self.config.runtime_handler.clone(),
+                runtime_handler: self.inner.config.runtime_handler.clone(),
             })
             .await
             .map_err(|s| rpc_err("RunPodSandbox", &s))?
@@ -763,10 +775,10 @@ impl PodRuntime for CriRuntime {
             Err(RuntimeError::NotFound(_)) => return Ok(()),
             Err(e) => return Err(e),
         };
-        self.teardown(id, self.config.remove_grace).await?;
+        self.teardown(id, self.inner.config.remove_grace).await?;
         if let Some(meta) = &sandbox.metadata {
             self.remove_pod_files(meta).await;
-            if let Some(root) = &self.config.cgroup_root {
+            if let Some(root) = &self.inner.config.cgroup_root {
                 // The QoS class is not recorded in the sandbox; try each possible parent.
                 for qos in [
                     api::pod::QosClass::Guaranteed,
