@@ -25,6 +25,10 @@ pub struct Server {
     pub mem: Option<MemStore>,
     /// Set when the server runs on an embedded Flotilla store through RemoteStore.
     node: Option<store::NodeHandle>,
+    /// Set when the server runs on a real etcd 3.4 (child process) through RemoteStore.
+    etcd: Option<std::sync::Mutex<tokio::process::Child>>,
+    /// etcd v3 endpoint of the remote store, if any.
+    endpoint: Option<String>,
     shutdown: CancellationToken,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -83,16 +87,57 @@ pub async fn start_embedded() -> anyhow::Result<Server> {
     }
     let (addr, kubeconfig, pki, shutdown, task) =
         s.context("embedded store never became writable")?;
-    Ok(Server::assemble(
-        dir,
-        addr,
-        kubeconfig,
-        pki,
-        shutdown,
-        task,
-        None,
-        Some(node),
-    ))
+    let mut s = Server::assemble(dir, addr, kubeconfig, pki, shutdown, task, None, None);
+    s.endpoint = Some(format!("http://{}", node.client_addr()));
+    s.node = Some(node);
+    Ok(s)
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// A server on a real etcd 3.4 (Debian `etcd-server`, installed by scripts/setup), through
+/// the etcd v3 RemoteStore.
+pub async fn start_etcd() -> anyhow::Result<Server> {
+    let bin = std::env::var("FLOTILLA_ETCD").unwrap_or_else(|_| "etcd".into());
+    let dir = tempfile::tempdir()?;
+    let (cport, pport) = (free_port()?, free_port()?);
+    let client_url = format!("http://127.0.0.1:{cport}");
+    let peer_url = format!("http://127.0.0.1:{pport}");
+    let child = tokio::process::Command::new(&bin)
+        .arg("--name=t")
+        .arg(format!("--data-dir={}", dir.path().join("etcd").display()))
+        .arg(format!("--listen-client-urls={client_url}"))
+        .arg(format!("--advertise-client-urls={client_url}"))
+        .arg(format!("--listen-peer-urls={peer_url}"))
+        .arg(format!("--initial-advertise-peer-urls={peer_url}"))
+        .arg(format!("--initial-cluster=t={peer_url}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| {
+            format!("etcd 3.4 not found ({bin}): run scripts/setup (it installs the Debian package etcd-server)")
+        })?;
+    let store = control::storage::RemoteStore::connect(std::slice::from_ref(&client_url))?;
+    let mut started = None;
+    for _ in 0..150 {
+        match start_with_ref(dir.path(), store.clone()).await {
+            Ok(x) => {
+                started = Some(x);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    let (addr, kubeconfig, pki, shutdown, task) = started.context("etcd never became writable")?;
+    let mut s = Server::assemble(dir, addr, kubeconfig, pki, shutdown, task, None, None);
+    s.etcd = Some(std::sync::Mutex::new(child));
+    s.endpoint = Some(client_url);
+    Ok(s)
 }
 
 async fn start_with<S: control::storage::Store>(
@@ -155,14 +200,16 @@ impl Server {
             dir,
             mem,
             node,
+            etcd: None,
+            endpoint: None,
             shutdown,
             task: Some(task),
         }
     }
 }
 
-/// Declares `mod <name> { mem, store }`: the scenario `<name>(&Server)` on a MemStore and on an
-/// embedded Flotilla store through RemoteStore.
+/// Declares `mod <name> { mem, store, etcd }`: the scenario `<name>(&Server)` on a MemStore,
+/// on an embedded Flotilla store and on a real etcd 3.4, the last two through RemoteStore.
 #[macro_export]
 macro_rules! on_both_stores {
     ($($name:ident),* $(,)?) => {$(
@@ -174,6 +221,10 @@ macro_rules! on_both_stores {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn store() -> anyhow::Result<()> {
                 super::$name(&$crate::harness::start_embedded().await?).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn etcd() -> anyhow::Result<()> {
+                super::$name(&$crate::harness::start_etcd().await?).await
             }
         }
     )*};
@@ -212,6 +263,10 @@ impl Server {
         if down && let Some(node) = &self.node {
             node.shutdown().await;
         }
+        if down && let Some(etcd) = &self.etcd {
+            let mut child = etcd.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+            child.start_kill()?;
+        }
         Ok(false)
     }
 
@@ -221,12 +276,8 @@ impl Server {
             mem.compact();
             return Ok(());
         }
-        let node = self.node.as_ref().context("no store")?;
-        let mut kv = store::pb::etcdserverpb::kv_client::KvClient::connect(format!(
-            "http://{}",
-            node.client_addr()
-        ))
-        .await?;
+        let endpoint = self.endpoint.clone().context("no remote store")?;
+        let mut kv = store::pb::etcdserverpb::kv_client::KvClient::connect(endpoint).await?;
         let rev = kv
             .range(store::pb::etcdserverpb::RangeRequest {
                 key: b"/".to_vec(),
