@@ -29,8 +29,10 @@ pub(crate) struct App<S> {
     pub store: S,
     /// Address advertised in legacy discovery.
     pub server_address: String,
-    /// Per-request background tasks (watch pumps).
+    /// Per-request background tasks (watch pumps) and watch-cache feeders.
     pub tasks: tokio_util::task::TaskTracker,
+    /// Shared watch caches, one store watch per resource type.
+    pub watch_cache: Arc<super::watch_cache::WatchCache<S>>,
 }
 
 /// Parsed query string (last value wins).

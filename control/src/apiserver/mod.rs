@@ -30,6 +30,7 @@ mod selector;
 mod status;
 mod table;
 mod watch;
+mod watch_cache;
 
 pub use auth::Identity;
 pub use pki::{Pki, PkiError};
@@ -78,6 +79,8 @@ pub struct ApiServer<S: Store> {
     app: Arc<handlers::App<S>>,
     pki: Option<Pki>,
     config: ApiServerConfig,
+    /// Stops background tasks (watch-cache feeders) when serving ends.
+    stop: CancellationToken,
 }
 
 /// Namespaces every cluster has.
@@ -91,14 +94,22 @@ impl<S: Store> ApiServer<S> {
         } else {
             Some(Pki::load_or_create(&config.data_dir, &config.extra_sans)?)
         };
+        let tasks = tokio_util::task::TaskTracker::new();
+        let stop = CancellationToken::new();
         Ok(ApiServer {
             app: Arc::new(handlers::App {
+                watch_cache: Arc::new(watch_cache::WatchCache::new(
+                    store.clone(),
+                    tasks.clone(),
+                    stop.clone(),
+                )),
                 store,
                 server_address: "127.0.0.1".into(),
-                tasks: tokio_util::task::TaskTracker::new(),
+                tasks,
             }),
             pki,
             config,
+            stop,
         })
     }
 
@@ -245,6 +256,7 @@ impl<S: Store> ApiServer<S> {
         }
         // Watches never finish on their own: stop connections and watch pumps, then wait.
         conn_cancel.cancel();
+        self.stop.cancel();
         conns.close();
         self.app.tasks.close();
         let _ = tokio::time::timeout(Duration::from_secs(5), conns.wait()).await;

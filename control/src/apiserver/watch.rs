@@ -18,7 +18,8 @@ use super::resources::Resource;
 use super::selector::{FieldSelector, LabelSelector};
 use super::status::ApiError;
 use super::table;
-use crate::storage::{Revision, Store, StoreError, Versioned, WatchEvent};
+use super::watch_cache::CachedEvent;
+use crate::storage::{Revision, Store, StoreError, Versioned, WatchStream};
 
 /// How often an idle watch that allows bookmarks gets one.
 const BOOKMARK_EVERY: Duration = Duration::from_secs(10);
@@ -71,28 +72,20 @@ impl Encoder {
     }
 }
 
-/// Converts one store event into a watch event for this filter, if it concerns it.
-fn convert(f: &Filter, ev: &WatchEvent) -> Option<(&'static str, Value)> {
-    match ev {
-        WatchEvent::Put { kv, prev } => {
-            let new = f.decode_match(kv);
-            let was = prev.as_ref().and_then(|p| f.decode_match(p)).is_some();
-            match (new, was) {
-                (Some(o), true) => Some(("MODIFIED", o)),
-                (Some(o), false) => Some(("ADDED", o)),
-                (None, true) => {
-                    // It stopped matching: to this watcher it is gone.
-                    let o = decode(f.res, kv).ok()?;
-                    Some(("DELETED", o))
-                }
-                (None, false) => None,
-            }
-        }
-        WatchEvent::Delete { revision, prev, .. } => {
-            let mut o = f.decode_match(prev.as_ref()?)?;
-            o["metadata"]["resourceVersion"] = json!(revision.to_string());
-            Some(("DELETED", o))
-        }
+/// Converts one decoded event into a watch event for this filter, if it concerns it.
+fn convert(f: &Filter, ev: &CachedEvent) -> Option<(&'static str, Value)> {
+    let matches = |o: &Value| f.labels.matches_object(o) && f.fields.matches(o);
+    if ev.deleted {
+        return matches(&ev.obj).then(|| ("DELETED", ev.obj.clone()));
+    }
+    let now = matches(&ev.obj);
+    let was = ev.prev.as_ref().is_some_and(matches);
+    match (now, was) {
+        (true, true) => Some(("MODIFIED", ev.obj.clone())),
+        (true, false) => Some(("ADDED", ev.obj.clone())),
+        // It stopped matching: to this watcher it is gone.
+        (false, true) => Some(("DELETED", ev.obj.clone())),
+        (false, false) => None,
     }
 }
 
@@ -165,6 +158,7 @@ pub(crate) async fn serve_watch<S: Store>(
         columns_sent: false,
     };
     let store = app.store.clone();
+    let cache = app.watch_cache.clone();
     app.tasks.spawn(async move {
         for o in initial {
             if tx.send(enc.event("ADDED", o)).await.is_err() {
@@ -174,20 +168,28 @@ pub(crate) async fn serve_watch<S: Store>(
         if send_initial && tx.send(enc.bookmark(start, true)).await.is_err() {
             return;
         }
-        let mut stream = match store.watch(&prefix, start).await {
-            Ok(s) => s,
-            Err(StoreError::Compacted { requested, oldest }) => {
-                let _ = tx
-                    .send(enc.event("ERROR", expired(requested, oldest)))
-                    .await;
-                return;
-            }
-            Err(e) => {
-                let _ = tx
-                    .send(enc.event("ERROR", ApiError::from(e).status_json()))
-                    .await;
-                return;
-            }
+        // The shared cache serves recent revisions; older ones (or a restarting cache) go to
+        // the store directly, which answers Compacted when they are gone.
+        let mut source = match cache.subscribe(res, start).await {
+            Some(sub) => Source::Cache {
+                replay: sub.replay.into(),
+                live: sub.live,
+            },
+            None => match store.watch(&prefix, start).await {
+                Ok(s) => Source::Store(s),
+                Err(StoreError::Compacted { requested, oldest }) => {
+                    let _ = tx
+                        .send(enc.event("ERROR", expired(requested, oldest)))
+                        .await;
+                    return;
+                }
+                Err(e) => {
+                    let _ = tx
+                        .send(enc.event("ERROR", ApiError::from(e).status_json()))
+                        .await;
+                    return;
+                }
+            },
         };
         let deadline = tokio::time::sleep(timeout);
         tokio::pin!(deadline);
@@ -203,17 +205,21 @@ pub(crate) async fn serve_watch<S: Store>(
                         return;
                     }
                 }
-                ev = stream.next() => {
+                ev = source.next(res) => {
                     let ev = match ev {
-                        Some(Ok(ev)) => ev,
-                        Some(Err(StoreError::Compacted { requested, oldest })) => {
+                        Next::Event(ev) => ev,
+                        Next::Skip => continue,
+                        Next::Compacted(requested, oldest) => {
                             let _ = tx.send(enc.event("ERROR", expired(requested, oldest))).await;
                             return;
                         }
                         // Lagging or a broken store watch: end the stream; clients re-list.
-                        Some(Err(_)) | None => return,
+                        Next::End => return,
                     };
-                    last = ev.revision();
+                    if ev.revision <= start || !ev.key.starts_with(&prefix) {
+                        continue;
+                    }
+                    last = ev.revision;
                     if let Some((ty, obj)) = convert(&filter, &ev)
                         && tx.send(enc.event(ty, obj)).await.is_err()
                     {
@@ -236,4 +242,46 @@ pub(crate) async fn serve_watch<S: Store>(
         }),
     );
     Ok(r)
+}
+
+/// Where a watch's events come from.
+enum Source {
+    Cache {
+        replay: std::collections::VecDeque<Arc<CachedEvent>>,
+        live: tokio::sync::broadcast::Receiver<Arc<CachedEvent>>,
+    },
+    Store(WatchStream),
+}
+
+enum Next {
+    Event(Arc<CachedEvent>),
+    Skip,
+    Compacted(Revision, Revision),
+    End,
+}
+
+impl Source {
+    async fn next(&mut self, res: &'static Resource) -> Next {
+        match self {
+            Source::Cache { replay, live } => {
+                if let Some(e) = replay.pop_front() {
+                    return Next::Event(e);
+                }
+                match live.recv().await {
+                    Ok(e) => Next::Event(e),
+                    Err(_) => Next::End,
+                }
+            }
+            Source::Store(stream) => match stream.next().await {
+                Some(Ok(ev)) => match CachedEvent::from_store(res, &ev) {
+                    Some(e) => Next::Event(Arc::new(e)),
+                    None => Next::Skip,
+                },
+                Some(Err(StoreError::Compacted { requested, oldest })) => {
+                    Next::Compacted(requested, oldest)
+                }
+                Some(Err(_)) | None => Next::End,
+            },
+        }
+    }
 }

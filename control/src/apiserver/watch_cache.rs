@@ -1,0 +1,256 @@
+//! The shared watch cache: one store watch per resource type feeds every API watch of that
+//! type. Events are decoded once and kept in a bounded history so watches that start at a
+//! recent resourceVersion are served without touching the store.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use futures::StreamExt;
+use serde_json::{Value, json};
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::handlers::decode;
+use super::resources::Resource;
+use crate::storage::{Revision, Store, WatchEvent};
+
+/// Events kept per resource type for watches that start in the recent past.
+const HISTORY: usize = 10_000;
+/// Fan-out buffer; a watcher further behind than this is disconnected (its client re-lists).
+const FANOUT: usize = 4096;
+
+/// One decoded store event.
+#[derive(Debug)]
+pub(crate) struct CachedEvent {
+    pub revision: Revision,
+    pub key: String,
+    pub deleted: bool,
+    /// The new object, or for deletions the deleted object (with the deletion revision).
+    pub obj: Value,
+    /// The object before this change, if it existed.
+    pub prev: Option<Value>,
+}
+
+impl CachedEvent {
+    /// Decodes a store event; `None` for undecodable values (logged by the caller's absence).
+    pub(crate) fn from_store(res: &Resource, ev: &WatchEvent) -> Option<CachedEvent> {
+        match ev {
+            WatchEvent::Put { kv, prev } => Some(CachedEvent {
+                revision: kv.mod_revision,
+                key: kv.key.clone(),
+                deleted: false,
+                obj: decode(res, kv).ok()?,
+                prev: prev.as_ref().and_then(|p| decode(res, p).ok()),
+            }),
+            WatchEvent::Delete {
+                key,
+                revision,
+                prev,
+            } => {
+                let mut obj = decode(res, prev.as_ref()?).ok()?;
+                obj["metadata"]["resourceVersion"] = json!(revision.to_string());
+                Some(CachedEvent {
+                    revision: *revision,
+                    key: key.clone(),
+                    deleted: true,
+                    obj: obj.clone(),
+                    prev: Some(obj),
+                })
+            }
+        }
+    }
+}
+
+struct Inner {
+    history: VecDeque<Arc<CachedEvent>>,
+    /// Every event after this revision is in `history` (or still to come).
+    complete_after: Revision,
+}
+
+struct ResourceCache {
+    inner: Mutex<Inner>,
+    tx: broadcast::Sender<Arc<CachedEvent>>,
+}
+
+/// A subscription: past events to replay, then the live feed.
+pub(crate) struct Subscription {
+    pub replay: Vec<Arc<CachedEvent>>,
+    pub live: broadcast::Receiver<Arc<CachedEvent>>,
+}
+
+/// Watch caches of every resource type, started on first use.
+pub(crate) struct WatchCache<S> {
+    store: S,
+    caches: Mutex<HashMap<&'static str, Arc<ResourceCache>>>,
+    tasks: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+impl<S: Store> WatchCache<S> {
+    pub(crate) fn new(store: S, tasks: TaskTracker, shutdown: CancellationToken) -> WatchCache<S> {
+        WatchCache {
+            store,
+            caches: Mutex::new(HashMap::new()),
+            tasks,
+            shutdown,
+        }
+    }
+
+    /// Subscribes to changes of `res` after revision `after`; `None` if the cache cannot serve
+    /// that revision (too old, or the cache is (re)starting): the caller then watches the store.
+    pub(crate) async fn subscribe(
+        self: &Arc<Self>,
+        res: &'static Resource,
+        after: Revision,
+    ) -> Option<Subscription> {
+        let cache = self.cache_for(res).await?;
+        let inner = cache.inner.lock().ok()?;
+        if after < inner.complete_after {
+            return None;
+        }
+        let replay = inner
+            .history
+            .iter()
+            .filter(|e| e.revision > after)
+            .cloned()
+            .collect();
+        // Subscribing under the lock: no event falls between replay and live feed.
+        let live = cache.tx.subscribe();
+        Some(Subscription { replay, live })
+    }
+
+    async fn cache_for(self: &Arc<Self>, res: &'static Resource) -> Option<Arc<ResourceCache>> {
+        if let Some(c) = self.caches.lock().ok()?.get(res.plural) {
+            return Some(c.clone());
+        }
+        let prefix = res.prefix();
+        // The revision to start from: everything after it will be in the cache.
+        let (_, start) = self.store.list(&format!("{prefix}\u{0}-none")).await.ok()?;
+        let stream = self.store.watch(&prefix, start).await.ok()?;
+        let (tx, _) = broadcast::channel(FANOUT);
+        let cache = Arc::new(ResourceCache {
+            inner: Mutex::new(Inner {
+                history: VecDeque::new(),
+                complete_after: start,
+            }),
+            tx,
+        });
+        {
+            let mut caches = self.caches.lock().ok()?;
+            if let Some(existing) = caches.get(res.plural) {
+                // Another watch started it meanwhile; use that one.
+                return Some(existing.clone());
+            }
+            caches.insert(res.plural, cache.clone());
+        }
+        let me = self.clone();
+        let feed = cache.clone();
+        let shutdown = self.shutdown.clone();
+        self.tasks.spawn(async move {
+            let mut stream = stream;
+            loop {
+                let ev = tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    ev = stream.next() => ev,
+                };
+                let Some(Ok(ev)) = ev else {
+                    tracing::info!(
+                        resource = res.plural,
+                        "store watch ended; watch cache restarts on next use"
+                    );
+                    break;
+                };
+                let Some(cached) = CachedEvent::from_store(res, &ev) else {
+                    continue;
+                };
+                let cached = Arc::new(cached);
+                let Ok(mut inner) = feed.inner.lock() else {
+                    break;
+                };
+                inner.history.push_back(cached.clone());
+                while inner.history.len() > HISTORY {
+                    if let Some(old) = inner.history.pop_front() {
+                        inner.complete_after = old.revision;
+                    }
+                }
+                // No receivers is fine.
+                let _ = feed.tx.send(cached);
+            }
+            // Drop this cache: its watchers' feeds close and their clients re-watch.
+            if let Ok(mut caches) = me.caches.lock()
+                && caches
+                    .get(res.plural)
+                    .is_some_and(|c| Arc::ptr_eq(c, &feed))
+            {
+                caches.remove(res.plural);
+            }
+        });
+        Some(cache)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::apiserver::resources::find;
+    use crate::storage::MemStore;
+
+    #[tokio::test]
+    async fn one_store_watch_feeds_many_subscribers() {
+        let store = MemStore::new();
+        let res = find("", "v1", "pods").expect("pods");
+        let key = res.key(Some("default"), "a");
+        let early = store
+            .create(
+                &res.key(Some("default"), "early"),
+                Bytes::from_static(b"{\"metadata\":{\"name\":\"early\"}}"),
+            )
+            .await
+            .expect("create");
+        let cache = Arc::new(WatchCache::new(
+            store.clone(),
+            TaskTracker::new(),
+            CancellationToken::new(),
+        ));
+        let (_, now) = store.list("/").await.expect("list");
+        let mut subs = Vec::new();
+        for _ in 0..50 {
+            subs.push(
+                cache
+                    .subscribe(res, now)
+                    .await
+                    .expect("served from the cache"),
+            );
+        }
+        assert!(
+            cache.subscribe(res, early - 1).await.is_none(),
+            "older than the cache window"
+        );
+        let rev = store
+            .create(&key, Bytes::from_static(b"{\"metadata\":{\"name\":\"a\"}}"))
+            .await
+            .expect("create");
+        for sub in &mut subs {
+            let ev = tokio::time::timeout(Duration::from_secs(10), sub.live.recv())
+                .await
+                .expect("in time")
+                .expect("event");
+            assert_eq!(
+                (ev.revision, ev.deleted, ev.obj["metadata"]["name"].as_str()),
+                (rev, false, Some("a"))
+            );
+        }
+        // A late subscriber from `now` gets the event replayed from history.
+        let late = cache.subscribe(res, now).await.expect("served");
+        assert_eq!(late.replay.len(), 1);
+        assert_eq!(
+            late.replay[0].obj["metadata"]["resourceVersion"],
+            json!(rev.to_string())
+        );
+    }
+}
