@@ -394,6 +394,22 @@ fn supported_value(name: &str, quantity: &str) -> Option<u64> {
     }
 }
 
+/// Sort key for evicting pods under node memory pressure: sorting ascending gives the kubelet's
+/// order (`rankMemoryPressure` without pod priority): pods whose usage exceeds their memory
+/// requests first (BestEffort pods request nothing, so any use exceeds), then the largest usage
+/// above request first.
+pub fn memory_eviction_key(spec: &PodSpec, usage_bytes: u64) -> (bool, std::cmp::Reverse<u64>) {
+    let request: u64 = spec
+        .containers
+        .iter()
+        .filter_map(|c| c.resources.memory_request_bytes().ok().flatten())
+        .sum();
+    (
+        usage_bytes <= request,
+        std::cmp::Reverse(usage_bytes.saturating_sub(request)),
+    )
+}
+
 /// Copies each container's `limits` into unset `requests`, as the API server's defaulting does.
 pub fn default_requests_from_limits(spec: &mut PodSpec) {
     for c in spec
@@ -508,6 +524,30 @@ mod tests {
             qos_class(&spec(vec![container(&lower, &full)])),
             QosClass::Burstable
         );
+    }
+
+    #[test]
+    fn memory_pressure_evicts_best_effort_then_burstable_above_request() {
+        let be = spec(vec![container(&[], &[])]);
+        let burst = spec(vec![container(
+            &[("memory", "100Mi")],
+            &[("memory", "200Mi")],
+        )]);
+        let guar = spec(vec![container(
+            &[("cpu", "1"), ("memory", "100Mi")],
+            &[("cpu", "1"), ("memory", "100Mi")],
+        )]);
+        let mut pods = [
+            ("guaranteed", memory_eviction_key(&guar, 90 << 20)),
+            ("burstable-under", memory_eviction_key(&burst, 50 << 20)),
+            ("burstable-over", memory_eviction_key(&burst, 150 << 20)),
+            ("best-effort", memory_eviction_key(&be, 60 << 20)),
+        ];
+        pods.sort_by_key(|(_, k)| *k);
+        let order: Vec<&str> = pods.iter().map(|(n, _)| *n).collect();
+        // Both over-request pods go first, larger overage first (BestEffort: 60 Mi over 0).
+        assert_eq!(order[..2], ["best-effort", "burstable-over"]);
+        assert!(order[2..].contains(&"guaranteed") && order[2..].contains(&"burstable-under"));
     }
 
     #[test]

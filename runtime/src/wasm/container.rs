@@ -269,7 +269,9 @@ impl Drop for ExitGuard {
     fn drop(&mut self) {
         // Release the slot before publishing the end, so whoever waits for the end sees it free.
         self.worker.load.fetch_sub(1, Ordering::Relaxed);
-        self.worker.millis.fetch_sub(self.request_millis, Ordering::Relaxed);
+        self.worker
+            .millis
+            .fetch_sub(self.request_millis, Ordering::Relaxed);
         self.live.fetch_sub(1, Ordering::Relaxed);
         let (code, reason, message) =
             self.end

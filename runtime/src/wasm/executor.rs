@@ -75,7 +75,12 @@ impl Executors {
         let w = self
             .workers
             .iter()
-            .min_by_key(|w| (w.millis.load(Ordering::Relaxed), w.load.load(Ordering::Relaxed)))
+            .min_by_key(|w| {
+                (
+                    w.millis.load(Ordering::Relaxed),
+                    w.load.load(Ordering::Relaxed),
+                )
+            })
             .expect("invariant: at least one worker");
         w.load.fetch_add(1, Ordering::Relaxed);
         w.millis.fetch_add(request_millis, Ordering::Relaxed);
@@ -88,13 +93,22 @@ impl Executors {
 
     /// CPU time of all worker threads so far (scheduler statistics, nanoseconds).
     pub(crate) fn cpu_ns(&self) -> u64 {
+        self.schedstat_field(0)
+    }
+
+    /// Time all worker threads spent waiting on a run queue (nanoseconds).
+    pub(crate) fn runqueue_wait_ns(&self) -> u64 {
+        self.schedstat_field(1)
+    }
+
+    fn schedstat_field(&self, field: usize) -> u64 {
         self.workers
             .iter()
             .filter_map(|w| w.task_dir.get())
             .filter_map(|d| std::fs::read_to_string(d.join("schedstat")).ok())
             .filter_map(|s| {
                 s.split_whitespace()
-                    .next()
+                    .nth(field)
                     .and_then(|v| v.parse::<u64>().ok())
             })
             .sum()

@@ -111,6 +111,19 @@ struct Inner {
 
 impl Drop for Inner {
     fn drop(&mut self) {
+        // A spinning guest only notices a stop at an epoch tick: stop every guest and the
+        // executors first, and the ticker last.
+        for pod in self
+            .pods
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .values()
+        {
+            for c in &pod.containers {
+                c.request_stop();
+            }
+        }
+        self.executors.shutdown();
         self.ticker_stop.store(true, Ordering::Relaxed);
         if let Some(t) = self
             .ticker
@@ -120,7 +133,6 @@ impl Drop for Inner {
         {
             let _ = t.join();
         }
-        self.executors.shutdown();
     }
 }
 
@@ -255,11 +267,15 @@ impl WasmRuntime {
 
     /// Waits until every container of the pod has terminated, or `timeout` passes.
     pub async fn wait_pod(&self, id: &PodId, timeout: Duration) -> Result<PodStatus, RuntimeError> {
-        let pod = self.pod(id).ok_or_else(|| RuntimeError::NotFound(id.clone()))?;
+        let pod = self
+            .pod(id)
+            .ok_or_else(|| RuntimeError::NotFound(id.clone()))?;
         let deadline = tokio::time::Instant::now() + timeout;
         for c in &pod.containers {
             if !c.wait_terminated(deadline).await {
-                return Err(RuntimeError::Transient(format!("pod {id} still runs after {timeout:?}")));
+                return Err(RuntimeError::Transient(format!(
+                    "pod {id} still runs after {timeout:?}"
+                )));
             }
         }
         Ok(status_of(&pod))
@@ -268,7 +284,11 @@ impl WasmRuntime {
     /// `(host address, size)` of the linear memory of every instantiated container, for
     /// measuring how much of the node's RSS is guest memory.
     pub fn linear_memory_ranges(&self) -> Vec<(usize, usize)> {
-        let pods = self.inner.pods.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let pods = self
+            .inner
+            .pods
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         pods.values()
             .flat_map(|p| p.containers.iter())
             .filter_map(|c| {
@@ -277,6 +297,12 @@ impl WasmRuntime {
                 (base != 0).then(|| (base, usize::try_from(len).unwrap_or(usize::MAX)))
             })
             .collect()
+    }
+
+    /// Time the executor threads spent runnable but waiting for a CPU (scheduler statistics,
+    /// nanoseconds): CPU the node did not get, which no throttle can hand out.
+    pub fn executor_runqueue_wait_ns(&self) -> u64 {
+        self.inner.executors.runqueue_wait_ns()
     }
 
     /// Fetches and compiles an image ahead of time (what `run_pod` does on a cold image).

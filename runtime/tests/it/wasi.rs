@@ -177,3 +177,126 @@ async fn logs_rotate_by_size() {
     assert!(!logs.contains("spam line 0 "), "oldest lines rotated away");
     tokio::time::sleep(Duration::from_millis(1)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_images_are_pulled_once_and_pinned() {
+    let _shared = crate::CPU_LOCK.read().await;
+    use sha2::Digest as _;
+    use std::io::{Read, Write};
+    let body = std::fs::read(crate::guest("hello")).expect("hello.wasm");
+    let digest = hex::encode(sha2::Sha256::digest(&body));
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let served = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = served.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { return };
+            let mut buf = [0u8; 1024];
+            let n = s.read(&mut buf).unwrap_or(0);
+            let req = String::from_utf8_lossy(&buf[..n]);
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if req.starts_with("GET /hello.wasm ") {
+                let _ = write!(
+                    s,
+                    "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n",
+                    body.len()
+                );
+                let _ = s.write_all(&body);
+            } else {
+                let _ = s.write_all(b"HTTP/1.0 404 Not Found\r\n\r\n");
+            }
+        }
+    });
+    // A private cache: with the shared one the pinned digest would already be present.
+    let cache = tempfile::tempdir().expect("cache");
+    let n = node_with(|c| c.cache_dir = Some(cache.path().to_owned()));
+    let url = format!("http://{addr}/hello.wasm@sha256:{digest}");
+    for _ in 0..2 {
+        let mut c = container("hello", "hello", &[]);
+        c.image = url.clone();
+        let id = run(&n.rt, &pod("http", vec![c])).await;
+        let st = wait_done(&n.rt, &id).await;
+        assert_eq!(
+            st.containers[0].state.terminated().map(|t| t.exit_code),
+            Some(0)
+        );
+    }
+    assert_eq!(
+        served.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "pulled once"
+    );
+    let mut c = container("hello", "hello", &[]);
+    c.image = format!("http://{addr}/hello.wasm@sha256:{}", "0".repeat(64));
+    let err =
+        n.rt.run_pod(&pod("bad-pin", vec![c]))
+            .await
+            .expect_err("pin mismatch");
+    assert!(
+        err.to_string().contains("does not match the pinned digest"),
+        "{err}"
+    );
+    let mut c = container("hello", "hello", &[]);
+    c.image = format!("http://{addr}/missing.wasm");
+    let err =
+        n.rt.run_pod(&pod("missing", vec![c]))
+            .await
+            .expect_err("404");
+    assert!(
+        matches!(err, runtime::RuntimeError::ImageNotFound { .. }),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compiled_modules_are_cached_on_disk_per_engine() {
+    let _shared = crate::CPU_LOCK.read().await;
+    let cache = tempfile::tempdir().expect("cache");
+    let cfg = |c: &mut runtime::WasmRuntimeConfig| c.cache_dir = Some(cache.path().to_owned());
+    let first = node_with(cfg);
+    let t0 = std::time::Instant::now();
+    first
+        .rt
+        .pull(&crate::guest("exit_code"))
+        .await
+        .expect("pull");
+    let cold = t0.elapsed();
+    let artifacts: Vec<_> = std::fs::read_dir(cache.path().join("modules"))
+        .expect("modules dir")
+        .filter_map(Result::ok)
+        .filter(|e| e.path().extension().is_some_and(|x| x == "cwasm"))
+        .collect();
+    assert_eq!(artifacts.len(), 1, "one artifact written");
+    let name = artifacts[0].file_name().to_string_lossy().to_string();
+    let wasm = std::fs::read(crate::guest("exit_code")).expect("wasm");
+    use sha2::Digest as _;
+    assert!(
+        name.starts_with(&hex::encode(sha2::Sha256::digest(&wasm))),
+        "keyed by content: {name}"
+    );
+    // A second node with the same engine settings loads the artifact instead of compiling.
+    let second = node_with(cfg);
+    let t0 = std::time::Instant::now();
+    second
+        .rt
+        .pull(&crate::guest("exit_code"))
+        .await
+        .expect("pull");
+    let warm = t0.elapsed();
+    eprintln!("compile {cold:?}, load from disk cache {warm:?}");
+    assert!(
+        warm * 3 < cold,
+        "cached load ({warm:?}) should be far faster than compiling ({cold:?})"
+    );
+    let id = run(
+        &second.rt,
+        &pod("exit", vec![container("c", "exit_code", &["7"])]),
+    )
+    .await;
+    let st = wait_done(&second.rt, &id).await;
+    assert_eq!(
+        st.containers[0].state.terminated().map(|t| t.exit_code),
+        Some(7)
+    );
+}
