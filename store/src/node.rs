@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use openraft::error::{ClientWriteError, InitializeError, RaftError};
+use openraft::error::{ChangeMembershipError, ClientWriteError, InitializeError, RaftError};
 use openraft::network::RaftNetworkFactory;
 use openraft::storage::RaftLogStorage;
 use openraft::{ChangeMembers, Raft, ServerState, SnapshotPolicy};
@@ -566,10 +566,12 @@ impl Inner {
                     promote_when_ready: !learner,
                 };
                 tracing::info!(id = format_args!("{id:x}"), %member, learner, "adding member as learner");
-                self.raft
-                    .add_learner(id, member, false)
-                    .await
-                    .map_err(map_membership_err)?;
+                // add_learner(.., blocking = false), with InProgress waited out.
+                self.change_membership(
+                    ChangeMembers::AddNodes(BTreeMap::from([(id, member)])),
+                    true,
+                )
+                .await?;
                 Ok(ForwardResponse::MemberAdded(id))
             }
             ForwardRequest::MemberRemove(id) => {
@@ -583,10 +585,7 @@ impl Inner {
                 } else {
                     ChangeMembers::RemoveNodes(BTreeSet::from([id]))
                 };
-                self.raft
-                    .change_membership(change, false)
-                    .await
-                    .map_err(map_membership_err)?;
+                self.change_membership(change, false).await?;
                 Ok(ForwardResponse::Done)
             }
             ForwardRequest::MemberPromote(id) => {
@@ -600,10 +599,8 @@ impl Inner {
                     return Err(EtcdError::LearnerNotReady);
                 }
                 tracing::info!(id = format_args!("{id:x}"), "promoting learner to voter");
-                self.raft
-                    .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), true)
-                    .await
-                    .map_err(map_membership_err)?;
+                self.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), true)
+                    .await?;
                 Ok(ForwardResponse::Done)
             }
             ForwardRequest::Publish {
@@ -622,14 +619,33 @@ impl Inner {
                     client_url,
                     ..old.clone()
                 };
-                self.raft
-                    .change_membership(
-                        ChangeMembers::SetNodes(BTreeMap::from([(id, updated)])),
-                        true,
-                    )
-                    .await
-                    .map_err(map_membership_err)?;
+                self.change_membership(
+                    ChangeMembers::SetNodes(BTreeMap::from([(id, updated)])),
+                    true,
+                )
+                .await?;
                 Ok(ForwardResponse::Done)
+            }
+        }
+    }
+
+    /// Membership change that waits out another change still in progress (a publish or an
+    /// automatic promotion may be committing).
+    async fn change_membership(
+        &self,
+        change: ChangeMembers<u64, Member>,
+        retain: bool,
+    ) -> Result<(), EtcdError> {
+        let deadline = tokio::time::Instant::now() + self.tunables.request_timeout;
+        loop {
+            match self.raft.change_membership(change.clone(), retain).await {
+                Ok(_) => return Ok(()),
+                Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(
+                    ChangeMembershipError::InProgress(_),
+                ))) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(map_membership_err(e)),
             }
         }
     }

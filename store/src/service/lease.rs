@@ -125,6 +125,8 @@ impl Lease for LeaseService {
         request: Request<LeaseTimeToLiveRequest>,
     ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
         let r = request.into_inner();
+        // Attached keys come from local state: make it current first.
+        self.inner.linearizable_barrier().await?;
         let remaining = match self.inner.lease_remaining(r.id).await {
             Ok(t) => t,
             Err(EtcdError::LeaseNotFound) => {

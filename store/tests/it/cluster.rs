@@ -76,7 +76,7 @@ async fn failover_keeps_writes_watches_and_leases() {
         .await
         .unwrap();
     let l = lease
-        .lease_grant(LeaseGrantRequest { ttl: 4, id: 0 })
+        .lease_grant(LeaseGrantRequest { ttl: 10, id: 0 })
         .await
         .unwrap()
         .into_inner();
@@ -93,6 +93,17 @@ async fn failover_keeps_writes_watches_and_leases() {
     for i in 1..50 {
         put(&mut kv, &format!("w/{i}"), &i.to_string()).await;
     }
+
+    // Refresh right before the failover so only the failover itself is timed.
+    let (ktx, krx) = tokio::sync::mpsc::channel(1);
+    ktx.send(LeaseKeepAliveRequest { id: l.id }).await.unwrap();
+    let mut ka = lease
+        .lease_keep_alive(tokio_stream::wrappers::ReceiverStream::new(krx))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ka.next().await.unwrap().unwrap().ttl, 10);
+    drop(ka);
 
     tracing::info!("--- kill the leader");
     let old_leader = c.node(leader).id();
@@ -112,7 +123,7 @@ async fn failover_keeps_writes_watches_and_leases() {
         .unwrap()
         .into_inner();
     let resp = ka.next().await.unwrap().unwrap();
-    assert_eq!(resp.ttl, 4);
+    assert_eq!(resp.ttl, 10);
     lease
         .lease_revoke(LeaseRevokeRequest { id: l.id })
         .await

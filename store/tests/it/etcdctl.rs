@@ -171,11 +171,11 @@ async fn etcdctl_against_three_members() {
     drop(watch);
 
     // leases: grant, keep-alive --once, put --lease, expiry deletes the key.
-    let out = ok(&foll, &["lease", "grant", "3"]).await;
+    let out = ok(&foll, &["lease", "grant", "8"]).await;
     // "lease 694d77aa9e38260f granted with TTL(3s)"
     let id = out.split_whitespace().nth(1).expect("lease id").to_owned();
     let out = ok(&foll, &["lease", "keep-alive", "--once", &id]).await;
-    assert!(out.contains("keepalived with TTL(3)"), "keep-alive: {out}");
+    assert!(out.contains("keepalived with TTL(8)"), "keep-alive: {out}");
     assert_eq!(
         ok(&foll, &["put", "--lease", &id, "leased", "v"])
             .await
@@ -191,7 +191,7 @@ async fn etcdctl_against_three_members() {
         "v"
     );
     let lead2 = lead.clone();
-    wait_until("leased key to expire", Duration::from_secs(20), || {
+    wait_until("leased key to expire", Duration::from_secs(40), || {
         let lead = lead2.clone();
         async move { ok(&lead, &["get", "leased"]).await.is_empty() }
     })
