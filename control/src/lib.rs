@@ -24,6 +24,8 @@
 #![warn(missing_docs)]
 
 pub mod apiserver;
+pub mod controllers;
+pub mod scheduler;
 pub mod storage;
 
 pub use apiserver::{ApiServer, ApiServerConfig, ApiServerError};

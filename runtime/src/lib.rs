@@ -28,6 +28,7 @@
 #![warn(missing_docs)]
 
 pub mod any;
+pub mod node;
 pub mod cri;
 pub mod pod_runtime;
 #[cfg(any(test, feature = "test-util"))]

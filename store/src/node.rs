@@ -260,7 +260,20 @@ impl Node {
             state.last_log_id.is_none() && vote.is_none()
         };
 
-        let my_peer_url = config.peer_url();
+        // The id must match the one `initialize` (or `member add`) derives from the listed URL,
+        // so an entry for this member in the initial cluster wins over the listen address
+        // (which may be port 0 for an embedded single member).
+        let my_peer_url = match (
+            &config.advertise_peer_url,
+            config
+                .initial_cluster
+                .iter()
+                .find(|(n, _)| *n == config.name),
+        ) {
+            (Some(u), _) => u.clone(),
+            (None, Some((_, u))) => u.clone(),
+            (None, None) => format!("http://{peer_addr}"),
+        };
         let id = member_id(&config.initial_cluster_token, &my_peer_url);
         let t = &config.tunables;
         let election_ms = t.election_timeout.as_millis() as u64;
@@ -297,7 +310,10 @@ impl Node {
             name: config.name.clone(),
             cluster_id: cluster_id(&config.initial_cluster_token),
             token: config.initial_cluster_token.clone(),
-            client_url: config.client_url(),
+            client_url: config
+                .advertise_client_url
+                .clone()
+                .unwrap_or_else(|| format!("http://{client_addr}")),
             raft: raft.clone(),
             sm: shared,
             tunables: config.tunables.clone(),

@@ -355,3 +355,29 @@ async fn data_dir_of_another_member_is_refused() {
     assert_eq!(get(&mut kv, "persist").await.as_deref(), Some("me"));
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_default_member_on_port_zero() {
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let config = store::StoreConfig {
+        data_dir: dir.path().join("d"),
+        listen_client_addr: "127.0.0.1:0".parse().unwrap(),
+        listen_peer_addr: "127.0.0.1:0".parse().unwrap(),
+        tunables: test_tunables(),
+        ..store::StoreConfig::default()
+    };
+    let node = store::Node::start(config).await.unwrap();
+    let mut kv = store::pb::etcdserverpb::kv_client::KvClient::connect(format!(
+        "http://{}",
+        node.client_addr()
+    ))
+    .await
+    .unwrap();
+    assert_eq!(put(&mut kv, "k", "v").await, 2);
+    assert_eq!(get(&mut kv, "k").await.as_deref(), Some("v"));
+    let m = node.metrics();
+    assert_eq!(m.leader, Some(node.id()));
+    assert!(m.term >= 1);
+    node.shutdown().await;
+}

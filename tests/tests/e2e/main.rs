@@ -1,1 +1,82 @@
-//! Cross-crate end-to-end tests.
+//! Cross-crate end-to-end tests: an in-process control plane on loopback HTTPS (port 0) with
+//! node agents running real wasm pods.
+//!
+//! - `workloads`: Deployments across nodes, scaling, rolling updates.
+//! - `pods`: restart policies, CrashLoopBackOff, OOMKilled, graceful deletion.
+//! - `scheduling`: FailedScheduling events, taints, nodeSelector.
+//! - `node_loss`: a dead agent's pods are evicted and recreated elsewhere.
+//! - `kubectl`: the real kubectl (when `scripts/kubectl` installed it) drives a Deployment.
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+mod kubectl;
+mod node_loss;
+mod pods;
+mod scheduling;
+mod workloads;
+
+/// Generous: the 2 cores are shared with other test binaries.
+const WAIT: Duration = Duration::from_secs(60);
+
+fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// A Deployment of `replicas` sleeper pods.
+fn sleeper_deployment(name: &str, replicas: i64) -> Value {
+    json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": {"app": name}},
+            "template": {
+                "metadata": {"labels": {"app": name}},
+                "spec": {"containers": [{
+                    "name": "main",
+                    "image": tests::guest("sleeper"),
+                    "args": ["200"],
+                    "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"memory": "64Mi"}},
+                }]},
+            },
+        },
+    })
+}
+
+/// A pod with one container running `guest` with `args`.
+fn pod(name: &str, guest: &str, args: &[&str], restart: &str) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {
+            "restartPolicy": restart,
+            "containers": [{"name": "main", "image": tests::guest(guest), "args": args}],
+        },
+    })
+}
+
+/// Running, non-terminating pods whose name starts with `prefix`.
+async fn running(c: &tests::Cluster, prefix: &str) -> anyhow::Result<Vec<Value>> {
+    Ok(c.pods("default")
+        .await?
+        .into_iter()
+        .filter(|p| {
+            tests::phase(p) == "Running"
+                && !tests::deleting(p)
+                && p.pointer("/metadata/name")
+                    .and_then(Value::as_str)
+                    .is_some_and(|n| n.starts_with(prefix))
+                && p.pointer("/status/containerStatuses/0/state/running")
+                    .is_some()
+        })
+        .collect())
+}

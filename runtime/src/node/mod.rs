@@ -1,0 +1,402 @@
+//! The node agent (Flotilla's kubelet): registers the Node, heartbeats its Lease, watches the
+//! pods bound to it and runs them through a [`PodRuntime`].
+//!
+//! It talks to the API server only (HTTPS REST with the node's bearer token), never to the
+//! store: the Kubernetes invariant that keeps the store's client count and the auth surface
+//! small.
+//!
+//! # Layout
+//! - [`client`]: a small Kubernetes REST client (JSON over HTTP/2, watches).
+//! - [`join`]: the node join token file and the per-node token derived from it.
+//! - `heartbeat`: Node registration, node status and the Lease heartbeat.
+//! - `pod_worker`: one task per pod: run, restart with back-off, report status, delete.
+//!
+//! After an agent restart the pods bound to the node are matched by namespace/name against
+//! [`PodRuntime::list_pods`]: pods the runtime still runs are adopted, the others (all wasm
+//! pods, which live inside the agent process) are started again, with restart counts carried
+//! over from the API status; runtime pods no API pod claims are removed. No pod is doubled.
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::pod_runtime::{PodId, PodRuntime};
+
+pub mod client;
+mod heartbeat;
+pub mod join;
+mod pod_worker;
+
+pub use client::{ApiClient, ClientError};
+pub use heartbeat::RUNTIME_CLASSES_ANNOTATION;
+pub use join::JoinToken;
+
+use pod_worker::{PodWorker, WorkerContext};
+
+/// What the node offers to pods.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeCapacity {
+    /// CPU in millicores.
+    pub cpu_millis: u64,
+    /// Memory in bytes.
+    pub memory_bytes: u64,
+    /// Maximum number of pods.
+    pub pods: u32,
+}
+
+impl NodeCapacity {
+    /// This machine: every core, the memory in `/proc/meminfo` (4 GiB if unreadable), 110 pods.
+    pub fn detect() -> NodeCapacity {
+        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+        let memory = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|t| {
+                t.lines()
+                    .find(|l| l.starts_with("MemTotal:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|kb| kb.parse::<u64>().ok())
+            })
+            .map_or(4 << 30, |kb| kb * 1024);
+        NodeCapacity {
+            cpu_millis: u64::try_from(cores).unwrap_or(1) * 1000,
+            memory_bytes: memory,
+            pods: 110,
+        }
+    }
+}
+
+/// Node agent settings.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Node name (also `kubernetes.io/hostname`).
+    pub node_name: String,
+    /// API server URL (`https://host:port`).
+    pub server: String,
+    /// The node's bearer token (see [`JoinToken::node_token`]).
+    pub token: Option<String>,
+    /// PEM of the cluster CA (required for `https://`).
+    pub ca_pem: Option<String>,
+    /// Address reported as the node's `InternalIP` and the pods' `hostIP`.
+    pub address: String,
+    /// Extra node labels.
+    pub labels: BTreeMap<String, String>,
+    /// Taints set when the node is first registered (`[{key, value, effect}]`).
+    pub register_taints: Vec<Value>,
+    /// Runtime classes offered (written to the `flotilla.dev/runtime-classes` annotation).
+    pub runtime_classes: Vec<String>,
+    /// Capacity reported (allocatable is the same).
+    pub capacity: NodeCapacity,
+    /// How often the Lease is renewed (Kubernetes: 10 s).
+    pub heartbeat_interval: Duration,
+    /// `leaseDurationSeconds` written into the Lease (Kubernetes: 40 s).
+    pub lease_duration: Duration,
+    /// The node status is re-posted every this many heartbeats.
+    pub status_every_heartbeats: u32,
+    /// How often each running pod's status is polled from the runtime.
+    pub poll_interval: Duration,
+    /// First restart back-off after a crash (Kubernetes: 10 s); doubles each time.
+    pub backoff_initial: Duration,
+    /// Back-off cap (Kubernetes: 300 s).
+    pub backoff_max: Duration,
+}
+
+impl AgentConfig {
+    /// Defaults as the kubelet's, for node `node_name` of the API server at `server`.
+    pub fn new(node_name: impl Into<String>, server: impl Into<String>) -> AgentConfig {
+        AgentConfig {
+            node_name: node_name.into(),
+            server: server.into(),
+            token: None,
+            ca_pem: None,
+            address: "127.0.0.1".into(),
+            labels: BTreeMap::new(),
+            register_taints: Vec::new(),
+            runtime_classes: vec!["wasm".into()],
+            capacity: NodeCapacity::detect(),
+            heartbeat_interval: Duration::from_secs(10),
+            lease_duration: Duration::from_secs(40),
+            status_every_heartbeats: 6,
+            poll_interval: Duration::from_millis(200),
+            backoff_initial: Duration::from_secs(10),
+            backoff_max: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Failures that stop the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The API client could not be built (bad URL or CA).
+    #[error("API client")]
+    Client(#[source] ClientError),
+    /// The runtime failed while listing pods at start-up.
+    #[error("pod runtime")]
+    Runtime(#[from] crate::pod_runtime::RuntimeError),
+}
+
+/// A node agent over runtime `R`.
+pub struct Agent<R: PodRuntime> {
+    config: AgentConfig,
+    client: ApiClient,
+    runtime: Arc<R>,
+}
+
+struct WorkerSlot {
+    tx: watch::Sender<Option<Value>>,
+}
+
+impl<R: PodRuntime> Agent<R> {
+    /// Prepares an agent; nothing is contacted until [`Agent::run`].
+    pub fn new(config: AgentConfig, runtime: R) -> Result<Agent<R>, AgentError> {
+        let client = ApiClient::new(
+            &config.server,
+            config.token.as_deref(),
+            config.ca_pem.as_deref(),
+        )
+        .map_err(AgentError::Client)?;
+        Ok(Agent {
+            config,
+            client,
+            runtime: Arc::new(runtime),
+        })
+    }
+
+    /// The runtime (tests inspect it).
+    pub fn runtime(&self) -> Arc<R> {
+        self.runtime.clone()
+    }
+
+    /// Registers the node and keeps it and its pods in sync until `shutdown`. On shutdown the
+    /// agent stops heartbeating and removes its runtime's pods without reporting anything, as
+    /// a stopped kubelet process would leave them for the control plane to notice.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), AgentError> {
+        let cfg = Arc::new(self.config.clone());
+        let rt_name = self.runtime.name();
+        // Register, retrying until the API server answers.
+        let mut delay = Duration::from_millis(200);
+        loop {
+            match heartbeat::register(&self.client, &cfg, rt_name).await {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "node registration failed; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        tracing::info!(node = %cfg.node_name, server = %self.client.server(), "node registered");
+        let mut tasks = JoinSet::new();
+        {
+            let client = self.client.clone();
+            let cfg = cfg.clone();
+            let stop = shutdown.clone();
+            tasks.spawn(async move { heartbeat_loop(client, cfg, rt_name, stop).await });
+        }
+        let result = self.sync_pods(shutdown.clone()).await;
+        shutdown.cancel();
+        while tasks.join_next().await.is_some() {}
+        // Like a killed process: the pods die with the agent, nothing is reported.
+        if let Ok(pods) = self.runtime.list_pods().await {
+            for p in pods {
+                let _ = self.runtime.remove_pod(&p.id).await;
+            }
+        }
+        result
+    }
+
+    async fn sync_pods(&self, shutdown: CancellationToken) -> Result<(), AgentError> {
+        let ctx = Arc::new(WorkerContext {
+            client: self.client.clone(),
+            runtime: self.runtime.clone(),
+            node_name: self.config.node_name.clone(),
+            host_ip: self.config.address.clone(),
+            poll_interval: self.config.poll_interval,
+            backoff_initial: self.config.backoff_initial,
+            backoff_max: self.config.backoff_max,
+        });
+        // What the runtime still runs from a previous agent life, by namespace/name.
+        let mut adoptable: HashMap<(String, String), PodId> = HashMap::new();
+        for p in self.runtime.list_pods().await? {
+            adoptable.insert((p.namespace.clone(), p.name.clone()), p.id);
+        }
+        let mut workers: HashMap<String, WorkerSlot> = HashMap::new();
+        let mut tasks: JoinSet<()> = JoinSet::new();
+        let selector = client::encode_query(&format!("spec.nodeName={}", ctx.node_name));
+        let mut first = true;
+        let mut delay = Duration::from_millis(100);
+        'relist: loop {
+            if shutdown.is_cancelled() {
+                break;
+            }
+            // Reap finished workers so their slots can be reused.
+            while let Some(r) = tasks.try_join_next() {
+                if let Err(e) = r
+                    && e.is_panic()
+                {
+                    tracing::error!(error = %e, "pod worker panicked");
+                }
+            }
+            workers.retain(|_, w| !w.tx.is_closed());
+            let (items, rv) = match self
+                .client
+                .list(&format!("/api/v1/pods?fieldSelector={selector}"))
+                .await
+            {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "listing pods failed; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            };
+            delay = Duration::from_millis(100);
+            let mut seen = std::collections::HashSet::new();
+            for pod in items {
+                let uid = pod_uid(&pod);
+                seen.insert(uid.clone());
+                self.dispatch(
+                    &ctx,
+                    &mut workers,
+                    &mut tasks,
+                    &mut adoptable,
+                    pod,
+                    &shutdown,
+                );
+            }
+            for (uid, w) in &workers {
+                if !seen.contains(uid) {
+                    w.tx.send_replace(None);
+                }
+            }
+            if first {
+                first = false;
+                // Runtime pods no API pod claims: left over from pods deleted while we were down.
+                for (_, id) in adoptable.drain() {
+                    tracing::info!(pod = %id, "removing orphaned runtime pod");
+                    let _ = self.runtime.remove_pod(&id).await;
+                }
+            }
+            let mut watch = match self
+                .client
+                .watch(&format!(
+                    "/api/v1/pods?watch=true&allowWatchBookmarks=true&resourceVersion={rv}&fieldSelector={selector}"
+                ))
+                .await
+            {
+                Ok(w) => w,
+                Err(e) => {
+                    tracing::warn!(error = %e, "watching pods failed; re-listing");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            };
+            loop {
+                let ev = tokio::select! {
+                    _ = shutdown.cancelled() => break 'relist,
+                    ev = watch.next() => ev,
+                };
+                let Some(Ok(ev)) = ev else {
+                    continue 'relist;
+                };
+                match ev.kind.as_str() {
+                    "ADDED" | "MODIFIED" => {
+                        self.dispatch(
+                            &ctx,
+                            &mut workers,
+                            &mut tasks,
+                            &mut adoptable,
+                            ev.object,
+                            &shutdown,
+                        );
+                    }
+                    "DELETED" => {
+                        if let Some(w) = workers.get(&pod_uid(&ev.object)) {
+                            w.tx.send_replace(None);
+                        }
+                    }
+                    "ERROR" => continue 'relist,
+                    _ => {}
+                }
+            }
+        }
+        drop(workers);
+        tasks.shutdown().await;
+        Ok(())
+    }
+
+    fn dispatch(
+        &self,
+        ctx: &Arc<WorkerContext<R>>,
+        workers: &mut HashMap<String, WorkerSlot>,
+        tasks: &mut JoinSet<()>,
+        adoptable: &mut HashMap<(String, String), PodId>,
+        pod: Value,
+        shutdown: &CancellationToken,
+    ) {
+        let uid = pod_uid(&pod);
+        if let Some(w) = workers.get(&uid)
+            && !w.tx.is_closed()
+        {
+            w.tx.send_replace(Some(pod));
+            return;
+        }
+        let key = (
+            pod.pointer("/metadata/namespace")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string(),
+            pod.pointer("/metadata/name")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string(),
+        );
+        let adopted = adoptable.remove(&key);
+        let (tx, rx) = watch::channel(Some(pod));
+        let worker = PodWorker::new(ctx.clone(), rx, adopted, shutdown.child_token());
+        tasks.spawn(worker.run());
+        workers.insert(uid, WorkerSlot { tx });
+    }
+}
+
+fn pod_uid(pod: &Value) -> String {
+    pod.pointer("/metadata/uid")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string()
+}
+
+async fn heartbeat_loop(
+    client: ApiClient,
+    cfg: Arc<AgentConfig>,
+    rt_name: &'static str,
+    shutdown: CancellationToken,
+) {
+    let mut n: u32 = 0;
+    loop {
+        if let Err(e) = heartbeat::renew_lease(&client, &cfg).await {
+            tracing::warn!(error = %e, "lease renewal failed");
+        }
+        n = n.wrapping_add(1);
+        if cfg.status_every_heartbeats > 0
+            && n.is_multiple_of(cfg.status_every_heartbeats)
+            && let Err(e) = heartbeat::post_status(&client, &cfg, rt_name).await
+        {
+            tracing::warn!(error = %e, "node status update failed");
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(cfg.heartbeat_interval) => {}
+        }
+    }
+}

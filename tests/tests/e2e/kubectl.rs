@@ -1,0 +1,83 @@
+//! The real kubectl 1.37.1 (from `scripts/kubectl`) applies a Deployment and sees its wasm pods
+//! Running. Skips with a message when kubectl is not installed.
+use std::process::Command;
+
+use tests::{Cluster, ClusterOptions, eventually};
+
+use super::{WAIT, init_tracing};
+
+fn kubectl(c: &Cluster, args: &[&str], stdin: Option<&str>) -> anyhow::Result<String> {
+    use std::io::Write as _;
+    let bin = tests::kubectl().ok_or_else(|| anyhow::anyhow!("kubectl missing"))?;
+    let mut cmd = Command::new(bin);
+    cmd.arg("--kubeconfig").arg(c.kubeconfig()).args(args);
+    cmd.stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn()?;
+    if let (Some(text), Some(mut si)) = (stdin, child.stdin.take()) {
+        si.write_all(text.as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        anyhow::bail!(
+            "kubectl {args:?} failed: {}{}",
+            text,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_apply_deployment_runs_wasm_pods() -> anyhow::Result<()> {
+    init_tracing();
+    if tests::kubectl().is_none() {
+        eprintln!("SKIPPED: kubectl not installed (run scripts/kubectl)");
+        return Ok(());
+    }
+    let mut c = Cluster::start(ClusterOptions::default()).await?;
+    c.add_agent("node-a", |_| {}).await?;
+    let manifest = format!(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: hello\nspec:\n  replicas: 3\n  selector:\n    matchLabels: {{app: hello}}\n  template:\n    metadata:\n      labels: {{app: hello}}\n    spec:\n      containers:\n      - name: main\n        image: {}\n        args: [\"250\"]\n",
+        tests::guest("sleeper")
+    );
+    let c2 = &c;
+    let m = manifest.clone();
+    tokio::task::block_in_place(|| kubectl(c2, &["apply", "-f", "-"], Some(&m)))?;
+    eventually("kubectl shows 3 Running", WAIT, || async {
+        let out =
+            tokio::task::block_in_place(|| kubectl(&c, &["get", "pods", "--no-headers"], None))?;
+        let running = out
+            .lines()
+            .filter(|l| l.contains("Running") && l.contains("1/1"))
+            .count();
+        Ok(if running == 3 { Ok(()) } else { Err(out) })
+    })
+    .await?;
+    let out = tokio::task::block_in_place(|| {
+        kubectl(
+            &c,
+            &["rollout", "status", "deployment/hello", "--timeout=60s"],
+            None,
+        )
+    })?;
+    assert!(out.contains("successfully rolled out"), "{out}");
+    tokio::task::block_in_place(|| {
+        kubectl(&c, &["scale", "deployment/hello", "--replicas=1"], None)
+    })?;
+    eventually("kubectl shows 1 pod", WAIT, || async {
+        let out =
+            tokio::task::block_in_place(|| kubectl(&c, &["get", "pods", "--no-headers"], None))?;
+        let lines = out.lines().filter(|l| !l.trim().is_empty()).count();
+        Ok(if lines == 1 && out.contains("Running") {
+            Ok(())
+        } else {
+            Err(out)
+        })
+    })
+    .await?;
+    c.stop().await;
+    Ok(())
+}
