@@ -295,12 +295,17 @@ pub(crate) fn default_object(res: &Resource, obj: &mut Value) {
                 if res.kind == "Deployment" {
                     set_default(spec, "revisionHistoryLimit", json!(10));
                     set_default(spec, "progressDeadlineSeconds", json!(600));
-                    set_default(
-                        spec,
-                        "strategy",
-                        json!({"type": "RollingUpdate",
-                               "rollingUpdate": {"maxUnavailable": "25%", "maxSurge": "25%"}}),
-                    );
+                    let strategy = spec.entry("strategy").or_insert_with(|| json!({}));
+                    if let Value::Object(st) = strategy {
+                        set_default(st, "type", json!("RollingUpdate"));
+                        if st.get("type") == Some(&json!("RollingUpdate")) {
+                            let ru = st.entry("rollingUpdate").or_insert_with(|| json!({}));
+                            if let Value::Object(ru) = ru {
+                                set_default(ru, "maxUnavailable", json!("25%"));
+                                set_default(ru, "maxSurge", json!("25%"));
+                            }
+                        }
+                    }
                 }
                 if let Some(ps) = spec.get_mut("template").and_then(|t| t.get_mut("spec")) {
                     default_pod_spec(ps);

@@ -380,9 +380,7 @@ async fn dispatch_inner<S: Store>(app: Arc<App<S>>, req: Request) -> Result<Resp
             });
             let body = read_body(req).await?;
             let review = if protobuf {
-                super::protobuf::self_subject_access_review(&body).ok_or_else(|| {
-                    ApiError::bad_request("cannot decode the protobuf SelfSubjectAccessReview")
-                })?
+                super::protobuf::decode_object(&body).map_err(ApiError::bad_request)?
             } else {
                 parse_body(&body, "application/json")?
             };
@@ -464,6 +462,16 @@ async fn dispatch_inner<S: Store>(app: Arc<App<S>>, req: Request) -> Result<Resp
         .and_then(|v| v.to_str().ok())
         .unwrap_or("application/json")
         .to_string();
+    if content_type.starts_with("application/cbor") {
+        // 415 makes client-go fall back to JSON.
+        return Err(ApiError::new(
+            415,
+            "UnsupportedMediaType",
+            format!(
+                "the body of the request was in an unknown format - accepted media types include: application/json, application/yaml, application/vnd.kubernetes.protobuf (got {content_type:?})"
+            ),
+        ));
+    }
     let ns = t.namespace.clone();
     let ns = ns.as_deref();
     if watching {
@@ -506,7 +514,12 @@ async fn dispatch_inner<S: Store>(app: Arc<App<S>>, req: Request) -> Result<Resp
             {
                 return Err(forbidden());
             }
-            let warnings = strip_unknown(t.res, &mut obj, &query)?;
+            // Protobuf bodies carry only schema fields.
+            let warnings = if content_type.starts_with("application/vnd.kubernetes.protobuf") {
+                Vec::new()
+            } else {
+                strip_unknown(t.res, &mut obj, &query)?
+            };
             let created = create(&app, t.res, ns, obj, query.get("dryRun").is_some()).await?;
             Ok(with_warnings(
                 json_response(StatusCode::CREATED, &created),
@@ -529,7 +542,12 @@ async fn dispatch_inner<S: Store>(app: Arc<App<S>>, req: Request) -> Result<Resp
         ("update", sub) => {
             let body = read_body(req).await?;
             let mut obj = parse_body(&body, &content_type)?;
-            let warnings = strip_unknown(t.res, &mut obj, &query)?;
+            // Protobuf bodies carry only schema fields.
+            let warnings = if content_type.starts_with("application/vnd.kubernetes.protobuf") {
+                Vec::new()
+            } else {
+                strip_unknown(t.res, &mut obj, &query)?
+            };
             let name = t.name.as_deref().unwrap_or_default();
             let out = if sub == Some(Sub::Scale) {
                 update_scale(&app, t.res, ns, name, &obj).await?
@@ -638,6 +656,9 @@ async fn read_body(req: Request) -> Result<Bytes> {
 fn parse_body(body: &[u8], content_type: &str) -> Result<Value> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(ApiError::bad_request("the request body is empty"));
+    }
+    if content_type.starts_with("application/vnd.kubernetes.protobuf") {
+        return super::protobuf::decode_object(body).map_err(ApiError::bad_request);
     }
     let v: Value = if content_type.contains("yaml") {
         match serde_json::from_slice(body) {

@@ -425,7 +425,103 @@ async fn server_side_apply_and_errors(s: &Server) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// kubectl's typed clients send protobuf bodies (`create deployment`, `run`, `create
+/// namespace|configmap|secret`, `expose`).
+async fn imperative_commands_send_protobuf(s: &Server) -> anyhow::Result<()> {
+    s.kubectl(&[
+        "create",
+        "deployment",
+        "web",
+        "--image=nginx:1.25",
+        "--replicas=2",
+        "--port=80",
+    ])
+    .await?
+    .ok()?;
+    s.kubectl(&[
+        "run",
+        "p1",
+        "--image=busybox",
+        "--labels=app=p",
+        "--",
+        "sleep",
+        "10",
+    ])
+    .await?
+    .ok()?;
+    s.kubectl(&["create", "namespace", "team"]).await?.ok()?;
+    s.kubectl(&["create", "configmap", "c1", "--from-literal=a=1"])
+        .await?
+        .ok()?;
+    s.kubectl(&["create", "secret", "generic", "s1", "--from-literal=pw=x"])
+        .await?
+        .ok()?;
+    let out = s
+        .kubectl(&[
+            "expose",
+            "deployment",
+            "web",
+            "--port=8080",
+            "--target-port=80",
+        ])
+        .await?
+        .ok()?;
+    assert!(out.contains("service/web exposed"), "{out}");
+    let d = json(
+        &s.kubectl(&["get", "deploy", "web", "-o", "json"])
+            .await?
+            .ok()?,
+    );
+    assert_eq!(d["spec"]["replicas"], 2);
+    assert_eq!(d["spec"]["strategy"]["type"], "RollingUpdate");
+    let c = &d["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(
+        (c["image"].as_str(), c["ports"][0]["containerPort"].as_i64()),
+        (Some("nginx:1.25"), Some(80))
+    );
+    assert!(
+        c["ports"][0].get("hostPort").is_none(),
+        "Go zero values are left out: {c}"
+    );
+    let p = json(&s.kubectl(&["get", "pod", "p1", "-o", "json"]).await?.ok()?);
+    assert_eq!(
+        p["spec"]["containers"][0]["args"],
+        serde_json::json!(["sleep", "10"])
+    );
+    assert_eq!(p["metadata"]["labels"]["app"], "p");
+    assert_eq!(p["status"]["phase"], "Pending");
+    let ns = json(
+        &s.kubectl(&["get", "ns", "team", "-o", "json"])
+            .await?
+            .ok()?,
+    );
+    assert_eq!(ns["status"]["phase"], "Active");
+    let cm = json(&s.kubectl(&["get", "cm", "c1", "-o", "json"]).await?.ok()?);
+    assert_eq!(cm["data"]["a"], "1");
+    let sec = json(
+        &s.kubectl(&["get", "secret", "s1", "-o", "json"])
+            .await?
+            .ok()?,
+    );
+    assert_eq!(sec["data"]["pw"], "eA==");
+    let svc = json(
+        &s.kubectl(&["get", "svc", "web", "-o", "json"])
+            .await?
+            .ok()?,
+    );
+    assert_eq!(
+        (
+            svc["spec"]["ports"][0]["port"].as_i64(),
+            svc["spec"]["ports"][0]["targetPort"].as_i64()
+        ),
+        (Some(8080), Some(80))
+    );
+    assert_eq!(svc["spec"]["selector"]["app"], "web");
+    Ok(())
+}
+
 crate::on_both_stores!(
+    imperative_commands_send_protobuf,
     apply_get_describe_scale_label_patch_delete,
     pods_table_wide_watch_events_delete,
     server_side_apply_and_errors
