@@ -1,6 +1,7 @@
 //! Three real `flotilla store` processes: kill -9 the leader while a client writes; a new
 //! leader is elected, writing resumes, every acknowledged write survives, and the killed member
-//! restarts from its data dir and catches up.
+//! restarts from its data dir and catches up; then every member is killed and the cluster
+//! restarts from its data dirs with nothing lost.
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -217,7 +218,36 @@ async fn kill_leader_under_load_loses_no_acknowledged_write() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     agreed_leader(&urls, Duration::from_secs(60)).await;
+
+    eprintln!("--- kill -9 every member, restart all from their data dirs");
     for c in children.iter_mut().flatten() {
+        let _ = c.kill().await;
+    }
+    let mut children: Vec<Child> = members
+        .iter()
+        .map(|m| spawn(m, &initial, tmp.path(), 2))
+        .collect();
+    agreed_leader(&urls, Duration::from_secs(60)).await;
+    for u in &urls {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let have = tokio::time::timeout(Duration::from_secs(5), keys(u, false)).await;
+            if let Ok(Ok(have)) = have {
+                let missing: Vec<_> = want.difference(&have).collect();
+                assert!(
+                    missing.is_empty(),
+                    "lost after full restart on {u}: {missing:?}"
+                );
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{u} did not serve after restart"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    for c in &mut children {
         let _ = c.kill().await;
     }
 }

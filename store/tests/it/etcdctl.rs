@@ -236,6 +236,15 @@ async fn etcdctl_against_three_members() {
     ok(&lead, &["member", "remove", &new_id]).await;
     assert_eq!(ok(&lead, &["member", "list"]).await.lines().count(), 3);
 
+    // etcdctl 3.4 reports health on stderr.
+    let (success, out, err) = run(&all, &["endpoint", "health"], None).await;
+    assert!(success, "endpoint health: {out} {err}");
+    let both = format!("{out}{err}");
+    assert_eq!(
+        both.matches("is healthy").count(),
+        3,
+        "endpoint health: {both}"
+    );
     let out = ok(&all, &["endpoint", "status", "-w", "json"]).await;
     let v: serde_json::Value = serde_json::from_str(&out).expect("status json");
     let arr = v.as_array().expect("array");
