@@ -905,6 +905,21 @@ pub(crate) fn validate_update(res: &Resource, old: &Value, new: &Value) -> Vec<C
             "field is immutable",
         ));
     }
+    if res.kind == "Service" {
+        let ip = |o: &Value| {
+            o.pointer("/spec/clusterIP")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string()
+        };
+        if !ip(new).is_empty() && ip(old) != ip(new) {
+            out.push(Cause::invalid(
+                "spec.clusterIPs[0]",
+                &json!(ip(new)),
+                "may not change once set",
+            ));
+        }
+    }
     if matches!(res.kind, "ConfigMap" | "Secret")
         && old.get("immutable") == Some(&json!(true))
         && (old.get("data") != new.get("data") || old.get("binaryData") != new.get("binaryData"))

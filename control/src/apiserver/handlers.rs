@@ -944,6 +944,9 @@ pub(crate) async fn create<S: Store>(
         }
     }
     reset_status_on_create(res, &mut obj);
+    if res.kind == "Service" {
+        allocate_service_addresses(app, &mut obj).await?;
+    }
     for attempt in 0..8 {
         if let Some(g) = &generate {
             obj["metadata"]["name"] = json!(format!("{g}{}", random_suffix()));
@@ -967,6 +970,126 @@ pub(crate) async fn create<S: Store>(
         }
     }
     Err(ApiError::internal("could not generate a unique name"))
+}
+
+/// Service cluster IP range (`--service-cluster-ip-range` default of kube-apiserver).
+const SERVICE_NET: [u8; 2] = [10, 96];
+/// NodePort range.
+const NODE_PORTS: std::ops::RangeInclusive<i64> = 30000..=32767;
+
+/// Gives a new Service its cluster IP (10.96.0.0/12) and node ports, avoiding those in use.
+/// Concurrent creates may race for one address; collisions are unlikely with random picks.
+async fn allocate_service_addresses<S: Store>(app: &App<S>, svc: &mut Value) -> Result<()> {
+    let ty = svc
+        .pointer("/spec/type")
+        .and_then(Value::as_str)
+        .unwrap_or("ClusterIP")
+        .to_string();
+    if ty == "ExternalName" {
+        return Ok(());
+    }
+    let services = resources::find("", "v1", "services")
+        .ok_or_else(|| ApiError::internal("services not registered"))?;
+    let (kvs, _) = app.store.list(&services.prefix()).await?;
+    let mut used_ips = std::collections::HashSet::new();
+    let mut used_ports = std::collections::HashSet::new();
+    for kv in &kvs {
+        let o = decode(services, kv)?;
+        if let Some(ip) = o.pointer("/spec/clusterIP").and_then(Value::as_str) {
+            used_ips.insert(ip.to_string());
+        }
+        for p in o
+            .pointer("/spec/ports")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            if let Some(np) = p.get("nodePort").and_then(Value::as_i64) {
+                used_ports.insert(np);
+            }
+        }
+    }
+    let name = meta_str(svc, "name").unwrap_or_default().to_string();
+    let invalid = |field: &str, v: &Value, why: &str| {
+        ApiError::invalid("", "Service", &name, vec![Cause::invalid(field, v, why)])
+    };
+    let requested = svc
+        .pointer("/spec/clusterIP")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    let ip = if requested == "None" {
+        requested
+    } else if !requested.is_empty() {
+        let ok = requested.parse::<std::net::Ipv4Addr>().is_ok_and(|a| {
+            a.octets()[0] == SERVICE_NET[0] && (a.octets()[1] & 0xf0) == SERVICE_NET[1]
+        });
+        if !ok {
+            return Err(invalid(
+                "spec.clusterIPs",
+                &json!(requested),
+                "provided IP is not in the valid range. The range of valid IPs is 10.96.0.0/12",
+            ));
+        }
+        if used_ips.contains(&requested) {
+            return Err(invalid(
+                "spec.clusterIPs",
+                &json!(requested),
+                "failed to allocate IP: provided IP is already allocated",
+            ));
+        }
+        requested
+    } else {
+        let mut pick = None;
+        for _ in 0..1000 {
+            let host: u32 = rand::random_range(10..(1u32 << 20) - 1);
+            let a = std::net::Ipv4Addr::new(
+                SERVICE_NET[0],
+                SERVICE_NET[1] | u8::try_from((host >> 16) & 0x0f).unwrap_or(0),
+                u8::try_from((host >> 8) & 0xff).unwrap_or(0),
+                u8::try_from(host & 0xff).unwrap_or(0),
+            )
+            .to_string();
+            if !used_ips.contains(&a) {
+                pick = Some(a);
+                break;
+            }
+        }
+        pick.ok_or_else(|| ApiError::internal("service IP range is full"))?
+    };
+    svc["spec"]["clusterIP"] = json!(ip);
+    svc["spec"]["clusterIPs"] = json!([ip]);
+    if ip != "None" {
+        svc["spec"]["ipFamilies"] = json!(["IPv4"]);
+        svc["spec"]["ipFamilyPolicy"] = json!("SingleStack");
+    }
+    if ty == "NodePort" || ty == "LoadBalancer" {
+        if let Some(Value::Array(ports)) = svc.pointer_mut("/spec/ports") {
+            for (i, p) in ports.iter_mut().enumerate() {
+                match p.get("nodePort").and_then(Value::as_i64) {
+                    Some(np) if np != 0 => {
+                        if !NODE_PORTS.contains(&np) || used_ports.contains(&np) {
+                            return Err(invalid(
+                                &format!("spec.ports[{i}].nodePort"),
+                                &json!(np),
+                                "provided port is not in the valid range or already allocated; the range of valid ports is 30000-32767",
+                            ));
+                        }
+                        used_ports.insert(np);
+                    }
+                    _ => {
+                        let free = NODE_PORTS
+                            .clone()
+                            .find(|n| !used_ports.contains(n))
+                            .ok_or_else(|| ApiError::internal("node port range is full"))?;
+                        used_ports.insert(free);
+                        p["nodePort"] = json!(free);
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Everything but metadata and status: a change here bumps `metadata.generation`.
@@ -1018,6 +1141,19 @@ fn prepare_update(res: &Resource, old: &Value, mut new: Value, sub: Option<Sub>)
                 if let Some(m) = new.as_object_mut() {
                     m.remove("status");
                 }
+            }
+        }
+    }
+    if res.kind == "Service"
+        && new
+            .pointer("/spec/clusterIP")
+            .and_then(Value::as_str)
+            .is_none_or(str::is_empty)
+    {
+        // An update that leaves the address out keeps the allocated one.
+        for f in ["clusterIP", "clusterIPs", "ipFamilies", "ipFamilyPolicy"] {
+            if let Some(v) = old.pointer(&format!("/spec/{f}")) {
+                new["spec"][f] = v.clone();
             }
         }
     }

@@ -517,6 +517,36 @@ async fn imperative_commands_send_protobuf(s: &Server) -> anyhow::Result<()> {
         (Some(8080), Some(80))
     );
     assert_eq!(svc["spec"]["selector"]["app"], "web");
+    let ip = svc["spec"]["clusterIP"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        ip.starts_with("10.9") || ip.starts_with("10.10") || ip.starts_with("10.11"),
+        "cluster IP allocated in 10.96.0.0/12: {ip}"
+    );
+    let out = s.kubectl(&["get", "svc", "web"]).await?.ok()?;
+    assert!(out.contains(&ip) && out.contains("8080/TCP"), "{out}");
+    s.kubectl(&[
+        "expose",
+        "deployment",
+        "web",
+        "--name=web-np",
+        "--type=NodePort",
+        "--port=80",
+    ])
+    .await?
+    .ok()?;
+    let np = json(
+        &s.kubectl(&["get", "svc", "web-np", "-o", "json"])
+            .await?
+            .ok()?,
+    );
+    let port = np["spec"]["ports"][0]["nodePort"]
+        .as_i64()
+        .unwrap_or_default();
+    assert!((30000..=32767).contains(&port), "{np}");
+    assert_ne!(np["spec"]["clusterIP"], svc["spec"]["clusterIP"]);
     Ok(())
 }
 

@@ -47,7 +47,10 @@ const KEEP_ZERO: &[&str] = &[
 
 /// Scalar or message type of a field.
 #[derive(Debug, Clone, Copy)]
-#[allow(dead_code, reason = "gen_schema.py emits these for kinds not served yet")]
+#[allow(
+    dead_code,
+    reason = "gen_schema.py emits these for kinds not served yet"
+)]
 pub(crate) enum Ty {
     Str,
     Bytes,
