@@ -4,6 +4,8 @@
 //! this file only parses the command line and installs logging.
 use clap::{Parser, Subcommand};
 
+mod cmd_agent;
+mod cmd_dev;
 mod cmd_runtime;
 mod cmd_server;
 mod cmd_store;
@@ -25,6 +27,10 @@ enum Command {
     Store(cmd_store::StoreArgs),
     /// Run the Kubernetes-compatible API server.
     Server(cmd_server::ServerArgs),
+    /// Run a node agent: join a cluster with the server's node token and run its pods.
+    Agent(cmd_agent::AgentArgs),
+    /// Start a whole single-node cluster in this process, with a demo Deployment of wasm pods.
+    Dev(cmd_dev::DevArgs),
     /// Benchmarks that print a table of measured figures.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -48,6 +54,8 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Store(args) => cmd_store::run(args),
         Command::Server(args) => cmd_server::run(args),
+        Command::Agent(args) => cmd_agent::run(args),
+        Command::Dev(args) => cmd_dev::run(args),
         Command::Bench(BenchCommand::Runtime(args)) => cmd_runtime::run_bench(args),
     }
 }

@@ -332,3 +332,30 @@ pub fn write_node_token(data_dir: &Path) -> std::io::Result<PathBuf> {
     std::fs::rename(&tmp, &path)?;
     Ok(path)
 }
+
+/// Everything `flotilla server` runs beside the API server: writes `DATA_DIR/node-token`, then
+/// runs the scheduler and every controller as the admin of the API server listening on `addr`
+/// (over loopback HTTPS) until `shutdown`.
+pub async fn run_with_server(
+    data_dir: &Path,
+    pki: &crate::apiserver::Pki,
+    addr: std::net::SocketAddr,
+    controllers: ControllerConfig,
+    scheduler: crate::scheduler::SchedulerConfig,
+    shutdown: CancellationToken,
+) -> Result<(), ClientError> {
+    write_node_token(data_dir)
+        .map_err(|e| ClientError::Config(format!("writing the node token: {e}")))?;
+    let url = if addr.ip().is_unspecified() || addr.ip().is_loopback() {
+        format!("https://127.0.0.1:{}", addr.port())
+    } else {
+        // Must be one of the serving certificate's names (`--tls-san`).
+        format!("https://{addr}")
+    };
+    let client = ApiClient::new(&url, Some(&pki.admin_token), Some(&pki.ca_pem))?;
+    tokio::join!(
+        run_all(client.clone(), controllers, shutdown.clone()),
+        crate::scheduler::run(client, scheduler, shutdown),
+    );
+    Ok(())
+}

@@ -1,0 +1,136 @@
+//! `flotilla agent`: the node agent, joining a cluster with the server's node token.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use runtime::node::{Agent, AgentConfig, JoinToken, NodeCapacity};
+use runtime::{AnyRuntime, WasmRuntime, WasmRuntimeConfig};
+use tokio_util::sync::CancellationToken;
+
+/// Arguments of `flotilla agent`.
+#[derive(clap::Args)]
+pub(crate) struct AgentArgs {
+    /// API server URL, e.g. `https://10.0.0.1:6443`.
+    #[arg(long, env = "FLOTILLA_SERVER")]
+    server: String,
+    /// The server's `DATA_DIR/node-token` (join secret + cluster CA), or a file holding a
+    /// node bearer token.
+    #[arg(long, env = "FLOTILLA_TOKEN_FILE")]
+    token_file: PathBuf,
+    /// CA certificate (PEM) of the cluster, if the token file does not carry it.
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
+    /// Node name (default: the host name).
+    #[arg(long)]
+    name: Option<String>,
+    /// Directory for pod logs, volumes and the compiled-module cache.
+    #[arg(long, env = "FLOTILLA_AGENT_DATA_DIR")]
+    data_dir: PathBuf,
+    /// Address reported as the node's InternalIP.
+    #[arg(long, default_value = "127.0.0.1")]
+    address: String,
+    /// Extra node labels, `key=value`, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    labels: Vec<String>,
+    /// Node lease renewal interval in milliseconds.
+    #[arg(long, default_value_t = 10_000)]
+    heartbeat_interval_ms: u64,
+    /// CPU to offer, in millicores (default: every core).
+    #[arg(long)]
+    cpu_millis: Option<u64>,
+    /// Memory to offer, in MiB (default: the machine's).
+    #[arg(long)]
+    memory_mib: Option<u64>,
+    /// Most pods on this node.
+    #[arg(long, default_value_t = 110)]
+    max_pods: u32,
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_lowercase())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "flotilla-node".into())
+}
+
+/// Builds the agent's configuration from the command line.
+fn agent_config(args: &AgentArgs) -> anyhow::Result<AgentConfig> {
+    let name = args.name.clone().unwrap_or_else(host_name);
+    let text = std::fs::read_to_string(&args.token_file)
+        .with_context(|| format!("failed to read {}", args.token_file.display()))?;
+    let join = JoinToken::parse(&text).with_context(|| {
+        format!(
+            "{} is neither a node token file written by `flotilla server` nor a node bearer token",
+            args.token_file.display()
+        )
+    })?;
+    let ca = match &args.ca_file {
+        Some(p) => Some(
+            std::fs::read_to_string(p)
+                .with_context(|| format!("failed to read {}", p.display()))?,
+        ),
+        None => join.ca_pem.clone(),
+    };
+    let mut cfg = AgentConfig::new(&name, &args.server);
+    cfg.token = Some(join.node_token(&name));
+    cfg.ca_pem = ca;
+    cfg.address = args.address.clone();
+    cfg.heartbeat_interval = Duration::from_millis(args.heartbeat_interval_ms.max(100));
+    let mut cap = NodeCapacity::detect();
+    if let Some(c) = args.cpu_millis {
+        cap.cpu_millis = c;
+    }
+    if let Some(m) = args.memory_mib {
+        cap.memory_bytes = m * 1024 * 1024;
+    }
+    cap.pods = args.max_pods;
+    cfg.capacity = cap;
+    for l in &args.labels {
+        let (k, v) = l
+            .split_once('=')
+            .with_context(|| format!("label {l:?} is not key=value"))?;
+        cfg.labels.insert(k.to_string(), v.to_string());
+    }
+    Ok(cfg)
+}
+
+/// The node's wasm runtime under `data_dir`.
+pub(crate) fn wasm_runtime(
+    data_dir: &std::path::Path,
+    max_pods: u32,
+) -> anyhow::Result<AnyRuntime> {
+    let mut rcfg = WasmRuntimeConfig::new(data_dir.join("pods"));
+    rcfg.cache_dir = Some(data_dir.join("module-cache"));
+    rcfg.max_pods = max_pods;
+    Ok(AnyRuntime::Wasm(
+        WasmRuntime::new(rcfg).context("failed to start the wasm runtime")?,
+    ))
+}
+
+/// Runs the agent until Ctrl-C.
+pub(crate) fn run(args: AgentArgs) -> anyhow::Result<()> {
+    let cfg = agent_config(&args)?;
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("failed to create {}", args.data_dir.display()))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("failed to start the tokio runtime")?;
+    rt.block_on(async move {
+        let runtime = wasm_runtime(&args.data_dir, cfg.capacity.pods)?;
+        println!(
+            "flotilla agent: node {} joining {}",
+            cfg.node_name, cfg.server
+        );
+        let agent = Agent::new(cfg, runtime).context("invalid agent configuration")?;
+        let shutdown = CancellationToken::new();
+        let signal = shutdown.clone();
+        tokio::spawn(async move {
+            let _ = tokio::signal::ctrl_c().await;
+            signal.cancel();
+        });
+        agent.run(shutdown).await.context("agent failed")
+    })
+}
