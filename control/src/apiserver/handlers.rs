@@ -1063,28 +1063,28 @@ async fn allocate_service_addresses<S: Store>(app: &App<S>, svc: &mut Value) -> 
         svc["spec"]["ipFamilies"] = json!(["IPv4"]);
         svc["spec"]["ipFamilyPolicy"] = json!("SingleStack");
     }
-    if ty == "NodePort" || ty == "LoadBalancer" {
-        if let Some(Value::Array(ports)) = svc.pointer_mut("/spec/ports") {
-            for (i, p) in ports.iter_mut().enumerate() {
-                match p.get("nodePort").and_then(Value::as_i64) {
-                    Some(np) if np != 0 => {
-                        if !NODE_PORTS.contains(&np) || used_ports.contains(&np) {
-                            return Err(invalid(
-                                &format!("spec.ports[{i}].nodePort"),
-                                &json!(np),
-                                "provided port is not in the valid range or already allocated; the range of valid ports is 30000-32767",
-                            ));
-                        }
-                        used_ports.insert(np);
+    if (ty == "NodePort" || ty == "LoadBalancer")
+        && let Some(Value::Array(ports)) = svc.pointer_mut("/spec/ports")
+    {
+        for (i, p) in ports.iter_mut().enumerate() {
+            match p.get("nodePort").and_then(Value::as_i64) {
+                Some(np) if np != 0 => {
+                    if !NODE_PORTS.contains(&np) || used_ports.contains(&np) {
+                        return Err(invalid(
+                            &format!("spec.ports[{i}].nodePort"),
+                            &json!(np),
+                            "provided port is not in the valid range or already allocated; the range of valid ports is 30000-32767",
+                        ));
                     }
-                    _ => {
-                        let free = NODE_PORTS
-                            .clone()
-                            .find(|n| !used_ports.contains(n))
-                            .ok_or_else(|| ApiError::internal("node port range is full"))?;
-                        used_ports.insert(free);
-                        p["nodePort"] = json!(free);
-                    }
+                    used_ports.insert(np);
+                }
+                _ => {
+                    let free = NODE_PORTS
+                        .clone()
+                        .find(|n| !used_ports.contains(n))
+                        .ok_or_else(|| ApiError::internal("node port range is full"))?;
+                    used_ports.insert(free);
+                    p["nodePort"] = json!(free);
                 }
             }
         }
