@@ -599,27 +599,50 @@ impl CriRuntime {
             .await?
             .into_iter()
             .filter(|c| c.state != pb::ContainerState::ContainerExited)
-            .map(|c| {
-                let mut rt = self.rt();
-                async move {
-                    match rt
-                        .stop_container(pb::StopContainerRequest {
-                            container_id: c.id,
-                            timeout,
-                        })
-                        .await
-                    {
-                        Ok(_) => Ok(()),
-                        Err(s) if s.code() == Code::NotFound => Ok(()),
-                        Err(s) => Err(rpc_err("StopContainer", &s)),
-                    }
-                }
-            });
+            .map(|c| self.stop_container(c.id, timeout));
         // Containers of a pod stop concurrently, so the pod's stop takes one grace period.
         for r in futures::future::join_all(stops).await {
             r?;
         }
         Ok(())
+    }
+
+    /// `StopContainer`, tolerating a container that exits by itself meanwhile: containerd
+    /// then fails the kill (`ttrpc: closed`, `process already finished`) although the
+    /// container is stopped, which is all the caller asked for.
+    async fn stop_container(&self, id: String, timeout: i64) -> Result<(), RuntimeError> {
+        let stop = |id: String| {
+            let mut rt = self.rt();
+            async move {
+                rt.stop_container(pb::StopContainerRequest {
+                    container_id: id,
+                    timeout,
+                })
+                .await
+            }
+        };
+        let first = match stop(id.clone()).await {
+            Ok(_) => return Ok(()),
+            Err(s) if s.code() == Code::NotFound => return Ok(()),
+            Err(s) => s,
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        loop {
+            match self.container_status(&id).await? {
+                None => return Ok(()),
+                Some(st) if st.state == pb::ContainerState::ContainerExited as i32 => {
+                    return Ok(());
+                }
+                Some(_) if tokio::time::Instant::now() >= deadline => break,
+                Some(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+        tracing::warn!(container = %id, error = %first.message(), "StopContainer failed; retrying");
+        match stop(id).await {
+            Ok(_) => Ok(()),
+            Err(s) if s.code() == Code::NotFound => Ok(()),
+            Err(s) => Err(rpc_err("StopContainer", &s)),
+        }
     }
 
     async fn stop_sandbox(&self, id: &PodId) -> Result<(), RuntimeError> {
@@ -683,6 +706,18 @@ impl PodRuntime for CriRuntime {
     async fn run_pod(&self, pod: &PodConfig) -> Result<PodId, RuntimeError> {
         if pod.spec.containers.is_empty() {
             return Err(RuntimeError::InvalidSpec("pod has no containers".into()));
+        }
+        let mut names = std::collections::HashSet::new();
+        if let Some(c) = pod
+            .spec
+            .containers
+            .iter()
+            .find(|c| !names.insert(c.name.as_str()))
+        {
+            return Err(RuntimeError::InvalidSpec(format!(
+                "container name {:?} is repeated",
+                c.name
+            )));
         }
         if !pod.spec.init_containers.is_empty() {
             return Err(RuntimeError::InvalidSpec(

@@ -406,6 +406,15 @@ async fn runtime_errors_map_to_kinds() {
             .await
             .unwrap_err();
     assert!(matches!(err, RuntimeError::InvalidSpec(_)));
+    let err =
+        h.rt.run_pod(&pod(
+            "twins",
+            vec![container("c", BUSYBOX), container("c", BUSYBOX)],
+        ))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("repeated"), "{err}");
+    assert_eq!(h.fake.counts(), (0, 0));
     let mut with_init = pod("init", vec![container("c", BUSYBOX)]);
     with_init.spec.init_containers = vec![container("i", BUSYBOX)];
     assert!(matches!(
@@ -427,4 +436,46 @@ async fn any_runtime_dispatches_to_cri() {
     assert_eq!(h.rt.pod_status(&id).await.unwrap().name, "via-any");
     any.remove_pod(&id).await.unwrap();
     assert_eq!(h.fake.counts(), (0, 0));
+}
+
+#[tokio::test]
+async fn stop_tolerates_a_container_exiting_during_the_kill() {
+    let h = harness().await;
+    h.fake.add_image(
+        "localhost/brief:v1",
+        FakeCriBehavior::Exit {
+            code: 0,
+            after: Duration::from_millis(300),
+            stdout: String::new(),
+            reason: String::new(),
+        },
+    );
+    let id =
+        h.rt.run_pod(&pod("brief", vec![container("c", "localhost/brief:v1")]))
+            .await
+            .unwrap();
+    // containerd fails the kill of a task that has just exited.
+    h.fake.fail_next(
+        "StopContainer",
+        Code::Unknown,
+        "failed to kill container: ttrpc: closed",
+    );
+    h.rt.stop_pod(&id, Duration::from_secs(1))
+        .await
+        .expect("stop succeeds once the container is seen exited");
+    let st = h.rt.pod_status(&id).await.unwrap();
+    let t = st.containers[0].state.terminated().unwrap();
+    assert_eq!(t.exit_code, 0, "ended by itself, not killed: {t:?}");
+
+    // A container that keeps running after a failed kill is stopped by the retry.
+    let id2 =
+        h.rt.run_pod(&pod("stays", vec![container("c", BUSYBOX)]))
+            .await
+            .unwrap();
+    h.fake
+        .fail_next("StopContainer", Code::Unknown, "transient");
+    h.rt.stop_pod(&id2, Duration::ZERO).await.expect("retried");
+    assert!(h.rt.pod_status(&id2).await.unwrap().all_terminated());
+    h.rt.remove_pod(&id).await.unwrap();
+    h.rt.remove_pod(&id2).await.unwrap();
 }

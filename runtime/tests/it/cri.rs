@@ -339,3 +339,155 @@ async fn containerd_throttles_to_the_cpu_limit() {
     assert!(share > 0.02, "spinner barely ran: {share:.3} CPU");
     rt.remove_pod(&id).await.expect("remove");
 }
+
+/// Proportional set size of a process, in bytes (shared pages split among their users).
+fn pss(pid: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Pss:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .unwrap_or(0)
+        * 1024
+}
+
+/// Memory the OCI pods cost the node: the PSS of every containerd shim plus what the pods'
+/// cgroups (pause and container processes, their page cache) are charged.
+fn oci_memory() -> u64 {
+    let shims: u64 = std::fs::read_dir("/proc")
+        .expect("read /proc")
+        .flatten()
+        .filter(|e| {
+            std::fs::read_to_string(e.path().join("comm"))
+                .is_ok_and(|c| c.starts_with("containerd-shim"))
+        })
+        .map(|e| pss(&e.file_name().to_string_lossy()))
+        .sum();
+    let cgroups = std::fs::read_to_string(format!(
+        "/sys/fs/cgroup/memory{CGROUP_ROOT}/memory.usage_in_bytes"
+    ))
+    .ok()
+    .and_then(|v| v.trim().parse::<u64>().ok())
+    .unwrap_or(0);
+    shims + cgroups
+}
+
+/// Memory the wasm pods cost the node: this process's PSS (the wasm runtime runs in it).
+fn wasm_memory() -> u64 {
+    pss("self")
+}
+
+/// Starts `n` long-running pods one after another, each timed from `run_pod` to Running;
+/// returns the sorted latencies, the memory (as `memory` measures it) per running pod, and
+/// their ids.
+async fn start_many<R: PodRuntime>(
+    rt: &R,
+    n: usize,
+    make: impl Fn(usize) -> PodConfig,
+    memory: fn() -> u64,
+) -> (Vec<Duration>, u64, Vec<runtime::PodId>) {
+    let before = memory();
+    let mut latencies = Vec::with_capacity(n);
+    let mut ids = Vec::with_capacity(n);
+    for i in 0..n {
+        let t0 = Instant::now();
+        let id = rt.run_pod(&make(i)).await.expect("run");
+        wait_for_status(rt, &id, WAIT, |s| {
+            s.containers.iter().all(|c| c.state.is_running())
+        })
+        .await;
+        latencies.push(t0.elapsed());
+        ids.push(id);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let per_pod = memory().saturating_sub(before) / n as u64;
+    latencies.sort();
+    (latencies, per_pod, ids)
+}
+
+fn pct(sorted: &[Duration], p: usize) -> Duration {
+    sorted[(sorted.len() * p / 100).min(sorted.len() - 1)]
+}
+
+/// Issue 6's benchmark: start latency (create → Running) p50/p99 over 50 pods and node memory
+/// per running pod, OCI busybox through containerd vs wasm in-process, and their ratio.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containerd_vs_wasm_start_latency_and_memory() {
+    let Some(socket) = cri_socket("containerd_vs_wasm_start_latency_and_memory") else {
+        return;
+    };
+    let _cpu = crate::CPU_LOCK.write().await;
+    let _one = CRI_LOCK.lock().await;
+    const N: usize = 50;
+    let n = node(&socket, "bench").await;
+    let (oci, oci_mem, ids) = start_many(
+        &n.rt,
+        N,
+        |i| {
+            pod(
+                &format!("bench-{i}"),
+                vec![Container {
+                    name: "sleep".into(),
+                    image: BUSYBOX.into(),
+                    command: vec!["sleep".into(), "3600".into()],
+                    ..Container::default()
+                }],
+            )
+        },
+        oci_memory,
+    )
+    .await;
+    let listed = n.rt.list_pods().await.expect("list");
+    assert_eq!(listed.len(), N);
+    assert!(
+        listed
+            .iter()
+            .all(|p| p.state == SandboxState::Ready && p.containers[0].state.is_running()),
+        "all {N} pods run at once"
+    );
+    for id in &ids {
+        n.rt.remove_pod(id).await.expect("remove");
+    }
+
+    let w = crate::node();
+    let sleeper = crate::container("sleep", "sleeper", &["50"]);
+    // One warm-up pod so the module compile is not counted as start latency.
+    let warm =
+        w.rt.run_pod(&pod("warm", vec![sleeper.clone()]))
+            .await
+            .expect("warm-up");
+    w.rt.remove_pod(&warm).await.expect("remove");
+    let (wasm, wasm_mem, ids) = start_many(
+        &w.rt,
+        N,
+        |i| pod(&format!("bench-{i}"), vec![sleeper.clone()]),
+        wasm_memory,
+    )
+    .await;
+    for id in &ids {
+        w.rt.remove_pod(id).await.expect("remove");
+    }
+
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    eprintln!(
+        "start latency over {N} pods: OCI busybox p50 {:.1} ms p99 {:.1} ms; \
+         wasm p50 {:.2} ms p99 {:.2} ms; p50 ratio OCI/wasm {:.0}x",
+        ms(pct(&oci, 50)),
+        ms(pct(&oci, 99)),
+        ms(pct(&wasm, 50)),
+        ms(pct(&wasm, 99)),
+        ms(pct(&oci, 50)) / ms(pct(&wasm, 50)).max(0.001)
+    );
+    eprintln!(
+        "memory per running pod: OCI {:.1} MiB (shim PSS + pod cgroups), wasm {:.2} MiB \
+         (agent PSS), ratio {:.0}x",
+        oci_mem as f64 / f64::from(1 << 20),
+        wasm_mem as f64 / f64::from(1 << 20),
+        oci_mem as f64 / (wasm_mem.max(1)) as f64
+    );
+    // The comparison is printed, not asserted: wasm start times depend on the wasm runtime's
+    // executor load, which this test does not control. 50 shims cannot be free, though.
+    assert!(oci_mem > 0, "50 running OCI pods cost no memory?");
+}
