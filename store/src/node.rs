@@ -231,6 +231,23 @@ impl Node {
     where
         N: RaftNetworkFactory<TypeConfig>,
     {
+        Self::start_wrapped(config, client, peer, network, |log| log).await
+    }
+
+    /// Starts the member with a caller-provided transport and a wrapper around the sled log
+    /// store (fault injection: slow or failing appends, crash points).
+    pub async fn start_wrapped<N, LS, W>(
+        config: StoreConfig,
+        client: TcpListener,
+        peer: TcpListener,
+        network: N,
+        wrap_log: W,
+    ) -> Result<NodeHandle, StoreError>
+    where
+        N: RaftNetworkFactory<TypeConfig>,
+        LS: RaftLogStorage<TypeConfig>,
+        W: FnOnce(SledLogStore) -> LS,
+    {
         config.validate()?;
         let client_addr = client.local_addr().map_err(|source| StoreError::Bind {
             addr: config.listen_client_addr,
@@ -291,7 +308,7 @@ impl Node {
         .validate()
         .map_err(|e| raft_err(&e))?;
         let shared = sm.shared();
-        let raft = Raft::new(id, Arc::new(raft_config), network, log, sm)
+        let raft = Raft::new(id, Arc::new(raft_config), network, wrap_log(log), sm)
             .await
             .map_err(|e| raft_err(&e))?;
 
