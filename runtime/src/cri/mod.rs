@@ -412,6 +412,39 @@ impl CriRuntime {
         })
     }
 
+    /// The pod's IP: the CNI address of a pod-network sandbox, `None` for host-network pods
+    /// (whose IP is the node's).
+    pub async fn pod_ip(&self, id: &PodId) -> Result<Option<String>, RuntimeError> {
+        let s = self.own_sandbox(id).await?;
+        Ok(s.network.map(|n| n.ip).filter(|ip| !ip.is_empty()))
+    }
+
+    /// The runtime's conditions (`RuntimeReady`, `NetworkReady`), for the Node's conditions:
+    /// `(type, status, reason: message)`.
+    pub async fn conditions(&self) -> Result<Vec<(String, bool, String)>, RuntimeError> {
+        let st = self
+            .rt()
+            .status(pb::StatusRequest { verbose: false })
+            .await
+            .map_err(|s| rpc_err("Status", &s))?
+            .into_inner();
+        Ok(st
+            .status
+            .map(|s| s.conditions)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|c| {
+                let detail = match (c.reason.is_empty(), c.message.is_empty()) {
+                    (true, true) => String::new(),
+                    (false, true) => c.reason,
+                    (true, false) => c.message,
+                    (false, false) => format!("{}: {}", c.reason, c.message),
+                };
+                (c.r#type, c.status, detail)
+            })
+            .collect())
+    }
+
     /// Runs `cmd` in a container of a pod and waits for it (exec probes, `kubectl exec`).
     pub async fn exec_sync(
         &self,

@@ -82,6 +82,11 @@ async fn connect_reports_version_and_rejects_bad_endpoints() {
     assert_eq!(h.rt.version().runtime_name, "fake-cri");
     assert_eq!(h.rt.version().runtime_api_version, "v1");
     assert_eq!(h.rt.name(), "cri");
+    let conditions = h.rt.conditions().await.expect("Status");
+    assert!(
+        conditions.contains(&("RuntimeReady".into(), true, String::new())),
+        "{conditions:?}"
+    );
 
     let missing = CriRuntimeConfig::new(
         format!("unix://{}", h.dir.path().join("nothing.sock").display()),
@@ -434,6 +439,7 @@ async fn any_runtime_dispatches_to_cri() {
         .await
         .expect("run");
     assert_eq!(h.rt.pod_status(&id).await.unwrap().name, "via-any");
+    assert_eq!(h.rt.pod_ip(&id).await.unwrap(), None, "host network");
     any.remove_pod(&id).await.unwrap();
     assert_eq!(h.fake.counts(), (0, 0));
 }

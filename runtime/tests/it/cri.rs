@@ -340,6 +340,60 @@ async fn containerd_throttles_to_the_cpu_limit() {
     rt.remove_pod(&id).await.expect("remove");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containerd_runs_a_pod_on_the_cni_bridge() {
+    let Some(socket) = cri_socket("containerd_runs_a_pod_on_the_cni_bridge") else {
+        return;
+    };
+    let _cpu = crate::CPU_LOCK.read().await;
+    let _one = CRI_LOCK.lock().await;
+    let root = tempfile::tempdir().expect("root tempdir");
+    let mut cfg = CriRuntimeConfig::new(socket.as_str(), root.path());
+    cfg.instance = "it-cni".into();
+    cfg.host_network = false;
+    let rt = CriRuntime::connect(cfg).await.expect("connect");
+    rt.remove_orphans(&[]).await.expect("clean leftovers");
+    let ready = rt.conditions().await.expect("Status");
+    assert!(
+        ready.iter().any(|(t, ok, _)| t == "NetworkReady" && *ok),
+        "scripts/containerd installs a CNI bridge config: {ready:?}"
+    );
+    let id = rt
+        .run_pod(&pod(
+            "netpod",
+            vec![Container {
+                name: "c".into(),
+                image: BUSYBOX.into(),
+                command: vec!["sleep".into(), "3600".into()],
+                ..Container::default()
+            }],
+        ))
+        .await
+        .expect("run");
+    wait_for_status(&rt, &id, WAIT, |s| s.containers[0].state.is_running()).await;
+    let ip = rt
+        .pod_ip(&id)
+        .await
+        .expect("ip")
+        .expect("a CNI pod has an IP");
+    assert!(ip.starts_with("10.88."), "{ip}");
+    let exec = |cmd: &str| {
+        rt.exec_sync(
+            &id,
+            "c",
+            vec!["sh".into(), "-c".into(), cmd.into()],
+            Duration::from_secs(30),
+        )
+    };
+    let out = exec("hostname; ip -4 addr show eth0").await.expect("exec");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.exit_code, 0, "{text}");
+    assert!(text.starts_with("netpod\n"), "pod hostname: {text}");
+    assert!(text.contains(&format!("inet {ip}/")), "{text}");
+    rt.remove_pod(&id).await.expect("remove");
+    assert!(rt.list_pods().await.expect("list").is_empty());
+}
+
 /// Proportional set size of a process, in bytes (shared pages split among their users).
 fn pss(pid: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
