@@ -264,10 +264,11 @@ async fn evict(ctx: &Context) {
                 .map_or(now, |t| t.with_timezone(&chrono::Utc));
             let key = taint.get("key").and_then(Value::as_str).unwrap_or_default();
             let secs = match tolerations.iter().find(|t| tolerates(t, taint)) {
-                Some(t) => match t.get("tolerationSeconds").and_then(Value::as_i64) {
-                    Some(s) => Some(s.max(0)),
-                    None => None, // tolerated forever
-                },
+                // No tolerationSeconds: tolerated forever.
+                Some(t) => t
+                    .get("tolerationSeconds")
+                    .and_then(Value::as_i64)
+                    .map(|s| s.max(0)),
                 None if key == UNREACHABLE || key == NOT_READY => Some(default_secs),
                 None => Some(0),
             };

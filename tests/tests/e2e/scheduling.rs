@@ -17,7 +17,7 @@ async fn failed_scheduling(c: &Cluster, name: &str) -> anyhow::Result<String> {
                     && e.get("reason").and_then(Value::as_str) == Some("FailedScheduling")
             })
             .filter_map(|e| e.get("message").and_then(Value::as_str))
-            .last()
+            .next_back()
             .map(str::to_string);
         Ok(msg.ok_or_else(|| "no event yet".to_string()))
     })
