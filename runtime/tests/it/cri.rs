@@ -143,6 +143,39 @@ async fn containerd_runs_busybox_end_to_end() {
     assert!(logs.contains(" stderr F err line\n"), "{logs}");
     rt.remove_pod(&id).await.expect("remove");
 
+    // --- a start that fails half-way (second container's command does not exist) leaves
+    // no sandbox, container or pod cgroup behind
+    let err = rt
+        .run_pod(&pod(
+            "halfway",
+            vec![
+                sh("fine", "sleep 3600"),
+                Container {
+                    name: "broken".into(),
+                    image: BUSYBOX.into(),
+                    command: vec!["/nope".into()],
+                    ..Container::default()
+                },
+            ],
+        ))
+        .await
+        .expect_err("start of /nope fails");
+    assert!(err.to_string().contains("/nope"), "{err}");
+    assert!(rt.list_pods().await.expect("list").is_empty());
+    let halfway_cgroup = Path::new("/sys/fs/cgroup/memory").join(
+        runtime::cri::convert::cgroup_parent(
+            CGROUP_ROOT,
+            api::pod::QosClass::BestEffort,
+            "uid-halfway",
+        )
+        .trim_start_matches('/'),
+    );
+    assert!(
+        !halfway_cgroup.exists(),
+        "{} left behind",
+        halfway_cgroup.display()
+    );
+
     // --- over its memory limit: OOMKilled
     let id = rt
         .run_pod(&pod(
