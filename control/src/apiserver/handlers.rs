@@ -515,12 +515,14 @@ async fn dispatch_inner<S: Store>(app: Arc<App<S>>, req: Request) -> Result<Resp
                 return Err(forbidden());
             }
             // Protobuf bodies carry only schema fields.
-            let warnings = if content_type.starts_with("application/vnd.kubernetes.protobuf") {
+            let mut warnings = if content_type.starts_with("application/vnd.kubernetes.protobuf") {
                 Vec::new()
             } else {
                 strip_unknown(t.res, &mut obj, &query)?
             };
-            let created = create(&app, t.res, ns, obj, query.get("dryRun").is_some()).await?;
+            let (created, admission_warnings) =
+                create(&app, t.res, ns, obj, query.get("dryRun").is_some()).await?;
+            warnings.extend(admission_warnings);
             Ok(with_warnings(
                 json_response(StatusCode::CREATED, &created),
                 &warnings,
@@ -893,13 +895,14 @@ async fn require_namespace<S: Store>(app: &App<S>, res: &Resource, ns: Option<&s
 }
 
 /// Creates an object: metadata, defaults, validation, store.
+/// Creates an object; also returns admission warnings for the `Warning` header.
 pub(crate) async fn create<S: Store>(
     app: &App<S>,
     res: &Resource,
     ns: Option<&str>,
     mut obj: Value,
     dry_run: bool,
-) -> Result<Value> {
+) -> Result<(Value, Vec<String>)> {
     check_type(res, &obj)?;
     if !obj.get("metadata").is_some_and(Value::is_object) {
         obj["metadata"] = json!({});
@@ -947,6 +950,9 @@ pub(crate) async fn create<S: Store>(
     if res.kind == "Service" {
         allocate_service_addresses(app, &mut obj).await?;
     }
+    if let Some(ns) = ns {
+        super::policy::limit_ranges(app, res, ns, &mut obj).await?;
+    }
     for attempt in 0..8 {
         if let Some(g) = &generate {
             obj["metadata"]["name"] = json!(format!("{g}{}", random_suffix()));
@@ -957,11 +963,18 @@ pub(crate) async fn create<S: Store>(
         if !causes.is_empty() {
             return Err(ApiError::invalid(res.group, res.kind, &name, causes));
         }
+        let mut warnings = Vec::new();
+        if let Some(ns) = ns {
+            warnings = super::policy::pod_security(app, res, ns, &obj).await?;
+            if !dry_run {
+                super::policy::resource_quota(app, res, ns, &obj).await?;
+            }
+        }
         if dry_run {
-            return Ok(obj);
+            return Ok((obj, warnings));
         }
         match app.store.create(&res.key(ns, &name), encode(&obj)).await {
-            Ok(rev) => return Ok(with_rv(obj, rev)),
+            Ok(rev) => return Ok((with_rv(obj, rev), warnings)),
             Err(StoreError::AlreadyExists) if generate.is_some() && attempt < 7 => continue,
             Err(StoreError::AlreadyExists) => {
                 return Err(ApiError::already_exists(res.group, res.plural, &name));
@@ -1382,7 +1395,7 @@ async fn patch_object<S: Store>(
                     )));
                 }
                 obj["metadata"]["name"] = json!(name);
-                let created = create(app, res, ns, obj, dry_run).await?;
+                let (created, _) = create(app, res, ns, obj, dry_run).await?;
                 return Ok((StatusCode::CREATED, created));
             }
             return Err(ApiError::not_found(res.group, res.plural, name));

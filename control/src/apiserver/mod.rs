@@ -24,6 +24,7 @@ mod discovery;
 mod handlers;
 mod patch;
 mod pki;
+mod policy;
 mod protobuf;
 mod resources;
 mod selector;

@@ -58,6 +58,15 @@ impl Resource {
         }
     }
 
+    /// `deployments.apps`, or `pods` for core: the name quota `count/…` keys use.
+    pub(crate) fn qualified_plural(&self) -> String {
+        if self.group.is_empty() {
+            self.plural.to_string()
+        } else {
+            format!("{}.{}", self.plural, self.group)
+        }
+    }
+
     /// Store prefix of every object of this resource.
     pub(crate) fn prefix(&self) -> String {
         let g = if self.group.is_empty() {

@@ -721,7 +721,137 @@ async fn node_and_readonly_rights(s: &Server) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn namespace_policies(s: &Server) -> anyhow::Result<()> {
+    let ns = |name: &str, labels: Value| json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}});
+    // Pod Security: enforce=restricted rejects a plain pod, admits a hardened one.
+    post(
+        s,
+        "/api/v1/namespaces",
+        &ns(
+            "secure",
+            json!({"pod-security.kubernetes.io/enforce": "restricted"}),
+        ),
+    )
+    .await?;
+    let r = post(s, "/api/v1/namespaces/secure/pods", &pod("plain")).await?;
+    assert_eq!(r.status, 403);
+    let msg = r.json()["message"].as_str().unwrap_or_default().to_string();
+    assert!(
+        msg.contains("violates PodSecurity \"restricted:latest\"")
+            && msg.contains("allowPrivilegeEscalation != false"),
+        "{msg}"
+    );
+    let mut hardened = pod("hard");
+    hardened["spec"]["securityContext"] =
+        json!({"runAsNonRoot": true, "seccompProfile": {"type": "RuntimeDefault"}});
+    hardened["spec"]["containers"][0]["securityContext"] =
+        json!({"allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]}});
+    assert_eq!(
+        post(s, "/api/v1/namespaces/secure/pods", &hardened)
+            .await?
+            .status,
+        201
+    );
+    // warn=baseline admits with a warning.
+    post(
+        s,
+        "/api/v1/namespaces",
+        &ns(
+            "warned",
+            json!({"pod-security.kubernetes.io/warn": "baseline"}),
+        ),
+    )
+    .await?;
+    let mut privileged = pod("priv");
+    privileged["spec"]["hostNetwork"] = json!(true);
+    let r = post(s, "/api/v1/namespaces/warned/pods", &privileged).await?;
+    assert_eq!(r.status, 201);
+    assert!(
+        r.header("warning").is_some_and(
+            |w| w.contains("would violate PodSecurity") && w.contains("hostNetwork=true")
+        )
+    );
+
+    // LimitRange: defaults filled in, maximum enforced.
+    post(s, "/api/v1/namespaces", &ns("limited", json!({}))).await?;
+    let lr = json!({"apiVersion": "v1", "kind": "LimitRange", "metadata": {"name": "lr"}, "spec": {"limits": [
+        {"type": "Container", "default": {"cpu": "500m"}, "defaultRequest": {"cpu": "100m"}, "max": {"cpu": "1"}}]}});
+    assert_eq!(
+        post(s, "/api/v1/namespaces/limited/limitranges", &lr)
+            .await?
+            .status,
+        201
+    );
+    let r = post(s, "/api/v1/namespaces/limited/pods", &pod("d")).await?;
+    assert_eq!(r.status, 201);
+    let res = &r.json()["spec"]["containers"][0]["resources"];
+    assert_eq!(
+        (
+            res["limits"]["cpu"].as_str(),
+            res["requests"]["cpu"].as_str()
+        ),
+        (Some("500m"), Some("100m"))
+    );
+    assert_eq!(r.json()["status"]["qosClass"], "Burstable");
+    let mut big = pod("big");
+    big["spec"]["containers"][0]["resources"] = json!({"limits": {"cpu": "2"}});
+    let r = post(s, "/api/v1/namespaces/limited/pods", &big).await?;
+    assert_eq!(r.status, 403);
+    assert!(
+        r.json()["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("maximum cpu usage per Container is 1, but limit is 2"))
+    );
+
+    // ResourceQuota: pod count and requests; usage recorded in the quota status.
+    post(s, "/api/v1/namespaces", &ns("quota", json!({}))).await?;
+    let quota = json!({"apiVersion": "v1", "kind": "ResourceQuota", "metadata": {"name": "q1"}, "spec": {"hard": {"pods": "1", "configmaps": "1"}}});
+    assert_eq!(
+        post(s, "/api/v1/namespaces/quota/resourcequotas", &quota)
+            .await?
+            .status,
+        201
+    );
+    assert_eq!(
+        post(s, "/api/v1/namespaces/quota/pods", &pod("one"))
+            .await?
+            .status,
+        201
+    );
+    let r = post(s, "/api/v1/namespaces/quota/pods", &pod("two")).await?;
+    assert_eq!(r.status, 403);
+    assert_eq!(
+        r.json()["message"],
+        "pods \"two\" is forbidden: exceeded quota: q1, requested: pods=1, used: pods=1, limited: pods=1"
+    );
+    let q = s
+        .http(
+            "GET",
+            "/api/v1/namespaces/quota/resourcequotas/q1",
+            &[],
+            b"",
+        )
+        .await?
+        .json();
+    assert_eq!(q["status"]["used"]["pods"], "1");
+    let cm = |n: &str| json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": n}});
+    assert_eq!(
+        post(s, "/api/v1/namespaces/quota/configmaps", &cm("a"))
+            .await?
+            .status,
+        201
+    );
+    assert_eq!(
+        post(s, "/api/v1/namespaces/quota/configmaps", &cm("b"))
+            .await?
+            .status,
+        403
+    );
+    Ok(())
+}
+
 crate::on_both_stores!(
+    namespace_policies,
     status_codes,
     discovery_version_openapi,
     selectors_paging_generate_name,
