@@ -173,11 +173,13 @@ async fn monitor(ctx: &Context, seen: &mut HashMap<String, Seen>) {
             }
         }
         // Taints follow the condition.
+        // A node still registering (no Ready condition yet) gets the grace period too.
         let want_key = match effective_ready.as_deref() {
             Some("True") => None,
             Some("False") => Some(NOT_READY),
-            _ if !fresh => Some(UNREACHABLE),
-            _ => None,
+            Some(_) => Some(UNREACHABLE),
+            None if expired => Some(UNREACHABLE),
+            None => None,
         };
         let taints: Vec<Value> = node
             .pointer("/spec/taints")
