@@ -336,7 +336,9 @@ async fn run_guest(l: Launch, shared: Arc<ContainerShared>) -> End {
         .envs(&l.env)
         .stdout(shared.log.stdout())
         .stderr(shared.log.stderr())
-        .allow_blocking_current_thread(true);
+        // Never block the executor thread: file IO goes to the blocking pool, and sleeps (which
+        // this flag would turn into thread::sleep) stay timers.
+        .allow_blocking_current_thread(false);
     if let Some(cwd) = &l.cwd {
         b.initial_cwd(cwd);
     }

@@ -300,3 +300,35 @@ async fn compiled_modules_are_cached_on_disk_per_engine() {
         Some(7)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sleeping_guest_does_not_block_its_executor() {
+    let _shared = crate::CPU_LOCK.read().await;
+    let n = node_with(|c| c.executor_threads = 1);
+    let sleeper = run(
+        &n.rt,
+        &pod("sleepy", vec![container("s", "sleeper", &["60000"])]),
+    )
+    .await;
+    crate::wait_running(&n.rt, &sleeper).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let t0 = std::time::Instant::now();
+    let id = run(&n.rt, &pod("hello", vec![container("hello", "hello", &[])])).await;
+    let st =
+        n.rt.wait_pod(&id, Duration::from_secs(10))
+            .await
+            .expect("hello ends while the sleeper sleeps");
+    assert_eq!(
+        st.containers[0].state.terminated().map(|t| t.exit_code),
+        Some(0)
+    );
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    let t0 = std::time::Instant::now();
+    n.rt.stop_pod(&sleeper, Duration::from_secs(5))
+        .await
+        .expect("stop");
+    assert!(
+        t0.elapsed() < Duration::from_secs(1),
+        "a sleeping guest stops at once"
+    );
+}
