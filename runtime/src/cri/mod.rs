@@ -552,11 +552,14 @@ impl CriRuntime {
                     container_id: created.container_id,
                 })
                 .await
-                .map_err(|s| {
-                    RuntimeError::InvalidSpec(format!(
+                .map_err(|s| match s.code() {
+                    Code::Unavailable | Code::DeadlineExceeded => rpc_err("StartContainer", &s),
+                    // Kubernetes' StartError / RunContainerError: a missing executable, a
+                    // bad working dir... the spec has to change.
+                    _ => RuntimeError::InvalidSpec(format!(
                         "container {name} failed to start: {}",
                         s.message()
-                    ))
+                    )),
                 })?;
         }
         Ok(())
@@ -896,13 +899,23 @@ impl PodRuntime for CriRuntime {
     }
 
     async fn stats(&self, id: &PodId) -> Result<PodStats, RuntimeError> {
-        self.own_sandbox(id).await?;
+        let sandbox = self.own_sandbox(id).await?;
         let mut containers = Vec::new();
         for c in self.containers(id).await? {
             let mut st = ContainerStats {
                 name: c.name,
                 ..ContainerStats::default()
             };
+            // From sandbox creation (right after the image check of run_pod) to the
+            // container's start, both on the runtime's clock.
+            if let Some(cs) = self.container_status(&c.id).await?
+                && cs.started_at > 0
+                && sandbox.created_at > 0
+            {
+                st.start_latency = u64::try_from(cs.started_at - sandbox.created_at)
+                    .ok()
+                    .map(Duration::from_nanos);
+            }
             // Exited containers have no live metrics; report them as zero.
             if let Ok(r) = self
                 .rt()

@@ -325,6 +325,7 @@ async fn oom_reason_and_exec_and_stats() {
     assert_eq!(stats.containers.len(), 2);
     assert_eq!(stats.containers[1].memory_bytes, 1 << 20);
     assert_eq!(stats.containers[0].cpu_ns, 0, "exited container");
+    assert!(stats.containers[1].start_latency.is_some(), "{stats:?}");
     h.rt.remove_pod(&id).await.unwrap();
 }
 

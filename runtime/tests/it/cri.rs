@@ -254,9 +254,13 @@ async fn containerd_runs_busybox_end_to_end() {
     let stats = rt.stats(&id).await.expect("stats");
     assert_eq!(stats.containers.len(), 2);
     assert!(
-        stats.containers.iter().all(|c| c.memory_bytes > 0),
+        stats
+            .containers
+            .iter()
+            .all(|c| c.memory_bytes > 0 && c.start_latency.is_some()),
         "{stats:?}"
     );
+    eprintln!("stats: {stats:?}");
 
     // A new agent process sees the running pod (re-adoption by labels).
     let again = CriRuntime::connect(rt.config().clone())
