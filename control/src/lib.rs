@@ -3,10 +3,12 @@
 //!
 //! # Layout
 //! - [`storage`]: the API server's port to its key-value store ([`storage::Store`]) with
-//!   [`storage::MemStore`] (in memory) and, once the store crate exposes its etcd v3 client,
-//!   `RemoteStore`.
-//! - [`apiserver`]: REST handlers, admission (defaulting, validation), discovery, Table output,
-//!   patches, watch, HTTPS + bearer-token authentication and node/read-only authorization.
+//!   [`storage::MemStore`] (in memory) and [`storage::RemoteStore`] (etcd v3: the Flotilla
+//!   store or a real etcd), plus [`storage::embedded`] (a one-member Flotilla store).
+//! - [`apiserver`]: REST handlers, admission (defaulting, LimitRange, validation, Pod Security,
+//!   ResourceQuota), discovery, Table output, patches, watch with a shared cache, protobuf
+//!   bodies, HTTPS + bearer-token authentication and node/read-only authorization.
+//! - [`bench`]: the API server benchmark behind `flotilla bench api`.
 //!
 //! # Example
 //! ```no_run
@@ -24,6 +26,7 @@
 #![warn(missing_docs)]
 
 pub mod apiserver;
+pub mod bench;
 pub mod controllers;
 pub mod scheduler;
 pub mod storage;

@@ -134,3 +134,160 @@ async fn serve_on<S: Store>(
         .await
         .context("API server failed")
 }
+
+/// Arguments of `flotilla bench api`.
+#[derive(clap::Args)]
+pub(crate) struct BenchApiArgs {
+    /// Members of the Flotilla store cluster.
+    #[arg(long, default_value_t = 3)]
+    members: usize,
+    /// etcd 3.4 binary for the comparison column (skipped with `--no-etcd`).
+    #[arg(long, default_value = "etcd")]
+    etcd: String,
+    /// Leave out the etcd column.
+    #[arg(long)]
+    no_etcd: bool,
+    /// Pods stored before timing LIST.
+    #[arg(long, default_value_t = 10_000)]
+    list_pods: usize,
+    /// Concurrent watchers.
+    #[arg(long, default_value_t = 1000)]
+    watchers: usize,
+    /// Mutating calls at 100 clients (in total).
+    #[arg(long, default_value_t = 3000)]
+    mutations: usize,
+}
+
+/// Runs the API benchmark on a Flotilla store cluster and on etcd 3.4, then prints the table.
+pub(crate) fn run_bench(args: BenchApiArgs) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("failed to start the tokio runtime")?;
+    rt.block_on(bench(args))
+}
+
+async fn bench(args: BenchApiArgs) -> anyhow::Result<()> {
+    let cfg = control::bench::BenchConfig {
+        list_pods: args.list_pods,
+        watchers: args.watchers,
+        mutations_hundred_clients: args.mutations,
+        ..Default::default()
+    };
+    let mut results = Vec::new();
+    {
+        let dir = BenchDir::new("store")?;
+        let nodes =
+            control::storage::embedded::start_cluster(&dir.path().join("store"), args.members)
+                .await
+                .context("failed to start the store cluster")?;
+        let endpoints: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("http://{}", n.client_addr()))
+            .collect();
+        let store = RemoteStore::connect(&endpoints)?;
+        eprintln!("benchmarking on a {}-member Flotilla store…", args.members);
+        let r = control::bench::run_on(
+            &format!("flotilla store ({})", args.members),
+            store,
+            dir.path(),
+            &cfg,
+        )
+        .await;
+        for n in &nodes {
+            n.shutdown().await;
+        }
+        results.push(r.context("benchmark on the Flotilla store failed")?);
+    }
+    if !args.no_etcd {
+        let dir = BenchDir::new("etcd")?;
+        let (endpoints, mut children) =
+            start_etcd_cluster(&args.etcd, dir.path(), args.members).await?;
+        let store = RemoteStore::connect(&endpoints)?;
+        eprintln!("benchmarking on a {}-member etcd…", args.members);
+        let r = control::bench::run_on(
+            &format!("etcd 3.4 ({})", args.members),
+            store,
+            dir.path(),
+            &cfg,
+        )
+        .await;
+        for c in &mut children {
+            let _ = c.kill().await;
+        }
+        results.push(r.context("benchmark on etcd failed")?);
+    }
+    print!("{}", control::bench::table(&results));
+    Ok(())
+}
+
+async fn start_etcd_cluster(
+    bin: &str,
+    dir: &std::path::Path,
+    n: usize,
+) -> anyhow::Result<(Vec<String>, Vec<tokio::process::Child>)> {
+    let free = || -> anyhow::Result<u16> {
+        Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port())
+    };
+    let mut ports = Vec::new();
+    for _ in 0..n {
+        ports.push((free()?, free()?));
+    }
+    let initial: Vec<String> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, (_, p))| format!("e{i}=http://127.0.0.1:{p}"))
+        .collect();
+    let mut children = Vec::new();
+    let mut endpoints = Vec::new();
+    for (i, (c, p)) in ports.iter().enumerate() {
+        let client = format!("http://127.0.0.1:{c}");
+        let child = tokio::process::Command::new(bin)
+            .arg(format!("--name=e{i}"))
+            .arg(format!(
+                "--data-dir={}",
+                dir.join(format!("e{i}")).display()
+            ))
+            .arg(format!("--listen-client-urls={client}"))
+            .arg(format!("--advertise-client-urls={client}"))
+            .arg(format!("--listen-peer-urls=http://127.0.0.1:{p}"))
+            .arg(format!(
+                "--initial-advertise-peer-urls=http://127.0.0.1:{p}"
+            ))
+            .arg(format!("--initial-cluster={}", initial.join(",")))
+            .arg("--initial-cluster-state=new")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| {
+                format!("failed to run {bin} (install etcd-server, or pass --no-etcd)")
+            })?;
+        children.push(child);
+        endpoints.push(client);
+    }
+    Ok((endpoints, children))
+}
+
+/// A scratch directory removed on drop.
+struct BenchDir(std::path::PathBuf);
+
+impl BenchDir {
+    fn new(tag: &str) -> anyhow::Result<BenchDir> {
+        let p = std::env::temp_dir().join(format!("flotilla-bench-{}-{tag}", std::process::id()));
+        std::fs::create_dir_all(&p).with_context(|| format!("cannot create {}", p.display()))?;
+        Ok(BenchDir(p))
+    }
+
+    fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for BenchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

@@ -310,6 +310,37 @@ pub async fn run<S: Store>(
     server.serve(listener, shutdown).await
 }
 
+/// Helpers for `crate::bench`, which fills the store directly before timing LIST.
+pub(crate) mod bench_support {
+    /// Store prefix of the pods of namespace `ns`.
+    pub(crate) fn pod_store_key_prefix(ns: &str) -> String {
+        super::resources::find("", "v1", "pods")
+            .map(|r| r.list_prefix(Some(ns)))
+            .unwrap_or_default()
+    }
+
+    /// A typical stored pod (about 1 KiB of JSON).
+    pub(crate) fn pod_json(ns: &str, name: &str) -> String {
+        serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": ns, "uid": format!("uid-{name}"),
+                         "creationTimestamp": "2026-01-01T00:00:00Z", "labels": {"app": "bench", "tier": "web"}},
+            "spec": {"nodeName": "node-1", "restartPolicy": "Always", "terminationGracePeriodSeconds": 30,
+                     "dnsPolicy": "ClusterFirst", "schedulerName": "default-scheduler",
+                     "containers": [{"name": "web", "image": "nginx:1.25", "imagePullPolicy": "IfNotPresent",
+                                     "ports": [{"containerPort": 80, "protocol": "TCP"}],
+                                     "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}},
+                                     "terminationMessagePath": "/dev/termination-log",
+                                     "terminationMessagePolicy": "File"}]},
+            "status": {"phase": "Running", "podIP": "10.244.1.7", "qosClass": "Burstable",
+                       "conditions": [{"type": "Ready", "status": "True"}],
+                       "containerStatuses": [{"name": "web", "ready": true, "restartCount": 0,
+                                              "image": "nginx:1.25", "state": {"running": {"startedAt": "2026-01-01T00:00:01Z"}}}]}
+        })
+        .to_string()
+    }
+}
+
 /// Path of the admin kubeconfig under a data dir.
 pub fn kubeconfig_path(data_dir: &Path) -> PathBuf {
     data_dir.join("kubeconfig.yaml")

@@ -62,3 +62,46 @@ pub async fn start_on(
     };
     Node::start_with_listeners(config, client, peer).await
 }
+
+/// Starts an in-process `n`-member Flotilla store cluster on loopback ports chosen by the OS,
+/// member `i` keeping its data under `dir/m<i>` (benchmarks, tests).
+pub async fn start_cluster(dir: &Path, n: usize) -> Result<Vec<NodeHandle>, store::StoreError> {
+    let mut listeners = Vec::new();
+    for _ in 0..n {
+        let bind = |what: &'static str| async move {
+            tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .map_err(|source| store::StoreError::Bind {
+                    addr: ([127, 0, 0, 1], 0).into(),
+                    what,
+                    source,
+                })
+        };
+        listeners.push((bind("client").await?, bind("peer").await?));
+    }
+    let addr = |l: &tokio::net::TcpListener, what: &'static str| {
+        l.local_addr().map_err(|source| store::StoreError::Bind {
+            addr: ([127, 0, 0, 1], 0).into(),
+            what,
+            source,
+        })
+    };
+    let mut initial = Vec::new();
+    for (i, (_, peer)) in listeners.iter().enumerate() {
+        initial.push((format!("m{i}"), format!("http://{}", addr(peer, "peer")?)));
+    }
+    let mut starts = Vec::new();
+    for (i, (client, peer)) in listeners.into_iter().enumerate() {
+        let config = StoreConfig {
+            name: format!("m{i}"),
+            data_dir: dir.join(format!("m{i}")),
+            listen_client_addr: addr(&client, "client")?,
+            listen_peer_addr: addr(&peer, "peer")?,
+            initial_cluster: initial.clone(),
+            ..StoreConfig::default()
+        };
+        starts.push(Node::start_with_listeners(config, client, peer));
+    }
+    // Members start together: each waits for the others during the first election.
+    futures::future::try_join_all(starts).await
+}

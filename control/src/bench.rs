@@ -1,0 +1,478 @@
+//! API server benchmark: mutating-call latency at 1 and 100 concurrent clients, LIST of many
+//! pods, and watch delivery to many watchers, over the real HTTPS + token path.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use rustls::pki_types::pem::PemObject as _;
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::apiserver::{ApiServer, ApiServerConfig};
+use crate::storage::Store;
+
+/// Sizes of one benchmark run.
+#[derive(Debug, Clone)]
+pub struct BenchConfig {
+    /// Sequential mutating calls measured with one client.
+    pub mutations_one_client: usize,
+    /// Mutating calls measured with 100 concurrent clients (in total).
+    pub mutations_hundred_clients: usize,
+    /// Pods stored before the LIST is timed.
+    pub list_pods: usize,
+    /// Concurrent watchers.
+    pub watchers: usize,
+    /// Events each watcher must receive.
+    pub watch_events: usize,
+}
+
+impl Default for BenchConfig {
+    fn default() -> Self {
+        BenchConfig {
+            mutations_one_client: 300,
+            mutations_hundred_clients: 3000,
+            list_pods: 10_000,
+            watchers: 1000,
+            watch_events: 10,
+        }
+    }
+}
+
+/// Figures of one store.
+#[derive(Debug, Clone)]
+pub struct BenchResult {
+    /// Which store.
+    pub store: String,
+    /// Mutating call latency, 1 client: p50, p99.
+    pub one_client: (Duration, Duration),
+    /// Mutating call latency, 100 clients: p50, p99.
+    pub hundred_clients: (Duration, Duration),
+    /// LIST of `list_pods` pods (median of 5).
+    pub list: Duration,
+    /// Watch delivery from write start to each watcher: p50, p99.
+    pub watch: (Duration, Duration),
+    /// The sizes used.
+    pub config: BenchConfig,
+}
+
+/// Benchmark failures.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// The server could not start.
+    #[error("API server")]
+    Server(#[from] crate::apiserver::ApiServerError),
+    /// Network or TLS failure.
+    #[error("I/O")]
+    Io(#[from] std::io::Error),
+    /// A request failed.
+    #[error("{0}")]
+    Request(String),
+}
+
+fn err(e: impl std::fmt::Display) -> BenchError {
+    BenchError::Request(e.to_string())
+}
+
+struct Client {
+    connector: tokio_rustls::TlsConnector,
+    addr: std::net::SocketAddr,
+    token: String,
+}
+
+/// One keep-alive HTTPS/1.1 connection.
+struct Conn {
+    s: BufReader<TlsStream<TcpStream>>,
+    token: String,
+}
+
+impl Client {
+    async fn connect(&self) -> Result<Conn, BenchError> {
+        let tcp = TcpStream::connect(self.addr).await?;
+        tcp.set_nodelay(true)?;
+        let name = rustls::pki_types::ServerName::try_from("localhost").map_err(err)?;
+        let s = self.connector.connect(name, tcp).await?;
+        Ok(Conn {
+            s: BufReader::new(s),
+            token: self.token.clone(),
+        })
+    }
+}
+
+impl Conn {
+    async fn send(&mut self, method: &str, path: &str, body: &[u8]) -> Result<(), BenchError> {
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nAccept: application/json\r\nContent-Length: {}\r\n\r\n",
+            self.token,
+            body.len()
+        );
+        let w = self.s.get_mut();
+        w.write_all(head.as_bytes()).await?;
+        w.write_all(body).await?;
+        w.flush().await?;
+        Ok(())
+    }
+
+    /// Reads a status line and headers; returns (status, content length if any).
+    async fn head(&mut self) -> Result<(u16, Option<usize>), BenchError> {
+        let mut line = String::new();
+        self.s.read_line(&mut line).await?;
+        let status: u16 = line
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| err(format!("bad status line {line:?}")))?;
+        let mut len = None;
+        loop {
+            line.clear();
+            if self.s.read_line(&mut line).await? == 0 {
+                return Err(err("connection closed"));
+            }
+            let l = line.trim_end();
+            if l.is_empty() {
+                return Ok((status, len));
+            }
+            if let Some((k, v)) = l.split_once(':')
+                && k.eq_ignore_ascii_case("content-length")
+            {
+                len = v.trim().parse().ok();
+            }
+        }
+    }
+
+    async fn call(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: &[u8],
+    ) -> Result<(u16, Vec<u8>), BenchError> {
+        self.send(method, path, body).await?;
+        let (status, len) = self.head().await?;
+        let len = len.ok_or_else(|| err("response without Content-Length"))?;
+        let mut buf = vec![0; len];
+        self.s.read_exact(&mut buf).await?;
+        Ok((status, buf))
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+fn p50_p99(mut v: Vec<Duration>) -> (Duration, Duration) {
+    v.sort();
+    (percentile(&v, 0.5), percentile(&v, 0.99))
+}
+
+async fn mutations(
+    client: &Arc<Client>,
+    clients: usize,
+    total: usize,
+    tag: &str,
+) -> Result<(Duration, Duration), BenchError> {
+    let per = total.div_ceil(clients);
+    let mut tasks = tokio::task::JoinSet::new();
+    for c in 0..clients {
+        let client = client.clone();
+        let tag = tag.to_string();
+        tasks.spawn(async move {
+            let mut conn = client.connect().await?;
+            let mut lat = Vec::with_capacity(per);
+            for i in 0..per {
+                let body = json!({"apiVersion": "v1", "kind": "ConfigMap",
+                    "metadata": {"name": format!("{tag}-{c}-{i}")}, "data": {"k": "v"}})
+                .to_string();
+                let t = Instant::now();
+                let (status, _) = conn
+                    .call(
+                        "POST",
+                        "/api/v1/namespaces/bench/configmaps",
+                        body.as_bytes(),
+                    )
+                    .await?;
+                if status != 201 {
+                    return Err(err(format!("create answered {status}")));
+                }
+                lat.push(t.elapsed());
+            }
+            Ok::<_, BenchError>(lat)
+        });
+    }
+    let mut all = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        all.extend(r.map_err(err)??);
+    }
+    Ok(p50_p99(all))
+}
+
+/// Runs every measurement against an API server on `store`, with its data under `dir`.
+pub async fn run_on<S: Store>(
+    name: &str,
+    store: S,
+    dir: &Path,
+    cfg: &BenchConfig,
+) -> Result<BenchResult, BenchError> {
+    let server = ApiServer::new(ApiServerConfig::new(dir), store.clone())?;
+    let mut tries = 0;
+    while let Err(e) = server.bootstrap().await {
+        tries += 1;
+        if tries > 100 {
+            return Err(e.into());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let pki = server.pki().ok_or_else(|| err("bench needs TLS"))?.clone();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let shutdown = CancellationToken::new();
+    let serving = tokio::spawn(server.serve(listener, shutdown.clone()));
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_slice_iter(pki.ca_pem.as_bytes()) {
+        roots.add(c.map_err(err)?).map_err(err)?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(err)?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let client = Arc::new(Client {
+        connector: tokio_rustls::TlsConnector::from(Arc::new(tls)),
+        addr,
+        token: pki.admin_token.clone(),
+    });
+    let result = measure(name, &client, &store, cfg).await;
+    shutdown.cancel();
+    let _ = serving.await;
+    result
+}
+
+async fn measure<S: Store>(
+    name: &str,
+    client: &Arc<Client>,
+    store: &S,
+    cfg: &BenchConfig,
+) -> Result<BenchResult, BenchError> {
+    let mut conn = client.connect().await?;
+    let ns =
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "bench"}}).to_string();
+    conn.call("POST", "/api/v1/namespaces", ns.as_bytes())
+        .await?;
+    // Warm-up (connections, caches, leader).
+    mutations(client, 4, 40, "warm").await?;
+    let one_client = mutations(client, 1, cfg.mutations_one_client, "one").await?;
+    let hundred_clients = mutations(client, 100, cfg.mutations_hundred_clients, "hundred").await?;
+
+    // LIST: pods written straight to the store (the API path is measured above).
+    let pods = crate::apiserver::bench_support::pod_store_key_prefix("bench");
+    futures::stream::iter(0..cfg.list_pods)
+        .map(|i| {
+            let key = format!("{pods}p{i:05}");
+            let value = crate::apiserver::bench_support::pod_json("bench", &format!("p{i:05}"));
+            async move { store.create(&key, Bytes::from(value)).await }
+        })
+        .buffer_unordered(64)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(err)?;
+    let mut lists = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        let (status, body) = conn
+            .call("GET", "/api/v1/namespaces/bench/pods", b"")
+            .await?;
+        let took = t.elapsed();
+        if status != 200 || body.len() < cfg.list_pods * 100 {
+            return Err(err(format!(
+                "list answered {status} with {} bytes",
+                body.len()
+            )));
+        }
+        lists.push(took);
+    }
+    lists.sort();
+    let list = percentile(&lists, 0.5);
+
+    // Watch fan-out.
+    let (_, body) = conn
+        .call("GET", "/api/v1/namespaces/bench/configmaps?limit=1", b"")
+        .await?;
+    let rv = serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| {
+            v.pointer("/metadata/resourceVersion")
+                .and_then(|r| r.as_str())
+                .map(str::to_string)
+        })
+        .ok_or_else(|| err("no list resourceVersion"))?;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, Instant)>();
+    let mut watchers = tokio::task::JoinSet::new();
+    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<()>(cfg.watchers);
+    for _ in 0..cfg.watchers {
+        let client = client.clone();
+        let tx = tx.clone();
+        let ready = ready_tx.clone();
+        let path = format!(
+            "/api/v1/namespaces/bench/configmaps?watch=true&resourceVersion={rv}&labelSelector=w%3D1"
+        );
+        watchers.spawn(async move {
+            let mut c = client.connect().await?;
+            c.send("GET", &path, b"").await?;
+            c.head().await?;
+            let _ = ready.send(()).await;
+            let mut line = String::new();
+            loop {
+                line.clear();
+                if c.s.read_line(&mut line).await? == 0 {
+                    return Ok::<_, BenchError>(());
+                }
+                if let Some(i) = line.find("\"name\":\"watched-") {
+                    let rest = &line[i + 8..];
+                    let name: String = rest.chars().take_while(|c| *c != '"').collect();
+                    if tx.send((name, Instant::now())).is_err() {
+                        return Ok(());
+                    }
+                }
+            }
+        });
+    }
+    drop(ready_tx);
+    for _ in 0..cfg.watchers {
+        if tokio::time::timeout(Duration::from_secs(60), ready_rx.recv())
+            .await
+            .ok()
+            .flatten()
+            .is_none()
+        {
+            return Err(err("watchers did not all connect"));
+        }
+    }
+    let mut deliveries = Vec::new();
+    for e in 0..cfg.watch_events {
+        let name = format!("watched-{e}");
+        let body = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name, "labels": {"w": "1"}}}).to_string();
+        let t0 = Instant::now();
+        conn.call(
+            "POST",
+            "/api/v1/namespaces/bench/configmaps",
+            body.as_bytes(),
+        )
+        .await?;
+        let mut got = 0;
+        while got < cfg.watchers {
+            let (n, at) = tokio::time::timeout(Duration::from_secs(30), rx.recv())
+                .await
+                .map_err(|_| err("watch events missing"))?
+                .ok_or_else(|| err("watchers ended"))?;
+            if n == name {
+                deliveries.push(at.duration_since(t0));
+                got += 1;
+            }
+        }
+    }
+    watchers.abort_all();
+    Ok(BenchResult {
+        store: name.to_string(),
+        one_client,
+        hundred_clients,
+        list,
+        watch: p50_p99(deliveries),
+        config: cfg.clone(),
+    })
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
+}
+
+/// The results side by side, with the issue's targets.
+pub fn table(results: &[BenchResult]) -> String {
+    let mut rows: Vec<(String, String, Vec<String>)> = vec![
+        ("mutating p50, 1 client".into(), "".into(), vec![]),
+        ("mutating p99, 1 client".into(), "".into(), vec![]),
+        ("mutating p50, 100 clients".into(), "".into(), vec![]),
+        (
+            "mutating p99, 100 clients".into(),
+            "<= 10 ms".into(),
+            vec![],
+        ),
+        ("LIST pods (median of 5)".into(), "<= 100 ms".into(), vec![]),
+        ("watch delivery p50".into(), "".into(), vec![]),
+        ("watch delivery p99".into(), "<= 50 ms".into(), vec![]),
+    ];
+    for r in results {
+        let cells = [
+            ms(r.one_client.0),
+            ms(r.one_client.1),
+            ms(r.hundred_clients.0),
+            ms(r.hundred_clients.1),
+            ms(r.list),
+            ms(r.watch.0),
+            ms(r.watch.1),
+        ];
+        for (row, cell) in rows.iter_mut().zip(cells) {
+            row.2.push(cell);
+        }
+    }
+    let mut out = String::new();
+    let cfg = results
+        .first()
+        .map(|r| r.config.clone())
+        .unwrap_or_default();
+    out.push_str(&format!(
+        "API server benchmark ({} pods listed, {} watchers x {} events, HTTPS + token)\n",
+        cfg.list_pods, cfg.watchers, cfg.watch_events
+    ));
+    out.push_str(&format!("{:<28} {:>10}", "measure", "target"));
+    for r in results {
+        out.push_str(&format!(" {:>22}", r.store));
+    }
+    out.push('\n');
+    for (name, target, cells) in rows {
+        out.push_str(&format!("{name:<28} {target:>10}"));
+        for c in cells {
+            out.push_str(&format!(" {c:>22}"));
+        }
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A small run end to end on a MemStore: every figure is measured and the table prints.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn small_run() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = BenchConfig {
+            mutations_one_client: 20,
+            mutations_hundred_clients: 200,
+            list_pods: 300,
+            watchers: 20,
+            watch_events: 3,
+        };
+        let r = run_on("mem", crate::storage::MemStore::new(), dir.path(), &cfg)
+            .await
+            .expect("bench runs");
+        assert!(r.one_client.0 > Duration::ZERO && r.one_client.1 >= r.one_client.0);
+        assert!(r.hundred_clients.1 >= r.hundred_clients.0);
+        assert!(r.list > Duration::ZERO);
+        assert!(r.watch.1 >= r.watch.0 && r.watch.0 > Duration::ZERO);
+        let t = table(&[r]);
+        assert!(t.contains("watch delivery p99") && t.contains("mem"), "{t}");
+        println!("{t}");
+    }
+}
