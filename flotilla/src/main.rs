@@ -40,6 +40,8 @@ enum Command {
 enum BenchCommand {
     /// Wasm pod runtime: start latency, density, CPU-limit accuracy, stop latency.
     Runtime(cmd_runtime::BenchRuntimeArgs),
+    /// API server: mutating latency at 1/100 clients, LIST of 10k pods, watch fan-out.
+    Api(cmd_server::BenchApiArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -57,5 +59,6 @@ fn main() -> anyhow::Result<()> {
         Command::Agent(args) => cmd_agent::run(args),
         Command::Dev(args) => cmd_dev::run(args),
         Command::Bench(BenchCommand::Runtime(args)) => cmd_runtime::run_bench(args),
+        Command::Bench(BenchCommand::Api(args)) => cmd_server::run_bench(args),
     }
 }
