@@ -3,7 +3,9 @@
 //!
 //! Every RPC is bounded by `RPCOption::soft_ttl()`: without a deadline a partition can wedge a
 //! replication stream forever.
+use std::collections::HashMap;
 use std::future::Future;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use openraft::error::{
@@ -23,16 +25,33 @@ use crate::pb::raftpb::raft_peer_client::RaftPeerClient;
 use crate::types::{Member, TypeConfig, decode, encode};
 
 /// Creates tonic connections to peers from their `Member::peer_url`.
+///
+/// Channels are cached per URL: openraft asks for a new client for every replication stream
+/// and for every ReadIndex round, and one HTTP/2 connection per peer carries them all.
 #[derive(Debug, Clone, Default)]
 pub struct TonicNetworkFactory {
     max_message_bytes: usize,
+    channels: Arc<Mutex<HashMap<String, Channel>>>,
 }
 
 impl TonicNetworkFactory {
     /// A factory whose clients accept messages up to `max_message_bytes` (snapshot chunks and
     /// log batches).
     pub fn new(max_message_bytes: usize) -> Self {
-        Self { max_message_bytes }
+        Self {
+            max_message_bytes,
+            channels: Arc::default(),
+        }
+    }
+
+    fn channel(&self, url: &str) -> Result<Channel, tonic::transport::Error> {
+        let mut map = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(ch) = map.get(url) {
+            return Ok(ch.clone());
+        }
+        let ch = peer_channel(url)?;
+        map.insert(url.to_owned(), ch.clone());
+        Ok(ch)
     }
 }
 
@@ -56,7 +75,7 @@ impl RaftNetworkFactory<TypeConfig> for TonicNetworkFactory {
     type Network = TonicConnection;
 
     async fn new_client(&mut self, target: u64, node: &Member) -> TonicConnection {
-        match peer_channel(&node.peer_url) {
+        match self.channel(&node.peer_url) {
             Ok(ch) => {
                 let max = self.max_message_bytes.max(64 * 1024 * 1024);
                 TonicConnection {
