@@ -45,6 +45,9 @@ pub(crate) struct AgentArgs {
     /// Most pods on this node.
     #[arg(long, default_value_t = 110)]
     max_pods: u32,
+    /// Threads running wasm pods (default: one per core).
+    #[arg(long)]
+    executor_threads: Option<usize>,
 }
 
 fn host_name() -> String {
@@ -100,10 +103,14 @@ fn agent_config(args: &AgentArgs) -> anyhow::Result<AgentConfig> {
 pub(crate) fn wasm_runtime(
     data_dir: &std::path::Path,
     max_pods: u32,
+    executor_threads: Option<usize>,
 ) -> anyhow::Result<AnyRuntime> {
     let mut rcfg = WasmRuntimeConfig::new(data_dir.join("pods"));
     rcfg.cache_dir = Some(data_dir.join("module-cache"));
     rcfg.max_pods = max_pods;
+    if let Some(n) = executor_threads {
+        rcfg.executor_threads = n.max(1);
+    }
     Ok(AnyRuntime::Wasm(
         WasmRuntime::new(rcfg).context("failed to start the wasm runtime")?,
     ))
@@ -119,7 +126,7 @@ pub(crate) fn run(args: AgentArgs) -> anyhow::Result<()> {
         .build()
         .context("failed to start the tokio runtime")?;
     rt.block_on(async move {
-        let runtime = wasm_runtime(&args.data_dir, cfg.capacity.pods)?;
+        let runtime = wasm_runtime(&args.data_dir, cfg.capacity.pods, args.executor_threads)?;
         println!(
             "flotilla agent: node {} joining {}",
             cfg.node_name, cfg.server

@@ -32,6 +32,9 @@ pub(crate) struct DevArgs {
     /// Node name of the local agent.
     #[arg(long, default_value = "dev-node")]
     node_name: String,
+    /// Threads running wasm pods (default: one per core).
+    #[arg(long)]
+    executor_threads: Option<usize>,
 }
 
 /// Runs the dev cluster until Ctrl-C.
@@ -160,7 +163,8 @@ async fn serve<S: Store>(
     acfg.ca_pem = join.ca_pem.clone();
     let agent_dir = data_dir.join("agent");
     std::fs::create_dir_all(&agent_dir)?;
-    let runtime = crate::cmd_agent::wasm_runtime(&agent_dir, acfg.capacity.pods)?;
+    let runtime =
+        crate::cmd_agent::wasm_runtime(&agent_dir, acfg.capacity.pods, args.executor_threads)?;
     let agent = Agent::new(acfg, runtime).context("invalid agent configuration")?;
     {
         let stop = shutdown.clone();
