@@ -28,8 +28,8 @@
 #![warn(missing_docs)]
 
 pub mod any;
-pub mod node;
 pub mod cri;
+pub mod node;
 pub mod pod_runtime;
 #[cfg(any(test, feature = "test-util"))]
 pub mod testing;
