@@ -144,10 +144,22 @@ async fn open_db(path: &std::path::Path) -> Result<sled::Db, StoreError> {
     // (sled releases it when its last handle and flusher thread are gone).
     let mut attempts = 0;
     loop {
-        let res = sled::Config::new()
-            .path(path)
-            .cache_capacity(128 * 1024 * 1024)
-            .open();
+        // sled 0.34 can panic on a corrupt file (sled#1533): refuse to start instead.
+        let opened = std::panic::catch_unwind(|| {
+            sled::Config::new()
+                .path(path)
+                .cache_capacity(128 * 1024 * 1024)
+                .open()
+        });
+        let res = match opened {
+            Ok(r) => r,
+            Err(_) => {
+                return Err(StoreError::Corrupt {
+                    what: "sled database",
+                    detail: format!("sled panicked while opening {}", path.display()),
+                });
+            }
+        };
         match res {
             Ok(db) => return Ok(db),
             Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {

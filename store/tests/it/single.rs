@@ -381,3 +381,29 @@ async fn embedded_default_member_on_port_zero() {
     assert!(m.term >= 1);
     node.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_data_dir_is_refused_without_panic() {
+    init_tracing();
+    let mut c = TestCluster::start(1, test_tunables()).await;
+    c.wait_leader(Duration::from_secs(20)).await;
+    let mut kv = c.kv(0).await;
+    for i in 0..50 {
+        put(&mut kv, &format!("c{i}"), "value").await;
+    }
+    c.kill(0).await;
+    // Overwrite every sled file with garbage.
+    let dir = c.configs[0].data_dir.clone();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            let len = std::fs::metadata(&path).unwrap().len() as usize;
+            std::fs::write(&path, vec![0xA5; len.max(64)]).unwrap();
+        }
+    }
+    let config = c.configs[0].clone();
+    let res = tokio::spawn(store::Node::start(config)).await;
+    let res = res.expect("start must not panic");
+    let err = res.expect_err("a corrupt data dir is refused");
+    eprintln!("refused: {err}");
+}
