@@ -336,7 +336,16 @@ async fn demo(admin: &ApiClient, replicas: u32) -> anyhow::Result<()> {
                 })
                 .count()
         };
-        let (running, pending) = (count("Running"), count("Pending"));
+        let (mut running, pending) = (count("Running"), count("Pending"));
+        let ready = pods
+            .iter()
+            .filter(|p| {
+                p.pointer("/status/containerStatuses/0/ready")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false)
+            })
+            .count();
+        running = running.min(ready);
         let line = format!("pods: {running} Running, {pending} Pending");
         if line != last {
             step(&line);

@@ -47,6 +47,8 @@ impl Default for ClusterOptions {
 pub struct AgentHandle {
     /// Node name.
     pub name: String,
+    /// The agent's runtime, to count what really runs.
+    pub runtime: std::sync::Arc<AnyRuntime>,
     stop: CancellationToken,
     task: Option<tokio::task::JoinHandle<()>>,
     _root: tempfile::TempDir,
@@ -168,6 +170,7 @@ impl Cluster {
         rcfg.executor_threads = 1;
         let rt = AnyRuntime::Wasm(WasmRuntime::new(rcfg)?);
         let agent = Agent::new(cfg, rt)?;
+        let runtime = agent.runtime();
         let stop = self.shutdown.child_token();
         let s = stop.clone();
         let n = name.to_string();
@@ -178,6 +181,7 @@ impl Cluster {
         });
         self.agents.push(AgentHandle {
             name: name.to_string(),
+            runtime,
             stop,
             task: Some(task),
             _root: root,

@@ -435,6 +435,7 @@ impl<R: PodRuntime> PodWorker<R> {
         let mut all_running = !spec_containers.is_empty();
         let mut all_terminated = !spec_containers.is_empty();
         let mut all_succeeded = true;
+        let mut any_started = false;
         for (name, image) in &spec_containers {
             let from_rt = st.and_then(|s| s.containers.iter().find(|c| &c.name == name));
             let state = match (from_rt, &self.waiting) {
@@ -455,6 +456,7 @@ impl<R: PodRuntime> PodWorker<R> {
             };
             let running = state.is_running();
             all_running &= running;
+            any_started |= running || state.is_terminated();
             match state.terminated() {
                 Some(t) => all_succeeded &= t.exit_code == 0,
                 None => all_terminated = false,
@@ -482,7 +484,8 @@ impl<R: PodRuntime> PodWorker<R> {
         }
         let phase = if all_terminated && self.finished.is_some() {
             if all_succeeded { "Succeeded" } else { "Failed" }
-        } else if self.sandbox.is_some() || self.books.values().any(|b| b.restart_count > 0) {
+        } else if any_started || self.books.values().any(|b| b.restart_count > 0) {
+            // As the kubelet: Running once a container runs (or has run and is restarting).
             "Running"
         } else {
             "Pending"

@@ -4,7 +4,8 @@
 //! - `workloads`: Deployments across nodes, scaling, rolling updates.
 //! - `pods`: restart policies, CrashLoopBackOff, OOMKilled, graceful deletion.
 //! - `scheduling`: FailedScheduling events, taints, nodeSelector.
-//! - `node_loss`: a dead agent's pods are evicted and recreated elsewhere.
+//! - `node_loss`: a dead agent's pods are evicted and recreated elsewhere; a restarted agent
+//!   runs its pods again without doubling them.
 //! - `kubectl`: the real kubectl (when `scripts/kubectl` installed it) drives a Deployment.
 use std::time::Duration;
 

@@ -83,3 +83,65 @@ async fn pods_of_a_dead_node_are_recreated_elsewhere() -> anyhow::Result<()> {
     c.stop().await;
     Ok(())
 }
+
+/// An agent restarted under the same name picks its pods up again: the same pod objects run
+/// again, nothing is created twice, and the runtime runs exactly one sandbox per pod.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarted_agent_restarts_its_pods_without_doubling() -> anyhow::Result<()> {
+    use runtime::PodRuntime as _;
+    init_tracing();
+    let mut c = Cluster::start(ClusterOptions::default()).await?;
+    c.add_agent("node-a", |_| {}).await?;
+    c.create(
+        "/apis/apps/v1/namespaces/default/deployments",
+        &sleeper_deployment("keep", 3),
+    )
+    .await?;
+    let before = eventually("3 running", WAIT, || async {
+        let p = running(&c, "keep-").await?;
+        Ok(if p.len() == 3 {
+            Ok(p)
+        } else {
+            Err(format!("{} running", p.len()))
+        })
+    })
+    .await?;
+    let uid = |p: &Value| {
+        p.pointer("/metadata/uid")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string()
+    };
+    let mut before_uids: Vec<String> = before.iter().map(uid).collect();
+    before_uids.sort();
+    if let Some(a) = c.agent("node-a") {
+        a.kill().await;
+    }
+    c.agents.retain(|a| a.name != "node-a");
+    c.add_agent("node-a", |_| {}).await?;
+    eventually(
+        "the same 3 pods running again in the new runtime",
+        WAIT,
+        || async {
+            let p = running(&c, "keep-").await?;
+            let mut uids: Vec<String> = p.iter().map(uid).collect();
+            uids.sort();
+            let in_runtime = match c.agents.iter().find(|a| a.name == "node-a") {
+                Some(a) => a.runtime.list_pods().await?.len(),
+                None => 0,
+            };
+            let all = c.pods("default").await?.len();
+            Ok(if uids == before_uids && in_runtime == 3 && all == 3 {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{} running, {in_runtime} sandboxes, {all} pods",
+                    uids.len()
+                ))
+            })
+        },
+    )
+    .await?;
+    c.stop().await;
+    Ok(())
+}
