@@ -214,9 +214,18 @@ impl Reconciler for DeploymentController {
             });
         let new_idx = match new_idx {
             Some(i) => {
-                if revision(&rss[i]) < max_rev || revision(&rss[i]) == 0 {
-                    // A rollback (or an adopted set): this template becomes the newest revision.
-                    let mut ann = json!({REVISION: (max_rev + 1).to_string()});
+                let stale_rev = revision(&rss[i]) < max_rev || revision(&rss[i]) == 0;
+                let rs_cause = rss[i]
+                    .pointer("/metadata/annotations")
+                    .and_then(|a| a.get(CHANGE_CAUSE));
+                let stale_cause = change_cause.is_some() && rs_cause != change_cause.as_ref();
+                if stale_rev || stale_cause {
+                    // A rollback (or an adopted set) makes this template the newest revision;
+                    // the newest set follows the Deployment's change-cause, as in Kubernetes.
+                    let mut ann = json!({});
+                    if stale_rev {
+                        ann[REVISION] = json!((max_rev + 1).to_string());
+                    }
                     if let Some(c) = &change_cause {
                         ann[CHANGE_CAUSE] = c.clone();
                     }

@@ -64,6 +64,70 @@ async fn kubectl_apply_deployment_runs_wasm_pods() -> anyhow::Result<()> {
         )
     })?;
     assert!(out.contains("successfully rolled out"), "{out}");
+    // A rolling update, its history and an undo.
+    tokio::task::block_in_place(|| {
+        kubectl(
+            &c,
+            &[
+                "patch",
+                "deployment/hello",
+                "--type=json",
+                "-p",
+                r#"[{"op":"replace","path":"/spec/template/spec/containers/0/args","value":["300"]}]"#,
+            ],
+            None,
+        )
+    })?;
+    let out = tokio::task::block_in_place(|| {
+        kubectl(
+            &c,
+            &["rollout", "status", "deployment/hello", "--timeout=60s"],
+            None,
+        )
+    })?;
+    assert!(out.contains("successfully rolled out"), "{out}");
+    let history = tokio::task::block_in_place(|| {
+        kubectl(&c, &["rollout", "history", "deployment/hello"], None)
+    })?;
+    let revisions: Vec<&str> = history
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|w| w.parse::<u32>().is_ok())
+        .collect();
+    assert_eq!(revisions, ["1", "2"], "{history}");
+    tokio::task::block_in_place(|| kubectl(&c, &["rollout", "undo", "deployment/hello"], None))?;
+    tokio::task::block_in_place(|| {
+        kubectl(
+            &c,
+            &["rollout", "status", "deployment/hello", "--timeout=60s"],
+            None,
+        )
+    })?;
+    let args = tokio::task::block_in_place(|| {
+        kubectl(
+            &c,
+            &[
+                "get",
+                "pods",
+                "-o",
+                "jsonpath={.items[*].spec.containers[0].args[0]}",
+            ],
+            None,
+        )
+    })?;
+    eventually("pods back on the first template", WAIT, || async {
+        let args = tokio::task::block_in_place(|| {
+            kubectl(
+                &c,
+                &["get", "pods", "-o", "jsonpath={range .items[*]}{.metadata.deletionTimestamp}/{.spec.containers[0].args[0]} {end}"],
+                None,
+            )
+        })?;
+        let live: Vec<&str> = args.split_whitespace().filter(|a| a.starts_with('/')).collect();
+        Ok(if live.len() == 3 && live.iter().all(|a| *a == "/250") { Ok(()) } else { Err(args) })
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e:#}; first look: {args}"))?;
     tokio::task::block_in_place(|| {
         kubectl(&c, &["scale", "deployment/hello", "--replicas=1"], None)
     })?;
