@@ -161,6 +161,31 @@ async fn etcdctl_against_three_members() {
         "no"
     );
 
+    // More read and delete forms.
+    assert_eq!(
+        ok(&foll, &["get", "foo/", "--from-key", "--keys-only"]).await,
+        "foo/b\n\ntxnkey\n\n"
+    );
+    assert_eq!(
+        ok(
+            &foll,
+            &[
+                "get",
+                "--prefix",
+                "foo",
+                "--sort-by=KEY",
+                "--order=DESCEND",
+                "--keys-only"
+            ]
+        )
+        .await,
+        "foo/b\n\nfoo\n\n"
+    );
+    ok(&foll, &["put", "gone/1", "x"]).await;
+    ok(&foll, &["put", "gone/2", "x"]).await;
+    assert_eq!(ok(&foll, &["del", "--prefix", "gone/"]).await.trim(), "2");
+    assert_eq!(ok(&foll, &["get", "gone/1", "--consistency=s"]).await, "");
+
     // watch in another process sees a put.
     let now = header_revision(&ok(&lead, &["get", "foo", "-w", "json"]).await);
     let mut watch = WatchChild::spawn(&foll, &["wkey", &format!("--rev={}", now + 1)]);
@@ -201,6 +226,19 @@ async fn etcdctl_against_three_members() {
         out.contains("already expired"),
         "timetolive after expiry: {out}"
     );
+
+    // lease list / revoke.
+    let out = ok(&foll, &["lease", "grant", "100"]).await;
+    let id2 = out.split_whitespace().nth(1).expect("lease id").to_owned();
+    assert!(ok(&lead, &["lease", "list"]).await.contains(&id2));
+    ok(&foll, &["put", "--lease", &id2, "revoked", "v"]).await;
+    let out = ok(&foll, &["lease", "revoke", &id2]).await;
+    assert!(out.contains("revoked"), "lease revoke: {out}");
+    assert_eq!(ok(&lead, &["get", "revoked"]).await, "");
+    let (success, _, err) = run(&foll, &["lease", "revoke", &id2], None).await;
+    assert!(!success);
+    assert!(err.contains("requested lease not found"), "{err}");
+    assert_eq!(ok(&foll, &["alarm", "list"]).await, "");
 
     // member list / member add / endpoint status.
     let out = ok(&foll, &["member", "list"]).await;
