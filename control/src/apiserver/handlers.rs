@@ -107,12 +107,28 @@ pub(crate) fn decode(res: &Resource, kv: &Versioned) -> Result<Value> {
     Ok(v)
 }
 
+/// Stored form: `apiVersion`, `kind`, `metadata` (without resourceVersion) first, then the
+/// rest; [`splice_rv`] relies on this order.
 fn encode(obj: &Value) -> Bytes {
     let mut o = obj.clone();
-    if let Some(Value::Object(meta)) = o.get_mut("metadata") {
-        meta.remove("resourceVersion");
+    let Value::Object(m) = &mut o else {
+        return Bytes::from(o.to_string());
+    };
+    let mut meta = m.remove("metadata").unwrap_or_else(|| json!({}));
+    if let Value::Object(mm) = &mut meta {
+        mm.remove("resourceVersion");
     }
-    Bytes::from(o.to_string())
+    let api_version = m.remove("apiVersion").unwrap_or(Value::Null);
+    let kind = m.remove("kind").unwrap_or(Value::Null);
+    let mut out = format!("{{\"apiVersion\":{api_version},\"kind\":{kind},\"metadata\":{meta}");
+    for (k, v) in m.iter() {
+        out.push(',');
+        out.push_str(&Value::String(k.clone()).to_string());
+        out.push(':');
+        out.push_str(&v.to_string());
+    }
+    out.push('}');
+    Bytes::from(out)
 }
 
 fn with_rv(mut obj: Value, rev: Revision) -> Value {
@@ -813,6 +829,13 @@ async fn list<S: Store>(
         None => (None, None),
     };
     let (kvs, rev) = app.store.list(&res.list_prefix(ns)).await?;
+    if !table && labels.is_empty() && fields.0.is_empty() {
+        // Unfiltered JSON lists (the big ones: informers, benchmarks) are assembled from the
+        // stored bytes without decoding each object.
+        if let Some(r) = raw_list(res, &kvs, rev, start_after.as_deref(), limit, first_rev) {
+            return Ok(r);
+        }
+    }
     let mut items = Vec::new();
     let mut last_key = None;
     let mut more = false;
@@ -849,6 +872,79 @@ async fn list<S: Store>(
         StatusCode::OK,
         &json!({"kind": format!("{}List", res.kind), "apiVersion": res.api_version(), "metadata": meta, "items": items}),
     ))
+}
+
+/// Inserts `"resourceVersion"` into a stored object's `metadata`, as bytes. Stored objects are
+/// written by [`encode`] (serde_json, sorted keys, `apiVersion`/`kind` first, no
+/// resourceVersion); anything else returns `None` and takes the decoding path.
+fn splice_rv(value: &[u8], rev: Revision) -> Option<Vec<u8>> {
+    const META: &[u8] = b"\"metadata\":{";
+    if !value.starts_with(b"{\"apiVersion\":") {
+        return None;
+    }
+    // Quotes inside JSON strings are escaped, so the first unescaped `"metadata":{` is a key,
+    // and `encode` writes the top-level one right after `apiVersion` and `kind`.
+    let at = value.windows(META.len()).position(|w| w == META)? + META.len();
+    let mut out = Vec::with_capacity(value.len() + 32);
+    out.extend_from_slice(&value[..at]);
+    out.extend_from_slice(format!("\"resourceVersion\":\"{rev}\"").as_bytes());
+    if value.get(at) != Some(&b'}') {
+        out.push(b',');
+    }
+    out.extend_from_slice(&value[at..]);
+    Some(out)
+}
+
+fn raw_list(
+    res: &Resource,
+    kvs: &[Versioned],
+    rev: Revision,
+    start_after: Option<&str>,
+    limit: Option<usize>,
+    first_rev: Option<Revision>,
+) -> Option<Response> {
+    let mut body =
+        Vec::with_capacity(kvs.iter().map(|kv| kv.value.len() + 32).sum::<usize>() + 256);
+    let mut last_key = None;
+    let mut more = false;
+    let mut item_bytes = Vec::new();
+    let page = kvs
+        .iter()
+        .filter(|kv| start_after.is_none_or(|s| kv.key.as_str() > s));
+    for (items, kv) in page.enumerate() {
+        if limit.is_some_and(|l| items >= l) {
+            more = true;
+            break;
+        }
+        let item = splice_rv(&kv.value, kv.mod_revision)?;
+        if items > 0 {
+            item_bytes.push(b',');
+        }
+        item_bytes.extend_from_slice(&item);
+        last_key = Some(kv.key.as_str());
+    }
+    let rev = first_rev.unwrap_or(rev);
+    let mut meta = json!({"resourceVersion": rev.to_string()});
+    if more && let Some(k) = last_key {
+        let tok = json!({"start": k, "rv": rev}).to_string();
+        meta["continue"] = json!(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(tok));
+    }
+    body.extend_from_slice(
+        format!(
+            "{{\"kind\":\"{}List\",\"apiVersion\":\"{}\",\"metadata\":{meta},\"items\":[",
+            res.kind,
+            res.api_version()
+        )
+        .as_bytes(),
+    );
+    body.extend_from_slice(&item_bytes);
+    body.extend_from_slice(b"]}");
+    let mut r = (StatusCode::OK, body).into_response();
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    Some(r)
 }
 
 /// Resets status on create for kinds whose status only controllers and agents write.
@@ -1690,4 +1786,31 @@ fn self_subject_access_review(id: &Identity, mut review: Value) -> Result<Respon
     review["kind"] = json!("SelfSubjectAccessReview");
     review["apiVersion"] = json!("authorization.k8s.io/v1");
     Ok(json_response(StatusCode::CREATED, &review))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stored_form_and_resource_version_splice() {
+        let obj = json!({"spec": {"template": {"metadata": {"labels": {"a": "b"}}}}, "kind": "Deployment",
+                         "metadata": {"name": "d", "resourceVersion": "9", "annotations": {"x": "\"metadata\":{"}},
+                         "apiVersion": "apps/v1"});
+        let stored = encode(&obj);
+        assert!(
+            stored
+                .starts_with(b"{\"apiVersion\":\"apps/v1\",\"kind\":\"Deployment\",\"metadata\":{")
+        );
+        let spliced = splice_rv(&stored, 42).expect("splice");
+        let v: Value = serde_json::from_slice(&spliced).expect("valid JSON");
+        let mut want = obj.clone();
+        want["metadata"]["resourceVersion"] = json!("42");
+        assert_eq!(v, want);
+        let empty_meta = encode(&json!({"apiVersion": "v1", "kind": "X"}));
+        let v: Value =
+            serde_json::from_slice(&splice_rv(&empty_meta, 1).expect("splice")).expect("json");
+        assert_eq!(v["metadata"], json!({"resourceVersion": "1"}));
+        assert!(splice_rv(b"{\"kind\":\"X\"}", 1).is_none());
+    }
 }
