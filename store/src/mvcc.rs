@@ -635,6 +635,40 @@ impl Mvcc {
         Ok(())
     }
 
+    /// CRC-32 of every retained version at or below `rev` (0 = all), with the compaction
+    /// revision: equal on members with the same applied state (etcd's `HashKV` role).
+    pub(crate) fn hash_kv(&self, rev: i64) -> Result<u32, EtcdError> {
+        if rev > self.revision {
+            return Err(EtcdError::FutureRev);
+        }
+        if rev > 0 && rev < self.compact_revision {
+            return Err(EtcdError::Compacted);
+        }
+        let upto = if rev <= 0 { self.revision } else { rev };
+        let mut h = crc32fast::Hasher::new();
+        h.update(&self.compact_revision.to_be_bytes());
+        for (key, versions) in &self.keys {
+            for v in versions.iter().filter(|v| v.rev <= upto) {
+                h.update(&(key.len() as u64).to_be_bytes());
+                h.update(key);
+                h.update(&v.rev.to_be_bytes());
+                h.update(&v.sub.to_be_bytes());
+                match &v.kv {
+                    Some(kv) => {
+                        h.update(&[1]);
+                        h.update(&kv.create_revision.to_be_bytes());
+                        h.update(&kv.version.to_be_bytes());
+                        h.update(&kv.lease.to_be_bytes());
+                        h.update(&(kv.value.len() as u64).to_be_bytes());
+                        h.update(&kv.value);
+                    }
+                    None => h.update(&[0]),
+                }
+            }
+        }
+        Ok(h.finalize())
+    }
+
     // ----- persistence support -----
 
     /// Rebuilds the model from persisted records (ordered by `(rev, sub)`).

@@ -1,4 +1,5 @@
-//! `etcdserverpb.Maintenance`: Status and Alarm; the other RPCs answer Unimplemented.
+//! `etcdserverpb.Maintenance`: Status, Alarm, Hash/HashKV (state hash for cross-member
+//! comparison) and a no-op Defragment; Snapshot and MoveLeader answer Unimplemented.
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -112,14 +113,26 @@ impl Maintenance for MaintenanceService {
     }
 
     async fn hash(&self, _request: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
-        Err(Status::unimplemented("hash is not supported by flotilla"))
+        let st = self.inner.sm.read();
+        let hash = st.mvcc.hash_kv(0)?;
+        Ok(Response::new(HashResponse {
+            header: self.inner.header(st.mvcc.revision()),
+            hash,
+        }))
     }
 
     async fn hash_kv(
         &self,
-        _request: Request<HashKvRequest>,
+        request: Request<HashKvRequest>,
     ) -> Result<Response<HashKvResponse>, Status> {
-        Err(Status::unimplemented("hashkv is not supported by flotilla"))
+        let rev = request.into_inner().revision;
+        let st = self.inner.sm.read();
+        let hash = st.mvcc.hash_kv(rev)?;
+        Ok(Response::new(HashKvResponse {
+            header: self.inner.header(st.mvcc.revision()),
+            hash,
+            compact_revision: st.mvcc.compact_revision(),
+        }))
     }
 
     type SnapshotStream = SnapshotStream;

@@ -293,6 +293,30 @@ async fn etcdctl_against_three_members() {
         assert_eq!(s["Status"]["leader"].as_u64(), Some(leader_id));
     }
 
+    // Members with the same applied state report the same hash.
+    let rev = header_revision(&ok(&lead, &["get", "foo", "-w", "json"]).await);
+    for i in 0..3 {
+        // A linearizable read makes each member apply everything up to `rev`.
+        ok(&c.client_url(i), &["get", "foo"]).await;
+    }
+    let out = ok(
+        &all,
+        &["endpoint", "hashkv", &format!("--rev={rev}"), "-w", "json"],
+    )
+    .await;
+    let v: serde_json::Value = serde_json::from_str(&out).expect("hashkv json");
+    let hashes: Vec<u64> = v
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|h| h["HashKV"]["hash"].as_u64().expect("hash"))
+        .collect();
+    assert_eq!(hashes.len(), 3);
+    assert!(
+        hashes.windows(2).all(|w| w[0] == w[1]),
+        "hashes differ: {hashes:?}"
+    );
+
     // compaction, then a watch from a compacted revision is refused.
     let rev = header_revision(&ok(&lead, &["get", "foo", "-w", "json"]).await);
     let out = ok(&foll, &["compaction", &rev.to_string()]).await;
