@@ -284,6 +284,31 @@ impl Mvcc {
         out
     }
 
+    /// Evaluates a Txn without writes (compares and ranges only) against the current state.
+    pub(crate) fn read_txn(&self, t: &TxnRequest) -> Result<pb::TxnResponse, EtcdError> {
+        let succeeded = t.compare.iter().all(|c| self.compare(c));
+        let branch = if succeeded { &t.success } else { &t.failure };
+        let mut responses = Vec::with_capacity(branch.len());
+        for op in branch {
+            let response = match &op.request {
+                Some(request_op::Request::RequestRange(r)) => {
+                    Some(response_op::Response::ResponseRange(self.range(r)?))
+                }
+                Some(request_op::Request::RequestTxn(n)) => {
+                    Some(response_op::Response::ResponseTxn(self.read_txn(n)?))
+                }
+                Some(_) => return Err(EtcdError::Internal("write in a read-only txn".to_owned())),
+                None => None,
+            };
+            responses.push(ResponseOp { response });
+        }
+        Ok(pb::TxnResponse {
+            header: None,
+            succeeded,
+            responses,
+        })
+    }
+
     /// Lease TTL as granted, if the lease exists.
     pub(crate) fn lease(&self, id: i64) -> Option<&LeaseInfo> {
         self.leases.get(&id)

@@ -45,6 +45,28 @@ impl KvService {
     }
 }
 
+fn txn_has_write(ops: &[RequestOp]) -> bool {
+    ops.iter().any(|op| match &op.request {
+        Some(request_op::Request::RequestPut(_) | request_op::Request::RequestDeleteRange(_)) => {
+            true
+        }
+        Some(request_op::Request::RequestTxn(t)) => {
+            txn_has_write(&t.success) || txn_has_write(&t.failure)
+        }
+        _ => false,
+    })
+}
+
+fn txn_all_serializable(ops: &[RequestOp]) -> bool {
+    ops.iter().all(|op| match &op.request {
+        Some(request_op::Request::RequestRange(r)) => r.serializable,
+        Some(request_op::Request::RequestTxn(t)) => {
+            txn_all_serializable(&t.success) && txn_all_serializable(&t.failure)
+        }
+        _ => true,
+    })
+}
+
 fn txn_has_put(ops: &[RequestOp]) -> bool {
     ops.iter().any(|op| match &op.request {
         Some(request_op::Request::RequestPut(_)) => true,
@@ -138,6 +160,19 @@ impl Kv for KvService {
         let len = r.encoded_len();
         check_size(&self.inner, len)?;
         check_txn(&r, self.inner.tunables.max_txn_ops)?;
+        if !txn_has_write(&r.success) && !txn_has_write(&r.failure) {
+            // Read-only: served like a Range (no Raft entry, no revision), as etcd does.
+            let serializable = txn_all_serializable(&r.success)
+                && txn_all_serializable(&r.failure)
+                && (!r.success.is_empty() || !r.failure.is_empty());
+            if !serializable {
+                self.inner.linearizable_barrier().await?;
+            }
+            let st = self.inner.sm.read();
+            let mut resp = st.mvcc.read_txn(&r)?;
+            resp.header = self.inner.header(st.mvcc.revision());
+            return Ok(Response::new(resp));
+        }
         if txn_has_put(&r.success) || txn_has_put(&r.failure) {
             self.check_quota(len)?;
         }

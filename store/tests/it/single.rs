@@ -167,6 +167,32 @@ async fn kv_semantics_and_errors() {
     assert!(!t.succeeded);
     assert_eq!(get(&mut kv, "a").await.as_deref(), Some("3"));
 
+    // A read-only txn is answered without a new revision.
+    let rev = get_rev(&mut kv).await;
+    let t = kv
+        .txn(TxnRequest {
+            compare: vec![Compare {
+                result: compare::CompareResult::Greater as i32,
+                target: compare::CompareTarget::Version as i32,
+                key: "a".into(),
+                target_union: Some(compare::TargetUnion::Version(0)),
+                ..Default::default()
+            }],
+            success: vec![RequestOp {
+                request: Some(request_op::Request::RequestRange(RangeRequest {
+                    key: "a".into(),
+                    ..Default::default()
+                })),
+            }],
+            failure: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(t.succeeded);
+    assert_eq!(t.header.unwrap().revision, rev);
+    assert_eq!(get_rev(&mut kv).await, rev);
+
     // Duplicate key and too many ops.
     let err = kv
         .txn(TxnRequest {
