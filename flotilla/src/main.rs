@@ -5,6 +5,7 @@
 use clap::{Parser, Subcommand};
 
 mod cmd_agent;
+mod cmd_bench_cluster;
 mod cmd_dev;
 mod cmd_runtime;
 mod cmd_server;
@@ -42,6 +43,8 @@ enum BenchCommand {
     Runtime(cmd_runtime::BenchRuntimeArgs),
     /// API server: mutating latency at 1/100 clients, LIST of 10k pods, watch fan-out.
     Api(cmd_server::BenchApiArgs),
+    /// Scheduler throughput with many registered nodes, basic and constrained pods.
+    Scheduler(cmd_bench_cluster::BenchSchedulerArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -60,5 +63,6 @@ fn main() -> anyhow::Result<()> {
         Command::Dev(args) => cmd_dev::run(args),
         Command::Bench(BenchCommand::Runtime(args)) => cmd_runtime::run_bench(args),
         Command::Bench(BenchCommand::Api(args)) => cmd_server::run_bench(args),
+        Command::Bench(BenchCommand::Scheduler(args)) => cmd_bench_cluster::run(args),
     }
 }

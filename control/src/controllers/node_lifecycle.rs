@@ -38,12 +38,9 @@ fn ready_status(node: &Value) -> Option<String> {
 /// Whether `toleration` tolerates `taint` (operator `Exists`/`Equal`, empty key = all keys,
 /// empty effect = all effects).
 pub fn tolerates(toleration: &Value, taint: &Value) -> bool {
-    let s = |v: &Value, f: &str| {
-        v.get(f)
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_string()
-    };
+    fn s<'a>(v: &'a Value, f: &str) -> &'a str {
+        v.get(f).and_then(Value::as_str).unwrap_or_default()
+    }
     let (tk, te) = (s(toleration, "key"), s(toleration, "effect"));
     if !te.is_empty() && te != s(taint, "effect") {
         return false;
@@ -55,7 +52,7 @@ pub fn tolerates(toleration: &Value, taint: &Value) -> bool {
     if tk != s(taint, "key") {
         return false;
     }
-    match op.as_str() {
+    match op {
         "Exists" => true,
         "" | "Equal" => s(toleration, "value") == s(taint, "value"),
         _ => false,

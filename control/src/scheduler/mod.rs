@@ -31,7 +31,7 @@ use crate::controllers::{ApiClient, pod_is_terminal, post_event};
 
 pub mod predicates;
 
-use predicates::{NodeInfo, filter, fit_error, owner_uid, score};
+use predicates::{NodeInfo, PodFacts, filter_facts, fit_error, score_facts};
 
 /// Scheduler settings.
 #[derive(Debug, Clone)]
@@ -64,6 +64,17 @@ struct Scheduler {
     unschedulable: HashSet<String>,
     assumed: HashMap<String, (String, Instant)>,
     reported: HashMap<String, (String, Instant)>,
+    next_start: usize,
+}
+
+/// How many feasible nodes are enough to pick from: all below 100 nodes, else
+/// `max(5, 50 - nodes/125)` percent but at least 100 (kube-scheduler's adaptive default).
+fn feasible_nodes_to_find(nodes: usize) -> usize {
+    if nodes < 100 {
+        return nodes.max(1);
+    }
+    let pct = 50usize.saturating_sub(nodes / 125).max(5);
+    (nodes * pct / 100).max(100)
 }
 
 impl Scheduler {
@@ -191,8 +202,9 @@ impl Scheduler {
         let mut failures = Vec::new();
         for pod in batch {
             let mut reasons: HashMap<String, usize> = HashMap::new();
-            let owner = owner_uid(&pod);
-            let max_owner = owner
+            let facts = PodFacts::new(&pod);
+            let max_owner = facts
+                .owner
                 .as_ref()
                 .map(|u| {
                     infos
@@ -204,15 +216,28 @@ impl Scheduler {
                 .unwrap_or(0);
             let mut best: Vec<usize> = Vec::new();
             let mut best_score = i64::MIN;
-            for (i, info) in infos.iter().enumerate() {
-                let why = filter(&pod, info);
+            // Like kube-scheduler's percentageOfNodesToScore: stop once enough feasible nodes
+            // are found, starting where the previous pod stopped so every node gets its turn.
+            let n = infos.len();
+            let enough = feasible_nodes_to_find(n);
+            let start = if n == 0 { 0 } else { self.next_start % n };
+            let mut feasible = 0;
+            let mut visited = 0;
+            for i in (0..n).map(|k| (start + k) % n) {
+                if feasible >= enough {
+                    break;
+                }
+                visited += 1;
+                let info = &infos[i];
+                let why = filter_facts(&facts, info);
                 if !why.is_empty() {
                     for r in why {
                         *reasons.entry(r).or_insert(0) += 1;
                     }
                     continue;
                 }
-                let s = score(&pod, info, max_owner);
+                feasible += 1;
+                let s = score_facts(&facts, info, max_owner);
                 if s > best_score {
                     best_score = s;
                     best.clear();
@@ -221,6 +246,7 @@ impl Scheduler {
                     best.push(i);
                 }
             }
+            self.next_start = start + visited;
             if best.is_empty() {
                 failures.push((pod, fit_error(infos.len(), &reasons)));
                 continue;
@@ -327,6 +353,7 @@ pub async fn run(client: ApiClient, config: SchedulerConfig, shutdown: Cancellat
         unschedulable: HashSet::new(),
         assumed: HashMap::new(),
         reported: HashMap::new(),
+        next_start: 0,
     };
     s.resync();
     let mut next_flush = Instant::now() + retry;
@@ -371,4 +398,19 @@ pub async fn run(client: ApiClient, config: SchedulerConfig, shutdown: Cancellat
     }
     stop.cancel();
     while tasks.join_next().await.is_some() {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::feasible_nodes_to_find;
+
+    #[test]
+    fn adaptive_share_of_nodes_like_kube_scheduler() {
+        assert_eq!(feasible_nodes_to_find(3), 3);
+        assert_eq!(feasible_nodes_to_find(99), 99);
+        assert_eq!(feasible_nodes_to_find(100), 100);
+        assert_eq!(feasible_nodes_to_find(1000), 420);
+        assert_eq!(feasible_nodes_to_find(5000), 500);
+        assert_eq!(feasible_nodes_to_find(100_000), 5000);
+    }
 }

@@ -195,75 +195,114 @@ fn node_selector_term_matches(term: &Value, labels: Option<&Map<String, Value>>)
     })
 }
 
+/// What filtering and scoring need from a pod, extracted once per scheduling attempt.
+#[derive(Debug)]
+pub struct PodFacts<'a> {
+    /// The pod.
+    pub pod: &'a Value,
+    /// Its requests.
+    pub requests: Requests,
+    /// Its requests with scoring defaults.
+    pub score_requests: Requests,
+    /// `spec.tolerations`.
+    pub tolerations: &'a [Value],
+    /// `spec.nodeSelector`.
+    pub node_selector: Option<&'a Map<String, Value>>,
+    /// Required node affinity terms (any must match).
+    pub required_terms: Option<&'a [Value]>,
+    /// Preferred node affinity terms.
+    pub preferred_terms: Option<&'a [Value]>,
+    /// `spec.runtimeClassName`, if set.
+    pub runtime_class: Option<&'a str>,
+    /// Required pod anti-affinity terms.
+    pub anti_affinity: Option<&'a [Value]>,
+    /// Controller owner uid.
+    pub owner: Option<String>,
+}
+
+impl<'a> PodFacts<'a> {
+    /// Extracts the facts of `pod`.
+    pub fn new(pod: &'a Value) -> PodFacts<'a> {
+        let arr = |p: &str| pod.pointer(p).and_then(Value::as_array).map(Vec::as_slice);
+        let requests = pod_requests(pod);
+        PodFacts {
+            pod,
+            requests,
+            score_requests: score_requests(requests),
+            tolerations: arr("/spec/tolerations").unwrap_or(&[]),
+            node_selector: pod.pointer("/spec/nodeSelector").and_then(Value::as_object),
+            required_terms: arr(
+                "/spec/affinity/nodeAffinity/requiredDuringSchedulingIgnoredDuringExecution/nodeSelectorTerms",
+            ),
+            preferred_terms: arr(
+                "/spec/affinity/nodeAffinity/preferredDuringSchedulingIgnoredDuringExecution",
+            ),
+            runtime_class: pod
+                .pointer("/spec/runtimeClassName")
+                .and_then(Value::as_str)
+                .filter(|r| !r.is_empty()),
+            anti_affinity: arr(
+                "/spec/affinity/podAntiAffinity/requiredDuringSchedulingIgnoredDuringExecution",
+            ),
+            owner: owner_uid(pod),
+        }
+    }
+}
+
 /// Why a node was filtered out: each string is one of Kubernetes' reason texts.
 pub fn filter(pod: &Value, info: &NodeInfo) -> Vec<String> {
+    filter_facts(&PodFacts::new(pod), info)
+}
+
+/// [`filter`] with the pod's facts already extracted.
+pub fn filter_facts(f: &PodFacts<'_>, info: &NodeInfo) -> Vec<String> {
     let node = &info.node;
     let node_labels = labels_of(node);
     // NodeUnschedulable.
     if node.pointer("/spec/unschedulable").and_then(Value::as_bool) == Some(true) {
-        let tolerated = pod
-            .pointer("/spec/tolerations")
-            .and_then(Value::as_array)
-            .is_some_and(|ts| {
-                ts.iter().any(|t| {
-                    tolerates(t, &serde_json::json!({"key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule"}))
-                })
-            });
-        if !tolerated {
+        let unschedulable =
+            serde_json::json!({"key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule"});
+        if !f.tolerations.iter().any(|t| tolerates(t, &unschedulable)) {
             return vec!["node(s) were unschedulable".into()];
         }
     }
     // TaintToleration (NoSchedule and NoExecute).
-    let tolerations = pod
-        .pointer("/spec/tolerations")
-        .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default();
-    for taint in node
-        .pointer("/spec/taints")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
-        let effect = taint
-            .get("effect")
-            .and_then(Value::as_str)
-            .unwrap_or_default();
-        if effect != "NoSchedule" && effect != "NoExecute" {
-            continue;
-        }
-        if !tolerations.iter().any(|t| tolerates(t, taint)) {
-            return vec![format!(
-                "node(s) had untolerated taint {{{}: {}}}",
-                taint.get("key").and_then(Value::as_str).unwrap_or_default(),
-                taint
-                    .get("value")
-                    .and_then(Value::as_str)
-                    .unwrap_or_default()
-            )];
+    if let Some(taints) = node.pointer("/spec/taints").and_then(Value::as_array) {
+        for taint in taints {
+            let effect = taint
+                .get("effect")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            if effect != "NoSchedule" && effect != "NoExecute" {
+                continue;
+            }
+            if !f.tolerations.iter().any(|t| tolerates(t, taint)) {
+                return vec![format!(
+                    "node(s) had untolerated taint {{{}: {}}}",
+                    taint.get("key").and_then(Value::as_str).unwrap_or_default(),
+                    taint
+                        .get("value")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default()
+                )];
+            }
         }
     }
     // NodeAffinity: nodeSelector and required node affinity.
-    let selector_ok = pod
-        .pointer("/spec/nodeSelector")
-        .and_then(Value::as_object)
-        .is_none_or(|sel| {
-            sel.iter()
-                .all(|(k, v)| node_labels.and_then(|l| l.get(k)) == Some(v))
-        });
-    let affinity_ok = pod
-        .pointer("/spec/affinity/nodeAffinity/requiredDuringSchedulingIgnoredDuringExecution/nodeSelectorTerms")
-        .and_then(Value::as_array)
-        .is_none_or(|terms| terms.iter().any(|t| node_selector_term_matches(t, node_labels)));
+    let selector_ok = f.node_selector.is_none_or(|sel| {
+        sel.iter()
+            .all(|(k, v)| node_labels.and_then(|l| l.get(k)) == Some(v))
+    });
+    let affinity_ok = f.required_terms.is_none_or(|terms| {
+        terms
+            .iter()
+            .any(|t| node_selector_term_matches(t, node_labels))
+    });
     if !selector_ok || !affinity_ok {
         return vec!["node(s) didn't match Pod's node affinity/selector".into()];
     }
     // Runtime class offered by the node.
-    if let Some(rc) = pod
-        .pointer("/spec/runtimeClassName")
-        .and_then(Value::as_str)
-        && !rc.is_empty()
-    {
+    if let Some(rc) = f.runtime_class {
         let offered = node
             .pointer("/metadata/annotations")
             .and_then(|a| a.get("flotilla.dev/runtime-classes"))
@@ -274,7 +313,7 @@ pub fn filter(pod: &Value, info: &NodeInfo) -> Vec<String> {
         }
     }
     // NodeResourcesFit.
-    let r = pod_requests(pod);
+    let r = f.requests;
     let mut reasons = Vec::new();
     if info.pods + 1 > info.alloc_pods {
         reasons.push("Too many pods".into());
@@ -289,25 +328,20 @@ pub fn filter(pod: &Value, info: &NodeInfo) -> Vec<String> {
         return reasons;
     }
     // InterPodAffinity: required anti-affinity per hostname.
-    if let Some(terms) = pod
-        .pointer("/spec/affinity/podAntiAffinity/requiredDuringSchedulingIgnoredDuringExecution")
-        .and_then(Value::as_array)
-    {
-        for term in terms {
-            let topo = term
-                .get("topologyKey")
-                .and_then(Value::as_str)
-                .unwrap_or_default();
-            if topo != "kubernetes.io/hostname" {
-                continue;
-            }
-            if info
-                .pod_labels
-                .iter()
-                .any(|l| selector_matches(term.get("labelSelector"), Some(l)))
-            {
-                return vec!["node(s) didn't match pod anti-affinity rules".into()];
-            }
+    for term in f.anti_affinity.unwrap_or(&[]) {
+        let topo = term
+            .get("topologyKey")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        if topo != "kubernetes.io/hostname" {
+            continue;
+        }
+        if info
+            .pod_labels
+            .iter()
+            .any(|l| selector_matches(term.get("labelSelector"), Some(l)))
+        {
+            return vec!["node(s) didn't match pod anti-affinity rules".into()];
         }
     }
     Vec::new()
@@ -316,7 +350,17 @@ pub fn filter(pod: &Value, info: &NodeInfo) -> Vec<String> {
 /// The node's score for this pod, 0..=~500: least allocated, balanced allocation, spreading of
 /// the pod's owner (weighted double) and preferred node affinity.
 pub fn score(pod: &Value, info: &NodeInfo, max_owner_count: u64) -> i64 {
-    let r = score_requests(pod_requests(pod));
+    score_facts(&PodFacts::new(pod), info, max_owner_count)
+}
+
+/// [`score`] with the pod's facts already extracted.
+#[allow(
+    clippy::cast_precision_loss,
+    clippy::cast_possible_truncation,
+    reason = "scores are coarse"
+)]
+pub fn score_facts(f: &PodFacts<'_>, info: &NodeInfo, max_owner_count: u64) -> i64 {
+    let r = f.score_requests;
     let frac = |used: u64, add: u64, cap: u64| -> f64 {
         if cap == 0 {
             1.0
@@ -328,19 +372,17 @@ pub fn score(pod: &Value, info: &NodeInfo, max_owner_count: u64) -> i64 {
     let mem = frac(info.requested_for_score.memory, r.memory, info.alloc_memory);
     let least = ((1.0 - cpu) * 50.0 + (1.0 - mem) * 50.0) as i64;
     let balanced = ((1.0 - (cpu - mem).abs()) * 100.0) as i64;
-    let spread = match owner_uid(pod) {
+    let spread = match &f.owner {
         Some(uid) if max_owner_count > 0 => {
-            let n = info.owners.get(&uid).copied().unwrap_or(0);
-            (100 * (max_owner_count - n.min(max_owner_count)) / max_owner_count) as i64
+            let n = info.owners.get(uid).copied().unwrap_or(0);
+            i64::try_from(100 * (max_owner_count - n.min(max_owner_count)) / max_owner_count)
+                .unwrap_or(0)
         }
         _ => 100,
     };
     let mut preferred = 0i64;
-    let node_labels = labels_of(&info.node);
-    if let Some(terms) = pod
-        .pointer("/spec/affinity/nodeAffinity/preferredDuringSchedulingIgnoredDuringExecution")
-        .and_then(Value::as_array)
-    {
+    if let Some(terms) = f.preferred_terms {
+        let node_labels = labels_of(&info.node);
         let total: i64 = terms
             .iter()
             .filter_map(|t| t.get("weight").and_then(Value::as_i64))

@@ -1,0 +1,155 @@
+//! `flotilla bench scheduler`: scheduler throughput against a real in-process API server
+//! (MemStore, HTTPS on loopback) with many registered nodes, printed as a table.
+//!
+//! The nodes are registered through the API (Ready, with allocatable resources) but have no
+//! agents: the run measures placement and binding only (the scheduler's informers' initial
+//! list included), not pod start-up.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use control::apiserver::{ApiServer, ApiServerConfig};
+use control::controllers::ApiClient;
+use control::scheduler::SchedulerConfig;
+use control::storage::MemStore;
+use futures::StreamExt as _;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+/// Arguments of `flotilla bench scheduler`.
+#[derive(clap::Args)]
+pub(crate) struct BenchSchedulerArgs {
+    /// Node counts to run with, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1000,5000")]
+    nodes: Vec<usize>,
+    /// Pods scheduled per run.
+    #[arg(long, default_value_t = 5000)]
+    pods: usize,
+}
+
+/// Runs the benchmark and prints the table.
+pub(crate) fn run(args: BenchSchedulerArgs) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("failed to start the tokio runtime")?;
+    rt.block_on(async {
+        println!("| nodes | pods | constraints | seconds | pods/s |");
+        println!("|---:|---:|---|---:|---:|");
+        for &n in &args.nodes {
+            for constrained in [false, true] {
+                let (secs, rate) = one_run(n, args.pods, constrained).await?;
+                println!(
+                    "| {n} | {} | {} | {secs:.2} | {rate:.0} |",
+                    args.pods,
+                    if constrained {
+                        "node affinity + taints"
+                    } else {
+                        "requests only"
+                    }
+                );
+            }
+        }
+        Ok(())
+    })
+}
+
+async fn one_run(nodes: usize, pods: usize, constrained: bool) -> anyhow::Result<(f64, f64)> {
+    let dir = std::env::temp_dir().join(format!(
+        "flotilla-bench-scheduler-{}-{nodes}-{constrained}",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&dir)?;
+    let server = ApiServer::new(ApiServerConfig::new(&dir), MemStore::new())?;
+    server.bootstrap().await?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let pki = server.pki().context("secure mode")?.clone();
+    let shutdown = CancellationToken::new();
+    let stop = shutdown.clone();
+    let srv = tokio::spawn(async move { server.serve(listener, stop).await });
+    let url = format!("https://127.0.0.1:{}", addr.port());
+    let client = ApiClient::new(&url, Some(&pki.admin_token), Some(&pki.ca_pem))?;
+
+    let node_objs = (0..nodes).map(|i| {
+        let mut spec = json!({});
+        if constrained && i % 10 == 0 {
+            spec["taints"] =
+                json!([{"key": "dedicated", "value": "infra", "effect": "NoSchedule"}]);
+        }
+        json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": format!("hollow-{i}"), "labels": {
+                "kubernetes.io/hostname": format!("hollow-{i}"),
+                "topology.kubernetes.io/zone": format!("zone-{}", i % 3),
+            }},
+            "spec": spec,
+            "status": {
+                "capacity": {"cpu": "32", "memory": "256Gi", "pods": "110"},
+                "allocatable": {"cpu": "32", "memory": "256Gi", "pods": "110"},
+                "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady"}],
+            },
+        })
+    });
+    create_all(&client, "/api/v1/nodes", node_objs).await?;
+    let pod_objs = (0..pods).map(|i| {
+        let mut spec = json!({"containers": [{"name": "c", "image": "/srv/app.wasm",
+            "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}}}]});
+        if constrained {
+            spec["affinity"] = json!({"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [{"matchExpressions": [{"key": "topology.kubernetes.io/zone", "operator": "In", "values": ["zone-0", "zone-1"]}]}]}}});
+            spec["tolerations"] =
+                json!([{"key": "example.com/other", "operator": "Exists", "effect": "NoSchedule"}]);
+        }
+        json!({"apiVersion": "v1", "kind": "Pod",
+               "metadata": {"name": format!("p-{i}"), "namespace": "default"}, "spec": spec})
+    });
+    create_all(&client, "/api/v1/namespaces/default/pods", pod_objs).await?;
+
+    let started = Instant::now();
+    let sched_stop = shutdown.child_token();
+    let sched = tokio::spawn(control::scheduler::run(
+        client.clone(),
+        SchedulerConfig::default(),
+        sched_stop.clone(),
+    ));
+    loop {
+        let (items, _) = client.list("/api/v1/namespaces/default/pods").await?;
+        let bound = items
+            .iter()
+            .filter(|p| {
+                p.pointer("/spec/nodeName")
+                    .and_then(Value::as_str)
+                    .is_some_and(|n| !n.is_empty())
+            })
+            .count();
+        if bound == pods {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(600) {
+            anyhow::bail!("only {bound}/{pods} pods bound after 600 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    sched_stop.cancel();
+    let _ = sched.await;
+    shutdown.cancel();
+    let _ = srv.await;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok((secs, pods as f64 / secs))
+}
+
+async fn create_all(
+    client: &ApiClient,
+    path: &str,
+    objs: impl Iterator<Item = Value>,
+) -> anyhow::Result<()> {
+    let mut results =
+        futures::stream::iter(objs.map(|o| async move { client.create(path, &o).await }))
+            .buffer_unordered(64);
+    while let Some(r) = results.next().await {
+        r.with_context(|| format!("creating objects at {path}"))?;
+    }
+    Ok(())
+}
