@@ -201,6 +201,19 @@ impl Row {
     }
 }
 
+/// A CPU row passes at ±10%; a shortfall no larger than the time the OS ran other processes
+/// instead of the executor (run-queue wait) is reported as such rather than as a throttle error.
+fn cpu_verdict(measured: f64, limit: f64, starved: f64) -> String {
+    let err = (measured - limit).abs() / limit;
+    if err <= 0.10 {
+        "ok".into()
+    } else if measured < limit && measured + starved >= limit * 0.9 {
+        format!("short by the {starved:.0}m other processes took (machine busy)")
+    } else {
+        "MISSED".into()
+    }
+}
+
 fn verdict(ok: bool) -> String {
     if ok { "ok".into() } else { "MISSED".into() }
 }
@@ -513,17 +526,21 @@ async fn bench_cpu(root: &Path, cache: &Path, secs: f64) -> anyhow::Result<Vec<R
             rt.executor_cpu_ns(),
             cpu_of(&rt, &id).await?,
         );
+        let w0 = rt.executor_runqueue_wait_ns();
         tokio::time::sleep(window).await;
         let wall = t0.elapsed().as_nanos() as f64;
         let thread = (rt.executor_cpu_ns() - th0) as f64 / wall * 1000.0;
         let acc = (cpu_of(&rt, &id).await? - a0) as f64 / wall * 1000.0;
+        let starved = (rt.executor_runqueue_wait_ns() - w0) as f64 / wall * 1000.0;
         rt.remove_pod(&id).await?;
         let err = (thread - millis) / millis * 100.0;
         rows.push(Row::new(
             &format!("CPU limit {limit}, spinner alone"),
-            format!("{thread:.0}m executor-thread CPU ({err:+.1}%), {acc:.0}m accounted"),
+            format!(
+                "{thread:.0}m executor-thread CPU ({err:+.1}%), {acc:.0}m accounted; starved {starved:.0}m"
+            ),
             "±10%",
-            verdict(err.abs() <= 10.0),
+            cpu_verdict(thread, millis, starved),
         ));
     }
     progress(format!(
@@ -549,12 +566,14 @@ async fn bench_cpu(root: &Path, cache: &Path, secs: f64) -> anyhow::Result<Vec<R
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let t0 = Instant::now();
+    let w0 = rt.executor_runqueue_wait_ns();
     let mut before = Vec::new();
     for (_, _, id) in &pods {
         before.push(cpu_of(&rt, id).await?);
     }
     tokio::time::sleep(window).await;
     let wall = t0.elapsed().as_nanos() as f64;
+    let starved = (rt.executor_runqueue_wait_ns() - w0) as f64 / wall * 1000.0;
     let mut parts = Vec::new();
     let mut worst: f64 = 0.0;
     for ((name, limit, id), b) in pods.iter().zip(before) {
@@ -573,9 +592,15 @@ async fn bench_cpu(root: &Path, cache: &Path, secs: f64) -> anyhow::Result<Vec<R
     }
     rows.push(Row::new(
         "CPU limits contended (2 cores; limits = requests; 2 BestEffort spinners)",
-        parts.join(", "),
+        format!("{}; executors starved {starved:.0}m", parts.join(", ")),
         "±10%",
-        verdict(worst <= 10.0),
+        if worst <= 10.0 {
+            "ok".into()
+        } else if starved > 100.0 {
+            format!("MISSED (machine busy: other processes took {starved:.0}m)")
+        } else {
+            "MISSED".into()
+        },
     ));
     Ok(rows)
 }
