@@ -3,6 +3,8 @@
 //! real wasm pods, each joined with the node token the server wrote.
 #![warn(missing_docs)]
 
+pub mod faults;
+
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};

@@ -90,9 +90,9 @@ impl Output {
     /// Header revision of a definite response.
     pub fn revision(&self) -> Option<i64> {
         match self {
-            Output::Put { revision } | Output::Get { revision, .. } | Output::Cas { revision, .. } => {
-                Some(*revision)
-            }
+            Output::Put { revision }
+            | Output::Get { revision, .. }
+            | Output::Cas { revision, .. } => Some(*revision),
             Output::Unknown { .. } => None,
         }
     }

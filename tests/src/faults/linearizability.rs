@@ -41,13 +41,11 @@ impl KeyState {
                     exact: true,
                 })
             }
-            (Input::Put { value, .. }, Output::Unknown { .. }) => {
-                Some(KeyState {
-                    value: Some(value.clone()),
-                    revision: self.revision,
-                    exact: false,
-                })
-            }
+            (Input::Put { value, .. }, Output::Unknown { .. }) => Some(KeyState {
+                value: Some(value.clone()),
+                revision: self.revision,
+                exact: false,
+            }),
             (Input::Cas { expect, value, .. }, Output::Unknown { .. }) => {
                 if *expect == self.value {
                     Some(KeyState {
@@ -132,11 +130,16 @@ const BUDGET: u64 = 2_000_000;
 
 /// Whether `op` takes part in the linearizability check.
 fn relevant(op: &Operation) -> bool {
-    match (&op.input, &op.output) {
-        (Input::Get { serializable: true, .. }, _) => false,
-        (Input::Get { .. }, Output::Unknown { .. }) => false,
-        _ => true,
-    }
+    !matches!(
+        (&op.input, &op.output),
+        (
+            Input::Get {
+                serializable: true,
+                ..
+            },
+            _
+        ) | (Input::Get { .. }, Output::Unknown { .. })
+    )
 }
 
 /// Checks a whole history, key by key.
@@ -154,7 +157,11 @@ pub fn check(history: &[Operation]) -> Verdict {
                     history: shrink(ops),
                 };
             }
-            None => return Verdict::Inconclusive { key: key.to_owned() },
+            None => {
+                return Verdict::Inconclusive {
+                    key: key.to_owned(),
+                };
+            }
         }
     }
     Verdict::Ok
@@ -198,8 +205,22 @@ fn check_key(ops: &[Operation]) -> Option<bool> {
             op.ret.max(op.call)
         };
         // Calls sort before returns at equal times: the more permissive order.
-        events.push((op.call, 0, Event { op: i, is_call: true }));
-        events.push((ret, 1, Event { op: i, is_call: false }));
+        events.push((
+            op.call,
+            0,
+            Event {
+                op: i,
+                is_call: true,
+            },
+        ));
+        events.push((
+            ret,
+            1,
+            Event {
+                op: i,
+                is_call: false,
+            },
+        ));
     }
     events.sort_by_key(|(t, k, e)| (*t, *k, e.op));
     // Doubly linked list over event slots; slot 0 is the head sentinel.
@@ -340,9 +361,27 @@ mod tests {
         let h = vec![
             op(1, 0, 10, put("a"), put_ok(2)),
             op(1, 20, 30, get(), read(Some("a"), 2)),
-            op(1, 40, 50, cas(Some("a"), "b"), Output::Cas { succeeded: true, revision: 3 }),
+            op(
+                1,
+                40,
+                50,
+                cas(Some("a"), "b"),
+                Output::Cas {
+                    succeeded: true,
+                    revision: 3,
+                },
+            ),
             op(2, 60, 70, get(), read(Some("b"), 3)),
-            op(2, 80, 90, cas(Some("a"), "c"), Output::Cas { succeeded: false, revision: 3 }),
+            op(
+                2,
+                80,
+                90,
+                cas(Some("a"), "c"),
+                Output::Cas {
+                    succeeded: false,
+                    revision: 3,
+                },
+            ),
         ];
         assert_eq!(check(&h), Verdict::Ok);
     }
@@ -435,14 +474,50 @@ mod tests {
     fn cas_outcomes_must_match_the_state() {
         // Two create-if-absent Txns both succeeding: a double create.
         let h = vec![
-            op(1, 0, 10, cas(None, "a"), Output::Cas { succeeded: true, revision: 2 }),
-            op(2, 20, 30, cas(None, "b"), Output::Cas { succeeded: true, revision: 3 }),
+            op(
+                1,
+                0,
+                10,
+                cas(None, "a"),
+                Output::Cas {
+                    succeeded: true,
+                    revision: 2,
+                },
+            ),
+            op(
+                2,
+                20,
+                30,
+                cas(None, "b"),
+                Output::Cas {
+                    succeeded: true,
+                    revision: 3,
+                },
+            ),
         ];
         assert!(matches!(check(&h), Verdict::Violation { .. }));
         // Concurrent: exactly one wins.
         let ok = vec![
-            op(1, 0, 30, cas(None, "a"), Output::Cas { succeeded: false, revision: 3 }),
-            op(2, 0, 30, cas(None, "b"), Output::Cas { succeeded: true, revision: 3 }),
+            op(
+                1,
+                0,
+                30,
+                cas(None, "a"),
+                Output::Cas {
+                    succeeded: false,
+                    revision: 3,
+                },
+            ),
+            op(
+                2,
+                0,
+                30,
+                cas(None, "b"),
+                Output::Cas {
+                    succeeded: true,
+                    revision: 3,
+                },
+            ),
             op(3, 40, 50, get(), read(Some("b"), 3)),
         ];
         assert_eq!(check(&ok), Verdict::Ok);
@@ -496,7 +571,13 @@ mod tests {
                 h.push(op(c, t, t + 50, put(&v), put_ok(rev)));
             }
             let t = round * 100 + 60;
-            h.push(op(9, t, t + 5, get(), read(Some(&format!("v{round}-5")), rev)));
+            h.push(op(
+                9,
+                t,
+                t + 5,
+                get(),
+                read(Some(&format!("v{round}-5")), rev),
+            ));
         }
         assert_eq!(check(&h), Verdict::Ok);
     }

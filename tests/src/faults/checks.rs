@@ -1,0 +1,292 @@
+//! Invariant checks over a recorded run (etcd-semantics §12).
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use super::history::{Input, Operation, Output};
+use super::linearizability::{self, Verdict};
+use super::workload::WatchLog;
+
+/// A key as dumped from a member: `(key, value, mod_revision, create_revision, version)`.
+pub type KvRow = (String, String, i64, i64, i64);
+
+/// Result of one invariant.
+#[derive(Debug, Clone)]
+pub struct Check {
+    /// Invariant name.
+    pub name: &'static str,
+    /// `Err(explanation)` on violation.
+    pub result: Result<String, String>,
+}
+
+/// I1: per-key linearizability of the history.
+pub fn linearizable(history: &[Operation]) -> Check {
+    let result = match linearizability::check(history) {
+        Verdict::Ok => Ok(format!("{} operations", history.len())),
+        Verdict::Inconclusive { key } => Err(format!(
+            "search budget exhausted on key {key:?} (inconclusive)"
+        )),
+        Verdict::Violation { key, history } => {
+            let mut s = format!("key {key:?} is not linearizable; minimal failing history:\n");
+            for op in history {
+                s.push_str(&serde_json::to_string(&op).unwrap_or_default());
+                s.push('\n');
+            }
+            Err(s)
+        }
+    };
+    Check {
+        name: "linearizability",
+        result,
+    }
+}
+
+/// I2: every acknowledged write (or a later one) is in the final state, and every value read or
+/// present maps to a write attempt on that key.
+pub fn no_lost_writes(history: &[Operation], final_kv: &[(String, String, i64)]) -> Check {
+    let mut attempts: HashMap<&str, &str> = HashMap::new();
+    let mut acked: BTreeMap<&str, (i64, &str)> = BTreeMap::new();
+    for op in history {
+        if let Some(v) = op.input.written() {
+            attempts.insert(v, op.input.key());
+        }
+        let rev = match &op.output {
+            Output::Put { revision } => Some(*revision),
+            Output::Cas {
+                succeeded: true,
+                revision,
+            } => Some(*revision),
+            _ => None,
+        };
+        if let (Some(r), Some(v)) = (rev, op.input.written()) {
+            let e = acked.entry(op.input.key()).or_insert((r, v));
+            if r > e.0 {
+                *e = (r, v);
+            }
+        }
+    }
+    let finals: HashMap<&str, (&str, i64)> = final_kv
+        .iter()
+        .map(|(k, v, r)| (k.as_str(), (v.as_str(), *r)))
+        .collect();
+    let mut problems = Vec::new();
+    for (k, (rev, v)) in &acked {
+        match finals.get(k) {
+            None => problems.push(format!(
+                "{k}: acknowledged write {v:?}@{rev} lost (key absent)"
+            )),
+            Some((_, frev)) if frev < rev => problems.push(format!(
+                "{k}: final mod revision {frev} older than acknowledged write {v:?}@{rev}"
+            )),
+            _ => {}
+        }
+    }
+    for (k, v, _) in final_kv {
+        if attempts.get(v.as_str()) != Some(&k.as_str()) {
+            problems.push(format!("{k}: final value {v:?} was never written to it"));
+        }
+    }
+    for op in history {
+        if let (Input::Get { key, .. }, Output::Get { value: Some(v), .. }) =
+            (&op.input, &op.output)
+            && attempts.get(v.as_str()) != Some(&key.as_str())
+        {
+            problems.push(format!("{key}: read {v:?} that was never written to it"));
+        }
+    }
+    Check {
+        name: "no lost acknowledged writes",
+        result: if problems.is_empty() {
+            Ok(format!("{} keys with acknowledged writes", acked.len()))
+        } else {
+            Err(problems.join("\n"))
+        },
+    }
+}
+
+/// I3: per client and member, linearizable responses never show a lower header revision than
+/// an earlier one; nor do serializable reads among themselves; `mod_revision <= revision`.
+pub fn monotonic_revisions(history: &[Operation]) -> Check {
+    let mut ops: Vec<&Operation> = history.iter().collect();
+    ops.sort_by_key(|o| o.call);
+    let mut last: HashMap<(u64, usize, bool), (i64, u64)> = HashMap::new();
+    let mut problems = Vec::new();
+    for op in ops {
+        let Some(rev) = op.output.revision() else {
+            continue;
+        };
+        if let Output::Get { mod_revision, .. } = &op.output
+            && *mod_revision > rev
+        {
+            problems.push(format!(
+                "mod revision {mod_revision} > header revision {rev}: {op:?}"
+            ));
+        }
+        let serializable = matches!(
+            op.input,
+            Input::Get {
+                serializable: true,
+                ..
+            }
+        );
+        let slot = last
+            .entry((op.client, op.member, serializable))
+            .or_insert((rev, op.ret));
+        // Only responses that came back before this call are ordered with it.
+        if slot.1 <= op.call && rev < slot.0 {
+            problems.push(format!(
+                "client {} on member {}: revision went from {} to {rev}",
+                op.client, op.member, slot.0
+            ));
+        }
+        if rev >= slot.0 {
+            *slot = (rev, op.ret);
+        }
+    }
+    Check {
+        name: "monotonic revisions",
+        result: if problems.is_empty() {
+            Ok("per client and member".to_owned())
+        } else {
+            Err(problems.join("\n"))
+        },
+    }
+}
+
+/// I4: each watcher's events are strictly ordered by revision, unique, contiguous (every write
+/// of the workload is on the watched prefix, so every revision appears) except across
+/// compaction skips, match the written values, and agree with each other.
+pub fn watch_guarantees(history: &[Operation], logs: &[WatchLog], final_rev: i64) -> Check {
+    let mut written: HashMap<&str, &str> = HashMap::new();
+    for op in history {
+        if let Some(v) = op.input.written() {
+            written.insert(v, op.input.key());
+        }
+    }
+    let mut by_rev: HashMap<i64, (String, String)> = HashMap::new();
+    let mut problems = Vec::new();
+    for (w, log) in logs.iter().enumerate() {
+        let skips: HashSet<i64> = log.skips.iter().map(|(_, to)| *to).collect();
+        let mut prev = 1i64; // revision 1 is the empty store.
+        for ev in &log.events {
+            if ev.revision <= prev {
+                problems.push(format!(
+                    "watcher {w}: revision {} after {prev}",
+                    ev.revision
+                ));
+            } else if ev.revision != prev + 1
+                && !skips.iter().any(|s| *s > prev && *s <= ev.revision)
+            {
+                problems.push(format!("watcher {w}: gap from {prev} to {}", ev.revision));
+            }
+            prev = prev.max(ev.revision);
+            if written.get(ev.value.as_str()) != Some(&ev.key.as_str()) {
+                problems.push(format!("watcher {w}: event {ev:?} matches no write"));
+            }
+            match by_rev.get(&ev.revision) {
+                Some(other) if *other != (ev.key.clone(), ev.value.clone()) => {
+                    problems.push(format!(
+                        "watchers disagree at revision {}: {other:?} vs {ev:?}",
+                        ev.revision
+                    ))
+                }
+                _ => {
+                    by_rev.insert(ev.revision, (ev.key.clone(), ev.value.clone()));
+                }
+            }
+        }
+        if prev < final_rev {
+            problems.push(format!(
+                "watcher {w}: stopped at {prev}, store at {final_rev}"
+            ));
+        }
+    }
+    // Acknowledged writes appear at their revision in every watcher that covered it.
+    for op in history {
+        let rev = match &op.output {
+            Output::Put { revision }
+            | Output::Cas {
+                succeeded: true,
+                revision,
+            } => *revision,
+            _ => continue,
+        };
+        if let (Some((k, v)), Some(val)) = (by_rev.get(&rev), op.input.written())
+            && (k != op.input.key() || v != val)
+        {
+            problems.push(format!(
+                "revision {rev}: acknowledged {}={val} but watchers saw {k}={v}",
+                op.input.key()
+            ));
+        }
+    }
+    problems.truncate(20);
+    Check {
+        name: "watch guarantees",
+        result: if problems.is_empty() {
+            Ok(format!(
+                "{} watchers, {} events, {} resumes, {} compaction skips",
+                logs.len(),
+                logs.iter().map(|l| l.events.len()).sum::<usize>(),
+                logs.iter().map(|l| l.resumes).sum::<u64>(),
+                logs.iter().map(|l| l.skips.len()).sum::<usize>()
+            ))
+        } else {
+            Err(problems.join("\n"))
+        },
+    }
+}
+
+/// I5 (observable part): at most one leader per term across all samples.
+pub fn single_leader_per_term(samples: &[(usize, u64, Option<u64>)]) -> Check {
+    let mut leaders: BTreeMap<u64, HashSet<u64>> = BTreeMap::new();
+    for (_, term, leader) in samples {
+        if let Some(l) = leader {
+            leaders.entry(*term).or_default().insert(*l);
+        }
+    }
+    let bad: Vec<String> = leaders
+        .iter()
+        .filter(|(_, ls)| ls.len() > 1)
+        .map(|(t, ls)| format!("term {t}: leaders {ls:?}"))
+        .collect();
+    Check {
+        name: "single leader per term",
+        result: if bad.is_empty() {
+            Ok(format!(
+                "{} terms, {} samples",
+                leaders.len(),
+                samples.len()
+            ))
+        } else {
+            Err(bad.join("\n"))
+        },
+    }
+}
+
+/// I6: identical contents on every member after heal.
+pub fn converged(dumps: &[Vec<KvRow>]) -> Check {
+    let result = match dumps.split_first() {
+        Some((first, rest)) => {
+            if let Some((i, d)) = rest.iter().enumerate().find(|(_, d)| *d != first) {
+                let diff: Vec<_> = first
+                    .iter()
+                    .zip(d.iter())
+                    .filter(|(a, b)| a != b)
+                    .take(3)
+                    .collect();
+                Err(format!(
+                    "member {} differs from member 0 ({} vs {} keys): {diff:?}",
+                    i + 1,
+                    d.len(),
+                    first.len()
+                ))
+            } else {
+                Ok(format!("{} members, {} keys", dumps.len(), first.len()))
+            }
+        }
+        None => Err("no member to compare".to_owned()),
+    };
+    Check {
+        name: "convergence",
+        result,
+    }
+}

@@ -1,0 +1,307 @@
+//! Fault matrix scenarios (etcd-semantics §13) that fit in-process. Each runs the recorded
+//! workload against a 3-member cluster, applies its faults, heals, and checks linearizability,
+//! lost writes, revisions, watches, leaders per term and convergence.
+use std::time::Duration;
+
+use tests::faults::net::NetFaults;
+use tests::faults::{Ctx, ScenarioConfig, run_scenario};
+
+fn others(n: usize, i: usize) -> Vec<usize> {
+    (0..n).filter(|j| *j != i).collect()
+}
+
+async fn run(
+    name: &str,
+    cfg: ScenarioConfig,
+    nemesis: impl AsyncFnOnce(&mut Ctx) -> anyhow::Result<()>,
+) {
+    let report = run_scenario(name, cfg, nemesis)
+        .await
+        .unwrap_or_else(|e| panic!("scenario {name}: {e:#}"));
+    assert!(
+        report.ops > 50,
+        "{name}: workload made too little progress ({} ops)",
+        report.ops
+    );
+    report.assert_ok();
+}
+
+/// F1: isolate the leader for 3 s (several election timeouts), then heal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f1_leader_partition() {
+    run(
+        "f1_leader_partition",
+        ScenarioConfig::default(),
+        async |ctx: &mut Ctx| {
+            let l = ctx.leader().await?;
+            let n = ctx.cluster.len();
+            ctx.partition(&[l], &others(n, l));
+            ctx.sleep(Duration::from_millis(3000)).await;
+            ctx.heal();
+            ctx.sleep(Duration::from_millis(500)).await;
+            Ok(())
+        },
+    )
+    .await;
+}
+
+/// F2: one-way partition: the leader's messages still reach the followers, nothing comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f2_one_way_partition() {
+    run(
+        "f2_one_way_partition",
+        ScenarioConfig::default(),
+        async |ctx: &mut Ctx| {
+            let l = ctx.leader().await?;
+            let n = ctx.cluster.len();
+            ctx.cluster.router.update(|f| {
+                for o in others(n, l) {
+                    f.cut.insert((o, l));
+                }
+            });
+            ctx.log(format!("one-way cut: nothing reaches leader {l}"));
+            ctx.sleep(Duration::from_millis(3000)).await;
+            Ok(())
+        },
+    )
+    .await;
+}
+
+/// F3: isolate a follower until the leader snapshots and purges past it, then heal (the
+/// follower must catch up by snapshot install).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f3_partition_until_snapshot() {
+    let mut cfg = ScenarioConfig::default();
+    cfg.workload.clients = 6;
+    cfg.workload.think = Duration::from_millis(3);
+    run("f3_partition_until_snapshot", cfg, async |ctx: &mut Ctx| {
+        let l = ctx.leader().await?;
+        let n = ctx.cluster.len();
+        let f = (l + 1) % n;
+        ctx.partition(&[f], &others(n, f));
+        let follower_applied = ctx.cluster.members[f]
+            .handle
+            .as_ref()
+            .map_or(0, |h| h.metrics().last_applied);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
+        loop {
+            ctx.sleep(Duration::from_millis(200)).await;
+            let l = ctx
+                .cluster
+                .members
+                .iter()
+                .filter_map(|m| m.handle.as_ref())
+                .map(|h| h.metrics())
+                .filter(|m| m.leader == Some(m.id))
+                .map(|m| m.purged)
+                .max()
+                .unwrap_or(0);
+            if l > follower_applied {
+                ctx.log(format!(
+                    "leader purged its log to {l}, past follower {f} at {follower_applied}"
+                ));
+                break;
+            }
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "leader never purged past the isolated follower within 40 s"
+            );
+        }
+        ctx.heal();
+        // The follower must have installed a snapshot to catch up.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            ctx.sleep(Duration::from_millis(200)).await;
+            let snap = ctx.cluster.members[f]
+                .handle
+                .as_ref()
+                .map_or(0, |h| h.metrics().snapshot);
+            if snap > follower_applied {
+                ctx.log(format!("follower {f} installed a snapshot at {snap}"));
+                break;
+            }
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "follower {f} did not install a snapshot within 30 s"
+            );
+        }
+        Ok(())
+    })
+    .await;
+}
+
+/// F4: stop a follower under load, restart it from its data dir.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f4_restart_follower() {
+    run(
+        "f4_restart_follower",
+        ScenarioConfig::default(),
+        async |ctx: &mut Ctx| {
+            let l = ctx.leader().await?;
+            let f = (l + 1) % ctx.cluster.len();
+            ctx.cluster.stop_member(f).await;
+            ctx.log(format!("stop follower {f}"));
+            ctx.sleep(Duration::from_millis(1500)).await;
+            ctx.cluster.start_member(f).await?;
+            ctx.log(format!("restart follower {f}"));
+            ctx.sleep(Duration::from_millis(1000)).await;
+            Ok(())
+        },
+    )
+    .await;
+}
+
+/// F5: stop the leader under load, restart it after a new leader took over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f5_restart_leader() {
+    run(
+        "f5_restart_leader",
+        ScenarioConfig::default(),
+        async |ctx: &mut Ctx| {
+            let l = ctx.leader().await?;
+            ctx.cluster.stop_member(l).await;
+            ctx.log(format!("stop leader {l}"));
+            let new = ctx.leader().await?;
+            ctx.log(format!("new leader {new}"));
+            ctx.sleep(Duration::from_millis(1000)).await;
+            ctx.cluster.start_member(l).await?;
+            ctx.log(format!("restart old leader {l}"));
+            ctx.sleep(Duration::from_millis(1000)).await;
+            Ok(())
+        },
+    )
+    .await;
+}
+
+/// F6: stop every member under load, restart all from their data dirs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f6_restart_all() {
+    run(
+        "f6_restart_all",
+        ScenarioConfig::default(),
+        async |ctx: &mut Ctx| {
+            for i in 0..ctx.cluster.len() {
+                ctx.cluster.stop_member(i).await;
+            }
+            ctx.log("stop all members");
+            ctx.sleep(Duration::from_millis(500)).await;
+            for i in 0..ctx.cluster.len() {
+                ctx.cluster.start_member(i).await?;
+            }
+            ctx.log("restart all members");
+            let l = ctx.leader().await?;
+            ctx.log(format!("leader {l}"));
+            ctx.sleep(Duration::from_millis(1000)).await;
+            Ok(())
+        },
+    )
+    .await;
+}
+
+/// F10: slow disks: +40 ms per append everywhere, then +150 ms on the leader only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f10_slow_disk() {
+    run(
+        "f10_slow_disk",
+        ScenarioConfig::default(),
+        async |ctx: &mut Ctx| {
+            for m in &ctx.cluster.members {
+                m.disk.set_delay(Duration::from_millis(40));
+            }
+            ctx.log("all disks +40 ms per append");
+            ctx.sleep(Duration::from_millis(1500)).await;
+            let l = ctx.leader().await?;
+            for m in &ctx.cluster.members {
+                m.disk.set_delay(Duration::ZERO);
+            }
+            ctx.cluster.members[l]
+                .disk
+                .set_delay(Duration::from_millis(150));
+            ctx.log(format!("leader {l} disk +150 ms per append"));
+            ctx.sleep(Duration::from_millis(1500)).await;
+            Ok(())
+        },
+    )
+    .await;
+}
+
+/// F11: half of all Raft messages delivered twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f11_duplication() {
+    run(
+        "f11_duplication",
+        ScenarioConfig::default(),
+        async |ctx: &mut Ctx| {
+            ctx.cluster.router.set(NetFaults {
+                duplicate: 0.5,
+                ..NetFaults::default()
+            });
+            ctx.log("duplicate 50% of messages");
+            ctx.sleep(Duration::from_millis(3000)).await;
+            Ok(())
+        },
+    )
+    .await;
+}
+
+/// F12: 25–125 ms random delay per message (reorders them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f12_delay_reorder() {
+    run(
+        "f12_delay_reorder",
+        ScenarioConfig::default(),
+        async |ctx: &mut Ctx| {
+            ctx.cluster.router.set(NetFaults {
+                delay: Some((Duration::from_millis(25), Duration::from_millis(125))),
+                ..NetFaults::default()
+            });
+            ctx.log("delay 25-125 ms per message");
+            ctx.sleep(Duration::from_millis(3000)).await;
+            Ok(())
+        },
+    )
+    .await;
+}
+
+/// F13: 50% of messages lost for 2 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f13_drop_half() {
+    run(
+        "f13_drop_half",
+        ScenarioConfig::default(),
+        async |ctx: &mut Ctx| {
+            ctx.cluster.router.set(NetFaults {
+                drop: 0.5,
+                ..NetFaults::default()
+            });
+            ctx.log("drop 50% of messages");
+            ctx.sleep(Duration::from_millis(2000)).await;
+            Ok(())
+        },
+    )
+    .await;
+}
+
+/// F17: compaction every 150 ms racing watchers (which must resume from the compaction point)
+/// while the leader is isolated once, so watchers also move between members.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f17_compaction_racing_watches() {
+    let cfg = ScenarioConfig {
+        watchers: 3,
+        compact_every: Some(Duration::from_millis(150)),
+        ..ScenarioConfig::default()
+    };
+    run(
+        "f17_compaction_racing_watches",
+        cfg,
+        async |ctx: &mut Ctx| {
+            ctx.sleep(Duration::from_millis(1000)).await;
+            let l = ctx.leader().await?;
+            let n = ctx.cluster.len();
+            ctx.partition(&[l], &others(n, l));
+            ctx.sleep(Duration::from_millis(2500)).await;
+            Ok(())
+        },
+    )
+    .await;
+}
