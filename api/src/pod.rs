@@ -40,7 +40,7 @@ pub struct Container {
     /// Image reference; for wasm pods a `.wasm` path or URL, optionally `@sha256:<hex>`.
     #[serde(default)]
     pub image: String,
-    /// Entrypoint (argv[0..]); for wasm pods argv[0] defaults to the container name.
+    /// Entrypoint (`argv[0..]`); for wasm pods `argv[0]` defaults to the container name.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub command: Vec<String>,
     /// Arguments appended to `command`.

@@ -185,7 +185,7 @@ pub enum RuntimeError {
 
 /// A way of running pods on this node (wasm in-process, OCI through CRI, a fake in tests).
 ///
-/// # Contract (checked by [`crate::testing::conformance::run_all`])
+/// # Contract (checked by `testing::conformance::run_all`, feature `test-util`)
 ///
 /// - `run_pod` returns once every container has been created and started (or has already
 ///   ended); images are fetched and prepared first, and refused images fail the call before

@@ -1,10 +1,10 @@
 //! Pods as WASI preview 1 modules in wasmtime, with requests and limits enforced in the sandbox.
 //!
-//! Layout: [`image`] fetches modules into a content-addressed cache; [`modules`] compiles them
+//! Layout: `image` fetches modules into a content-addressed cache; `modules` compiles them
 //! once (artifacts on disk keyed by content and engine) and keeps an `InstancePre` per module;
-//! [`executor`] runs one current-thread Tokio runtime per core; [`cpu`] accounts, throttles and
-//! fair-shares CPU per container; [`container`] builds the store and classifies how a guest
-//! ended; [`logs`] writes the CRI log files.
+//! `executor` runs one current-thread Tokio runtime per core; `cpu` accounts, throttles and
+//! fair-shares CPU per container; `container` builds the store and classifies how a guest
+//! ended; `logs` writes the CRI log files.
 //!
 //! One `Engine` per node with epoch interruption (a 1 ms ticker thread) and fuel metering; the
 //! pooling allocator is sized to [`WasmRuntimeConfig::max_pods`], and pods past it are refused.
