@@ -6,6 +6,8 @@ use clap::{Parser, Subcommand};
 
 mod cmd_agent;
 mod cmd_bench_cluster;
+mod cmd_bench_store;
+mod cmd_chaos;
 mod cmd_dev;
 mod cmd_runtime;
 mod cmd_server;
@@ -35,6 +37,8 @@ enum Command {
     /// Benchmarks that print a table of measured figures.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Run a recorded workload with faults against a store cluster and check its invariants.
+    Chaos(cmd_chaos::ChaosArgs),
 }
 
 #[derive(Subcommand)]
@@ -45,6 +49,8 @@ enum BenchCommand {
     Api(cmd_server::BenchApiArgs),
     /// Scheduler throughput with many registered nodes, basic and constrained pods.
     Scheduler(cmd_bench_cluster::BenchSchedulerArgs),
+    /// Store vs etcd 3.4, side by side: puts, txns, ranges, watches, failover, CPU, RSS.
+    Store(cmd_bench_store::BenchStoreArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -52,7 +58,7 @@ fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn")),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -64,5 +70,7 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Runtime(args)) => cmd_runtime::run_bench(args),
         Command::Bench(BenchCommand::Api(args)) => cmd_server::run_bench(args),
         Command::Bench(BenchCommand::Scheduler(args)) => cmd_bench_cluster::run(args),
+        Command::Bench(BenchCommand::Store(args)) => cmd_bench_store::run(args),
+        Command::Chaos(args) => cmd_chaos::run(args),
     }
 }
