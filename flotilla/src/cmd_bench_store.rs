@@ -1,0 +1,768 @@
+//! `flotilla bench store`: a 3-member Flotilla store and a 3-member etcd 3.4 on loopback,
+//! driven by one load generator over the etcd v3 gRPC API, printed side by side.
+//!
+//! Also home of [`ProcCluster`], the process-level cluster (current binary's `store`
+//! subcommand, or `/usr/bin/etcd`) that `flotilla chaos --spawn` reuses.
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use store::pb::etcdserverpb::compare::{CompareResult, CompareTarget, TargetUnion};
+use store::pb::etcdserverpb::kv_client::KvClient;
+use store::pb::etcdserverpb::maintenance_client::MaintenanceClient;
+use store::pb::etcdserverpb::request_op::Request as OpRequest;
+use store::pb::etcdserverpb::watch_client::WatchClient;
+use store::pb::etcdserverpb::watch_request::RequestUnion;
+use store::pb::etcdserverpb::{
+    Compare, PutRequest, RangeRequest, RequestOp, StatusRequest, TxnRequest, WatchCreateRequest,
+    WatchRequest,
+};
+use tokio::process::{Child, Command};
+use tonic::transport::{Channel, Endpoint};
+
+/// Which server a [`ProcCluster`] runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// `flotilla store` (this binary).
+    Flotilla,
+    /// etcd 3.4 (`/usr/bin/etcd`).
+    Etcd,
+}
+
+impl Kind {
+    fn label(self) -> &'static str {
+        match self {
+            Kind::Flotilla => "flotilla",
+            Kind::Etcd => "etcd",
+        }
+    }
+}
+
+/// One member process.
+#[derive(Debug)]
+pub(crate) struct Proc {
+    pub(crate) name: String,
+    pub(crate) client_url: String,
+    peer_url: String,
+    data_dir: PathBuf,
+    pub(crate) child: Option<Child>,
+    generation: u32,
+}
+
+/// A cluster of member processes this command started (killed when dropped).
+#[derive(Debug)]
+pub(crate) struct ProcCluster {
+    pub(crate) kind: Kind,
+    pub(crate) members: Vec<Proc>,
+    initial: String,
+    log_dir: PathBuf,
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// A lazily connecting channel with a request deadline.
+pub(crate) fn channel(url: &str, timeout: Duration) -> anyhow::Result<Channel> {
+    Ok(Endpoint::from_shared(url.to_owned())?
+        .connect_timeout(Duration::from_millis(500))
+        .timeout(timeout)
+        .tcp_nodelay(true)
+        .connect_lazy())
+}
+
+/// `(member id, leader id, raft term, raft index)` of the member at `url`.
+pub(crate) async fn status(url: &str) -> Option<(u64, u64, u64, u64)> {
+    let mut m = MaintenanceClient::new(channel(url, Duration::from_secs(1)).ok()?);
+    let s = m.status(StatusRequest {}).await.ok()?.into_inner();
+    Some((
+        s.header?.member_id,
+        s.leader,
+        s.raft_term,
+        s.raft_applied_index,
+    ))
+}
+
+/// Index of the member every reachable member agrees leads.
+pub(crate) async fn agreed_leader(urls: &[String], timeout: Duration) -> anyhow::Result<usize> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let mut seen = Vec::new();
+        for u in urls {
+            seen.push(status(u).await);
+        }
+        let up: Vec<(u64, u64, u64, u64)> = seen.iter().flatten().copied().collect();
+        if let Some((_, l, _, _)) = up.first()
+            && *l != 0
+            && up.iter().all(|s| s.1 == *l)
+            && let Some(i) = seen.iter().position(|s| s.is_some_and(|s| s.0 == *l))
+        {
+            return Ok(i);
+        }
+        if tokio::time::Instant::now() > deadline {
+            anyhow::bail!("no agreed leader within {timeout:?} among {urls:?}: {seen:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+impl ProcCluster {
+    /// Starts `n` members with data dirs and logs under `dir`.
+    pub(crate) async fn start(kind: Kind, n: usize, dir: &Path) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+        let mut members = Vec::new();
+        for i in 0..n {
+            members.push(Proc {
+                name: format!("{}{i}", kind.label()),
+                client_url: format!("http://127.0.0.1:{}", free_port()?),
+                peer_url: format!("http://127.0.0.1:{}", free_port()?),
+                data_dir: dir.join(format!("{}{i}", kind.label())),
+                child: None,
+                generation: 0,
+            });
+        }
+        let initial = members
+            .iter()
+            .map(|m| format!("{}={}", m.name, m.peer_url))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut c = Self {
+            kind,
+            members,
+            initial,
+            log_dir: dir.to_path_buf(),
+        };
+        for i in 0..n {
+            c.spawn(i)?;
+        }
+        let urls = c.urls();
+        agreed_leader(&urls, Duration::from_secs(30))
+            .await
+            .with_context(|| format!("{} cluster did not elect a leader", kind.label()))?;
+        Ok(c)
+    }
+
+    /// Client URLs.
+    pub(crate) fn urls(&self) -> Vec<String> {
+        self.members.iter().map(|m| m.client_url.clone()).collect()
+    }
+
+    /// (Re)starts member `i`'s process.
+    pub(crate) fn spawn(&mut self, i: usize) -> anyhow::Result<()> {
+        let m = &mut self.members[i];
+        m.generation += 1;
+        let log_path = self
+            .log_dir
+            .join(format!("{}-{}.log", m.name, m.generation));
+        let log = std::fs::File::create(&log_path)?;
+        let data = m
+            .data_dir
+            .to_str()
+            .context("data dir is not UTF-8")?
+            .to_owned();
+        let mut cmd = match self.kind {
+            Kind::Flotilla => {
+                let mut c = Command::new(std::env::current_exe()?);
+                c.args([
+                    "store",
+                    "--name",
+                    &m.name,
+                    "--data-dir",
+                    &data,
+                    "--listen-client-urls",
+                    &m.client_url,
+                    "--listen-peer-urls",
+                    &m.peer_url,
+                    "--initial-cluster",
+                    &self.initial,
+                ])
+                .env("RUST_LOG", "warn");
+                c
+            }
+            Kind::Etcd => {
+                let mut c = Command::new("/usr/bin/etcd");
+                c.args([
+                    "--name",
+                    &m.name,
+                    "--data-dir",
+                    &data,
+                    "--listen-client-urls",
+                    &m.client_url,
+                    "--advertise-client-urls",
+                    &m.client_url,
+                    "--listen-peer-urls",
+                    &m.peer_url,
+                    "--initial-advertise-peer-urls",
+                    &m.peer_url,
+                    "--initial-cluster",
+                    &self.initial,
+                    "--initial-cluster-state",
+                    "new",
+                    "--initial-cluster-token",
+                    "bench",
+                    "--log-level",
+                    "warn",
+                ]);
+                c
+            }
+        };
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("spawn {} member {}", self.kind.label(), m.name))?;
+        m.child = Some(child);
+        Ok(())
+    }
+
+    /// Process id of member `i`, if running.
+    pub(crate) fn pid(&self, i: usize) -> Option<u32> {
+        self.members[i].child.as_ref().and_then(Child::id)
+    }
+
+    /// `kill -9` member `i` and reaps it.
+    pub(crate) async fn kill9(&mut self, i: usize) {
+        if let Some(mut c) = self.members[i].child.take() {
+            let _ = c.start_kill();
+            let _ = c.wait().await;
+        }
+    }
+
+    /// Sends `SIGSTOP`/`SIGCONT` (via `kill(1)`, no unsafe code) to member `i`.
+    pub(crate) async fn signal(&self, i: usize, sig: &str) -> anyhow::Result<()> {
+        let pid = self.pid(i).context("member is not running")?;
+        let st = Command::new("kill")
+            .args([format!("-{sig}"), pid.to_string()])
+            .status()
+            .await?;
+        anyhow::ensure!(st.success(), "kill -{sig} {pid} failed");
+        Ok(())
+    }
+
+    /// Kills every member.
+    pub(crate) async fn shutdown(&mut self) {
+        for i in 0..self.members.len() {
+            let _ = self.signal(i, "CONT").await;
+            self.kill9(i).await;
+        }
+    }
+}
+
+/// CPU seconds (user + system) of a process, from `/proc/<pid>/stat`.
+fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let Some(rest) = s.rsplit_once(')').map(|(_, r)| r) else {
+        return 0.0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // rest starts at field 3 (state): utime = field 14 -> index 11.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// Resident set size of a process in MiB.
+fn rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// Arguments of `flotilla bench store`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct BenchStoreArgs {
+    /// Short run (fewer operations, 20k keys for the RSS row, 2 failover rounds).
+    #[arg(long)]
+    quick: bool,
+    /// Working directory for data dirs and member logs (default: a temp dir).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Skip etcd (Flotilla row only).
+    #[arg(long)]
+    no_etcd: bool,
+}
+
+/// One measured figure.
+#[derive(Debug, Clone)]
+struct Row {
+    name: String,
+    /// Higher is better (throughput) or lower (latency, CPU, RSS).
+    higher_better: bool,
+    unit: &'static str,
+    value: f64,
+}
+
+fn pct(v: &mut [Duration], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort();
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v[i.min(v.len() - 1)].as_secs_f64() * 1000.0
+}
+
+/// Runs `clients` closed-loop clients for `dur`; returns (ops, latencies).
+async fn closed_loop<F, Fut>(
+    urls: &[String],
+    clients: usize,
+    dur: Duration,
+    op: F,
+) -> anyhow::Result<(u64, Vec<Duration>)>
+where
+    F: Fn(KvClient<Channel>, u64) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<(), tonic::Status>> + Send,
+{
+    // A few connections per endpoint, shared by the clients (HTTP/2 multiplexes).
+    let conns: Vec<Channel> = (0..urls.len() * 4)
+        .map(|i| channel(&urls[i % urls.len()], Duration::from_secs(5)))
+        .collect::<anyhow::Result<_>>()?;
+    let op = Arc::new(op);
+    let seq = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let end = tokio::time::Instant::now() + dur;
+    let mut tasks = tokio::task::JoinSet::new();
+    for c in 0..clients {
+        let kv = KvClient::new(conns[c % conns.len()].clone());
+        let op = op.clone();
+        let seq = seq.clone();
+        let errors = errors.clone();
+        tasks.spawn(async move {
+            let mut lat = Vec::new();
+            while tokio::time::Instant::now() < end {
+                let n = seq.fetch_add(1, Ordering::Relaxed);
+                let t = Instant::now();
+                match op(kv.clone(), n).await {
+                    Ok(()) => lat.push(t.elapsed()),
+                    Err(_) => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            lat
+        });
+    }
+    let mut all = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        all.extend(r?);
+    }
+    let e = errors.load(Ordering::Relaxed);
+    if e > 0 {
+        eprintln!("    ({e} failed requests)");
+    }
+    Ok((all.len() as u64, all))
+}
+
+fn put_req(key: String) -> PutRequest {
+    PutRequest {
+        key: key.into_bytes(),
+        value: vec![b'v'; 256],
+        ..Default::default()
+    }
+}
+
+/// Measures every shape against one cluster.
+async fn measure(c: &mut ProcCluster, quick: bool) -> anyhow::Result<Vec<Row>> {
+    let urls = c.urls();
+    let label = c.kind.label();
+    let dur = if quick {
+        Duration::from_secs(3)
+    } else {
+        Duration::from_secs(10)
+    };
+    let mut rows = Vec::new();
+    let mut row = |name: &str, higher_better: bool, unit: &'static str, value: f64| {
+        eprintln!("  {label:9} {name:38} {value:10.2} {unit}");
+        rows.push(Row {
+            name: name.to_owned(),
+            higher_better,
+            unit,
+            value,
+        });
+    };
+    let pids = |c: &ProcCluster| {
+        (0..c.members.len())
+            .filter_map(|i| c.pid(i))
+            .collect::<Vec<_>>()
+    };
+    let cpu = |pids: &[u32]| pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>();
+
+    // Sequential puts from one client, to the leader.
+    let leader = agreed_leader(&urls, Duration::from_secs(30)).await?;
+    let mut kv = KvClient::new(channel(&urls[leader], Duration::from_secs(5))?);
+    let n = if quick { 300 } else { 2000 };
+    let mut lat = Vec::with_capacity(n);
+    for i in 0..n {
+        let t = Instant::now();
+        kv.put(put_req(format!("seq/{i}"))).await?;
+        lat.push(t.elapsed());
+    }
+    row(
+        "sequential put, 1 client, p50",
+        false,
+        "ms",
+        pct(&mut lat, 0.5),
+    );
+    row(
+        "sequential put, 1 client, p99",
+        false,
+        "ms",
+        pct(&mut lat, 0.99),
+    );
+
+    let cpu0 = cpu(&pids(c));
+    let mut ops_total = 0u64;
+    for clients in [16usize, 64] {
+        let (ops, mut lat) = closed_loop(&urls, clients, dur, move |mut kv, n| async move {
+            kv.put(put_req(format!("put{clients}/{n}")))
+                .await
+                .map(|_| ())
+        })
+        .await?;
+        ops_total += ops;
+        row(
+            &format!("put/s, {clients} clients"),
+            true,
+            "ops/s",
+            ops as f64 / dur.as_secs_f64(),
+        );
+        row(
+            &format!("put p99, {clients} clients"),
+            false,
+            "ms",
+            pct(&mut lat, 0.99),
+        );
+    }
+    let (ops, mut lat) = closed_loop(&urls, 16, dur, |mut kv, n| async move {
+        let key = format!("txn/{n}").into_bytes();
+        kv.txn(TxnRequest {
+            compare: vec![Compare {
+                result: CompareResult::Equal as i32,
+                target: CompareTarget::Version as i32,
+                key: key.clone(),
+                target_union: Some(TargetUnion::Version(0)),
+                ..Default::default()
+            }],
+            success: vec![RequestOp {
+                request: Some(OpRequest::RequestPut(PutRequest {
+                    key,
+                    value: vec![b'v'; 256],
+                    ..Default::default()
+                })),
+            }],
+            failure: vec![],
+        })
+        .await
+        .map(|_| ())
+    })
+    .await?;
+    ops_total += ops;
+    row(
+        "create-if-absent txn/s, 16 clients",
+        true,
+        "ops/s",
+        ops as f64 / dur.as_secs_f64(),
+    );
+    row(
+        "create-if-absent txn p99, 16 clients",
+        false,
+        "ms",
+        pct(&mut lat, 0.99),
+    );
+    for serializable in [false, true] {
+        for clients in [16usize, 64] {
+            let (ops, mut lat) = closed_loop(&urls, clients, dur, move |mut kv, _| async move {
+                kv.range(RangeRequest {
+                    key: b"seq/1".to_vec(),
+                    serializable,
+                    ..Default::default()
+                })
+                .await
+                .map(|_| ())
+            })
+            .await?;
+            ops_total += ops;
+            let kind = if serializable {
+                "serializable"
+            } else {
+                "linearizable"
+            };
+            row(
+                &format!("{kind} range/s, {clients} clients"),
+                true,
+                "ops/s",
+                ops as f64 / dur.as_secs_f64(),
+            );
+            row(
+                &format!("{kind} range p99, {clients} clients"),
+                false,
+                "ms",
+                pct(&mut lat, 0.99),
+            );
+        }
+    }
+    let cpu1 = cpu(&pids(c));
+    row(
+        "server CPU per op (puts, txns, ranges)",
+        false,
+        "µs",
+        (cpu1 - cpu0) / ops_total.max(1) as f64 * 1e6,
+    );
+
+    for watchers in [10usize, 100] {
+        let mut lat = watch_latency(&urls, watchers, if quick { 100 } else { 300 }).await?;
+        row(
+            &format!("watch delivery p50, {watchers} watchers"),
+            false,
+            "ms",
+            pct(&mut lat, 0.5),
+        );
+        row(
+            &format!("watch delivery p99, {watchers} watchers"),
+            false,
+            "ms",
+            pct(&mut lat, 0.99),
+        );
+    }
+
+    // RSS after loading many keys.
+    let keys: u64 = if quick { 20_000 } else { 100_000 };
+    let loaded = Arc::new(AtomicU64::new(0));
+    let conns: Vec<Channel> = urls
+        .iter()
+        .map(|u| channel(u, Duration::from_secs(10)))
+        .collect::<anyhow::Result<_>>()?;
+    let mut tasks = tokio::task::JoinSet::new();
+    for w in 0..64u64 {
+        let mut kv = KvClient::new(conns[w as usize % conns.len()].clone());
+        let loaded = loaded.clone();
+        tasks.spawn(async move {
+            loop {
+                let i = loaded.fetch_add(1, Ordering::Relaxed);
+                if i >= keys {
+                    return Ok::<(), tonic::Status>(());
+                }
+                kv.put(put_req(format!("rss/{i:08}"))).await?;
+            }
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r??;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let ps = pids(c);
+    let rss = ps.iter().map(|p| rss_mib(*p)).sum::<f64>() / ps.len().max(1) as f64;
+    row(
+        &format!("RSS per member with {}k keys", keys / 1000),
+        false,
+        "MiB",
+        rss,
+    );
+
+    // Failover: kill -9 the leader, time until a write succeeds again.
+    let rounds = if quick { 2 } else { 5 };
+    let mut times = Vec::new();
+    for _ in 0..rounds {
+        let leader = agreed_leader(&urls, Duration::from_secs(30)).await?;
+        let others: Vec<String> = urls
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != leader)
+            .map(|(_, u)| u.clone())
+            .collect();
+        let clients: Vec<KvClient<Channel>> = others
+            .iter()
+            .map(|u| channel(u, Duration::from_millis(300)).map(KvClient::new))
+            .collect::<anyhow::Result<_>>()?;
+        let t = Instant::now();
+        c.kill9(leader).await;
+        let mut k = 0u64;
+        loop {
+            k += 1;
+            let mut kv = clients[k as usize % clients.len()].clone();
+            if kv.put(put_req(format!("failover/{k}"))).await.is_ok() {
+                break;
+            }
+            anyhow::ensure!(
+                t.elapsed() < Duration::from_secs(30),
+                "{label}: no write succeeded within 30 s of killing the leader"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        times.push(t.elapsed());
+        c.spawn(leader)?;
+        // Let the restarted member rejoin and catch up before the next round.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while status(&urls[leader]).await.is_none() {
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "{label}: restarted member did not come back"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    row(
+        &format!("failover after leader kill -9, median of {rounds}"),
+        false,
+        "ms",
+        pct(&mut times, 0.5),
+    );
+    Ok(rows)
+}
+
+/// One writer puts its send time; `watchers` watchers (spread over members) measure delivery.
+async fn watch_latency(
+    urls: &[String],
+    watchers: usize,
+    puts: usize,
+) -> anyhow::Result<Vec<Duration>> {
+    let origin = Instant::now();
+    let key = format!("watch/{watchers}").into_bytes();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Duration>();
+    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<()>(watchers);
+    let mut tasks = tokio::task::JoinSet::new();
+    let conns: Vec<Channel> = urls
+        .iter()
+        .map(|u| channel(u, Duration::from_secs(3600)))
+        .collect::<anyhow::Result<_>>()?;
+    for w in 0..watchers {
+        let mut wc = WatchClient::new(conns[w % conns.len()].clone());
+        let key = key.clone();
+        let tx = tx.clone();
+        let ready = ready_tx.clone();
+        tasks.spawn(async move {
+            let (req_tx, req_rx) = tokio::sync::mpsc::channel(1);
+            req_tx
+                .send(WatchRequest {
+                    request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
+                        key,
+                        ..Default::default()
+                    })),
+                })
+                .await?;
+            let mut s = wc
+                .watch(tokio_stream::wrappers::ReceiverStream::new(req_rx))
+                .await?
+                .into_inner();
+            let mut got = 0;
+            while let Some(resp) = s.message().await? {
+                if resp.created {
+                    ready.send(()).await?;
+                    continue;
+                }
+                for ev in resp.events {
+                    let sent: u64 = ev
+                        .kv
+                        .and_then(|kv| String::from_utf8(kv.value).ok()?.parse().ok())
+                        .unwrap_or(0);
+                    let now = origin.elapsed();
+                    let _ = tx.send(now.saturating_sub(Duration::from_nanos(sent)));
+                    got += 1;
+                }
+                if got >= puts {
+                    break;
+                }
+            }
+            drop(req_tx);
+            Ok::<(), anyhow::Error>(())
+        });
+    }
+    drop(tx);
+    for _ in 0..watchers {
+        tokio::time::timeout(Duration::from_secs(30), ready_rx.recv())
+            .await
+            .context("watch creation timed out")?;
+    }
+    let leader = agreed_leader(urls, Duration::from_secs(10)).await?;
+    let mut kv = KvClient::new(channel(&urls[leader], Duration::from_secs(5))?);
+    for _ in 0..puts {
+        let sent = origin.elapsed().as_nanos().to_string();
+        kv.put(PutRequest {
+            key: key.clone(),
+            value: sent.into_bytes(),
+            ..Default::default()
+        })
+        .await?;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(30), async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    tasks.abort_all();
+    let mut lat = Vec::new();
+    while let Ok(d) = rx.try_recv() {
+        lat.push(d);
+    }
+    Ok(lat)
+}
+
+/// Entry point of `flotilla bench store`.
+pub(crate) fn run(args: BenchStoreArgs) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let tmp;
+        let dir = match &args.dir {
+            Some(d) => d.clone(),
+            None => {
+                tmp = tempfile::tempdir()?;
+                tmp.path().to_path_buf()
+            }
+        };
+        if !args.no_etcd && !Path::new("/usr/bin/etcd").exists() {
+            anyhow::bail!("/usr/bin/etcd not found: run scripts/bench-store (installs Debian etcd-server) or pass --no-etcd");
+        }
+        eprintln!("starting 3-member flotilla store in {}", dir.display());
+        let mut f = ProcCluster::start(Kind::Flotilla, 3, &dir.join("flotilla")).await?;
+        let fr = measure(&mut f, args.quick).await;
+        f.shutdown().await;
+        let fr = fr?;
+        let er = if args.no_etcd {
+            None
+        } else {
+            eprintln!("starting 3-member etcd in {}", dir.display());
+            let mut e = ProcCluster::start(Kind::Etcd, 3, &dir.join("etcd")).await?;
+            let er = measure(&mut e, args.quick).await;
+            e.shutdown().await;
+            Some(er?)
+        };
+        print_table(&fr, er.as_deref());
+        Ok(())
+    })
+}
+
+fn print_table(f: &[Row], e: Option<&[Row]>) {
+    println!(
+        "{:<42} {:>12} {:>12} {:>8}  {:<6} better",
+        "shape", "flotilla", "etcd 3.4", "ratio", "unit"
+    );
+    for (i, r) in f.iter().enumerate() {
+        let ev = e.and_then(|e| e.get(i)).map(|r| r.value);
+        let ratio = ev.map(|ev| r.value / ev);
+        println!(
+            "{:<42} {:>12.2} {:>12} {:>8}  {:<6} {}",
+            r.name,
+            r.value,
+            ev.map_or("-".to_owned(), |v| format!("{v:.2}")),
+            ratio.map_or("-".to_owned(), |x| format!("{x:.2}x")),
+            r.unit,
+            if r.higher_better { "higher" } else { "lower" }
+        );
+    }
+}

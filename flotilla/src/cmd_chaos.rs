@@ -1,0 +1,371 @@
+//! `flotilla chaos`: the fault suite's workload, nemesis and checkers against a live cluster.
+//!
+//! Against `--endpoints` it runs the recorded workload only (the members' processes are not
+//! ours to kill); with `--spawn N --data-dir D` it starts N `flotilla store` processes and
+//! also kills (-9), stops (SIGSTOP), continues and restarts them between phases.
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicI64;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use store::pb::etcdserverpb::RangeRequest;
+use store::pb::etcdserverpb::kv_client::KvClient;
+use tests::faults::checks::{self, KvRow};
+use tests::faults::history::{self, Input, Operation, Recorder};
+use tests::faults::workload::{self, WatchLog, WorkloadConfig};
+use tokio_util::sync::CancellationToken;
+
+use crate::cmd_bench_store::{Kind, ProcCluster, channel, status};
+
+/// Arguments of `flotilla chaos`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct ChaosArgs {
+    /// Client URLs of a running cluster, comma-separated.
+    #[arg(long, value_delimiter = ',', conflicts_with = "spawn")]
+    endpoints: Vec<String>,
+    /// Start this many `flotilla store` processes (and inject process faults into them).
+    #[arg(long)]
+    spawn: Option<usize>,
+    /// Data and log directory for `--spawn`.
+    #[arg(long, requires = "spawn")]
+    data_dir: Option<PathBuf>,
+    /// Nemesis rounds (with `--spawn`), or workload phases of 3 s against `--endpoints`.
+    #[arg(long, default_value_t = 4)]
+    rounds: usize,
+    /// Concurrent clients.
+    #[arg(long, default_value_t = 4)]
+    clients: usize,
+    /// Where to write the history (JSON lines).
+    #[arg(long, default_value = "chaos-history.jsonl")]
+    history: PathBuf,
+    /// Seed of the nemesis and workload choices (default: random, printed).
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
+/// Entry point.
+pub(crate) fn run(args: ChaosArgs) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(chaos(args))
+}
+
+async fn chaos(args: ChaosArgs) -> anyhow::Result<()> {
+    let seed = args.seed.unwrap_or_else(rand::random);
+    let mut rng = StdRng::seed_from_u64(seed);
+    println!("chaos: seed {seed}");
+    let mut procs = match args.spawn {
+        Some(n) => {
+            anyhow::ensure!(n >= 1, "--spawn needs at least one member");
+            let dir = args.data_dir.clone().context("--spawn needs --data-dir")?;
+            println!(
+                "phase: start {n} flotilla store processes in {}",
+                dir.display()
+            );
+            Some(ProcCluster::start(Kind::Flotilla, n, &dir).await?)
+        }
+        None => None,
+    };
+    let endpoints = match &procs {
+        Some(p) => p.urls(),
+        None => {
+            anyhow::ensure!(
+                !args.endpoints.is_empty(),
+                "give --endpoints URL[,URL...] of a running cluster, or --spawn N --data-dir D"
+            );
+            args.endpoints.clone()
+        }
+    };
+    // Reachability first: clear errors instead of a history full of failures.
+    let mut unreachable = Vec::new();
+    for u in &endpoints {
+        if status(u).await.is_none() {
+            unreachable.push(u.clone());
+        }
+    }
+    anyhow::ensure!(
+        unreachable.len() < endpoints.len(),
+        "cannot reach the cluster: no member answered Status at {}",
+        endpoints.join(", ")
+    );
+    if !unreachable.is_empty() {
+        println!("warning: not reachable now: {}", unreachable.join(", "));
+    }
+
+    let rec = Recorder::new();
+    let stop = CancellationToken::new();
+    let cfg = WorkloadConfig {
+        clients: args.clients,
+        ..WorkloadConfig::default()
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+    for c in 0..cfg.clients {
+        tasks.spawn(workload::client(
+            c as u64,
+            endpoints.clone(),
+            c,
+            cfg.clone(),
+            rec.clone(),
+            seed,
+            stop.clone(),
+        ));
+    }
+    let until = Arc::new(AtomicI64::new(0));
+    let watch_stop = CancellationToken::new();
+    let logs: Vec<Arc<Mutex<WatchLog>>> = (0..2).map(|_| Arc::default()).collect();
+    let mut watchers = tokio::task::JoinSet::new();
+    for (w, log) in logs.iter().enumerate() {
+        watchers.spawn(workload::watcher(
+            endpoints.clone(),
+            w + 1,
+            log.clone(),
+            until.clone(),
+            watch_stop.clone(),
+        ));
+    }
+    let samples = Arc::new(Mutex::new(Vec::<(usize, u64, Option<u64>)>::new()));
+    let sampler = {
+        let samples = samples.clone();
+        let endpoints = endpoints.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                for (i, u) in endpoints.iter().enumerate() {
+                    if let Some((_, leader, term, _)) = status(u).await {
+                        samples.lock().unwrap_or_else(|p| p.into_inner()).push((
+                            i,
+                            term,
+                            (leader != 0).then_some(leader),
+                        ));
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let progress = |phase: &str, rec: &Recorder| {
+        let ops = rec.snapshot();
+        let failed = ops
+            .iter()
+            .filter(|o| matches!(o.output, history::Output::Unknown { .. }))
+            .count();
+        println!(
+            "phase: {phase:<40} ops so far {:>6} (failed/unknown {failed})",
+            ops.len()
+        );
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    progress("warm-up", &rec);
+    for round in 0..args.rounds {
+        let Some(p) = procs.as_mut() else {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            progress(&format!("workload round {round} (no nemesis)"), &rec);
+            continue;
+        };
+        let n = p.members.len();
+        let urls = p.urls();
+        let leader = crate::cmd_bench_store::agreed_leader(&urls, Duration::from_secs(30))
+            .await
+            .ok();
+        let victim = match (rng.random_range(0..2), leader) {
+            (0, Some(l)) => l,
+            _ => rng.random_range(0..n),
+        };
+        let role = if Some(victim) == leader {
+            "leader"
+        } else {
+            "member"
+        };
+        match rng.random_range(0..3) {
+            0 => {
+                p.kill9(victim).await;
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                p.spawn(victim)?;
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                progress(&format!("kill -9 {role} {victim}, restart"), &rec);
+            }
+            1 => {
+                p.signal(victim, "STOP").await?;
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                p.signal(victim, "CONT").await?;
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                progress(&format!("SIGSTOP {role} {victim} 3 s, SIGCONT"), &rec);
+            }
+            _ => {
+                for i in 0..n {
+                    p.kill9(i).await;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                for i in 0..n {
+                    p.spawn(i)?;
+                }
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                progress("kill -9 all members, restart all", &rec);
+            }
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.cancel();
+    while let Some(r) = tasks.join_next().await {
+        r??;
+    }
+    let _ = sampler.await;
+    progress("workload stopped", &rec);
+
+    // Convergence: every member at the same applied index, then the same contents.
+    let leader = crate::cmd_bench_store::agreed_leader(&endpoints, Duration::from_secs(30))
+        .await
+        .context("the cluster has no agreed leader after the faults")?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut applied = Vec::new();
+        for u in &endpoints {
+            applied.push(status(u).await.map(|s| s.3));
+        }
+        if applied.iter().all(|a| a.is_some() && *a == applied[0]) {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            println!("warning: members did not reach the same applied index: {applied:?}");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut kv = KvClient::new(channel(&endpoints[leader], Duration::from_secs(5))?);
+    for k in 0..cfg.keys {
+        let input = Input::Get {
+            key: format!("{}{k}", workload::PREFIX),
+            serializable: false,
+        };
+        let call = rec.now();
+        let output = workload::execute(&mut kv, &input).await?;
+        rec.record(Operation {
+            client: u64::MAX,
+            member: leader,
+            call,
+            ret: rec.now(),
+            input,
+            output,
+        });
+    }
+    let final_rev = kv
+        .range(RangeRequest {
+            key: b"x".to_vec(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .header
+        .map_or(0, |h| h.revision);
+    until.store(final_rev, std::sync::atomic::Ordering::Relaxed);
+    if tokio::time::timeout(Duration::from_secs(20), async {
+        while watchers.join_next().await.is_some() {}
+    })
+    .await
+    .is_err()
+    {
+        watch_stop.cancel();
+        while watchers.join_next().await.is_some() {}
+    }
+    let mut dumps: Vec<Vec<KvRow>> = Vec::new();
+    for u in &endpoints {
+        dumps.push(dump(u).await?);
+    }
+    let history = rec.snapshot();
+    let f = std::fs::File::create(&args.history)
+        .with_context(|| format!("create {}", args.history.display()))?;
+    history::write_jsonl(&history, std::io::BufWriter::new(f))?;
+    let final_kv: Vec<(String, String, i64)> = dumps
+        .first()
+        .map(|d| {
+            d.iter()
+                .map(|(k, v, r, _, _)| (k.clone(), v.clone(), *r))
+                .collect()
+        })
+        .unwrap_or_default();
+    let logs: Vec<WatchLog> = logs
+        .iter()
+        .map(|l| l.lock().unwrap_or_else(|p| p.into_inner()).clone())
+        .collect();
+    // Only our keys take part: a user's cluster may hold others.
+    let ours = |d: &Vec<KvRow>| -> Vec<KvRow> {
+        d.iter()
+            .filter(|r| r.0.starts_with(workload::PREFIX))
+            .cloned()
+            .collect()
+    };
+    let dumps: Vec<Vec<KvRow>> = dumps.iter().map(ours).collect();
+    let final_kv: Vec<_> = final_kv
+        .into_iter()
+        .filter(|r| r.0.starts_with(workload::PREFIX))
+        .collect();
+    let samples = samples.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let results = vec![
+        checks::linearizable(&history),
+        checks::no_lost_writes(&history, &final_kv),
+        checks::monotonic_revisions(&history),
+        checks::watch_guarantees(&history, &logs, final_rev),
+        checks::single_leader_per_term(&samples),
+        checks::converged(&dumps),
+    ];
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "\n{:<30} {:<7} detail", "invariant", "verdict")?;
+    let mut failed = 0;
+    for c in &results {
+        match &c.result {
+            Ok(d) => writeln!(out, "{:<30} {:<7} {d}", c.name, "PASS")?,
+            Err(e) => {
+                failed += 1;
+                let first = e.lines().next().unwrap_or_default();
+                writeln!(out, "{:<30} {:<7} {first}", c.name, "FAIL")?;
+                for l in e.lines().skip(1).take(20) {
+                    writeln!(out, "{:<38} {l}", "")?;
+                }
+            }
+        }
+    }
+    writeln!(
+        out,
+        "history: {} operations written to {} (seed {seed})",
+        history.len(),
+        args.history.display()
+    )?;
+    drop(out);
+    if let Some(p) = procs.as_mut() {
+        p.shutdown().await;
+    }
+    anyhow::ensure!(failed == 0, "{failed} invariant(s) violated");
+    Ok(())
+}
+
+/// Every key of the member at `url`, read serializably.
+async fn dump(url: &str) -> anyhow::Result<Vec<KvRow>> {
+    let mut kv = KvClient::new(channel(url, Duration::from_secs(5))?);
+    let r = kv
+        .range(RangeRequest {
+            key: workload::PREFIX.as_bytes().to_vec(),
+            range_end: workload::prefix_end(workload::PREFIX),
+            serializable: true,
+            ..Default::default()
+        })
+        .await
+        .with_context(|| format!("dump {url}"))?
+        .into_inner();
+    Ok(r.kvs
+        .into_iter()
+        .map(|kv| {
+            (
+                String::from_utf8_lossy(&kv.key).into_owned(),
+                String::from_utf8_lossy(&kv.value).into_owned(),
+                kv.mod_revision,
+                kv.create_revision,
+                kv.version,
+            )
+        })
+        .collect())
+}
