@@ -53,6 +53,26 @@ async fn deployment_spreads_scales_and_rolls() -> anyhow::Result<()> {
     wait_running(&c, "web-", 2).await?;
 
     // Rolling update: a new template gives a new ReplicaSet with revision 2, old pods replaced.
+    // With 2 replicas the defaults are maxSurge 1, maxUnavailable 0: two ready pods at all times.
+    let sampler_stop = tokio_util::sync::CancellationToken::new();
+    let sampler = {
+        let admin = c.admin.clone();
+        let stop = sampler_stop.clone();
+        tokio::spawn(async move {
+            let mut min_ready = usize::MAX;
+            while !stop.is_cancelled() {
+                if let Ok((pods, _)) = admin.list("/api/v1/namespaces/default/pods").await {
+                    let ready = pods
+                        .iter()
+                        .filter(|p| !tests::deleting(p) && control::controllers::pod_is_ready(p))
+                        .count();
+                    min_ready = min_ready.min(ready);
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            min_ready
+        })
+    };
     c.admin
         .merge_patch(
             &format!("{DEPLOYMENTS}/web"),
@@ -100,6 +120,12 @@ async fn deployment_spreads_scales_and_rolls() -> anyhow::Result<()> {
         }
     })
     .await?;
+    sampler_stop.cancel();
+    let min_ready = sampler.await?;
+    assert!(
+        min_ready >= 2,
+        "maxUnavailable 0 violated: only {min_ready} ready pods during the rollout"
+    );
     let (rss, _) = c
         .admin
         .list("/apis/apps/v1/namespaces/default/replicasets")
