@@ -239,11 +239,10 @@ fn http_get(host: &str, port: u16, path: &str, max_bytes: u64) -> Result<Vec<u8>
     let timeout = Some(Duration::from_secs(30));
     let _ = s.set_read_timeout(timeout);
     let _ = s.set_write_timeout(timeout);
-    write!(
-        s,
-        "GET {path} HTTP/1.0\r\nHost: {host}\r\nConnection: close\r\n\r\n"
-    )
-    .map_err(|e| other(format!("send request: {e}")))?;
+    // One write: a server may act on the first segment it reads.
+    let request = format!("GET {path} HTTP/1.0\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    s.write_all(request.as_bytes())
+        .map_err(|e| other(format!("send request: {e}")))?;
     let mut buf = Vec::new();
     let limit = max_bytes + 64 * 1024;
     s.take(limit + 1)

@@ -192,8 +192,15 @@ async fn http_images_are_pulled_once_and_pinned() {
     std::thread::spawn(move || {
         for stream in listener.incoming() {
             let Ok(mut s) = stream else { return };
-            let mut buf = [0u8; 1024];
-            let n = s.read(&mut buf).unwrap_or(0);
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 1024];
+            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut chunk) {
+                    Ok(0) | Err(_) => break,
+                    Ok(k) => buf.extend_from_slice(&chunk[..k]),
+                }
+            }
+            let n = buf.len();
             let req = String::from_utf8_lossy(&buf[..n]);
             count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             if req.starts_with("GET /hello.wasm ") {
