@@ -145,3 +145,64 @@ async fn kubectl_apply_deployment_runs_wasm_pods() -> anyhow::Result<()> {
     c.stop().await;
     Ok(())
 }
+
+/// `kubectl drain` (cordon + the eviction subresource) moves a Deployment's pods to the other
+/// node; `kubectl uncordon` makes the node schedulable again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_drain_moves_pods_off_a_node() -> anyhow::Result<()> {
+    init_tracing();
+    if tests::kubectl().is_none() {
+        eprintln!("SKIPPED: kubectl not installed (run scripts/kubectl)");
+        return Ok(());
+    }
+    let mut c = Cluster::start(ClusterOptions::default()).await?;
+    c.add_agent("node-a", |_| {}).await?;
+    c.add_agent("node-b", |_| {}).await?;
+    c.create(
+        "/apis/apps/v1/namespaces/default/deployments",
+        &super::sleeper_deployment("drained", 4),
+    )
+    .await?;
+    eventually("4 running on both nodes", WAIT, || async {
+        let p = super::running(&c, "drained-").await?;
+        let on_a = p.iter().filter(|p| tests::node_of(p) == "node-a").count();
+        Ok(if p.len() == 4 && on_a > 0 && on_a < 4 {
+            Ok(())
+        } else {
+            Err(format!("{} running, {on_a} on node-a", p.len()))
+        })
+    })
+    .await?;
+    let out = tokio::task::block_in_place(|| {
+        kubectl(
+            &c,
+            &["drain", "node-a", "--ignore-daemonsets", "--timeout=60s"],
+            None,
+        )
+    })?;
+    assert!(out.contains("drained"), "{out}");
+    eventually("4 running on node-b only", WAIT, || async {
+        let all = c.pods("default").await?;
+        let p = super::running(&c, "drained-").await?;
+        let on_b = p.iter().filter(|p| tests::node_of(p) == "node-b").count();
+        Ok(if on_b == 4 && all.len() == 4 {
+            Ok(())
+        } else {
+            Err(format!("{on_b} running on node-b, {} pods", all.len()))
+        })
+    })
+    .await?;
+    tokio::task::block_in_place(|| kubectl(&c, &["uncordon", "node-a"], None))?;
+    let node = c
+        .admin
+        .get("/api/v1/nodes/node-a")
+        .await?
+        .unwrap_or_default();
+    assert_ne!(
+        node.pointer("/spec/unschedulable")
+            .and_then(serde_json::Value::as_bool),
+        Some(true)
+    );
+    c.stop().await;
+    Ok(())
+}

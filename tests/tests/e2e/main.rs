@@ -6,7 +6,8 @@
 //! - `scheduling`: FailedScheduling events, taints, nodeSelector.
 //! - `node_loss`: a dead agent's pods are evicted and recreated elsewhere; a restarted agent
 //!   runs its pods again without doubling them.
-//! - `kubectl`: the real kubectl (when `scripts/kubectl` installed it) drives a Deployment.
+//! - `kubectl`: the real kubectl (when `scripts/kubectl` installed it) applies, scales, rolls
+//!   out, undoes and drains.
 use std::time::Duration;
 
 use serde_json::{Value, json};
