@@ -90,6 +90,18 @@ pub(crate) fn run_bench(mut args: BenchRuntimeArgs) -> anyhow::Result<()> {
         verdict(start.first_p50 <= 50_000.0 && start.first_p99 <= 250_000.0),
     ));
     rows.push(Row::new(
+        "  of which: run_pod → executor picks it up / executor → first instruction",
+        format!(
+            "p50 {} + {} / p99 {} + {}",
+            us(start.dispatch_p50),
+            us(start.setup_p50),
+            us(start.dispatch_p99),
+            us(start.setup_p99)
+        ),
+        "",
+        String::new(),
+    ));
+    rows.push(Row::new(
         "hello full run in the node (run_pod → exited)",
         format!("p50 {} / p99 {}", us(start.full_p50), us(start.full_p99)),
         "",
@@ -304,6 +316,10 @@ struct StartResult {
     first_p99: f64,
     full_p50: f64,
     full_p99: f64,
+    dispatch_p50: f64,
+    dispatch_p99: f64,
+    setup_p50: f64,
+    setup_p99: f64,
 }
 
 async fn bench_start(root: &Path, cache: &Path, starts: usize) -> anyhow::Result<StartResult> {
@@ -315,6 +331,8 @@ async fn bench_start(root: &Path, cache: &Path, starts: usize) -> anyhow::Result
     ));
     let mut first = Vec::with_capacity(starts);
     let mut full = Vec::with_capacity(starts);
+    let mut dispatch = Vec::with_capacity(starts);
+    let mut setup = Vec::with_capacity(starts);
     for i in 0..starts + 200 {
         let t0 = Instant::now();
         let id = rt.run_pod(&p).await?;
@@ -325,6 +343,7 @@ async fn bench_start(root: &Path, cache: &Path, starts: usize) -> anyhow::Result
             bail!("hello ended with {:?}", st.containers[0].state);
         }
         let stats = rt.stats(&id).await?;
+        let parts = rt.start_breakdown(&id)?;
         rt.remove_pod(&id).await?;
         if i >= 200 {
             let lat = stats.containers[0]
@@ -332,6 +351,10 @@ async fn bench_start(root: &Path, cache: &Path, starts: usize) -> anyhow::Result
                 .context("no start latency")?;
             first.push(lat.as_nanos() as f64);
             full.push(done.as_nanos() as f64);
+            if let Some(Some((d, s))) = parts.first() {
+                dispatch.push(d.as_nanos() as f64);
+                setup.push(s.as_nanos() as f64);
+            }
         }
         if i > 200 && (i - 200) % 2000 == 0 {
             progress(format!("  {} starts", i - 200));
@@ -342,6 +365,10 @@ async fn bench_start(root: &Path, cache: &Path, starts: usize) -> anyhow::Result
         first_p99: pct(&mut first, 0.99),
         full_p50: pct(&mut full, 0.50),
         full_p99: pct(&mut full, 0.99),
+        dispatch_p50: pct(&mut dispatch, 0.50),
+        dispatch_p99: pct(&mut dispatch, 0.99),
+        setup_p50: pct(&mut setup, 0.50),
+        setup_p99: pct(&mut setup, 0.99),
     })
 }
 

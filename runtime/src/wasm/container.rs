@@ -128,6 +128,8 @@ pub(crate) struct ContainerShared {
     oom: AtomicBool,
     requested_at: Instant,
     first_instruction: OnceLock<(Instant, SystemTime)>,
+    /// When the executor first ran the container's task.
+    picked_up: OnceLock<Instant>,
     abort: Mutex<Option<AbortHandle>>,
     pub(crate) log: Arc<LogSink>,
     pub(crate) log_path: PathBuf,
@@ -163,6 +165,7 @@ impl ContainerShared {
             oom: AtomicBool::new(false),
             requested_at,
             first_instruction: OnceLock::new(),
+            picked_up: OnceLock::new(),
             abort: Mutex::new(None),
             log,
             log_path,
@@ -182,6 +185,17 @@ impl ContainerShared {
         self.first_instruction
             .get()
             .map(|(t, _)| t.duration_since(self.requested_at))
+    }
+
+    /// Start latency split at the moment the executor picked the task up: (dispatch to the
+    /// executor thread, executor to first guest instruction).
+    pub(crate) fn start_breakdown(&self) -> Option<(std::time::Duration, std::time::Duration)> {
+        let picked = *self.picked_up.get()?;
+        let (first, _) = *self.first_instruction.get()?;
+        Some((
+            picked.duration_since(self.requested_at),
+            first.duration_since(picked),
+        ))
     }
 
     /// Graceful stop: the guest ends at its next epoch tick or wake-up.
@@ -331,6 +345,7 @@ pub(crate) fn spawn(
 type End = (i32, &'static str, Option<String>);
 
 async fn run_guest(l: Launch, shared: Arc<ContainerShared>) -> End {
+    let _ = shared.picked_up.set(Instant::now());
     let mut b = WasiCtxBuilder::new();
     b.args(&l.argv)
         .envs(&l.env)

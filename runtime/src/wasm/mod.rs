@@ -299,6 +299,18 @@ impl WasmRuntime {
             .collect()
     }
 
+    /// Start latency of each container of a pod split in two: `run_pod` call → the executor
+    /// thread picks the container up, and → the guest's first instruction.
+    pub fn start_breakdown(
+        &self,
+        id: &PodId,
+    ) -> Result<Vec<Option<(Duration, Duration)>>, RuntimeError> {
+        let pod = self
+            .pod(id)
+            .ok_or_else(|| RuntimeError::NotFound(id.clone()))?;
+        Ok(pod.containers.iter().map(|c| c.start_breakdown()).collect())
+    }
+
     /// Time the executor threads spent runnable but waiting for a CPU (scheduler statistics,
     /// nanoseconds): CPU the node did not get, which no throttle can hand out.
     pub fn executor_runqueue_wait_ns(&self) -> u64 {
