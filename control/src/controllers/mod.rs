@@ -14,8 +14,9 @@
 //! - [`replicaset`], [`deployment`]: the workload controllers.
 //! - `node_lifecycle`: Lease → Ready/Unknown → taints → eviction.
 //! - `gc`: ownerReferences garbage collection and pod GC.
+//! - [`leader`]: leader election through a Lease, so one server's controllers act at a time.
 //!
-//! Not done yet: leader election between several servers, foreground/orphan deletion
+//! Not done yet: foreground/orphan deletion
 //! propagation, Endpoints, namespace deletion (the API server deletes contents itself),
 //! `kubectl drain` beyond what the eviction subresource does.
 use std::path::{Path, PathBuf};
@@ -30,6 +31,7 @@ pub mod deployment;
 mod gc;
 pub mod informer;
 pub mod labels;
+pub mod leader;
 mod node_lifecycle;
 pub mod queue;
 pub mod replicaset;
@@ -353,9 +355,29 @@ pub async fn run_with_server(
         format!("https://{addr}")
     };
     let client = ApiClient::new(&url, Some(&pki.admin_token), Some(&pki.ca_pem))?;
+    // Several servers may run: the scheduler and the controllers each act only while holding
+    // their Lease, as kube-scheduler and kube-controller-manager do.
+    let identity = format!(
+        "{}_{}",
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "flotilla".into()),
+        hex::encode(rand::random::<[u8; 4]>())
+    );
+    let c2 = client.clone();
     tokio::join!(
-        run_all(client.clone(), controllers, shutdown.clone()),
-        crate::scheduler::run(client, scheduler, shutdown),
+        leader::run_as_leader(
+            client.clone(),
+            leader::LeaderElectionConfig::new("kube-controller-manager", identity.clone()),
+            shutdown.clone(),
+            move |lead| run_all(c2.clone(), controllers.clone(), lead),
+        ),
+        leader::run_as_leader(
+            client.clone(),
+            leader::LeaderElectionConfig::new("kube-scheduler", identity),
+            shutdown,
+            move |lead| crate::scheduler::run(client.clone(), scheduler.clone(), lead),
+        ),
     );
     Ok(())
 }

@@ -322,6 +322,14 @@ impl<R: PodRuntime> PodWorker<R> {
         }
         let status = self.compose(pod, Some(&st));
         self.write_status(pod, status).await;
+        let starting = st
+            .containers
+            .iter()
+            .any(|c| matches!(c.state, ContainerState::Waiting(_)));
+        if starting {
+            // Just started: report Running as soon as the guest runs, not a poll later.
+            return poll.min(Duration::from_millis(2));
+        }
         poll
     }
 

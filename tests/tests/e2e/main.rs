@@ -6,6 +6,7 @@
 //! - `scheduling`: FailedScheduling events, taints, nodeSelector.
 //! - `node_loss`: a dead agent's pods are evicted and recreated elsewhere; a restarted agent
 //!   runs its pods again without doubling them.
+//! - `leader`: leader election through a Lease, with failover.
 //! - `kubectl`: the real kubectl (when `scripts/kubectl` installed it) applies, scales, rolls
 //!   out, undoes and drains.
 use std::time::Duration;
@@ -13,6 +14,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 mod kubectl;
+mod leader;
 mod node_loss;
 mod pods;
 mod scheduling;
