@@ -1,9 +1,10 @@
-//! `flotilla bench scheduler`: scheduler throughput against a real in-process API server
-//! (MemStore, HTTPS on loopback) with many registered nodes, printed as a table.
+//! `flotilla bench scheduler` and `flotilla bench startup`, each printing a table.
 //!
-//! The nodes are registered through the API (Ready, with allocatable resources) but have no
-//! agents: the run measures placement and binding only (the scheduler's informers' initial
-//! list included), not pod start-up.
+//! - scheduler: throughput against a real in-process API server (MemStore, HTTPS on loopback)
+//!   with many registered nodes. The nodes are registered through the API (Ready, with
+//!   allocatable resources) but have no agents: the run measures placement and binding only
+//!   (the scheduler's informers' initial list included), not pod start-up.
+//! - startup: one node with the wasm agent; pod created → `Running` seen by a watch.
 
 use std::time::{Duration, Instant};
 
@@ -151,5 +152,122 @@ async fn create_all(
     while let Some(r) = results.next().await {
         r.with_context(|| format!("creating objects at {path}"))?;
     }
+    Ok(())
+}
+
+/// Arguments of `flotilla bench startup`.
+#[derive(clap::Args)]
+pub(crate) struct BenchStartupArgs {
+    /// Pods started, one after another.
+    #[arg(long, default_value_t = 200)]
+    pods: usize,
+    /// The wasm module every pod runs (default: the `sleeper` guest of this build).
+    #[arg(long)]
+    image: Option<String>,
+}
+
+/// End-to-end pod start-up on a one-node cluster: pod created → `Running` seen by a watch.
+pub(crate) fn run_startup(args: BenchStartupArgs) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("failed to start the tokio runtime")?;
+    rt.block_on(startup(args))
+}
+
+async fn startup(args: BenchStartupArgs) -> anyhow::Result<()> {
+    let image = args
+        .image
+        .clone()
+        .unwrap_or_else(|| runtime::wasm::guests::path("sleeper").display().to_string());
+    let dir = std::env::temp_dir().join(format!("flotilla-bench-startup-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let server = ApiServer::new(ApiServerConfig::new(&dir), MemStore::new())?;
+    server.bootstrap().await?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let pki = server.pki().context("secure mode")?.clone();
+    let shutdown = CancellationToken::new();
+    let stop = shutdown.clone();
+    let srv = tokio::spawn(async move { server.serve(listener, stop).await });
+    let url = format!("https://127.0.0.1:{}", addr.port());
+    let client = ApiClient::new(&url, Some(&pki.admin_token), Some(&pki.ca_pem))?;
+    let sched = tokio::spawn(control::scheduler::run(
+        client.clone(),
+        SchedulerConfig::default(),
+        shutdown.clone(),
+    ));
+    let mut acfg = runtime::node::AgentConfig::new("bench-node", &url);
+    acfg.token = Some(pki.node_token("bench-node"));
+    acfg.ca_pem = Some(pki.ca_pem.clone());
+    acfg.capacity.pods = u32::try_from(args.pods + 10).unwrap_or(u32::MAX);
+    let rt = crate::cmd_agent::wasm_runtime(&dir.join("agent"), acfg.capacity.pods, None)?;
+    let agent = runtime::node::Agent::new(acfg, rt)?;
+    let agent_task = tokio::spawn(agent.run(shutdown.clone()));
+    // Wait for the node, then warm the module cache with one pod.
+    loop {
+        if client.get("/api/v1/nodes/bench-node").await?.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let pod = |name: &str| {
+        json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": "default"},
+               "spec": {"containers": [{"name": "c", "image": image, "args": ["100000"]}]}})
+    };
+    let mut lat = Vec::with_capacity(args.pods);
+    for i in 0..=args.pods {
+        let name = format!("start-{i}");
+        let (_, rv) = client
+            .list("/api/v1/namespaces/default/pods?limit=1")
+            .await?;
+        let mut w = client
+            .watch(&format!(
+                "/api/v1/namespaces/default/pods?watch=true&resourceVersion={rv}&fieldSelector=metadata.name%3D{name}"
+            ))
+            .await?;
+        let t0 = Instant::now();
+        client
+            .create("/api/v1/namespaces/default/pods", &pod(&name))
+            .await?;
+        loop {
+            let ev = tokio::time::timeout(Duration::from_secs(60), w.next())
+                .await
+                .context("pod did not start within 60 s")?;
+            let Some(Ok(ev)) = ev else {
+                anyhow::bail!("watch ended");
+            };
+            if ev
+                .object
+                .pointer("/status/containerStatuses/0/state/running")
+                .is_some()
+            {
+                break;
+            }
+        }
+        // The first pod compiles the module: not counted.
+        if i > 0 {
+            lat.push(t0.elapsed());
+        }
+    }
+    lat.sort();
+    let pct = |p: f64| {
+        let idx = ((lat.len() as f64 - 1.0) * p).round() as usize;
+        lat.get(idx).map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+    };
+    println!("| pods | p50 ms | p99 ms | max ms |");
+    println!("|---:|---:|---:|---:|");
+    println!(
+        "| {} | {:.2} | {:.2} | {:.2} |",
+        lat.len(),
+        pct(0.5),
+        pct(0.99),
+        pct(1.0)
+    );
+    shutdown.cancel();
+    let _ = sched.await;
+    let _ = agent_task.await;
+    let _ = srv.await;
+    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

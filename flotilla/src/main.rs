@@ -49,6 +49,8 @@ enum BenchCommand {
     Api(cmd_server::BenchApiArgs),
     /// Scheduler throughput with many registered nodes, basic and constrained pods.
     Scheduler(cmd_bench_cluster::BenchSchedulerArgs),
+    /// End-to-end wasm pod start-up on a one-node cluster (create → Running seen by a watch).
+    Startup(cmd_bench_cluster::BenchStartupArgs),
     /// Store vs etcd 3.4, side by side: puts, txns, ranges, watches, failover, CPU, RSS.
     Store(cmd_bench_store::BenchStoreArgs),
 }
@@ -70,6 +72,7 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Runtime(args)) => cmd_runtime::run_bench(args),
         Command::Bench(BenchCommand::Api(args)) => cmd_server::run_bench(args),
         Command::Bench(BenchCommand::Scheduler(args)) => cmd_bench_cluster::run(args),
+        Command::Bench(BenchCommand::Startup(args)) => cmd_bench_cluster::run_startup(args),
         Command::Bench(BenchCommand::Store(args)) => cmd_bench_store::run(args),
         Command::Chaos(args) => cmd_chaos::run(args),
     }
