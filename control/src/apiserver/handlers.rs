@@ -33,6 +33,29 @@ pub(crate) struct App<S> {
     pub tasks: tokio_util::task::TaskTracker,
     /// Shared watch caches, one store watch per resource type.
     pub watch_cache: Arc<super::watch_cache::WatchCache<S>>,
+    /// Namespaces, LimitRanges and ResourceQuotas as admission reads them.
+    pub admission_cache: super::admission_cache::AdmissionCache,
+}
+
+impl<S: Store> App<S> {
+    /// A namespace object, from the admission cache or the store (misses are not cached).
+    pub(crate) async fn namespace(&self, name: &str) -> Result<Option<Value>> {
+        let key = format!("namespaces//{name}");
+        if let Some(v) = self.admission_cache.get(&key) {
+            return Ok(v.first().map(|(o, _)| o.clone()));
+        }
+        let nsres = resources::find("", "v1", "namespaces")
+            .ok_or_else(|| ApiError::internal("namespaces not registered"))?;
+        match self.store.get(&nsres.key(None, name)).await? {
+            Some(kv) => {
+                let o = decode(nsres, &kv)?;
+                self.admission_cache
+                    .put(key, Arc::new(vec![(o.clone(), kv.mod_revision)]));
+                Ok(Some(o))
+            }
+            None => Ok(None),
+        }
+    }
 }
 
 /// Parsed query string (last value wins).
@@ -969,11 +992,8 @@ async fn require_namespace<S: Store>(app: &App<S>, res: &Resource, ns: Option<&s
             "the namespace of the object must be set for namespaced resources",
         ));
     };
-    let nsres = resources::find("", "v1", "namespaces")
-        .ok_or_else(|| ApiError::internal("namespaces not registered"))?;
-    match app.store.get(&nsres.key(None, ns)).await? {
-        Some(kv) => {
-            let n = decode(nsres, &kv)?;
+    match app.namespace(ns).await? {
+        Some(n) => {
             if n.pointer("/metadata/deletionTimestamp").is_some() {
                 return Err(ApiError::new(
                     403,
@@ -1070,7 +1090,10 @@ pub(crate) async fn create<S: Store>(
             return Ok((obj, warnings));
         }
         match app.store.create(&res.key(ns, &name), encode(&obj)).await {
-            Ok(rev) => return Ok((with_rv(obj, rev), warnings)),
+            Ok(rev) => {
+                app.admission_cache.invalidate(res.plural);
+                return Ok((with_rv(obj, rev), warnings));
+            }
             Err(StoreError::AlreadyExists) if generate.is_some() && attempt < 7 => continue,
             Err(StoreError::AlreadyExists) => {
                 return Err(ApiError::already_exists(res.group, res.plural, &name));
@@ -1301,6 +1324,7 @@ async fn store_update<S: Store>(
         return Ok(new);
     }
     let key = res.key(ns, name);
+    app.admission_cache.invalidate(res.plural);
     let finalizers_gone = new
         .pointer("/metadata/finalizers")
         .and_then(Value::as_array)
@@ -1590,6 +1614,7 @@ pub(crate) async fn delete<S: Store>(
     let Some(kv) = app.store.get(&key).await? else {
         return Err(ApiError::not_found(res.group, res.plural, name));
     };
+    app.admission_cache.invalidate(res.plural);
     let old = decode(res, &kv)?;
     if let Some(uid) = opts.pointer("/preconditions/uid").and_then(Value::as_str)
         && meta_str(&old, "uid") != Some(uid)

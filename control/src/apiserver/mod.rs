@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::storage::Store;
 
 mod admission;
+mod admission_cache;
 mod auth;
 mod discovery;
 mod handlers;
@@ -105,6 +106,7 @@ impl<S: Store> ApiServer<S> {
                     stop.clone(),
                 )),
                 store,
+                admission_cache: admission_cache::AdmissionCache::default(),
                 server_address: "127.0.0.1".into(),
                 tasks,
             }),

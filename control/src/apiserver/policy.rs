@@ -22,6 +22,20 @@ async fn list_in<S: Store>(app: &App<S>, plural: &str, ns: &str) -> Result<Vec<(
         .collect()
 }
 
+/// `list_in` through the admission cache (LimitRanges, ResourceQuotas).
+async fn cached_list<S: Store>(
+    app: &App<S>,
+    plural: &str,
+    ns: &str,
+) -> Result<std::sync::Arc<Vec<(Value, i64)>>> {
+    let key = format!("{plural}/{ns}");
+    if let Some(v) = app.admission_cache.get(&key) {
+        return Ok(v);
+    }
+    let v = std::sync::Arc::new(list_in(app, plural, ns).await?);
+    app.admission_cache.put(key, v.clone());
+    Ok(v)
+}
 fn forbidden(res: &Resource, name: &str, why: &str) -> ApiError {
     ApiError::new(
         403,
@@ -77,13 +91,13 @@ pub(crate) async fn limit_ranges<S: Store>(
     if res.kind != "Pod" {
         return Ok(());
     }
-    let ranges = list_in(app, "limitranges", ns).await?;
+    let ranges = cached_list(app, "limitranges", ns).await?;
     let name = pod
         .pointer("/metadata/name")
         .and_then(Value::as_str)
         .unwrap_or_default()
         .to_string();
-    for (lr, _) in &ranges {
+    for (lr, _) in ranges.iter() {
         for item in lr
             .pointer("/spec/limits")
             .and_then(Value::as_array)
@@ -440,12 +454,9 @@ pub(crate) async fn pod_security<S: Store>(
     let Some(spec) = spec else {
         return Ok(Vec::new());
     };
-    let nsres = resources::find("", "v1", "namespaces")
-        .ok_or_else(|| ApiError::internal("namespaces not registered"))?;
-    let Some(kv) = app.store.get(&nsres.key(None, ns)).await? else {
+    let Some(nsobj) = app.namespace(ns).await? else {
         return Ok(Vec::new());
     };
-    let nsobj = decode(nsres, &kv)?;
     let label = |mode: &str| {
         nsobj
             .pointer("/metadata/labels")
@@ -542,7 +553,7 @@ pub(crate) async fn resource_quota<S: Store>(
     if res.kind == "ResourceQuota" || !res.namespaced {
         return Ok(());
     }
-    let quotas = list_in(app, "resourcequotas", ns).await?;
+    let quotas = cached_list(app, "resourcequotas", ns).await?;
     if quotas.is_empty() {
         return Ok(());
     }
@@ -590,7 +601,7 @@ pub(crate) async fn resource_quota<S: Store>(
         .to_string();
     let qres = resources::find("", "v1", "resourcequotas")
         .ok_or_else(|| ApiError::internal("resourcequotas not registered"))?;
-    for (quota, rev) in &quotas {
+    for (quota, rev) in quotas.iter() {
         let Some(hard) = quota.pointer("/spec/hard").and_then(Value::as_object) else {
             continue;
         };
