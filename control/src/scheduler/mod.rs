@@ -197,7 +197,9 @@ impl Scheduler {
         if batch.is_empty() {
             return;
         }
+        let t_snapshot = Instant::now();
         let mut infos = self.snapshot();
+        let t_place = Instant::now();
         let mut binds = Vec::new();
         let mut failures = Vec::new();
         for pod in batch {
@@ -255,6 +257,8 @@ impl Scheduler {
             infos[pick].add_pod(&pod);
             binds.push((pod, infos[pick].name().to_string()));
         }
+        let t_bind = Instant::now();
+        let batch_pods = binds.len() + failures.len();
         let client = &self.client;
         let results = futures::future::join_all(binds.iter().map(|(pod, node)| async move {
             let (ns, name) = (namespace_of(pod), name_of(pod));
@@ -284,6 +288,14 @@ impl Scheduler {
                 }
             }
         }
+        tracing::debug!(
+            pods = batch_pods,
+            nodes = infos.len(),
+            snapshot_ms = (t_place - t_snapshot).as_secs_f64() * 1e3,
+            place_ms = (t_bind - t_place).as_secs_f64() * 1e3,
+            bind_ms = t_bind.elapsed().as_secs_f64() * 1e3,
+            "scheduled a batch"
+        );
         for (pod, message) in failures {
             self.report_unschedulable(&pod, message).await;
         }

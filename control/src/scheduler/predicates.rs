@@ -109,6 +109,10 @@ pub struct NodeInfo {
     pub owners: HashMap<String, u64>,
     /// Labels of pods bound here (for pod anti-affinity).
     pub pod_labels: Vec<Map<String, Value>>,
+    /// `spec.unschedulable` (cordoned).
+    pub unschedulable: bool,
+    /// Taints with effect NoSchedule or NoExecute.
+    pub hard_taints: Vec<Value>,
 }
 
 impl NodeInfo {
@@ -124,8 +128,27 @@ impl NodeInfo {
             .and_then(Value::as_str)
             .and_then(|p| p.parse().ok())
             .unwrap_or(110);
+        let unschedulable =
+            node.pointer("/spec/unschedulable").and_then(Value::as_bool) == Some(true);
+        let hard_taints = node
+            .pointer("/spec/taints")
+            .and_then(Value::as_array)
+            .map(|ts| {
+                ts.iter()
+                    .filter(|t| {
+                        matches!(
+                            t.get("effect").and_then(Value::as_str),
+                            Some("NoSchedule" | "NoExecute")
+                        )
+                    })
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
         NodeInfo {
             node,
+            unschedulable,
+            hard_taints,
             alloc_cpu,
             alloc_memory,
             alloc_pods,
@@ -168,28 +191,31 @@ pub fn owner_uid(pod: &Value) -> Option<String> {
 }
 
 fn node_selector_term_matches(term: &Value, labels: Option<&Map<String, Value>>) -> bool {
-    let empty = Map::new();
-    let labels = labels.unwrap_or(&empty);
     let Some(exprs) = term.get("matchExpressions").and_then(Value::as_array) else {
         // A term with no expressions (only matchFields, unsupported) matches nothing.
         return false;
     };
     exprs.iter().all(|e| {
         let key = e.get("key").and_then(Value::as_str).unwrap_or_default();
-        let values: Vec<&str> = e
+        let values = e
             .get("values")
             .and_then(Value::as_array)
-            .map(|a| a.iter().filter_map(Value::as_str).collect())
-            .unwrap_or_default();
-        let have = labels.get(key).and_then(Value::as_str);
+            .map_or(&[][..], Vec::as_slice);
+        let contains = |h: &str| values.iter().any(|v| v.as_str() == Some(h));
+        let have = labels.and_then(|l| l.get(key)).and_then(Value::as_str);
         let num = |s: &str| s.parse::<i64>().ok();
-        match e.get("operator").and_then(Value::as_str).unwrap_or_default() {
-            "In" => have.is_some_and(|h| values.contains(&h)),
-            "NotIn" => have.is_none_or(|h| !values.contains(&h)),
+        let first = values.first().and_then(Value::as_str).and_then(num);
+        match e
+            .get("operator")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+        {
+            "In" => have.is_some_and(contains),
+            "NotIn" => have.is_none_or(|h| !contains(h)),
             "Exists" => have.is_some(),
             "DoesNotExist" => have.is_none(),
-            "Gt" => matches!((have.and_then(num), values.first().and_then(|v| num(v))), (Some(h), Some(v)) if h > v),
-            "Lt" => matches!((have.and_then(num), values.first().and_then(|v| num(v))), (Some(h), Some(v)) if h < v),
+            "Gt" => matches!((have.and_then(num), first), (Some(h), Some(v)) if h > v),
+            "Lt" => matches!((have.and_then(num), first), (Some(h), Some(v)) if h < v),
             _ => false,
         }
     })
@@ -259,7 +285,7 @@ pub fn filter_facts(f: &PodFacts<'_>, info: &NodeInfo) -> Vec<String> {
     let node = &info.node;
     let node_labels = labels_of(node);
     // NodeUnschedulable.
-    if node.pointer("/spec/unschedulable").and_then(Value::as_bool) == Some(true) {
+    if info.unschedulable {
         let unschedulable =
             serde_json::json!({"key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule"});
         if !f.tolerations.iter().any(|t| tolerates(t, &unschedulable)) {
@@ -267,25 +293,16 @@ pub fn filter_facts(f: &PodFacts<'_>, info: &NodeInfo) -> Vec<String> {
         }
     }
     // TaintToleration (NoSchedule and NoExecute).
-    if let Some(taints) = node.pointer("/spec/taints").and_then(Value::as_array) {
-        for taint in taints {
-            let effect = taint
-                .get("effect")
-                .and_then(Value::as_str)
-                .unwrap_or_default();
-            if effect != "NoSchedule" && effect != "NoExecute" {
-                continue;
-            }
-            if !f.tolerations.iter().any(|t| tolerates(t, taint)) {
-                return vec![format!(
-                    "node(s) had untolerated taint {{{}: {}}}",
-                    taint.get("key").and_then(Value::as_str).unwrap_or_default(),
-                    taint
-                        .get("value")
-                        .and_then(Value::as_str)
-                        .unwrap_or_default()
-                )];
-            }
+    for taint in &info.hard_taints {
+        if !f.tolerations.iter().any(|t| tolerates(t, taint)) {
+            return vec![format!(
+                "node(s) had untolerated taint {{{}: {}}}",
+                taint.get("key").and_then(Value::as_str).unwrap_or_default(),
+                taint
+                    .get("value")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+            )];
         }
     }
     // NodeAffinity: nodeSelector and required node affinity.
@@ -457,12 +474,11 @@ mod tests {
 
     #[test]
     fn taints_selectors_and_affinity() {
-        let mut n = node("a", "4", "4Gi");
-        n.node = Arc::new(json!({
+        let n = NodeInfo::new(Arc::new(json!({
             "metadata": {"name": "a", "labels": {"disk": "ssd"}},
             "spec": {"taints": [{"key": "dedicated", "value": "gpu", "effect": "NoSchedule"}]},
             "status": {"allocatable": {"cpu": "4", "memory": "4Gi", "pods": "110"}},
-        }));
+        })));
         let mut p = pod("1", "1Gi");
         assert_eq!(
             filter(&p, &n),
