@@ -60,11 +60,26 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
         step("store: in memory (--store mem): the cluster is lost on exit");
         return serve(args, data_dir, config, MemStore::new()).await;
     }
-    let started =
-        control::storage::embedded::start_on(&data_dir.join("store"), "127.0.0.1:0", "127.0.0.1:0")
-            .await;
+    // The store's member identity follows its addresses: free ports are picked on the first
+    // start and kept in DATA_DIR/store-addresses so a restart finds the same member.
+    let addr_file = data_dir.join("store-addresses");
+    let saved = std::fs::read_to_string(&addr_file).ok();
+    let (client, peer) = saved
+        .as_deref()
+        .and_then(|t| t.split_once(' '))
+        .map_or(("127.0.0.1:0", "127.0.0.1:0"), |(c, p)| {
+            (c.trim(), p.trim())
+        });
+    let started = control::storage::embedded::start_on(&data_dir.join("store"), client, peer).await;
     match started {
         Ok(node) => {
+            if saved.is_none() {
+                std::fs::write(
+                    &addr_file,
+                    format!("{} {}\n", node.client_addr(), node.peer_addr()),
+                )
+                .with_context(|| format!("failed to write {}", addr_file.display()))?;
+            }
             step(&format!(
                 "store: embedded one-member Flotilla store (etcd v3 API on {}), data in {}",
                 node.client_addr(),
