@@ -290,3 +290,120 @@ pub fn converged(dumps: &[Vec<KvRow>]) -> Check {
         result,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::faults::workload::WatchEvent;
+
+    fn put(client: u64, call: u64, key: &str, value: &str, revision: i64) -> Operation {
+        Operation {
+            client,
+            member: 0,
+            call,
+            ret: call + 5,
+            input: Input::Put {
+                key: key.into(),
+                value: value.into(),
+            },
+            output: Output::Put { revision },
+        }
+    }
+
+    #[test]
+    fn lost_and_invented_writes_are_reported() {
+        let h = vec![put(1, 0, "a", "v1", 2), put(1, 10, "a", "v2", 3)];
+        let ok = vec![("a".to_owned(), "v2".to_owned(), 3)];
+        assert!(no_lost_writes(&h, &ok).result.is_ok());
+        // The last acknowledged write is gone: the member kept an older value.
+        let lost = vec![("a".to_owned(), "v1".to_owned(), 2)];
+        assert!(no_lost_writes(&h, &lost).result.is_err());
+        assert!(no_lost_writes(&h, &[]).result.is_err());
+        let invented = vec![("a".to_owned(), "zz".to_owned(), 9)];
+        assert!(no_lost_writes(&h, &invented).result.is_err());
+    }
+
+    #[test]
+    fn revisions_going_backwards_are_reported() {
+        let h = vec![put(1, 0, "a", "v1", 5), put(1, 10, "b", "v2", 4)];
+        assert!(monotonic_revisions(&h).result.is_err());
+        let h = vec![put(1, 0, "a", "v1", 4), put(1, 10, "b", "v2", 5)];
+        assert!(monotonic_revisions(&h).result.is_ok());
+    }
+
+    fn ev(revision: i64, key: &str, value: &str) -> WatchEvent {
+        WatchEvent {
+            revision,
+            key: key.into(),
+            value: value.into(),
+        }
+    }
+
+    #[test]
+    fn watch_gaps_reorders_and_duplicates_are_reported() {
+        let h = vec![
+            put(1, 0, "a", "v1", 2),
+            put(1, 10, "a", "v2", 3),
+            put(1, 20, "b", "v3", 4),
+        ];
+        let good = WatchLog {
+            events: vec![ev(2, "a", "v1"), ev(3, "a", "v2"), ev(4, "b", "v3")],
+            ..WatchLog::default()
+        };
+        assert!(
+            watch_guarantees(&h, std::slice::from_ref(&good), 4)
+                .result
+                .is_ok()
+        );
+        let gap = WatchLog {
+            events: vec![ev(2, "a", "v1"), ev(4, "b", "v3")],
+            ..WatchLog::default()
+        };
+        assert!(watch_guarantees(&h, &[gap], 4).result.is_err());
+        // The same gap is fine when a compaction forced the watcher past revision 3.
+        let skipped = WatchLog {
+            events: vec![ev(2, "a", "v1"), ev(4, "b", "v3")],
+            skips: vec![(2, 4)],
+            resumes: 1,
+        };
+        assert!(watch_guarantees(&h, &[skipped], 4).result.is_ok());
+        let dup = WatchLog {
+            events: vec![
+                ev(2, "a", "v1"),
+                ev(3, "a", "v2"),
+                ev(3, "a", "v2"),
+                ev(4, "b", "v3"),
+            ],
+            ..WatchLog::default()
+        };
+        assert!(watch_guarantees(&h, &[dup], 4).result.is_err());
+        let wrong = WatchLog {
+            events: vec![ev(2, "a", "v1"), ev(3, "a", "v3"), ev(4, "b", "v3")],
+            ..WatchLog::default()
+        };
+        assert!(watch_guarantees(&h, &[wrong], 4).result.is_err());
+        let short = WatchLog {
+            events: vec![ev(2, "a", "v1")],
+            ..WatchLog::default()
+        };
+        assert!(watch_guarantees(&h, &[short], 4).result.is_err());
+    }
+
+    #[test]
+    fn two_leaders_in_one_term_and_diverged_members_are_reported() {
+        assert!(
+            single_leader_per_term(&[(0, 1, Some(7)), (1, 1, Some(7)), (2, 2, Some(9))])
+                .result
+                .is_ok()
+        );
+        assert!(
+            single_leader_per_term(&[(0, 1, Some(7)), (1, 1, Some(9))])
+                .result
+                .is_err()
+        );
+        let a: Vec<KvRow> = vec![("k".into(), "v".into(), 2, 2, 1)];
+        let b: Vec<KvRow> = vec![("k".into(), "w".into(), 3, 2, 2)];
+        assert!(converged(&[a.clone(), a.clone()]).result.is_ok());
+        assert!(converged(&[a, b]).result.is_err());
+    }
+}

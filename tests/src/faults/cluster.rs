@@ -20,6 +20,8 @@ pub struct Member {
     pub handle: Option<NodeHandle>,
     /// Storage faults of this member.
     pub disk: DiskFaults,
+    /// Removed from the cluster (stays stopped).
+    pub removed: bool,
 }
 
 /// A cluster under test.
@@ -90,6 +92,7 @@ impl FaultCluster {
                 },
                 handle: None,
                 disk: DiskFaults::default(),
+                removed: false,
             });
         }
         let mut cluster = Self {
@@ -123,6 +126,70 @@ impl FaultCluster {
         .with_context(|| format!("start member {i}"))?;
         self.router.register(handle.id(), i);
         m.handle = Some(handle);
+        Ok(())
+    }
+
+    /// Adds a new member through `MemberAdd` (sent to member `via`) and starts it with
+    /// `initial-cluster-state existing`; returns its index.
+    pub async fn add_member(&mut self, via: usize) -> anyhow::Result<usize> {
+        use store::pb::etcdserverpb::MemberAddRequest;
+        use store::pb::etcdserverpb::cluster_client::ClusterClient;
+        let c = TcpListener::bind("127.0.0.1:0").await?.local_addr()?;
+        let p = TcpListener::bind("127.0.0.1:0").await?.local_addr()?;
+        let i = self.members.len();
+        let template = self.members[0].config.clone();
+        let mut initial: Vec<(String, String)> = self
+            .members
+            .iter()
+            .filter(|m| !m.removed)
+            .map(|m| {
+                (
+                    m.config.name.clone(),
+                    format!("http://{}", m.config.listen_peer_addr),
+                )
+            })
+            .collect();
+        initial.push((format!("m{i}"), format!("http://{p}")));
+        let mut cc = ClusterClient::connect(self.endpoints()[via].clone()).await?;
+        cc.member_add(MemberAddRequest {
+            peer_ur_ls: vec![format!("http://{p}")],
+            is_learner: false,
+        })
+        .await
+        .context("member add")?;
+        self.members.push(Member {
+            config: StoreConfig {
+                name: format!("m{i}"),
+                data_dir: template.data_dir.with_file_name(format!("m{i}")),
+                listen_client_addr: c,
+                listen_peer_addr: p,
+                initial_cluster: initial,
+                initial_cluster_state: ClusterState::Existing,
+                ..template
+            },
+            handle: None,
+            disk: DiskFaults::default(),
+            removed: false,
+        });
+        self.start_member(i).await?;
+        Ok(i)
+    }
+
+    /// Removes member `i` through `MemberRemove` (sent to member `via`), then stops it.
+    pub async fn remove_member(&mut self, i: usize, via: usize) -> anyhow::Result<()> {
+        use store::pb::etcdserverpb::MemberRemoveRequest;
+        use store::pb::etcdserverpb::cluster_client::ClusterClient;
+        let id = self.members[i]
+            .handle
+            .as_ref()
+            .context("member to remove is not running")?
+            .id();
+        let mut cc = ClusterClient::connect(self.endpoints()[via].clone()).await?;
+        cc.member_remove(MemberRemoveRequest { id })
+            .await
+            .context("member remove")?;
+        self.members[i].removed = true;
+        self.stop_member(i).await;
         Ok(())
     }
 

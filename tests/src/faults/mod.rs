@@ -270,7 +270,7 @@ where
     nemesis(&mut ctx).await?;
     ctx.heal();
     for i in 0..ctx.cluster.len() {
-        if ctx.cluster.members[i].handle.is_none() {
+        if ctx.cluster.members[i].handle.is_none() && !ctx.cluster.members[i].removed {
             ctx.cluster.start_member(i).await?;
             ctx.log(format!("restart member {i} (heal)"));
         }
@@ -284,8 +284,9 @@ where
     ctx.sample();
     let leader = ctx.cluster.wait_leader(Duration::from_secs(10)).await?;
     // A final linearizable read of every key joins the history.
-    let mut kv =
-        store::pb::etcdserverpb::kv_client::KvClient::new(workload::channel(&endpoints[leader])?);
+    let mut kv = store::pb::etcdserverpb::kv_client::KvClient::new(workload::channel(
+        &ctx.cluster.endpoints()[leader],
+    )?);
     for k in 0..cfg.workload.keys {
         let input = Input::Get {
             key: format!("{}{k}", workload::PREFIX),
@@ -317,7 +318,9 @@ where
     }
     let mut dumps = Vec::new();
     for i in 0..ctx.cluster.len() {
-        dumps.push(ctx.cluster.dump(i).await?);
+        if ctx.cluster.members[i].handle.is_some() {
+            dumps.push(ctx.cluster.dump(i).await?);
+        }
     }
     let history = rec.snapshot();
     let final_kv: Vec<(String, String, i64)> = dumps

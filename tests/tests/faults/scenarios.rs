@@ -305,3 +305,46 @@ async fn f17_compaction_racing_watches() {
     )
     .await;
 }
+
+/// F16: membership churn under load: add a fourth member (learner, promoted once caught up),
+/// then remove the leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f16_membership_churn() {
+    run(
+        "f16_membership_churn",
+        ScenarioConfig::default(),
+        async |ctx: &mut Ctx| {
+            let l = ctx.leader().await?;
+            let new = ctx.cluster.add_member(l).await?;
+            ctx.log(format!("member add: member {new}"));
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                ctx.sleep(Duration::from_millis(200)).await;
+                let l = ctx.leader().await?;
+                let voters = ctx.cluster.members[l]
+                    .handle
+                    .as_ref()
+                    .map_or(0, |h| h.metrics().voters.len());
+                if voters == 4 {
+                    break;
+                }
+                anyhow::ensure!(
+                    tokio::time::Instant::now() < deadline,
+                    "member {new} not promoted to voter within 30 s"
+                );
+            }
+            ctx.log(format!("member {new} is a voter"));
+            let l = ctx.leader().await?;
+            let via = (0..ctx.cluster.len())
+                .find(|i| *i != l && ctx.cluster.members[*i].handle.is_some())
+                .ok_or_else(|| anyhow::anyhow!("no other running member"))?;
+            ctx.cluster.remove_member(l, via).await?;
+            ctx.log(format!("member remove: leader {l}"));
+            let l2 = ctx.leader().await?;
+            ctx.log(format!("new leader {l2}"));
+            ctx.sleep(Duration::from_millis(1000)).await;
+            Ok(())
+        },
+    )
+    .await;
+}
