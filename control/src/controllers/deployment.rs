@@ -317,26 +317,38 @@ impl Reconciler for DeploymentController {
             let total = total - new_spec + new_target;
             let min_available = replicas - unavail;
             let new_unavailable = (new_target - status_i(&new_rs, "availableReplicas")).max(0);
-            let mut budget = total - min_available - new_unavailable;
+            // As kube's reconcileOldReplicaSets: nothing is scaled down unless the pods beyond
+            // minAvailable (not counting the new set's unavailable ones) allow it.
+            let max_scaled_down = total - min_available - new_unavailable;
             let mut targets: Vec<i64> = old.iter().map(spec_replicas).collect();
-            for (i, rs) in old.iter().enumerate() {
-                if budget <= 0 {
-                    break;
+            if max_scaled_down > 0 {
+                let mut budget = max_scaled_down;
+                for (i, rs) in old.iter().enumerate() {
+                    if budget <= 0 {
+                        break;
+                    }
+                    let unhealthy = (targets[i] - status_i(rs, "availableReplicas")).max(0);
+                    let cut = unhealthy.min(budget);
+                    targets[i] -= cut;
+                    budget -= cut;
                 }
-                let unhealthy = (targets[i] - status_i(rs, "availableReplicas")).max(0);
-                let cut = unhealthy.min(budget);
-                targets[i] -= cut;
-                budget -= cut;
-            }
-            let available: i64 = rss.iter().map(|r| status_i(r, "availableReplicas")).sum();
-            let mut can_down = available - min_available;
-            for t in &mut targets {
-                if can_down <= 0 {
-                    break;
+                // A set just scaled down may still report its old count: never count more
+                // available pods than a set is meant to keep.
+                let available: i64 = status_i(&new_rs, "availableReplicas").min(new_target)
+                    + old
+                        .iter()
+                        .zip(&targets)
+                        .map(|(rs, t)| status_i(rs, "availableReplicas").min(*t))
+                        .sum::<i64>();
+                let mut can_down = (available - min_available).min(budget);
+                for t in &mut targets {
+                    if can_down <= 0 {
+                        break;
+                    }
+                    let cut = (*t).min(can_down);
+                    *t -= cut;
+                    can_down -= cut;
                 }
-                let cut = (*t).min(can_down);
-                *t -= cut;
-                can_down -= cut;
             }
             for (rs, t) in old.iter().zip(targets) {
                 self.scale(ns, rs, t, replicas, surge).await?;

@@ -144,7 +144,11 @@ pub async fn post_event(
         "metadata": {"name": name, "namespace": ns},
         "involvedObject": {
             "apiVersion": obj.get("apiVersion").cloned().unwrap_or(json!("v1")),
-            "kind": obj.get("kind").cloned().unwrap_or(json!("Pod")),
+            // List items may lack their kind: the cluster-scoped objects events are about
+            // here are Nodes, the namespaced ones Pods.
+            "kind": obj.get("kind").cloned().unwrap_or_else(|| {
+                json!(if labels::namespace_of(obj).is_empty() { "Node" } else { "Pod" })
+            }),
             "name": labels::name_of(obj),
             "namespace": labels::namespace_of(obj),
             "uid": labels::uid_of(obj),

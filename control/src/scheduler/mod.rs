@@ -260,6 +260,7 @@ impl Scheduler {
         let t_bind = Instant::now();
         let batch_pods = binds.len() + failures.len();
         let client = &self.client;
+        let scheduler_name = self.config.scheduler_name.as_str();
         let results = futures::future::join_all(binds.iter().map(|(pod, node)| async move {
             let (ns, name) = (namespace_of(pod), name_of(pod));
             let b = json!({
@@ -267,9 +268,14 @@ impl Scheduler {
                 "metadata": {"name": name, "namespace": ns, "uid": uid_of(pod)},
                 "target": {"apiVersion": "v1", "kind": "Node", "name": node},
             });
-            client
+            let r = client
                 .create(&format!("/api/v1/namespaces/{ns}/pods/{name}/binding"), &b)
-                .await
+                .await;
+            if r.is_ok() {
+                let msg = format!("Successfully assigned {ns}/{name} to {node}");
+                post_event(client, pod, "Normal", "Scheduled", &msg, scheduler_name).await;
+            }
+            r
         }))
         .await;
         let now = Instant::now();

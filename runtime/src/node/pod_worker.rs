@@ -79,7 +79,42 @@ fn pod_path(pod: &Value) -> String {
     )
 }
 
+/// Records an Event about `pod` from the agent, as the kubelet does (best effort).
+async fn event(client: &ApiClient, node: &str, pod: &Value, ty: &str, reason: &str, message: &str) {
+    let ns = meta(pod, "namespace");
+    let now = chrono::Utc::now();
+    let ts = now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let ev = json!({
+        "apiVersion": "v1", "kind": "Event",
+        "metadata": {"name": format!("{}.{:x}", meta(pod, "name"), now.timestamp_nanos_opt().unwrap_or(0)), "namespace": ns},
+        "involvedObject": {"apiVersion": "v1", "kind": "Pod", "name": meta(pod, "name"), "namespace": ns,
+                           "uid": meta(pod, "uid"), "fieldPath": "spec.containers"},
+        "reason": reason, "message": message, "type": ty,
+        "source": {"component": "kubelet", "host": node},
+        "reportingComponent": "kubelet", "reportingInstance": node,
+        "firstTimestamp": ts, "lastTimestamp": ts, "count": 1,
+    });
+    if let Err(e) = client
+        .create(&format!("/api/v1/namespaces/{ns}/events"), &ev)
+        .await
+    {
+        tracing::debug!(error = %e, %reason, "failed to record event");
+    }
+}
+
 impl<R: PodRuntime> PodWorker<R> {
+    async fn event(&self, pod: &Value, ty: &str, reason: &str, message: &str) {
+        event(
+            &self.ctx.client,
+            &self.ctx.node_name,
+            pod,
+            ty,
+            reason,
+            message,
+        )
+        .await;
+    }
+
     pub(crate) fn new(
         ctx: Arc<WorkerContext<R>>,
         rx: watch::Receiver<Option<Value>>,
@@ -194,6 +229,8 @@ impl<R: PodRuntime> PodWorker<R> {
             .max(0);
         let grace = Duration::from_secs(u64::try_from(grace).unwrap_or(0));
         if let Some(id) = self.sandbox.clone() {
+            let msg = format!("Stopping pod (grace period {}s)", grace.as_secs());
+            self.event(pod, "Normal", "Killing", &msg).await;
             if let Err(e) = self.ctx.runtime.stop_pod(&id, grace).await {
                 tracing::warn!(pod = %id, error = %e, "failed to stop pod");
             }
@@ -313,6 +350,13 @@ impl<R: PodRuntime> PodWorker<R> {
                 // First restart: immediate, as the kubelet does; no back-off to show.
                 return Duration::ZERO;
             }
+            let msg = format!(
+                "Back-off restarting failed container {failed} in pod {}_{}({})",
+                meta(pod, "name"),
+                meta(pod, "namespace"),
+                meta(pod, "uid")
+            );
+            self.event(pod, "Warning", "BackOff", &msg).await;
             let status = self.compose(pod, None);
             self.write_status(pod, status).await;
             return delay.min(poll * 20);
@@ -370,6 +414,14 @@ impl<R: PodRuntime> PodWorker<R> {
                 if self.start_time.is_none() {
                     self.start_time = Some(now_rfc3339());
                 }
+                let names: Vec<&str> = cfg
+                    .spec
+                    .containers
+                    .iter()
+                    .map(|c| c.name.as_str())
+                    .collect();
+                let msg = format!("Started container {}", names.join(", "));
+                self.event(pod, "Normal", "Started", &msg).await;
             }
             Err(e) => {
                 let reason = match &e {
@@ -381,6 +433,8 @@ impl<R: PodRuntime> PodWorker<R> {
                     _ => "CreateContainerError",
                 };
                 tracing::warn!(pod = %pod_path(pod), error = %e, "failed to start pod");
+                self.event(pod, "Warning", "Failed", &format!("Error: {e}"))
+                    .await;
                 self.fail_start(reason, e.to_string());
             }
         }
