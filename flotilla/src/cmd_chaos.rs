@@ -125,6 +125,7 @@ async fn chaos(args: ChaosArgs) -> anyhow::Result<()> {
             w + 1,
             log.clone(),
             until.clone(),
+            None,
             watch_stop.clone(),
         ));
     }

@@ -198,6 +198,8 @@ pub struct ScenarioConfig {
     pub watchers: usize,
     /// Compact every this often (F17), keeping the last few revisions.
     pub compact_every: Option<Duration>,
+    /// Watchers drop and resume their streams this often.
+    pub watch_restart: Option<Duration>,
     /// Workload time before the nemesis starts.
     pub warmup: Duration,
     /// Workload time after the heal.
@@ -211,6 +213,7 @@ impl Default for ScenarioConfig {
             workload: WorkloadConfig::default(),
             watchers: 2,
             compact_every: None,
+            watch_restart: None,
             warmup: Duration::from_millis(700),
             cooldown: Duration::from_millis(1500),
         }
@@ -253,6 +256,7 @@ where
             w + 1,
             log,
             until.clone(),
+            cfg.watch_restart,
             watch_stop.clone(),
         ));
     }
@@ -362,7 +366,7 @@ where
     Ok(report)
 }
 
-/// Compacts to a few revisions behind the head every `every` (F17).
+/// Compacts to two revisions behind the head every `every` (F17).
 async fn compactor(
     endpoints: Vec<String>,
     every: Duration,
@@ -393,7 +397,7 @@ async fn compactor(
             let _ = tokio::time::timeout(
                 Duration::from_secs(1),
                 kv.compact(CompactionRequest {
-                    revision: head - 5,
+                    revision: head - 2,
                     physical: false,
                 }),
             )

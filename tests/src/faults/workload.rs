@@ -223,12 +223,14 @@ pub struct WatchLog {
 
 /// Watches [`PREFIX`] from revision 1, resuming (on the next member) after errors and from the
 /// compaction point when its start was compacted, until it has seen `until` (set after the
-/// workload) or `stop` fires.
+/// workload) or `stop` fires. With `restart_every`, it also drops its stream on purpose that
+/// often and resumes (racing compactions).
 pub async fn watcher(
     endpoints: Vec<String>,
     first: usize,
     log: Arc<Mutex<WatchLog>>,
     until: Arc<std::sync::atomic::AtomicI64>,
+    restart_every: Option<Duration>,
     stop: CancellationToken,
 ) {
     let mut member = first % endpoints.len();
@@ -254,7 +256,11 @@ pub async fn watcher(
                 .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
                 .await?
                 .into_inner();
+            let restart_at = restart_every.map(|d| tokio::time::Instant::now() + d);
             loop {
+                if restart_at.is_some_and(|t| tokio::time::Instant::now() >= t) {
+                    anyhow::bail!("planned restart");
+                }
                 let resp = tokio::select! {
                     r = stream.message() => r?,
                     () = tokio::time::sleep(Duration::from_millis(200)) => {

@@ -3,6 +3,10 @@
 //! lost writes, revisions, watches, leaders per term and convergence.
 use std::time::Duration;
 
+use store::pb::etcdserverpb::kv_client::KvClient;
+use store::pb::etcdserverpb::watch_client::WatchClient;
+use store::pb::etcdserverpb::watch_request::RequestUnion;
+use store::pb::etcdserverpb::{RangeRequest, WatchCreateRequest, WatchRequest};
 use tests::faults::net::NetFaults;
 use tests::faults::{Ctx, ScenarioConfig, run_scenario};
 
@@ -289,6 +293,7 @@ async fn f17_compaction_racing_watches() {
     let cfg = ScenarioConfig {
         watchers: 3,
         compact_every: Some(Duration::from_millis(150)),
+        watch_restart: Some(Duration::from_millis(300)),
         ..ScenarioConfig::default()
     };
     run(
@@ -296,6 +301,7 @@ async fn f17_compaction_racing_watches() {
         cfg,
         async |ctx: &mut Ctx| {
             ctx.sleep(Duration::from_millis(1000)).await;
+            compacted_revision_is_refused(ctx).await?;
             let l = ctx.leader().await?;
             let n = ctx.cluster.len();
             ctx.partition(&[l], &others(n, l));
@@ -347,4 +353,59 @@ async fn f16_membership_churn() {
         },
     )
     .await;
+}
+
+/// A Range and a Watch at revision 2 (long compacted by now) fail with etcd's ErrCompacted
+/// semantics: an error for the Range, a canceled watch carrying `compact_revision`.
+async fn compacted_revision_is_refused(ctx: &mut Ctx) -> anyhow::Result<()> {
+    let url = ctx.cluster.endpoints()[ctx.leader().await?].clone();
+    let mut kv = KvClient::connect(url.clone()).await?;
+    let err = kv
+        .range(RangeRequest {
+            key: b"fk/0".to_vec(),
+            revision: 2,
+            ..Default::default()
+        })
+        .await
+        .err()
+        .ok_or_else(|| anyhow::anyhow!("range at a compacted revision succeeded"))?;
+    anyhow::ensure!(
+        err.message().contains("compacted"),
+        "range at a compacted revision: {err}"
+    );
+    let mut wc = WatchClient::connect(url).await?;
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(WatchRequest {
+        request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
+            key: b"fk/".to_vec(),
+            range_end: b"fk0".to_vec(),
+            start_revision: 2,
+            ..Default::default()
+        })),
+    })
+    .await?;
+    let mut stream = wc
+        .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    let resp = loop {
+        let r = tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await??
+            .ok_or_else(|| anyhow::anyhow!("watch stream ended"))?;
+        if r.compact_revision > 0 || !r.events.is_empty() {
+            break r;
+        }
+    };
+    anyhow::ensure!(
+        resp.compact_revision > 2 && resp.canceled && resp.events.is_empty(),
+        "watch from a compacted revision: compact_revision {} canceled {} events {}",
+        resp.compact_revision,
+        resp.canceled,
+        resp.events.len()
+    );
+    ctx.log(format!(
+        "range and watch at revision 2 refused: compacted at {}",
+        resp.compact_revision
+    ));
+    Ok(())
 }
