@@ -129,10 +129,33 @@ async fn serve_on<S: Store>(
         let _ = tokio::signal::ctrl_c().await;
         signal.cancel();
     });
-    server
-        .serve(listener, shutdown)
-        .await
-        .context("API server failed")
+    // Scheduler and controllers (issue 5), under leader election; writes DATA_DIR/node-token.
+    let control_loops = server.pki().cloned().map(|pki| {
+        let (dir, stop) = (args.data_dir.clone(), shutdown.clone());
+        println!("node join token: {}", dir.join("node-token").display());
+        tokio::spawn(async move {
+            control::controllers::run_with_server(
+                &dir,
+                &pki,
+                addr,
+                Default::default(),
+                Default::default(),
+                stop,
+            )
+            .await
+        })
+    });
+    if control_loops.is_none() {
+        tracing::warn!("no scheduler or controllers without authentication (insecure mode)");
+    }
+    let served = server.serve(listener, shutdown.clone()).await;
+    shutdown.cancel();
+    if let Some(task) = control_loops
+        && let Ok(Err(e)) = task.await
+    {
+        tracing::error!(error = %e, "scheduler/controllers failed");
+    }
+    served.context("API server failed")
 }
 
 /// Arguments of `flotilla bench api`.
