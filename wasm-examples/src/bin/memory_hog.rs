@@ -9,7 +9,7 @@ fn main() {
         }
         chunk.resize(1 << 20, 0xa5);
         chunks.push(chunk);
-        if chunks.len() % 16 == 0 {
+        if chunks.len().is_multiple_of(16) {
             println!("holding {} MiB", chunks.len());
         }
     }
