@@ -10,13 +10,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
+use chaos::checks::{self, KvRow};
+use chaos::history::{self, Input, Operation, Recorder};
+use chaos::workload::{self, WatchLog, WorkloadConfig};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use store::pb::etcdserverpb::RangeRequest;
 use store::pb::etcdserverpb::kv_client::KvClient;
-use tests::faults::checks::{self, KvRow};
-use tests::faults::history::{self, Input, Operation, Recorder};
-use tests::faults::workload::{self, WatchLog, WorkloadConfig};
 use tokio_util::sync::CancellationToken;
 
 use crate::cmd_bench_store::{Kind, ProcCluster, channel, status};

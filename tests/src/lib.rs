@@ -3,7 +3,8 @@
 //! real wasm pods, each joined with the node token the server wrote.
 #![warn(missing_docs)]
 
-pub mod faults;
+/// The store fault-injection harness, re-exported under its old path for the `faults` tests.
+pub use chaos as faults;
 
 use std::collections::BTreeMap;
 use std::future::Future;

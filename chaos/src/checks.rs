@@ -294,7 +294,7 @@ pub fn converged(dumps: &[Vec<KvRow>]) -> Check {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::faults::workload::WatchEvent;
+    use crate::workload::WatchEvent;
 
     fn put(client: u64, call: u64, key: &str, value: &str, revision: i64) -> Operation {
         Operation {

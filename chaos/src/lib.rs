@@ -1,10 +1,12 @@
-//! Fault injection for the store: in-process clusters behind a controllable network and
+//! Flotilla's store under fire, as a library shared by the `faults` test binary and
+//! `flotilla chaos`: in-process clusters behind a controllable network and
 //! storage ([`cluster`], [`net`]), a recorded client workload ([`workload`], [`history`]), a
 //! linearizability checker ([`linearizability`]) and the other invariant checks ([`checks`]),
 //! tied together by [`run_scenario`].
 //!
 //! Every scenario is seeded: the seed is printed, and `SEED=n` replays the same fault schedule
 //! and workload choices (thread timing still varies).
+#![warn(missing_docs)]
 pub mod checks;
 pub mod cluster;
 pub mod history;
