@@ -26,7 +26,8 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-pub mod client;
+/// The Kubernetes REST client, shared with the other side of the API (crate `apiclient`).
+pub use apiclient as client;
 pub mod deployment;
 mod gc;
 pub mod informer;

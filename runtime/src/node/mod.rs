@@ -26,7 +26,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::pod_runtime::{PodId, PodRuntime};
 
-pub mod client;
+/// The Kubernetes REST client, shared with the other side of the API (crate `apiclient`).
+pub use apiclient as client;
 mod heartbeat;
 pub mod join;
 mod pod_worker;

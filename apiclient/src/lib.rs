@@ -2,8 +2,9 @@
 //! the insecure development listener) with a bearer token, one shared connection, and watches
 //! as streams of newline-delimited JSON events.
 //!
-//! The twin of the node agent's `runtime::node::client`: `control` and `runtime` may not depend
-//! on each other and `api` holds no IO, so each carries this small client; keep them in step.
+//! Its own crate because both the controllers (`control`) and the node agent (`runtime`) use it,
+//! `control` and `runtime` may not depend on each other, and `api` holds no IO.
+#![warn(missing_docs)]
 use std::sync::Arc;
 use std::time::Duration;
 
