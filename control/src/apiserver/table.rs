@@ -88,44 +88,33 @@ fn columns(kind: &str) -> Vec<Col> {
 
 /// `kubectl`'s short human duration (`5s`, `3m10s`, `4h`, `2d3h`, `400d`).
 pub(crate) fn human_duration(secs: i64) -> String {
+    /// `3m` or `3m10s`: the larger unit, then the remainder in the smaller one unless it is 0.
+    fn two_units(major: i64, major_unit: &str, minor: i64, minor_unit: &str) -> String {
+        if minor == 0 {
+            format!("{major}{major_unit}")
+        } else {
+            format!("{major}{major_unit}{minor}{minor_unit}")
+        }
+    }
     let s = secs.max(0);
+    let (m, h, d) = (s / 60, s / 3600, s / 86400);
     if s < 120 {
-        return format!("{s}s");
+        format!("{s}s")
+    } else if m < 10 {
+        two_units(m, "m", s % 60, "s")
+    } else if m < 180 {
+        format!("{m}m")
+    } else if h < 8 {
+        two_units(h, "h", m % 60, "m")
+    } else if h < 48 {
+        format!("{h}h")
+    } else if d < 8 {
+        two_units(d, "d", h % 24, "h")
+    } else if d < 365 * 2 {
+        format!("{d}d")
+    } else {
+        format!("{}y", d / 365)
     }
-    let m = s / 60;
-    if m < 10 {
-        return if s % 60 == 0 {
-            format!("{m}m")
-        } else {
-            format!("{m}m{}s", s % 60)
-        };
-    }
-    if m < 180 {
-        return format!("{m}m");
-    }
-    let h = m / 60;
-    if h < 8 {
-        return if m % 60 == 0 {
-            format!("{h}h")
-        } else {
-            format!("{h}h{}m", m % 60)
-        };
-    }
-    if h < 48 {
-        return format!("{h}h");
-    }
-    let d = h / 24;
-    if d < 8 {
-        return if h % 24 == 0 {
-            format!("{d}d")
-        } else {
-            format!("{d}d{}h", h % 24)
-        };
-    }
-    if d < 365 * 2 {
-        return format!("{d}d");
-    }
-    format!("{}y", d / 365)
 }
 
 fn age(ts: Option<&Value>, now: DateTime<Utc>) -> String {
