@@ -320,15 +320,6 @@ impl Scheduler {
         }
         tracing::info!(pod = %key, %message, "pod unschedulable");
         self.reported.insert(uid, (message.clone(), Instant::now()));
-        post_event(
-            &self.client,
-            pod,
-            "Warning",
-            "FailedScheduling",
-            &message,
-            &self.config.scheduler_name,
-        )
-        .await;
         let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
         let status = json!({"status": {"conditions": [{
             "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
@@ -342,6 +333,16 @@ impl Scheduler {
         if let Err(e) = self.client.merge_patch(&path, &status).await {
             tracing::debug!(pod = %key, error = %e, "failed to set PodScheduled=False");
         }
+        // The condition first, then the event: whoever sees the event can read the reason.
+        post_event(
+            &self.client,
+            pod,
+            "Warning",
+            "FailedScheduling",
+            &message,
+            &self.config.scheduler_name,
+        )
+        .await;
     }
 }
 

@@ -53,17 +53,23 @@ async fn unschedulable_pods_get_kubernetes_worded_events() -> anyhow::Result<()>
         msg,
         "0/3 nodes are available: 1 node(s) had untolerated taint {dedicated: gpu}, 2 Insufficient memory."
     );
-    let p = c
-        .admin
-        .get(&format!("{PODS}/big"))
-        .await?
-        .unwrap_or_default();
-    assert_eq!(tests::phase(&p), "Pending");
-    assert_eq!(
-        p.pointer("/status/conditions/0/reason")
-            .and_then(Value::as_str),
-        Some("Unschedulable")
-    );
+    // The status patch and the event are separate writes; wait for the condition.
+    eventually("big has PodScheduled=False/Unschedulable", WAIT, || async {
+        let p = c
+            .admin
+            .get(&format!("{PODS}/big"))
+            .await?
+            .unwrap_or_default();
+        let reason = p
+            .pointer("/status/conditions/0/reason")
+            .and_then(Value::as_str);
+        Ok(if tests::phase(&p) == "Pending" && reason == Some("Unschedulable") {
+            Ok(())
+        } else {
+            Err(format!("phase {} reason {reason:?}", tests::phase(&p)))
+        })
+    })
+    .await?;
 
     // nodeSelector matching no node, then a node that matches joins: the pod is retried.
     let mut picky = pod("picky", "sleeper", &[], "Always");
