@@ -2,7 +2,9 @@
 use std::time::Duration;
 
 use crate::cri::CriRuntime;
-use crate::pod_runtime::{PodConfig, PodId, PodRuntime, PodStats, PodStatus, RuntimeError};
+use crate::pod_runtime::{
+    ExecOutput, PodConfig, PodId, PodRuntime, PodStats, PodStatus, RuntimeError,
+};
 #[cfg(any(test, feature = "test-util"))]
 use crate::testing::FakeRuntime;
 use crate::wasm::WasmRuntime;
@@ -60,5 +62,15 @@ impl PodRuntime for AnyRuntime {
 
     async fn stats(&self, id: &PodId) -> Result<PodStats, RuntimeError> {
         dispatch!(self, rt => rt.stats(id).await)
+    }
+
+    async fn exec(
+        &self,
+        id: &PodId,
+        container: &str,
+        command: Vec<String>,
+        timeout: Duration,
+    ) -> Result<ExecOutput, RuntimeError> {
+        dispatch!(self, rt => rt.exec(id, container, command, timeout).await)
     }
 }

@@ -41,7 +41,7 @@ pub use api;
 pub use any::AnyRuntime;
 pub use cri::CriRuntime;
 pub use pod_runtime::{
-    ContainerStats, ContainerStatus, PodConfig, PodId, PodRuntime, PodStats, PodStatus,
+    ContainerStats, ContainerStatus, ExecOutput, PodConfig, PodId, PodRuntime, PodStats, PodStatus,
     RuntimeError, SandboxState,
 };
 pub use wasm::{WasmRuntime, WasmRuntimeConfig};

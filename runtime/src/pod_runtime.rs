@@ -129,6 +129,17 @@ pub struct PodStats {
     pub containers: Vec<ContainerStats>,
 }
 
+/// Result of [`PodRuntime::exec`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecOutput {
+    /// Exit code of the command.
+    pub exit_code: i32,
+    /// Its standard output.
+    pub stdout: Vec<u8>,
+    /// Its standard error.
+    pub stderr: Vec<u8>,
+}
+
 /// Why a runtime call failed. Variants say what the caller can do.
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
@@ -234,4 +245,22 @@ pub trait PodRuntime: Send + Sync + 'static {
 
     /// Resource usage of a pod's containers.
     fn stats(&self, id: &PodId) -> impl Future<Output = Result<PodStats, RuntimeError>> + Send;
+
+    /// Runs `command` inside a running container and waits at most `timeout` for it
+    /// (`kubectl exec`, exec probes). Runtimes that cannot exec say so with
+    /// [`RuntimeError::CantHandle`].
+    fn exec(
+        &self,
+        id: &PodId,
+        container: &str,
+        command: Vec<String>,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<ExecOutput, RuntimeError>> + Send {
+        let _ = (id, container, command, timeout);
+        async {
+            Err(RuntimeError::CantHandle(
+                "this runtime cannot exec into containers",
+            ))
+        }
+    }
 }

@@ -110,16 +110,7 @@ pub struct CriVersion {
     pub runtime_api_version: String,
 }
 
-/// Result of [`CriRuntime::exec_sync`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ExecOutput {
-    /// Exit code of the command.
-    pub exit_code: i32,
-    /// Its standard output.
-    pub stdout: Vec<u8>,
-    /// Its standard error.
-    pub stderr: Vec<u8>,
-}
+pub use crate::pod_runtime::ExecOutput;
 
 /// Pods as OCI containers in a CRI runtime. Cheap to clone.
 #[derive(Clone)]
@@ -737,6 +728,16 @@ impl CriRuntime {
 impl PodRuntime for CriRuntime {
     fn name(&self) -> &'static str {
         "cri"
+    }
+
+    async fn exec(
+        &self,
+        id: &PodId,
+        container: &str,
+        command: Vec<String>,
+        timeout: Duration,
+    ) -> Result<ExecOutput, RuntimeError> {
+        self.exec_sync(id, container, command, timeout).await
     }
 
     async fn run_pod(&self, pod: &PodConfig) -> Result<PodId, RuntimeError> {

@@ -63,11 +63,13 @@ async fn unschedulable_pods_get_kubernetes_worded_events() -> anyhow::Result<()>
         let reason = p
             .pointer("/status/conditions/0/reason")
             .and_then(Value::as_str);
-        Ok(if tests::phase(&p) == "Pending" && reason == Some("Unschedulable") {
-            Ok(())
-        } else {
-            Err(format!("phase {} reason {reason:?}", tests::phase(&p)))
-        })
+        Ok(
+            if tests::phase(&p) == "Pending" && reason == Some("Unschedulable") {
+                Ok(())
+            } else {
+                Err(format!("phase {} reason {reason:?}", tests::phase(&p)))
+            },
+        )
     })
     .await?;
 
