@@ -58,6 +58,18 @@ pub struct Container {
     /// Volumes mounted into this container.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volume_mounts: Vec<VolumeMount>,
+    /// Ports the container listens on (named ports are what probes may refer to).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<crate::probe::ContainerPort>,
+    /// Restarts the container when it fails.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub liveness_probe: Option<crate::probe::Probe>,
+    /// Drives `ready` and the pod's Ready condition.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub readiness_probe: Option<crate::probe::Probe>,
+    /// Holds back the other probes until it succeeds once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub startup_probe: Option<crate::probe::Probe>,
 }
 
 /// `core/v1` EnvVar (literal values only).

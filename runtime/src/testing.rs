@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use api::pod::{ContainerState, ContainerStateRunning, ContainerStateTerminated};
 
 use crate::pod_runtime::{
-    ContainerStats, ContainerStatus, PodConfig, PodId, PodRuntime, PodStats, PodStatus,
+    ContainerStats, ContainerStatus, ExecOutput, PodConfig, PodId, PodRuntime, PodStats, PodStatus,
     RuntimeError, SandboxState,
 };
 
@@ -48,6 +48,8 @@ pub enum FakeCall {
     Logs(PodId, String),
     /// `stats`.
     Stats(PodId),
+    /// `exec` into a container with this command.
+    Exec(PodId, String, Vec<String>),
 }
 
 struct FakeContainer {
@@ -70,6 +72,7 @@ pub struct FakeRuntime {
     pods: Mutex<BTreeMap<PodId, FakePod>>,
     calls: Mutex<Vec<FakeCall>>,
     next_id: AtomicU64,
+    exec_scripts: Mutex<HashMap<String, ExecOutput>>,
 }
 
 impl FakeRuntime {
@@ -81,6 +84,12 @@ impl FakeRuntime {
     /// Containers with image `image` behave as `behavior`.
     pub fn script(&self, image: impl Into<String>, behavior: FakeBehavior) {
         lock(&self.scripts).insert(image.into(), behavior);
+    }
+
+    /// `exec` of a command whose first word is `program` answers `output` (overrides the
+    /// built-in commands `echo`, `true`, `false`, `exit N` and `stderr TEXT`).
+    pub fn script_exec(&self, program: impl Into<String>, output: ExecOutput) {
+        lock(&self.exec_scripts).insert(program.into(), output);
     }
 
     /// Calls received so far.
@@ -274,6 +283,68 @@ impl PodRuntime for FakeRuntime {
                 .collect(),
         })
     }
+
+    async fn exec(
+        &self,
+        id: &PodId,
+        container: &str,
+        command: Vec<String>,
+        _timeout: Duration,
+    ) -> Result<ExecOutput, RuntimeError> {
+        self.record(FakeCall::Exec(
+            id.clone(),
+            container.to_owned(),
+            command.clone(),
+        ));
+        {
+            let pods = lock(&self.pods);
+            let pod = pods
+                .get(id)
+                .ok_or_else(|| RuntimeError::NotFound(id.clone()))?;
+            let status = Self::status_of(id, pod, Instant::now());
+            let running = status
+                .containers
+                .iter()
+                .find(|c| c.name == container)
+                .ok_or_else(|| RuntimeError::ContainerNotFound {
+                    pod: id.clone(),
+                    container: container.to_owned(),
+                })?
+                .state
+                .is_running();
+            if !running {
+                return Err(RuntimeError::InvalidSpec(format!(
+                    "container {container:?} is not running"
+                )));
+            }
+        }
+        let program = command.first().cloned().unwrap_or_default();
+        if let Some(out) = lock(&self.exec_scripts).get(&program) {
+            return Ok(out.clone());
+        }
+        let rest = command.get(1..).unwrap_or_default().join(" ");
+        let out = |exit_code: i32, stdout: String, stderr: String| ExecOutput {
+            exit_code,
+            stdout: stdout.into_bytes(),
+            stderr: stderr.into_bytes(),
+        };
+        Ok(match program.as_str() {
+            "echo" => out(0, format!("{rest}\n"), String::new()),
+            "true" => out(0, String::new(), String::new()),
+            "false" => out(1, String::new(), String::new()),
+            "exit" => out(
+                rest.trim().parse().unwrap_or(2),
+                String::new(),
+                String::new(),
+            ),
+            "stderr" => out(0, String::new(), format!("{rest}\n")),
+            other => out(
+                127,
+                String::new(),
+                format!("fake: {other}: command not found\n"),
+            ),
+        })
+    }
 }
 
 #[cfg(test)]
@@ -289,5 +360,62 @@ mod tests {
         assert!(calls.iter().any(|c| matches!(c, FakeCall::Run(_))));
         assert!(calls.iter().any(|c| matches!(c, FakeCall::Stop(_, _))));
         assert!(calls.iter().any(|c| matches!(c, FakeCall::Remove(_))));
+    }
+
+    #[tokio::test]
+    async fn fake_exec_echoes_and_reports_exit_codes() {
+        use api::pod::{Container, PodSpec};
+        let fake = FakeRuntime::new();
+        fake.script("forever", FakeBehavior::RunForever);
+        let spec = PodSpec {
+            containers: vec![Container {
+                name: "c".into(),
+                image: "forever".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let id = fake.run_pod(&PodConfig::new("p", spec)).await.expect("run");
+        let t = Duration::from_secs(1);
+        let cmd = |w: &[&str]| w.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        let o = fake
+            .exec(&id, "c", cmd(&["echo", "hi", "there"]), t)
+            .await
+            .expect("exec");
+        assert_eq!((o.exit_code, o.stdout.as_slice()), (0, &b"hi there\n"[..]));
+        let o = fake
+            .exec(&id, "c", cmd(&["exit", "3"]), t)
+            .await
+            .expect("exec");
+        assert_eq!(o.exit_code, 3);
+        let o = fake
+            .exec(&id, "c", cmd(&["stderr", "oops"]), t)
+            .await
+            .expect("exec");
+        assert_eq!(o.stderr, b"oops\n");
+        assert!(matches!(
+            fake.exec(&id, "nope", cmd(&["true"]), t).await,
+            Err(RuntimeError::ContainerNotFound { .. })
+        ));
+        fake.script_exec(
+            "check",
+            ExecOutput {
+                exit_code: 1,
+                stdout: Vec::new(),
+                stderr: Vec::new(),
+            },
+        );
+        assert_eq!(
+            fake.exec(&id, "c", cmd(&["check"]), t)
+                .await
+                .expect("exec")
+                .exit_code,
+            1
+        );
+        fake.stop_pod(&id, t).await.expect("stop");
+        assert!(
+            fake.exec(&id, "c", cmd(&["true"]), t).await.is_err(),
+            "not running"
+        );
     }
 }

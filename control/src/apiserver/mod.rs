@@ -23,6 +23,7 @@ mod admission_cache;
 mod auth;
 mod discovery;
 mod handlers;
+mod node_proxy;
 mod patch;
 mod pki;
 mod policy;
@@ -173,6 +174,10 @@ impl<S: Store> ApiServer<S> {
     fn router(&self) -> Router {
         let timeout = self.config.request_timeout;
         Router::new()
+            .merge(node_proxy::routes(Arc::new(node_proxy::NodeProxy {
+                app: self.app.clone(),
+                pki: self.pki.clone(),
+            })))
             .fallback(handlers::dispatch::<S>)
             .with_state(self.app.clone())
             .layer(middleware::from_fn(move |req: Request, next: Next| {

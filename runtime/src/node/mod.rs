@@ -31,6 +31,8 @@ pub use apiclient as client;
 mod heartbeat;
 pub mod join;
 mod pod_worker;
+mod probes;
+pub mod server;
 
 pub use client::{ApiClient, ClientError};
 pub use heartbeat::RUNTIME_CLASSES_ANNOTATION;
@@ -103,6 +105,9 @@ pub struct AgentConfig {
     pub backoff_initial: Duration,
     /// Back-off cap (Kubernetes: 300 s).
     pub backoff_max: Duration,
+    /// Port of the kubelet-style HTTPS server for logs and exec ([`server`]); `Some(0)` picks
+    /// a free port (advertised on the Node either way), `None` serves nothing.
+    pub serving_port: Option<u16>,
 }
 
 impl AgentConfig {
@@ -124,6 +129,7 @@ impl AgentConfig {
             poll_interval: Duration::from_millis(200),
             backoff_initial: Duration::from_secs(10),
             backoff_max: Duration::from_secs(300),
+            serving_port: Some(0),
         }
     }
 }
@@ -137,6 +143,9 @@ pub enum AgentError {
     /// The runtime failed while listing pods at start-up.
     #[error("pod runtime")]
     Runtime(#[from] crate::pod_runtime::RuntimeError),
+    /// The logs/exec server could not start.
+    #[error("agent server")]
+    Server(#[from] server::ServerError),
 }
 
 /// A node agent over runtime `R`.
@@ -177,6 +186,13 @@ impl<R: PodRuntime> Agent<R> {
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), AgentError> {
         let cfg = Arc::new(self.config.clone());
         let rt_name = self.runtime.name();
+        // Bound before registering, so a taken port fails the start; needs the node token.
+        let node_server = match (cfg.serving_port, &cfg.token) {
+            (Some(port), Some(token)) => Some(
+                server::NodeServer::bind(&cfg.address, port, token, self.runtime.clone()).await?,
+            ),
+            _ => None,
+        };
         // Register, retrying until the API server answers.
         let mut delay = Duration::from_millis(200);
         loop {
@@ -199,6 +215,14 @@ impl<R: PodRuntime> Agent<R> {
             let cfg = cfg.clone();
             let stop = shutdown.clone();
             tasks.spawn(async move { heartbeat_loop(client, cfg, rt_name, stop).await });
+        }
+        if let Some(srv) = node_server {
+            let (client, node, stop) =
+                (self.client.clone(), cfg.node_name.clone(), shutdown.clone());
+            tasks.spawn(async move {
+                server::advertise(&client, &node, srv.port(), srv.fingerprint(), &stop).await;
+                srv.run(stop).await;
+            });
         }
         let result = self.sync_pods(shutdown.clone()).await;
         shutdown.cancel();

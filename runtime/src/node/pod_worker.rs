@@ -62,6 +62,8 @@ pub(crate) struct PodWorker<R> {
     start_time: Option<String>,
     sandbox_started: Option<Instant>,
     transitions: BTreeMap<String, (String, String)>,
+    /// Probes of the current sandbox (`node::probes`).
+    probes: Option<super::probes::Probes>,
 }
 
 fn meta<'a>(pod: &'a Value, f: &str) -> &'a str {
@@ -166,6 +168,7 @@ impl<R: PodRuntime> PodWorker<R> {
             start_time,
             sandbox_started: None,
             transitions: BTreeMap::new(),
+            probes: None,
         }
         .with_terminal(terminal)
     }
@@ -212,6 +215,7 @@ impl<R: PodRuntime> PodWorker<R> {
     }
 
     async fn remove_sandbox(&mut self) {
+        self.probes = None;
         if let Some(id) = self.sandbox.take()
             && let Err(e) = self.ctx.runtime.remove_pod(&id).await
         {
@@ -285,7 +289,7 @@ impl<R: PodRuntime> PodWorker<R> {
         let Some(id) = self.sandbox.clone() else {
             return poll;
         };
-        let st = match self.ctx.runtime.pod_status(&id).await {
+        let mut st = match self.ctx.runtime.pod_status(&id).await {
             Ok(st) => st,
             Err(RuntimeError::NotFound(_)) => {
                 // The runtime lost the pod (e.g. removed behind our back): start it again.
@@ -297,6 +301,13 @@ impl<R: PodRuntime> PodWorker<R> {
                 return poll;
             }
         };
+        if self.check_probes(pod, &id).await {
+            // Killed by a failed probe: the restart policy below sees it terminated.
+            match self.ctx.runtime.pod_status(&id).await {
+                Ok(s) => st = s,
+                Err(_) => return Duration::ZERO,
+            }
+        }
         let policy = Self::restart_policy(pod).to_string();
         let terminated: Vec<_> = st
             .containers
@@ -375,6 +386,44 @@ impl<R: PodRuntime> PodWorker<R> {
             return poll.min(Duration::from_millis(2));
         }
         poll
+    }
+
+    /// Starts the probes of a new sandbox and posts their events; stops the sandbox when a
+    /// liveness or startup probe failed for good (returns `true` then).
+    async fn check_probes(&mut self, pod: &Value, id: &PodId) -> bool {
+        if self.probes.as_ref().is_none_or(|p| p.id() != id) {
+            let (rt, host) = (self.ctx.runtime.clone(), &self.ctx.host_ip);
+            self.probes = Some(super::probes::Probes::start(rt, id.clone(), pod, host));
+        }
+        let Some(p) = &self.probes else { return false };
+        let (events, failure) = (p.take_events(), p.liveness_failure());
+        for (reason, msg) in events {
+            self.event(pod, "Warning", reason, &msg).await;
+        }
+        let Some((container, why)) = failure else {
+            return false;
+        };
+        let kind = if why.starts_with("Startup") {
+            "startup"
+        } else {
+            "liveness"
+        };
+        let msg = format!("Container {container} failed {kind} probe, will be restarted");
+        self.event(pod, "Normal", "Killing", &msg).await;
+        self.probes = None;
+        let grace = pod
+            .pointer("/spec/terminationGracePeriodSeconds")
+            .and_then(Value::as_u64)
+            .unwrap_or(30);
+        if let Err(e) = self
+            .ctx
+            .runtime
+            .stop_pod(id, Duration::from_secs(grace))
+            .await
+        {
+            tracing::warn!(pod = %id, error = %e, "failed to stop pod after a failed probe");
+        }
+        true
     }
 
     async fn start(&mut self, pod: &Value) {
@@ -517,7 +566,12 @@ impl<R: PodRuntime> PodWorker<R> {
                 }),
             };
             let running = state.is_running();
-            all_running &= running;
+            // Probes refine both: startup gates `started`, readiness gates `ready`.
+            let (started, ready) = match &self.probes {
+                Some(p) => (running && p.started(name), running && p.ready(name)),
+                None => (running, running),
+            };
+            all_running &= ready;
             any_started |= running || state.is_terminated();
             match state.terminated() {
                 Some(t) => all_succeeded &= t.exit_code == 0,
@@ -533,8 +587,8 @@ impl<R: PodRuntime> PodWorker<R> {
                 "name": name,
                 "image": image,
                 "imageID": "",
-                "ready": running,
-                "started": running,
+                "ready": ready,
+                "started": started,
                 "restartCount": book.restart_count,
                 "state": state,
                 "lastState": last_state,
