@@ -29,6 +29,9 @@ pub struct PodSpec {
     /// The runtime class (`wasm` or a CRI handler).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runtime_class_name: Option<String>,
+    /// Pod-level security settings; container settings override them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub security_context: Option<PodSecurityContext>,
 }
 
 /// `core/v1` Container.
@@ -58,6 +61,10 @@ pub struct Container {
     /// Volumes mounted into this container.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volume_mounts: Vec<VolumeMount>,
+    /// Whether the container reads a stdin stream; wasm pods take its bytes from the
+    /// `flotilla.dev/stdin` annotation. Without it, stdin reads end of file at once.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stdin: bool,
     /// Ports the container listens on (named ports are what probes may refer to).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<crate::probe::ContainerPort>,
@@ -70,6 +77,103 @@ pub struct Container {
     /// Holds back the other probes until it succeeds once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub startup_probe: Option<crate::probe::Probe>,
+    /// `Always`, `IfNotPresent` or `Never`; absent means [`PullPolicy::default_for`] the image,
+    /// which is what the API server's defaulting writes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_pull_policy: Option<PullPolicy>,
+    /// Container security settings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub security_context: Option<SecurityContext>,
+}
+
+impl Container {
+    /// The effective pull policy: the field if set, else Kubernetes' default for the image.
+    pub fn pull_policy(&self) -> PullPolicy {
+        self.image_pull_policy
+            .unwrap_or_else(|| PullPolicy::default_for(&self.image))
+    }
+}
+
+/// `core/v1` PullPolicy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PullPolicy {
+    /// Pull before every start.
+    Always,
+    /// Pull only when the node does not have the image.
+    IfNotPresent,
+    /// Never pull; the image must already be on the node.
+    Never,
+}
+
+impl PullPolicy {
+    /// Kubernetes' default: `Always` for `:latest` or untagged references, `IfNotPresent` for
+    /// other tags and for digests.
+    pub fn default_for(image: &str) -> PullPolicy {
+        if image.contains('@') {
+            return PullPolicy::IfNotPresent;
+        }
+        // The tag follows the last ':' after the last '/' (a registry port is not a tag).
+        let last = image.rsplit('/').next().unwrap_or(image);
+        match last.split_once(':') {
+            Some((_, "latest")) | None => PullPolicy::Always,
+            Some(_) => PullPolicy::IfNotPresent,
+        }
+    }
+}
+
+/// `core/v1` SecurityContext (the Linux subset Flotilla maps to CRI).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SecurityContext {
+    /// UID the process runs as.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_as_user: Option<i64>,
+    /// GID the process runs as.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_as_group: Option<i64>,
+    /// Refuse to start the container if it would run as UID 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_as_non_root: Option<bool>,
+    /// Mount the container's root filesystem read-only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_only_root_filesystem: Option<bool>,
+    /// Capabilities added to and dropped from the runtime's default set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capabilities: Option<Capabilities>,
+    /// Run with every capability and device of the host (Pod Security admission decides
+    /// whether the namespace allows it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub privileged: Option<bool>,
+    /// Whether a process may gain more privileges than its parent (`no_new_privs` when false).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_privilege_escalation: Option<bool>,
+}
+
+/// `core/v1` Capabilities: POSIX capability names without the `CAP_` prefix (`NET_ADMIN`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Capabilities {
+    /// Capabilities to add.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub add: Vec<String>,
+    /// Capabilities to drop (`ALL` drops every one).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub drop: Vec<String>,
+}
+
+/// `core/v1` PodSecurityContext (the subset that containers inherit).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodSecurityContext {
+    /// Default UID of the pod's processes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_as_user: Option<i64>,
+    /// Default GID of the pod's processes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_as_group: Option<i64>,
+    /// Default for the containers' `runAsNonRoot`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_as_non_root: Option<bool>,
 }
 
 /// `core/v1` EnvVar (literal values only).
@@ -151,6 +255,61 @@ pub struct Volume {
     /// A directory of the node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_path: Option<HostPathVolumeSource>,
+    /// The keys of a ConfigMap as files (read-only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_map: Option<ConfigMapVolumeSource>,
+    /// The keys of a Secret as files (read-only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<SecretVolumeSource>,
+}
+
+/// `core/v1` KeyToPath: one key projected to a relative path.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KeyToPath {
+    /// The key in the object's data.
+    pub key: String,
+    /// Relative path of the file in the volume.
+    pub path: String,
+    /// File mode bits (e.g. `0o400`); the source's `defaultMode` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<u32>,
+}
+
+/// `core/v1` ConfigMapVolumeSource.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConfigMapVolumeSource {
+    /// ConfigMap name, in the pod's namespace.
+    #[serde(default)]
+    pub name: String,
+    /// Only these keys, at these paths; every key when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub items: Vec<KeyToPath>,
+    /// File mode bits of the files (Kubernetes: `0o644`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_mode: Option<u32>,
+    /// Start the pod even if the ConfigMap (or a listed key) does not exist.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub optional: Option<bool>,
+}
+
+/// `core/v1` SecretVolumeSource.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretVolumeSource {
+    /// Secret name, in the pod's namespace.
+    #[serde(default)]
+    pub secret_name: String,
+    /// Only these keys, at these paths; every key when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub items: Vec<KeyToPath>,
+    /// File mode bits of the files (Kubernetes: `0o644`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_mode: Option<u32>,
+    /// Start the pod even if the Secret (or a listed key) does not exist.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub optional: Option<bool>,
 }
 
 /// `core/v1` EmptyDirVolumeSource.
@@ -489,6 +648,40 @@ mod tests {
             containers: cs,
             ..PodSpec::default()
         }
+    }
+
+    #[test]
+    fn pull_policy_defaults_like_kubernetes() {
+        let p = PullPolicy::default_for;
+        assert_eq!(p("localhost/busybox:v1"), PullPolicy::IfNotPresent);
+        assert_eq!(p("localhost/busybox:latest"), PullPolicy::Always);
+        assert_eq!(p("localhost:5000/busybox"), PullPolicy::Always);
+        assert_eq!(p("busybox"), PullPolicy::Always);
+        assert_eq!(p("busybox@sha256:abc"), PullPolicy::IfNotPresent);
+        let c: Container = serde_json::from_value(serde_json::json!({
+            "name": "c", "image": "x:latest", "imagePullPolicy": "Never",
+            "securityContext": {"runAsUser": 1000, "readOnlyRootFilesystem": true,
+                                "capabilities": {"add": ["NET_ADMIN"], "drop": ["ALL"]}},
+        }))
+        .unwrap();
+        assert_eq!(c.pull_policy(), PullPolicy::Never);
+        let sc = c.security_context.unwrap();
+        assert_eq!(sc.run_as_user, Some(1000));
+        assert_eq!(sc.capabilities.unwrap().drop, ["ALL"]);
+        let c: Container =
+            serde_json::from_value(serde_json::json!({"name": "c", "image": "x"})).unwrap();
+        assert_eq!(c.pull_policy(), PullPolicy::Always);
+        assert!(
+            serde_json::from_value::<Container>(
+                serde_json::json!({"name": "c", "imagePullPolicy": "Sometimes"})
+            )
+            .is_err()
+        );
+        let v: Volume = serde_json::from_value(serde_json::json!({
+            "name": "cfg", "configMap": {"name": "app", "items": [{"key": "a", "path": "x/a"}]},
+        }))
+        .unwrap();
+        assert_eq!(v.config_map.unwrap().items[0].path, "x/a");
     }
 
     #[test]

@@ -4,7 +4,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use runtime::node::{Agent, AgentConfig, JoinToken, NodeCapacity};
+use runtime::cri::{CriRuntimeConfig, DEFAULT_ENDPOINT};
+use runtime::node::{Agent, AgentConfig, CriSettings, JoinToken, NodeCapacity, NodeRuntimes};
 use runtime::{AnyRuntime, WasmRuntime, WasmRuntimeConfig};
 use tokio_util::sync::CancellationToken;
 
@@ -48,6 +49,19 @@ pub(crate) struct AgentArgs {
     /// Threads running wasm pods (default: one per core).
     #[arg(long)]
     executor_threads: Option<usize>,
+    /// The CRI endpoint running OCI container pods (the kubelet's flag). If it does not
+    /// answer, the node offers wasm pods only, says so in its conditions, and keeps checking.
+    #[arg(long, default_value = DEFAULT_ENDPOINT)]
+    container_runtime_endpoint: String,
+    /// CRI runtime handlers the endpoint is configured with (containerd `runtimes.<name>`).
+    #[arg(long, value_delimiter = ',', default_value = "runc")]
+    cri_runtime_handlers: Vec<String>,
+    /// Root of the pod cgroups (cgroupfs driver), by QoS class below it.
+    #[arg(long, default_value = "/flotilla")]
+    cgroup_root: String,
+    /// How often an unreachable CRI endpoint is retried, in milliseconds.
+    #[arg(long, default_value_t = 10_000)]
+    cri_recheck_interval_ms: u64,
 }
 
 fn host_name() -> String {
@@ -77,6 +91,7 @@ fn agent_config(args: &AgentArgs) -> anyhow::Result<AgentConfig> {
         None => join.ca_pem.clone(),
     };
     let mut cfg = AgentConfig::new(&name, &args.server);
+    cfg.volume_dir = args.data_dir.join("pod-volumes");
     cfg.token = Some(join.node_token(&name));
     cfg.ca_pem = ca;
     cfg.address = args.address.clone();
@@ -116,6 +131,50 @@ pub(crate) fn wasm_runtime(
     ))
 }
 
+/// The node's runtimes: wasm under `data_dir`, and CRI at `endpoint` (if given) with pod files
+/// under `data_dir/cri`, pods labelled with `node_name`.
+pub(crate) async fn node_runtimes(
+    data_dir: &std::path::Path,
+    node_name: &str,
+    max_pods: u32,
+    executor_threads: Option<usize>,
+    cri: Option<(&str, CriOptions)>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<NodeRuntimes> {
+    let AnyRuntime::Wasm(wasm) = wasm_runtime(data_dir, max_pods, executor_threads)? else {
+        anyhow::bail!("wasm_runtime returned another runtime");
+    };
+    let data_dir = std::fs::canonicalize(data_dir)
+        .with_context(|| format!("failed to resolve {}", data_dir.display()))?;
+    let settings = cri.map(|(endpoint, opts)| {
+        let mut config = CriRuntimeConfig::new(endpoint, data_dir.join("cri"));
+        config.instance = node_name.to_owned();
+        config.cgroup_root = Some(opts.cgroup_root);
+        let mut s = CriSettings::new(config);
+        s.handlers = opts.handlers;
+        s.recheck = opts.recheck;
+        s
+    });
+    Ok(NodeRuntimes::start(wasm, settings, shutdown).await)
+}
+
+/// CRI settings from the command line.
+pub(crate) struct CriOptions {
+    pub(crate) handlers: Vec<String>,
+    pub(crate) cgroup_root: String,
+    pub(crate) recheck: Duration,
+}
+
+impl Default for CriOptions {
+    fn default() -> Self {
+        CriOptions {
+            handlers: vec!["runc".into()],
+            cgroup_root: "/flotilla".into(),
+            recheck: Duration::from_secs(10),
+        }
+    }
+}
+
 /// Runs the agent until Ctrl-C.
 pub(crate) fn run(args: AgentArgs) -> anyhow::Result<()> {
     let cfg = agent_config(&args)?;
@@ -126,13 +185,37 @@ pub(crate) fn run(args: AgentArgs) -> anyhow::Result<()> {
         .build()
         .context("failed to start the tokio runtime")?;
     rt.block_on(async move {
-        let runtime = wasm_runtime(&args.data_dir, cfg.capacity.pods, args.executor_threads)?;
+        let shutdown = CancellationToken::new();
+        let cri = CriOptions {
+            handlers: args.cri_runtime_handlers.clone(),
+            cgroup_root: args.cgroup_root.clone(),
+            recheck: Duration::from_millis(args.cri_recheck_interval_ms.max(100)),
+        };
+        let runtime = node_runtimes(
+            &args.data_dir,
+            &cfg.node_name,
+            cfg.capacity.pods,
+            args.executor_threads,
+            Some((&args.container_runtime_endpoint, cri)),
+            shutdown.clone(),
+        )
+        .await?;
+        let offer = runtime.current_offer();
+        match offer.cri.as_ref().and_then(|c| c.error.as_ref()) {
+            Some(e) => println!(
+                "flotilla agent: CRI endpoint {} unavailable ({e}); offering wasm pods only until it answers",
+                args.container_runtime_endpoint
+            ),
+            None => println!(
+                "flotilla agent: CRI endpoint {} ({})",
+                args.container_runtime_endpoint, offer.runtime_version
+            ),
+        }
         println!(
             "flotilla agent: node {} joining {}",
             cfg.node_name, cfg.server
         );
         let agent = Agent::new(cfg, runtime).context("invalid agent configuration")?;
-        let shutdown = CancellationToken::new();
         let signal = shutdown.clone();
         tokio::spawn(async move {
             let _ = tokio::signal::ctrl_c().await;

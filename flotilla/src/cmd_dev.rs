@@ -35,6 +35,10 @@ pub(crate) struct DevArgs {
     /// Threads running wasm pods (default: one per core).
     #[arg(long)]
     executor_threads: Option<usize>,
+    /// A CRI endpoint (`unix:///run/containerd/containerd.sock`) for OCI container pods;
+    /// without it the local node runs wasm pods only.
+    #[arg(long)]
+    container_runtime_endpoint: Option<String>,
 }
 
 /// Runs the dev cluster until Ctrl-C.
@@ -178,8 +182,18 @@ async fn serve<S: Store>(
     acfg.ca_pem = join.ca_pem.clone();
     let agent_dir = data_dir.join("agent");
     std::fs::create_dir_all(&agent_dir)?;
-    let runtime =
-        crate::cmd_agent::wasm_runtime(&agent_dir, acfg.capacity.pods, args.executor_threads)?;
+    acfg.volume_dir = agent_dir.join("pod-volumes");
+    let runtime = crate::cmd_agent::node_runtimes(
+        &agent_dir,
+        &args.node_name,
+        acfg.capacity.pods,
+        args.executor_threads,
+        args.container_runtime_endpoint
+            .as_deref()
+            .map(|e| (e, crate::cmd_agent::CriOptions::default())),
+        shutdown.clone(),
+    )
+    .await?;
     let agent = Agent::new(acfg, runtime).context("invalid agent configuration")?;
     {
         let stop = shutdown.clone();

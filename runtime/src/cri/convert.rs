@@ -4,9 +4,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+pub use api::pod::PullPolicy;
 use api::pod::{
     Container, ContainerState, ContainerStateRunning, ContainerStateTerminated,
-    ContainerStateWaiting, QosClass, qos_class,
+    ContainerStateWaiting, PodSpec, QosClass, qos_class,
 };
 
 use super::pb;
@@ -29,9 +30,13 @@ pub const LABEL_CONTAINER_NAME: &str = "io.kubernetes.container.name";
 pub const LABEL_CONTAINER_INDEX: &str = "flotilla.dev/container-index";
 /// Container annotation: the image exactly as the spec gave it (CRI may report it normalised).
 pub const ANNOTATION_IMAGE: &str = "flotilla.dev/image";
-/// Pod annotation overriding the image pull policy of all its containers (`Always`,
-/// `IfNotPresent`, `Never`); `api::pod::Container` has no `imagePullPolicy` field yet.
+/// Pod annotation giving the image pull policy of containers whose `imagePullPolicy` is unset
+/// (`Always`, `IfNotPresent`, `Never`), for callers that build pods without the API server's
+/// defaulting.
 pub const ANNOTATION_PULL_POLICY: &str = "flotilla.dev/image-pull-policy";
+/// Pod annotation naming the CRI runtime handler (`runc`, ...) for `RunPodSandbox`; the node
+/// agent sets it from the pod's RuntimeClass. Absent: the runtime's configured handler.
+pub const ANNOTATION_RUNTIME_HANDLER: &str = "flotilla.dev/runtime-handler";
 
 /// CFS period the kubelet uses, in microseconds.
 pub const CPU_PERIOD_US: i64 = 100_000;
@@ -40,42 +45,104 @@ const MIN_CPU_QUOTA_US: i64 = 1_000;
 /// `cpu.shares` of a container without a CPU request (the kubelet's `MinShares`).
 const MIN_CPU_SHARES: i64 = 2;
 
-/// Kubernetes `imagePullPolicy`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PullPolicy {
-    /// Pull before every start.
-    Always,
-    /// Pull only when the node does not have the image.
-    IfNotPresent,
-    /// Never pull; fail when the node does not have the image.
-    Never,
+/// The pull policy of a container: its `imagePullPolicy` if set, else the pod's
+/// [`ANNOTATION_PULL_POLICY`], else Kubernetes' default for the image.
+pub fn pull_policy(
+    c: &Container,
+    annotations: &BTreeMap<String, String>,
+) -> Result<PullPolicy, RuntimeError> {
+    if let Some(p) = c.image_pull_policy {
+        return Ok(p);
+    }
+    match annotations.get(ANNOTATION_PULL_POLICY).map(String::as_str) {
+        None => Ok(PullPolicy::default_for(&c.image)),
+        Some("Always") => Ok(PullPolicy::Always),
+        Some("IfNotPresent") => Ok(PullPolicy::IfNotPresent),
+        Some("Never") => Ok(PullPolicy::Never),
+        Some(other) => Err(RuntimeError::InvalidSpec(format!(
+            "{ANNOTATION_PULL_POLICY}: {other:?} is not Always, IfNotPresent or Never"
+        ))),
+    }
 }
 
-impl PullPolicy {
-    /// The policy for `image`: the pod's [`ANNOTATION_PULL_POLICY`] if set, else Kubernetes'
-    /// default (`Always` for `:latest` or untagged references, `IfNotPresent` otherwise).
-    pub fn for_image(
-        image: &str,
-        annotations: &BTreeMap<String, String>,
-    ) -> Result<Self, RuntimeError> {
-        if let Some(p) = annotations.get(ANNOTATION_PULL_POLICY) {
-            return match p.as_str() {
-                "Always" => Ok(PullPolicy::Always),
-                "IfNotPresent" => Ok(PullPolicy::IfNotPresent),
-                "Never" => Ok(PullPolicy::Never),
-                other => Err(RuntimeError::InvalidSpec(format!(
-                    "{ANNOTATION_PULL_POLICY}: {other:?} is not Always, IfNotPresent or Never"
-                ))),
-            };
+/// Whether any container of the pod asks for `privileged`: the sandbox must then be
+/// privileged too (containerd refuses a privileged container in an unprivileged sandbox).
+pub fn any_privileged(spec: &PodSpec) -> bool {
+    spec.containers
+        .iter()
+        .chain(&spec.init_containers)
+        .any(|c| c.security_context.as_ref().and_then(|s| s.privileged) == Some(true))
+}
+
+/// The UID a container runs as by its spec (container, then pod security context).
+pub fn run_as_user(spec: &PodSpec, c: &Container) -> Option<i64> {
+    c.security_context
+        .as_ref()
+        .and_then(|s| s.run_as_user)
+        .or_else(|| spec.security_context.as_ref().and_then(|s| s.run_as_user))
+}
+
+/// Whether the container must not run as root (container, then pod security context).
+pub fn run_as_non_root(spec: &PodSpec, c: &Container) -> bool {
+    c.security_context
+        .as_ref()
+        .and_then(|s| s.run_as_non_root)
+        .or_else(|| {
+            spec.security_context
+                .as_ref()
+                .and_then(|s| s.run_as_non_root)
+        })
+        .unwrap_or(false)
+}
+
+/// The kubelet's `runAsNonRoot` check: `uid` is the spec's user, else the image's
+/// (`image_uid`, `None` when the image names a user by name only or not at all).
+pub fn verify_non_root(
+    c: &Container,
+    uid: Option<i64>,
+    image_user: Option<(Option<i64>, String)>,
+) -> Result<(), RuntimeError> {
+    match (uid, image_user) {
+        (Some(0), _) => Err(RuntimeError::InvalidSpec(format!(
+            "container {}: container's runAsUser breaks non-root policy",
+            c.name
+        ))),
+        (Some(_), _) => Ok(()),
+        (None, Some((Some(0), _)) | Some((None, _)) | None) => {
+            Err(RuntimeError::InvalidSpec(format!(
+                "container {}: container has runAsNonRoot and image will run as root",
+                c.name
+            )))
         }
-        if image.contains('@') {
-            return Ok(PullPolicy::IfNotPresent);
-        }
-        let last = image.rsplit('/').next().unwrap_or(image);
-        match last.split_once(':') {
-            Some((_, "latest")) | None => Ok(PullPolicy::Always),
-            Some(_) => Ok(PullPolicy::IfNotPresent),
-        }
+        (None, Some((Some(_), _))) => Ok(()),
+    }
+}
+
+/// CRI security context of a container (kubelet's `determineEffectiveSecurityContext`).
+pub fn security_context(
+    spec: &PodSpec,
+    c: &Container,
+    network: pb::NamespaceMode,
+) -> pb::LinuxContainerSecurityContext {
+    let sc = c.security_context.clone().unwrap_or_default();
+    let privileged = sc.privileged == Some(true);
+    let group = sc
+        .run_as_group
+        .or_else(|| spec.security_context.as_ref().and_then(|s| s.run_as_group));
+    pb::LinuxContainerSecurityContext {
+        capabilities: sc.capabilities.map(|caps| pb::Capability {
+            add_capabilities: caps.add,
+            drop_capabilities: caps.drop,
+        }),
+        privileged,
+        namespace_options: Some(namespace_options(network)),
+        run_as_user: run_as_user(spec, c).map(|value| pb::Int64Value { value }),
+        run_as_username: String::new(),
+        readonly_rootfs: sc.read_only_root_filesystem == Some(true),
+        supplemental_groups: Vec::new(),
+        // As the kubelet: no_new_privs only when escalation is explicitly refused.
+        no_new_privs: !privileged && sc.allow_privilege_escalation == Some(false),
+        run_as_group: group.map(|value| pb::Int64Value { value }),
     }
 }
 
@@ -183,6 +250,7 @@ pub fn sandbox_config(
                 .unwrap_or_default(),
             security_context: Some(pb::LinuxSandboxSecurityContext {
                 namespace_options: Some(namespace_options(network)),
+                privileged: any_privileged(&pod.spec),
                 ..Default::default()
             }),
             sysctls: HashMap::new(),
@@ -276,9 +344,16 @@ pub fn container_config(
             PathBuf::from(&hp.path)
         } else if vol.empty_dir.is_some() {
             paths.volume_dir.join(&vol.name)
+        } else if vol.config_map.is_some() || vol.secret.is_some() {
+            // The node agent writes the objects' keys to a directory and hands the pod over
+            // with a hostPath volume instead; only a caller without an API client gets here.
+            return Err(RuntimeError::InvalidSpec(format!(
+                "volume {:?}: configMap and secret volumes must be materialised by the node agent",
+                vol.name
+            )));
         } else {
             return Err(RuntimeError::InvalidSpec(format!(
-                "volume {:?}: only emptyDir and hostPath are supported",
+                "volume {:?}: only emptyDir, hostPath, configMap and secret are supported",
                 vol.name
             )));
         };
@@ -322,10 +397,7 @@ pub fn container_config(
         tty: false,
         linux: Some(pb::LinuxContainerConfig {
             resources: Some(linux_resources(c)?),
-            security_context: Some(pb::LinuxContainerSecurityContext {
-                namespace_options: Some(namespace_options(network)),
-                ..Default::default()
-            }),
+            security_context: Some(security_context(&pod.spec, c, network)),
         }),
     })
 }
@@ -441,23 +513,154 @@ mod tests {
     }
 
     #[test]
-    fn pull_policy_defaults_like_kubernetes() {
+    fn pull_policy_field_then_annotation_then_default() {
         let none = BTreeMap::new();
-        let p = |i: &str| PullPolicy::for_image(i, &none).unwrap();
-        assert_eq!(p("localhost/busybox:v1"), PullPolicy::IfNotPresent);
-        assert_eq!(p("localhost/busybox:latest"), PullPolicy::Always);
-        assert_eq!(p("localhost:5000/busybox"), PullPolicy::Always);
-        assert_eq!(p("busybox@sha256:abc"), PullPolicy::IfNotPresent);
-        let never = BTreeMap::from([(ANNOTATION_PULL_POLICY.to_owned(), "Never".to_owned())]);
+        let c = |image: &str, policy: Option<PullPolicy>| Container {
+            name: "c".into(),
+            image: image.into(),
+            image_pull_policy: policy,
+            ..Container::default()
+        };
+        let p = |c: &Container, a: &BTreeMap<String, String>| pull_policy(c, a).unwrap();
         assert_eq!(
-            PullPolicy::for_image("x:latest", &never).unwrap(),
-            PullPolicy::Never
+            p(&c("localhost/busybox:v1", None), &none),
+            PullPolicy::IfNotPresent
+        );
+        assert_eq!(
+            p(&c("localhost/busybox:latest", None), &none),
+            PullPolicy::Always
+        );
+        assert_eq!(
+            p(&c("localhost:5000/busybox", None), &none),
+            PullPolicy::Always
+        );
+        assert_eq!(
+            p(&c("busybox@sha256:abc", None), &none),
+            PullPolicy::IfNotPresent
+        );
+        let never = BTreeMap::from([(ANNOTATION_PULL_POLICY.to_owned(), "Never".to_owned())]);
+        assert_eq!(p(&c("x:latest", None), &never), PullPolicy::Never);
+        assert_eq!(
+            p(&c("x:latest", Some(PullPolicy::IfNotPresent)), &never),
+            PullPolicy::IfNotPresent,
+            "the field wins over the annotation"
         );
         let bad = BTreeMap::from([(ANNOTATION_PULL_POLICY.to_owned(), "Sometimes".to_owned())]);
         assert!(matches!(
-            PullPolicy::for_image("x:v1", &bad),
+            pull_policy(&c("x:v1", None), &bad),
             Err(RuntimeError::InvalidSpec(_))
         ));
+    }
+
+    #[test]
+    fn security_context_maps_like_the_kubelet() {
+        use api::pod::{Capabilities, PodSecurityContext, SecurityContext};
+        let mut c = busybox(&[], &[]);
+        c.security_context = Some(SecurityContext {
+            run_as_group: Some(2000),
+            read_only_root_filesystem: Some(true),
+            capabilities: Some(Capabilities {
+                add: vec!["NET_ADMIN".into()],
+                drop: vec!["ALL".into()],
+            }),
+            allow_privilege_escalation: Some(false),
+            ..SecurityContext::default()
+        });
+        let mut spec = PodSpec {
+            containers: vec![c.clone()],
+            security_context: Some(PodSecurityContext {
+                run_as_user: Some(1000),
+                run_as_non_root: Some(true),
+                ..PodSecurityContext::default()
+            }),
+            ..PodSpec::default()
+        };
+        let sc = security_context(&spec, &c, pb::NamespaceMode::Node);
+        assert_eq!(
+            sc.run_as_user,
+            Some(pb::Int64Value { value: 1000 }),
+            "from the pod"
+        );
+        assert_eq!(sc.run_as_group, Some(pb::Int64Value { value: 2000 }));
+        assert!(sc.readonly_rootfs && sc.no_new_privs && !sc.privileged);
+        let caps = sc.capabilities.unwrap();
+        assert_eq!(
+            (caps.add_capabilities, caps.drop_capabilities),
+            (vec!["NET_ADMIN".to_owned()], vec!["ALL".to_owned()])
+        );
+        assert!(run_as_non_root(&spec, &c));
+        assert!(!any_privileged(&spec));
+
+        // runAsNonRoot: a spec UID of 0, or an image running as root, is refused.
+        assert!(verify_non_root(&c, Some(1000), None).is_ok());
+        assert!(verify_non_root(&c, Some(0), None).is_err());
+        assert!(verify_non_root(&c, None, Some((Some(0), String::new()))).is_err());
+        assert!(verify_non_root(&c, None, Some((None, "app".into()))).is_err());
+        assert!(verify_non_root(&c, None, Some((Some(65534), String::new()))).is_ok());
+
+        // privileged: the container and the sandbox; escalation is then allowed.
+        spec.containers[0].security_context = Some(SecurityContext {
+            privileged: Some(true),
+            allow_privilege_escalation: Some(false),
+            ..SecurityContext::default()
+        });
+        let sc = security_context(&spec, &spec.containers[0], pb::NamespaceMode::Node);
+        assert!(sc.privileged && !sc.no_new_privs);
+        assert!(any_privileged(&spec));
+        let pod = PodConfig::new("priv", spec);
+        let paths = PodPaths::new(Path::new("/r"), &pod.namespace, &pod.name, &pod.uid);
+        let sb = sandbox_config(
+            &pod,
+            &paths,
+            &SandboxOptions {
+                instance: "n",
+                host_network: true,
+                cgroup_root: None,
+                attempt: 0,
+            },
+        );
+        assert!(sb.linux.unwrap().security_context.unwrap().privileged);
+
+        // Nothing set: the runtime's defaults.
+        let plain = busybox(&[], &[]);
+        let spec = PodSpec {
+            containers: vec![plain.clone()],
+            ..PodSpec::default()
+        };
+        let sc = security_context(&spec, &plain, pb::NamespaceMode::Node);
+        assert_eq!(sc.run_as_user, None);
+        assert!(!sc.readonly_rootfs && !sc.no_new_privs && sc.capabilities.is_none());
+    }
+
+    #[test]
+    fn config_map_volumes_need_the_agent() {
+        let mut c = busybox(&[], &[]);
+        c.volume_mounts = vec![VolumeMount {
+            name: "cfg".into(),
+            mount_path: "/etc/app".into(),
+            read_only: None,
+        }];
+        let pod = PodConfig::new(
+            "cm",
+            PodSpec {
+                containers: vec![c],
+                volumes: vec![Volume {
+                    name: "cfg".into(),
+                    config_map: Some(api::pod::ConfigMapVolumeSource {
+                        name: "app".into(),
+                        ..Default::default()
+                    }),
+                    ..Volume::default()
+                }],
+                ..PodSpec::default()
+            },
+        );
+        let paths = PodPaths::new(Path::new("/r"), &pod.namespace, &pod.name, &pod.uid);
+        let err = container_config(&pod, 0, &paths, "n", true).unwrap_err();
+        assert!(
+            err.to_string().contains("materialised by the node agent"),
+            "{err}"
+        );
     }
 
     #[test]

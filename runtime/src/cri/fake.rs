@@ -280,6 +280,16 @@ impl FakeCriServer {
             .collect()
     }
 
+    /// Runtime handlers the live sandboxes were created with.
+    pub fn sandbox_handlers(&self) -> Vec<String> {
+        self.shared
+            .lock()
+            .sandboxes
+            .values()
+            .map(|s| s.runtime_handler.clone())
+            .collect()
+    }
+
     /// Configs of the live sandboxes.
     pub fn sandbox_configs(&self) -> Vec<pb::PodSandboxConfig> {
         self.shared

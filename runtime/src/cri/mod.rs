@@ -262,9 +262,10 @@ impl CriRuntime {
             // Kubernetes' ErrImageNeverPull.
             return Err(RuntimeError::ImageNotFound {
                 image: image.to_owned(),
-                reason: "ErrImageNeverPull: image is not present on the node and \
-                         imagePullPolicy is Never"
-                    .into(),
+                reason: format!(
+                    "ErrImageNeverPull: Container image {image:?} is not present with pull \
+                     policy of Never"
+                ),
             });
         }
         self.inner
@@ -281,6 +282,61 @@ impl CriRuntime {
                 reason: format!("ErrImagePull: {}", s.message()),
             })?;
         Ok(())
+    }
+
+    /// The user an image runs as, from `ImageStatus`: `(uid, username)`; `None` if the image
+    /// is not on the node.
+    async fn image_user(&self, image: &str) -> Result<Option<(Option<i64>, String)>, RuntimeError> {
+        let status = self
+            .inner
+            .images
+            .clone()
+            .image_status(pb::ImageStatusRequest {
+                image: Some(pb::ImageSpec {
+                    image: image.to_owned(),
+                    ..Default::default()
+                }),
+                verbose: false,
+            })
+            .await
+            .map_err(|s| rpc_err("ImageStatus", &s))?
+            .into_inner();
+        Ok(status.image.map(|i| (i.uid.map(|u| u.value), i.username)))
+    }
+
+    /// A ready sandbox this instance already runs for the pod's uid: left by an earlier agent
+    /// process, or started while the agent could not see it. Running it again would double
+    /// the pod.
+    async fn running_sandbox_of(&self, pod: &PodConfig) -> Result<Option<PodId>, RuntimeError> {
+        let items = self
+            .rt()
+            .list_pod_sandbox(pb::ListPodSandboxRequest {
+                filter: Some(pb::PodSandboxFilter {
+                    label_selector: [
+                        (convert::LABEL_POD_UID.to_owned(), pod.uid.clone()),
+                        (
+                            LABEL_INSTANCE.to_owned(),
+                            self.inner.config.instance.clone(),
+                        ),
+                    ]
+                    .into_iter()
+                    .collect(),
+                    state: Some(pb::PodSandboxStateValue {
+                        state: pb::PodSandboxState::SandboxReady as i32,
+                    }),
+                    ..Default::default()
+                }),
+            })
+            .await
+            .map_err(|s| rpc_err("ListPodSandbox", &s))?
+            .into_inner()
+            .items;
+        Ok(items
+            .into_iter()
+            .filter(|s| self.is_ours(&s.labels))
+            .filter(|s| s.state == pb::PodSandboxState::SandboxReady as i32)
+            .max_by_key(|s| s.created_at)
+            .map(|s| PodId(s.id)))
     }
 
     /// Status of a sandbox, `None` if the runtime does not know it.
@@ -779,9 +835,22 @@ impl PodRuntime for CriRuntime {
                 )
             })
             .collect::<Result<Vec<_>, _>>()?;
+        if let Some(id) = self.running_sandbox_of(pod).await? {
+            tracing::info!(pod = %pod.name, sandbox = %id, "adopting the pod's running sandbox");
+            return Ok(id);
+        }
         for c in &pod.spec.containers {
-            let policy = PullPolicy::for_image(&c.image, &pod.annotations)?;
+            let policy = convert::pull_policy(c, &pod.annotations)?;
             self.ensure_image(&c.image, policy).await?;
+            if convert::run_as_non_root(&pod.spec, c) {
+                let uid = convert::run_as_user(&pod.spec, c);
+                let image_user = if uid.is_none() {
+                    self.image_user(&c.image).await?
+                } else {
+                    None
+                };
+                convert::verify_non_root(c, uid, image_user)?;
+            }
         }
         for v in &pod.spec.volumes {
             if v.empty_dir.is_some() {
@@ -810,7 +879,12 @@ impl PodRuntime for CriRuntime {
             .rt()
             .run_pod_sandbox(pb::RunPodSandboxRequest {
                 config: Some(sandbox.clone()),
-                runtime_handler: self.inner.config.runtime_handler.clone(),
+                runtime_handler: pod
+                    .annotations
+                    .get(convert::ANNOTATION_RUNTIME_HANDLER)
+                    .filter(|h| !h.is_empty())
+                    .unwrap_or(&self.inner.config.runtime_handler)
+                    .clone(),
             })
             .await
             .map_err(|s| rpc_err("RunPodSandbox", &s))?

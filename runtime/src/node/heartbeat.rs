@@ -3,6 +3,7 @@ use serde_json::{Value, json};
 
 use super::AgentConfig;
 use super::client::{ApiClient, ClientError};
+use super::runtimes::{CriState, HANDLER_WASMTIME, LEGACY_WASM_CLASS, RuntimeOffer};
 
 /// Namespace of node leases.
 pub(crate) const LEASE_NAMESPACE: &str = "kube-node-lease";
@@ -46,17 +47,105 @@ fn ready_condition(now: &str) -> Value {
     })
 }
 
+/// Node condition type saying whether the CRI endpoint is unusable (`True`: the node runs
+/// wasm pods only).
+pub const CRI_CONDITION: &str = "ContainerRuntimeUnavailable";
+
+/// What the node advertises about its runtimes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Advertised {
+    /// The [`RUNTIME_CLASSES_ANNOTATION`] value.
+    pub classes: String,
+    /// `nodeInfo.containerRuntimeVersion`.
+    pub runtime_version: String,
+    /// The CRI endpoint's state, if the node has one.
+    pub cri: Option<CriState>,
+}
+
+impl Advertised {
+    /// A fixed runtime named `runtime_name` offering `cfg.runtime_classes`.
+    pub(crate) fn fixed(cfg: &AgentConfig, runtime_name: &str) -> Advertised {
+        Advertised {
+            classes: cfg.runtime_classes.join(","),
+            runtime_version: format!("{runtime_name}://flotilla"),
+            cri: None,
+        }
+    }
+
+    /// From a runtime offer: its handlers, `wasm` (the legacy class) with `wasmtime`, and the
+    /// names of the RuntimeClass objects whose handler the node has, because the scheduler
+    /// matches `runtimeClassName` against this list.
+    pub(crate) async fn from_offer(client: &ApiClient, offer: &RuntimeOffer) -> Advertised {
+        let mut classes: Vec<String> = offer.handlers.clone();
+        if offer.handlers.iter().any(|h| h == HANDLER_WASMTIME) {
+            classes.push(LEGACY_WASM_CLASS.into());
+        }
+        match client.list("/apis/node.k8s.io/v1/runtimeclasses").await {
+            Ok((items, _)) => {
+                for rc in items {
+                    let handler = rc
+                        .get("handler")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default();
+                    let name = rc
+                        .pointer("/metadata/name")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default();
+                    if !name.is_empty() && offer.handlers.iter().any(|h| h == handler) {
+                        classes.push(name.to_owned());
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "listing RuntimeClasses failed"),
+        }
+        classes.sort();
+        classes.dedup();
+        Advertised {
+            classes: classes.join(","),
+            runtime_version: offer.runtime_version.clone(),
+            cri: offer.cri.clone(),
+        }
+    }
+}
+
+/// The [`CRI_CONDITION`] condition, if the node has a CRI endpoint.
+fn cri_condition(cri: Option<&CriState>, now: &str) -> Option<Value> {
+    let cri = cri?;
+    let (status, reason, message) = match &cri.error {
+        Some(e) => (
+            "True",
+            "CRIEndpointUnreachable",
+            format!(
+                "container runtime endpoint {} does not answer ({e}); the node runs wasm pods \
+                 only and rechecks periodically",
+                cri.endpoint
+            ),
+        ),
+        None => (
+            "False",
+            "CRIEndpointReady",
+            format!("container runtime endpoint {} answers", cri.endpoint),
+        ),
+    };
+    Some(json!({
+        "type": CRI_CONDITION, "status": status, "reason": reason, "message": message,
+        "lastHeartbeatTime": now, "lastTransitionTime": now,
+    }))
+}
+
 /// The node's status as the agent reports it.
-pub(crate) fn node_status(cfg: &AgentConfig, runtime_name: &str) -> Value {
+pub(crate) fn node_status(cfg: &AgentConfig, adv: &Advertised) -> Value {
     let now = now_rfc3339();
+    let mut conditions = vec![
+        ready_condition(&now),
+        json!({"type": "MemoryPressure", "status": "False", "reason": "KubeletHasSufficientMemory",
+         "message": "kubelet has sufficient memory available", "lastHeartbeatTime": now, "lastTransitionTime": now}),
+    ];
+    conditions.extend(cri_condition(adv.cri.as_ref(), &now));
     json!({
         "capacity": resources(cfg),
         "allocatable": resources(cfg),
-        "conditions": [
-            ready_condition(&now),
-            {"type": "MemoryPressure", "status": "False", "reason": "KubeletHasSufficientMemory",
-             "message": "kubelet has sufficient memory available", "lastHeartbeatTime": now, "lastTransitionTime": now},
-        ],
+        "conditions": conditions,
         "addresses": [
             {"type": "InternalIP", "address": cfg.address},
             {"type": "Hostname", "address": cfg.node_name},
@@ -66,7 +155,7 @@ pub(crate) fn node_status(cfg: &AgentConfig, runtime_name: &str) -> Value {
             "operatingSystem": std::env::consts::OS,
             "osImage": "Flotilla",
             "kernelVersion": "",
-            "containerRuntimeVersion": format!("{runtime_name}://flotilla"),
+            "containerRuntimeVersion": adv.runtime_version,
             "kubeletVersion": format!("v1.37.1-flotilla-{}", env!("CARGO_PKG_VERSION")),
             "kubeProxyVersion": "",
             "machineID": "",
@@ -101,12 +190,12 @@ fn labels(cfg: &AgentConfig) -> Value {
 pub(crate) async fn register(
     client: &ApiClient,
     cfg: &AgentConfig,
-    runtime_name: &str,
+    adv: &Advertised,
 ) -> Result<(), ClientError> {
     let meta = json!({
         "name": cfg.node_name,
         "labels": labels(cfg),
-        "annotations": {RUNTIME_CLASSES_ANNOTATION: cfg.runtime_classes.join(",")},
+        "annotations": {RUNTIME_CLASSES_ANNOTATION: adv.classes},
     });
     let mut spec = json!({});
     if !cfg.register_taints.is_empty() {
@@ -122,19 +211,34 @@ pub(crate) async fn register(
         }
         Err(e) => return Err(e),
     }
-    post_status(client, cfg, runtime_name).await
+    post_status(client, cfg, adv).await
 }
 
 /// Posts the node's status (Ready with a fresh heartbeat time).
 pub(crate) async fn post_status(
     client: &ApiClient,
     cfg: &AgentConfig,
-    runtime_name: &str,
+    adv: &Advertised,
 ) -> Result<(), ClientError> {
     client
         .merge_patch(
             &format!("{}/status", node_path(&cfg.node_name)),
-            &json!({"status": node_status(cfg, runtime_name)}),
+            &json!({"status": node_status(cfg, adv)}),
+        )
+        .await
+        .map(|_| ())
+}
+
+/// Rewrites the node's runtime-classes annotation.
+pub(crate) async fn post_classes(
+    client: &ApiClient,
+    cfg: &AgentConfig,
+    adv: &Advertised,
+) -> Result<(), ClientError> {
+    client
+        .merge_patch(
+            &node_path(&cfg.node_name),
+            &json!({"metadata": {"annotations": {RUNTIME_CLASSES_ANNOTATION: adv.classes}}}),
         )
         .await
         .map(|_| ())

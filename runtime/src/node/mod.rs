@@ -32,11 +32,14 @@ mod heartbeat;
 pub mod join;
 mod pod_worker;
 mod probes;
+pub mod runtimes;
 pub mod server;
+mod volumes;
 
 pub use client::{ApiClient, ClientError};
-pub use heartbeat::RUNTIME_CLASSES_ANNOTATION;
+pub use heartbeat::{CRI_CONDITION, RUNTIME_CLASSES_ANNOTATION};
 pub use join::JoinToken;
+pub use runtimes::{CriSettings, NodeRuntime, NodeRuntimes, RuntimeOffer};
 
 use pod_worker::{PodWorker, WorkerContext};
 
@@ -101,6 +104,9 @@ pub struct AgentConfig {
     pub status_every_heartbeats: u32,
     /// How often each running pod's status is polled from the runtime.
     pub poll_interval: Duration,
+    /// Where configMap and secret volumes are written (`<dir>/<pod uid>/<volume>`), to be
+    /// mounted read-only into the pod's containers.
+    pub volume_dir: std::path::PathBuf,
     /// First restart back-off after a crash (Kubernetes: 10 s); doubles each time.
     pub backoff_initial: Duration,
     /// Back-off cap (Kubernetes: 300 s).
@@ -113,8 +119,13 @@ pub struct AgentConfig {
 impl AgentConfig {
     /// Defaults as the kubelet's, for node `node_name` of the API server at `server`.
     pub fn new(node_name: impl Into<String>, server: impl Into<String>) -> AgentConfig {
+        let node_name: String = node_name.into();
         AgentConfig {
-            node_name: node_name.into(),
+            volume_dir: std::env::temp_dir()
+                .join("flotilla-agent")
+                .join(&node_name)
+                .join("volumes"),
+            node_name,
             server: server.into(),
             token: None,
             ca_pem: None,
@@ -157,9 +168,11 @@ pub struct Agent<R: PodRuntime> {
 
 struct WorkerSlot {
     tx: watch::Sender<Option<Value>>,
+    /// The pod's namespace and name, which runtime pods carry.
+    key: (String, String),
 }
 
-impl<R: PodRuntime> Agent<R> {
+impl<R: NodeRuntime> Agent<R> {
     /// Prepares an agent; nothing is contacted until [`Agent::run`].
     pub fn new(config: AgentConfig, runtime: R) -> Result<Agent<R>, AgentError> {
         let client = ApiClient::new(
@@ -186,6 +199,14 @@ impl<R: PodRuntime> Agent<R> {
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), AgentError> {
         let cfg = Arc::new(self.config.clone());
         let rt_name = self.runtime.name();
+        let offer = self.runtime.offer();
+        let advertised = match &offer {
+            Some(rx) => {
+                let o = rx.borrow().clone();
+                heartbeat::Advertised::from_offer(&self.client, &o).await
+            }
+            None => heartbeat::Advertised::fixed(&cfg, rt_name),
+        };
         // Bound before registering, so a taken port fails the start; needs the node token.
         let node_server = match (cfg.serving_port, &cfg.token) {
             (Some(port), Some(token)) => Some(
@@ -196,7 +217,7 @@ impl<R: PodRuntime> Agent<R> {
         // Register, retrying until the API server answers.
         let mut delay = Duration::from_millis(200);
         loop {
-            match heartbeat::register(&self.client, &cfg, rt_name).await {
+            match heartbeat::register(&self.client, &cfg, &advertised).await {
                 Ok(()) => break,
                 Err(e) => {
                     tracing::warn!(error = %e, "node registration failed; retrying");
@@ -214,7 +235,14 @@ impl<R: PodRuntime> Agent<R> {
             let client = self.client.clone();
             let cfg = cfg.clone();
             let stop = shutdown.clone();
-            tasks.spawn(async move { heartbeat_loop(client, cfg, rt_name, stop).await });
+            let hb = Heartbeat {
+                client,
+                cfg,
+                rt_name,
+                offer,
+                advertised,
+            };
+            tasks.spawn(async move { hb.run(stop).await });
         }
         if let Some(srv) = node_server {
             let (client, node, stop) =
@@ -227,10 +255,14 @@ impl<R: PodRuntime> Agent<R> {
         let result = self.sync_pods(shutdown.clone()).await;
         shutdown.cancel();
         while tasks.join_next().await.is_some() {}
-        // Like a killed process: the pods die with the agent, nothing is reported.
+        // Like a killed process: the pods that live in the agent die with it, nothing is
+        // reported; CRI pods keep running in the container runtime, as they outlive a
+        // kubelet, and the next agent adopts them.
         if let Ok(pods) = self.runtime.list_pods().await {
             for p in pods {
-                let _ = self.runtime.remove_pod(&p.id).await;
+                if !self.runtime.outlives_agent(&p.id) {
+                    let _ = self.runtime.remove_pod(&p.id).await;
+                }
             }
         }
         result
@@ -245,7 +277,9 @@ impl<R: PodRuntime> Agent<R> {
             poll_interval: self.config.poll_interval,
             backoff_initial: self.config.backoff_initial,
             backoff_max: self.config.backoff_max,
+            volume_dir: self.config.volume_dir.clone(),
         });
+        let mut offer = self.runtime.offer();
         // What the runtime still runs from a previous agent life, by namespace/name.
         let mut adoptable: HashMap<(String, String), PodId> = HashMap::new();
         for p in self.runtime.list_pods().await? {
@@ -330,6 +364,16 @@ impl<R: PodRuntime> Agent<R> {
                 let ev = tokio::select! {
                     _ = shutdown.cancelled() => break 'relist,
                     ev = watch.next() => ev,
+                    changed = offer_changed(&mut offer) => {
+                        if changed {
+                            // A runtime came (back): what it runs that no pod of ours claims
+                            // (deleted while it was out of sight) goes.
+                            self.remove_unclaimed(&workers).await;
+                        } else {
+                            offer = None;
+                        }
+                        continue;
+                    }
                 };
                 let Some(Ok(ev)) = ev else {
                     continue 'relist;
@@ -390,7 +434,41 @@ impl<R: PodRuntime> Agent<R> {
         let (tx, rx) = watch::channel(Some(pod));
         let worker = PodWorker::new(ctx.clone(), rx, adopted, shutdown.child_token());
         tasks.spawn(worker.run());
-        workers.insert(uid, WorkerSlot { tx });
+        workers.insert(uid, WorkerSlot { tx, key });
+    }
+}
+
+impl<R: NodeRuntime> Agent<R> {
+    /// Removes the runtime's pods that no live worker claims by namespace/name.
+    async fn remove_unclaimed(&self, workers: &HashMap<String, WorkerSlot>) {
+        let claimed: std::collections::HashSet<&(String, String)> = workers
+            .values()
+            .filter(|w| !w.tx.is_closed())
+            .map(|w| &w.key)
+            .collect();
+        let pods = match self.runtime.list_pods().await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "listing runtime pods for clean-up failed");
+                return;
+            }
+        };
+        for p in pods {
+            if !claimed.contains(&(p.namespace.clone(), p.name.clone())) {
+                tracing::info!(pod = %p.id, name = %p.name, "removing orphaned runtime pod");
+                if let Err(e) = self.runtime.remove_pod(&p.id).await {
+                    tracing::warn!(pod = %p.id, error = %e, "removing orphaned runtime pod failed");
+                }
+            }
+        }
+    }
+}
+
+/// Waits for the runtime's offer to change: `true` when it did, `false` when it never will.
+async fn offer_changed(offer: &mut Option<watch::Receiver<RuntimeOffer>>) -> bool {
+    match offer {
+        Some(rx) => rx.changed().await.is_ok(),
+        None => std::future::pending().await,
     }
 }
 
@@ -401,27 +479,67 @@ fn pod_uid(pod: &Value) -> String {
         .to_string()
 }
 
-async fn heartbeat_loop(
+/// The Lease heartbeat, the periodic node status, and the runtime classes annotation, which
+/// is rewritten as soon as the runtime's offer changes.
+struct Heartbeat {
     client: ApiClient,
     cfg: Arc<AgentConfig>,
     rt_name: &'static str,
-    shutdown: CancellationToken,
-) {
-    let mut n: u32 = 0;
-    loop {
-        if let Err(e) = heartbeat::renew_lease(&client, &cfg).await {
-            tracing::warn!(error = %e, "lease renewal failed");
+    offer: Option<watch::Receiver<RuntimeOffer>>,
+    advertised: heartbeat::Advertised,
+}
+
+impl Heartbeat {
+    async fn refresh(&mut self) {
+        let adv = match &self.offer {
+            Some(rx) => {
+                let o = rx.borrow().clone();
+                heartbeat::Advertised::from_offer(&self.client, &o).await
+            }
+            None => heartbeat::Advertised::fixed(&self.cfg, self.rt_name),
+        };
+        if adv.classes != self.advertised.classes {
+            match heartbeat::post_classes(&self.client, &self.cfg, &adv).await {
+                Ok(()) => tracing::info!(classes = %adv.classes, "runtime classes advertised"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "runtime classes update failed");
+                    return;
+                }
+            }
         }
-        n = n.wrapping_add(1);
-        if cfg.status_every_heartbeats > 0
-            && n.is_multiple_of(cfg.status_every_heartbeats)
-            && let Err(e) = heartbeat::post_status(&client, &cfg, rt_name).await
-        {
+        self.advertised = adv;
+    }
+
+    async fn run(mut self, shutdown: CancellationToken) {
+        let mut n: u32 = 0;
+        loop {
+            if let Err(e) = heartbeat::renew_lease(&self.client, &self.cfg).await {
+                tracing::warn!(error = %e, "lease renewal failed");
+            }
+            n = n.wrapping_add(1);
+            if self.cfg.status_every_heartbeats > 0
+                && n.is_multiple_of(self.cfg.status_every_heartbeats)
+            {
+                self.post().await;
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(self.cfg.heartbeat_interval) => {}
+                changed = offer_changed(&mut self.offer) => {
+                    if changed {
+                        self.post().await;
+                    } else {
+                        self.offer = None;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn post(&mut self) {
+        self.refresh().await;
+        if let Err(e) = heartbeat::post_status(&self.client, &self.cfg, &self.advertised).await {
             tracing::warn!(error = %e, "node status update failed");
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(cfg.heartbeat_interval) => {}
         }
     }
 }

@@ -26,6 +26,8 @@ pub(crate) struct WorkerContext<R> {
     pub poll_interval: Duration,
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
+    /// Root of configMap and secret volume files.
+    pub volume_dir: std::path::PathBuf,
 }
 
 /// Per-container bookkeeping that survives restarts of the pod's sandbox.
@@ -45,11 +47,36 @@ enum Waiting {
         until: Instant,
         reason: &'static str,
         message: String,
+        /// The image whose pull failed: only its containers show `reason`, the others are
+        /// still `ContainerCreating`; after the first report `ErrImagePull` becomes
+        /// `ImagePullBackOff`, as the kubelet shows it.
+        image: Option<String>,
     },
+}
+
+/// Kubernetes' waiting reason and message for an image failure (`ErrImagePull`,
+/// `ErrImageNeverPull`), from the runtime's error.
+fn image_failure(e: &RuntimeError) -> Option<(&'static str, String, String)> {
+    match e {
+        RuntimeError::ImageNotFound { image, reason } => {
+            if let Some(msg) = reason.strip_prefix("ErrImageNeverPull: ") {
+                Some(("ErrImageNeverPull", msg.to_owned(), image.clone()))
+            } else {
+                let msg = reason.strip_prefix("ErrImagePull: ").unwrap_or(reason);
+                Some(("ErrImagePull", msg.to_owned(), image.clone()))
+            }
+        }
+        RuntimeError::ImageRefused { image, reason } => {
+            Some(("ErrImagePull", reason.clone(), image.clone()))
+        }
+        _ => None,
+    }
 }
 
 pub(crate) struct PodWorker<R> {
     ctx: Arc<WorkerContext<R>>,
+    /// The pod's uid (names its volume directory).
+    uid: String,
     rx: watch::Receiver<Option<Value>>,
     shutdown: CancellationToken,
     sandbox: Option<PodId>,
@@ -153,6 +180,7 @@ impl<R: PodRuntime> PodWorker<R> {
         );
         PodWorker {
             ctx,
+            uid: meta(&pod, "uid").to_string(),
             rx,
             shutdown,
             sandbox: adopted,
@@ -194,10 +222,12 @@ impl<R: PodRuntime> PodWorker<R> {
             let Some(pod) = pod else {
                 // Deleted from the API (or no longer bound here): drop whatever runs.
                 self.remove_sandbox().await;
+                super::volumes::remove(&self.ctx.volume_dir, &self.uid).await;
                 return;
             };
             if pod.pointer("/metadata/deletionTimestamp").is_some() {
                 self.terminate(&pod).await;
+                super::volumes::remove(&self.ctx.volume_dir, &self.uid).await;
                 return;
             }
             let wait = self.step(&pod).await;
@@ -276,6 +306,19 @@ impl<R: PodRuntime> PodWorker<R> {
                 if until > now {
                     let status = self.compose(pod, None);
                     self.write_status(pod, status).await;
+                    if let Waiting::BackOff {
+                        reason: reason @ "ErrImagePull",
+                        message,
+                        image: Some(image),
+                        ..
+                    } = &mut self.waiting
+                    {
+                        // Reported once; while the back-off lasts the kubelet says this.
+                        *message =
+                            format!("Back-off pulling image {image:?}: ErrImagePull: {message}");
+                        *reason = "ImagePullBackOff";
+                        return Duration::from_millis(500).min(until - now);
+                    }
                     return (until - now).min(poll.max(Duration::from_millis(50)) * 20);
                 }
             }
@@ -356,6 +399,7 @@ impl<R: PodRuntime> PodWorker<R> {
                     meta(pod, "namespace"),
                     meta(pod, "uid"),
                 ),
+                image: None,
             };
             if delay.is_zero() {
                 // First restart: immediate, as the kubelet does; no back-off to show.
@@ -427,7 +471,7 @@ impl<R: PodRuntime> PodWorker<R> {
     }
 
     async fn start(&mut self, pod: &Value) {
-        let spec: PodSpec = match pod
+        let mut spec: PodSpec = match pod
             .get("spec")
             .cloned()
             .map(serde_json::from_value)
@@ -439,7 +483,7 @@ impl<R: PodRuntime> PodWorker<R> {
                 return;
             }
         };
-        let annotations = pod
+        let mut annotations: BTreeMap<String, String> = pod
             .pointer("/metadata/annotations")
             .and_then(Value::as_object)
             .map(|m| {
@@ -448,6 +492,35 @@ impl<R: PodRuntime> PodWorker<R> {
                     .collect()
             })
             .unwrap_or_default();
+        match self.runtime_handler(&spec).await {
+            Ok(Some(h)) => {
+                annotations.insert(super::runtimes::ANNOTATION_RUNTIME_HANDLER.to_owned(), h);
+            }
+            Ok(None) => {}
+            Err(msg) => {
+                tracing::warn!(pod = %pod_path(pod), error = %msg, "no runtime handler for pod");
+                self.event(pod, "Warning", "FailedCreatePodSandBox", &msg)
+                    .await;
+                self.fail_start("CreateContainerConfigError", msg);
+                return;
+            }
+        }
+        if super::volumes::needed(&spec)
+            && let Err(e) = super::volumes::materialise(
+                &self.ctx.client,
+                &self.ctx.volume_dir,
+                meta(pod, "namespace"),
+                meta(pod, "uid"),
+                &mut spec,
+            )
+            .await
+        {
+            // As the kubelet: the pod stays ContainerCreating and a FailedMount event says why.
+            self.event(pod, "Warning", "FailedMount", &e.to_string())
+                .await;
+            self.fail_start("ContainerCreating", e.to_string());
+            return;
+        }
         let cfg = PodConfig {
             name: meta(pod, "name").to_string(),
             namespace: meta(pod, "namespace").to_string(),
@@ -473,9 +546,21 @@ impl<R: PodRuntime> PodWorker<R> {
                 self.event(pod, "Normal", "Started", &msg).await;
             }
             Err(e) => {
+                if let Some((reason, message, image)) = image_failure(&e) {
+                    tracing::warn!(pod = %pod_path(pod), %image, error = %message, "image failure");
+                    let msg = if reason == "ErrImageNeverPull" {
+                        message.clone()
+                    } else {
+                        format!("Failed to pull image {image:?}: {message}")
+                    };
+                    self.event(pod, "Warning", "Failed", &msg).await;
+                    self.fail_start(reason, message);
+                    if let Waiting::BackOff { image: img, .. } = &mut self.waiting {
+                        *img = Some(image);
+                    }
+                    return;
+                }
                 let reason = match &e {
-                    RuntimeError::ImageNotFound { .. } => "ImagePullBackOff",
-                    RuntimeError::ImageRefused { .. } => "ErrImageNeverPull",
                     RuntimeError::InvalidSpec(_)
                     | RuntimeError::Quantity(_)
                     | RuntimeError::CantHandle(_) => "CreateContainerConfigError",
@@ -500,7 +585,29 @@ impl<R: PodRuntime> PodWorker<R> {
             until: Instant::now() + delay,
             reason,
             message,
+            image: None,
         };
+    }
+
+    /// The runtime handler of the pod's RuntimeClass (`None` without `runtimeClassName`).
+    /// A class with no RuntimeClass object is taken as a handler name (`wasm` meaning
+    /// `wasmtime`), which is how pods named runtimes before RuntimeClass objects existed.
+    async fn runtime_handler(&self, spec: &PodSpec) -> Result<Option<String>, String> {
+        let Some(name) = spec.runtime_class_name.as_deref().filter(|n| !n.is_empty()) else {
+            return Ok(None);
+        };
+        let path = format!("/apis/node.k8s.io/v1/runtimeclasses/{name}");
+        match self.ctx.client.get(&path).await {
+            Ok(Some(rc)) => match rc.get("handler").and_then(Value::as_str) {
+                Some(h) if !h.is_empty() => Ok(Some(h.to_owned())),
+                _ => Err(format!("RuntimeClass {name:?} has no handler")),
+            },
+            Ok(None) if name == super::runtimes::LEGACY_WASM_CLASS => {
+                Ok(Some(super::runtimes::HANDLER_WASMTIME.to_owned()))
+            }
+            Ok(None) => Ok(Some(name.to_owned())),
+            Err(e) => Err(format!("failed to get RuntimeClass {name:?}: {e}")),
+        }
     }
 
     /// Keeps `lastTransitionTime` stable while a condition's status does not change.
@@ -554,11 +661,20 @@ impl<R: PodRuntime> PodWorker<R> {
                 (
                     None,
                     Waiting::BackOff {
-                        reason, message, ..
+                        reason,
+                        message,
+                        image: failed_image,
+                        ..
                     },
-                ) => ContainerState::Waiting(ContainerStateWaiting {
-                    reason: Some((*reason).to_string()),
-                    message: Some(message.clone()),
+                ) if failed_image.as_ref().is_none_or(|i| i == image) => {
+                    ContainerState::Waiting(ContainerStateWaiting {
+                        reason: Some((*reason).to_string()),
+                        message: Some(message.clone()),
+                    })
+                }
+                (None, Waiting::BackOff { .. }) => ContainerState::Waiting(ContainerStateWaiting {
+                    reason: Some("ContainerCreating".into()),
+                    message: None,
                 }),
                 (None, Waiting::Creating) => ContainerState::Waiting(ContainerStateWaiting {
                     reason: Some("ContainerCreating".into()),
@@ -582,7 +698,16 @@ impl<R: PodRuntime> PodWorker<R> {
                 Some(t) => json!({"terminated": t}),
                 None => json!({}),
             };
-            let container_id = st.map(|s| format!("wasm://{}/{name}", s.id));
+            // `<runtime>://<id>` as the kubelet reports it; the id is the pod's runtime id
+            // (`wasm:...`, `cri:<sandbox>`) and the container name.
+            let container_id = st.map(|s| {
+                let scheme = if s.id.0.starts_with("cri:") {
+                    "containerd"
+                } else {
+                    "wasm"
+                };
+                format!("{scheme}://{}/{name}", s.id)
+            });
             let mut cs = json!({
                 "name": name,
                 "image": image,
