@@ -75,6 +75,11 @@ pub(crate) struct Sched {
 }
 
 impl Sched {
+    /// No container of this executor is runnable: the thread is idle or about to be.
+    pub(crate) fn is_idle(&self) -> bool {
+        self.lock().is_empty()
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, u128>> {
         self.runnable
             .lock()

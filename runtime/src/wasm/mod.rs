@@ -17,9 +17,10 @@ use std::time::{Duration, Instant};
 use api::pod::{Container, PodSpec};
 use wasmtime::{Engine, InstanceAllocationStrategy, InstancePre, PoolingAllocationConfig};
 use wasmtime_wasi::FsPerms;
+use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 
 use crate::pod_runtime::{
-    ContainerStats, ContainerStatus, PodConfig, PodId, PodRuntime, PodStats, PodStatus,
+    ContainerStats, ContainerStatus, ExecOutput, PodConfig, PodId, PodRuntime, PodStats, PodStatus,
     RuntimeError, SandboxState,
 };
 
@@ -46,6 +47,15 @@ use container::{ContainerShared, Launch, PodData};
 /// Annotation: fuel (executed wasm instructions) budget for every container of the pod.
 pub const FUEL_LIMIT_ANNOTATION: &str = "flotilla.dev/fuel-limit";
 
+/// Annotation: the bytes containers with `stdin: true` read from standard input, then end of
+/// file. `flotilla.dev/stdin.<container>` sets it for one container and wins over the pod-wide
+/// one. A container with `stdin: true` and neither annotation reads an empty stdin; one with
+/// `stdin: false` (the default) always does, as in Kubernetes.
+pub const STDIN_ANNOTATION: &str = "flotilla.dev/stdin";
+
+/// Output an exec keeps per stream; writes past it fail in the guest.
+pub const EXEC_OUTPUT_LIMIT: usize = 16 << 20;
+
 /// Settings of a [`WasmRuntime`].
 #[derive(Debug, Clone)]
 pub struct WasmRuntimeConfig {
@@ -69,6 +79,9 @@ pub struct WasmRuntimeConfig {
     pub log_max_bytes: u64,
     /// Log files kept per container, the current one included.
     pub log_max_files: u32,
+    /// A PEM file of CA certificates trusted for `https://` images besides the system bundle
+    /// (a private registry, tests).
+    pub extra_ca_bundle: Option<PathBuf>,
 }
 
 impl WasmRuntimeConfig {
@@ -85,8 +98,21 @@ impl WasmRuntimeConfig {
             epoch_tick: Duration::from_millis(1),
             log_max_bytes: 10 << 20,
             log_max_files: 5,
+            extra_ca_bundle: None,
         }
     }
+}
+
+/// Where a container's start latency went (see [`WasmRuntime::start_breakdown`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StartBreakdown {
+    /// `run_pod` call → first poll of the container's task: the runtime's own work before it,
+    /// plus the wake-up of the executor thread when the task was handed over.
+    pub to_first_poll: Duration,
+    /// First poll → the guest's first instruction (WASI context, store, instantiation).
+    pub to_first_instruction: Duration,
+    /// The first poll ran on the `run_pod` caller's thread (the placed executor was idle).
+    pub on_caller: bool,
 }
 
 struct WasmPod {
@@ -95,6 +121,8 @@ struct WasmPod {
     namespace: String,
     dir: PathBuf,
     containers: Vec<Arc<ContainerShared>>,
+    /// How each container was launched, the template of an exec in it.
+    launches: Vec<Launch>,
 }
 
 struct Inner {
@@ -204,7 +232,11 @@ impl WasmRuntime {
             RuntimeError::Config(format!("cannot create {}: {e}", pods_dir.display()))
         })?;
         let cache = config.cache_dir.clone().unwrap_or_else(|| root.clone());
-        let images = image::ImageStore::new(cache.join("images/sha256"), config.max_module_bytes)?;
+        let images = image::ImageStore::new(
+            cache.join("images/sha256"),
+            config.max_module_bytes,
+            config.extra_ca_bundle.clone(),
+        )?;
         let modules = modules::Modules::new(engine.clone(), cache.join("modules"))?;
         let threads = match config.executor_threads {
             0 => std::thread::available_parallelism()
@@ -299,12 +331,9 @@ impl WasmRuntime {
             .collect()
     }
 
-    /// Start latency of each container of a pod split in two: `run_pod` call → the executor
-    /// thread picks the container up, and → the guest's first instruction.
-    pub fn start_breakdown(
-        &self,
-        id: &PodId,
-    ) -> Result<Vec<Option<(Duration, Duration)>>, RuntimeError> {
+    /// Start latency of each container of a pod split in two: `run_pod` call → first poll of
+    /// the container's task, and → the guest's first instruction.
+    pub fn start_breakdown(&self, id: &PodId) -> Result<Vec<Option<StartBreakdown>>, RuntimeError> {
         let pod = self
             .pod(id)
             .ok_or_else(|| RuntimeError::NotFound(id.clone()))?;
@@ -375,6 +404,7 @@ impl WasmRuntime {
         // API defaulting copies limits into unset requests; do the same for the share weight.
         let request = res.cpu_request_millis()?.or(cpu_limit_millis);
         let fuel_limit = fuel_limit(&pod.annotations, &c.name)?;
+        let stdin = stdin_data(&pod.annotations, c)?;
         let mut argv = if c.command.is_empty() {
             vec![c.name.clone()]
         } else {
@@ -422,7 +452,10 @@ impl WasmRuntime {
         }
         Ok(Launch {
             pre,
+            entry: container::Entry::Start,
             argv,
+            stdin,
+            stdio: container::Stdio::Log,
             env,
             cwd: c.working_dir.clone(),
             preopens,
@@ -452,6 +485,26 @@ fn fuel_limit(
             "annotation {FUEL_LIMIT_ANNOTATION}: {v:?} is not a whole number"
         ))
     })
+}
+
+fn stdin_data(
+    annotations: &BTreeMap<String, String>,
+    c: &Container,
+) -> Result<Option<bytes::Bytes>, RuntimeError> {
+    let specific = format!("{STDIN_ANNOTATION}.{}", c.name);
+    if !c.stdin {
+        if annotations.contains_key(&specific) {
+            return Err(RuntimeError::InvalidSpec(format!(
+                "annotation {specific} is set but container {:?} does not have `stdin: true`",
+                c.name
+            )));
+        }
+        return Ok(None);
+    }
+    Ok(annotations
+        .get(&specific)
+        .or_else(|| annotations.get(STDIN_ANNOTATION))
+        .map(|v| bytes::Bytes::from(v.clone().into_bytes())))
 }
 
 fn validate(spec: &PodSpec) -> Result<(), RuntimeError> {
@@ -556,6 +609,7 @@ impl PodRuntime for WasmRuntime {
             namespace: pod.namespace.clone(),
             dir: pod_dir,
             containers: shared.clone(),
+            launches: launches.clone(),
         });
         self.inner
             .pods
@@ -653,6 +707,16 @@ impl PodRuntime for WasmRuntime {
             .map_err(|e| RuntimeError::Internal(format!("cannot read log: {e}")))
     }
 
+    async fn exec(
+        &self,
+        id: &PodId,
+        container: &str,
+        command: Vec<String>,
+        timeout: Duration,
+    ) -> Result<ExecOutput, RuntimeError> {
+        self.exec_instance(id, container, command, timeout).await
+    }
+
     async fn stats(&self, id: &PodId) -> Result<PodStats, RuntimeError> {
         let pod = self
             .pod(id)
@@ -671,6 +735,136 @@ impl PodRuntime for WasmRuntime {
                 .collect(),
         })
     }
+}
+
+impl WasmRuntime {
+    /// [`PodRuntime::exec`]: a fresh instance of the container's module in the same sandbox.
+    async fn exec_instance(
+        &self,
+        id: &PodId,
+        container: &str,
+        command: Vec<String>,
+        timeout: Duration,
+    ) -> Result<ExecOutput, RuntimeError> {
+        let requested_at = Instant::now();
+        let pod = self
+            .pod(id)
+            .ok_or_else(|| RuntimeError::NotFound(id.clone()))?;
+        let index = pod
+            .containers
+            .iter()
+            .position(|c| c.name == container)
+            .ok_or_else(|| RuntimeError::ContainerNotFound {
+                pod: id.clone(),
+                container: container.to_owned(),
+            })?;
+        let parent = &pod.containers[index];
+        if parent.is_terminated() {
+            return Err(RuntimeError::InvalidSpec(format!(
+                "cannot exec in container {container:?} of pod {id}: it is not running"
+            )));
+        }
+        if command.is_empty() {
+            return Err(RuntimeError::InvalidSpec("exec needs a command".into()));
+        }
+        let mut launch = pod.launches[index].clone();
+        launch.entry = exec_entry(&launch.pre, &command[0]);
+        launch.argv = command;
+        launch.stdin = None;
+        let (out, err) = (
+            MemoryOutputPipe::new(EXEC_OUTPUT_LIMIT),
+            MemoryOutputPipe::new(EXEC_OUTPUT_LIMIT),
+        );
+        launch.stdio = container::Stdio::Capture(out.clone(), err.clone());
+        let cap = self.inner.config.max_pods as usize;
+        if let Err(live) =
+            self.inner
+                .live
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |live| {
+                    (live < cap).then_some(live + 1)
+                })
+        {
+            return Err(RuntimeError::AtCapacity(format!(
+                "{live} of {cap} wasm instances are running (max_pods); exec needs one more"
+            )));
+        }
+        let exec = parent.exec_child(requested_at);
+        let worker = self.inner.executors.place(launch.request_millis);
+        container::spawn(launch, exec.clone(), worker, self.inner.live.clone());
+        // Zero means no timeout, as in CRI's ExecSync.
+        let far = tokio::time::Instant::now() + Duration::from_secs(365 * 24 * 3600);
+        let deadline = match timeout {
+            Duration::ZERO => far,
+            t => tokio::time::Instant::now() + t,
+        };
+        let timed_out = !exec.wait_terminated(deadline).await;
+        if timed_out {
+            // Ends at the next epoch tick or wake-up; abort if it somehow does not.
+            exec.request_stop();
+            if !exec
+                .wait_terminated(tokio::time::Instant::now() + Duration::from_secs(5))
+                .await
+            {
+                exec.abort();
+            }
+        }
+        // The exec ran in the container's sandbox: charge its CPU and instructions there.
+        parent
+            .cpu_ns
+            .fetch_add(exec.cpu_ns.load(Ordering::Relaxed), Ordering::Relaxed);
+        parent
+            .fuel_used
+            .fetch_add(exec.fuel_used.load(Ordering::Relaxed), Ordering::Relaxed);
+        if timed_out {
+            return Err(RuntimeError::Transient(format!(
+                "exec in container {container:?} of pod {id} timed out after {timeout:?}"
+            )));
+        }
+        let Some(t) = exec.state().terminated().cloned() else {
+            return Err(RuntimeError::Internal("exec ended without a state".into()));
+        };
+        let mut stderr = err.contents().to_vec();
+        if t.exit_code != 0
+            && let Some(m) = &t.message
+        {
+            // A trap or a stop leaves no output of its own; say why, as a shell would.
+            stderr.extend_from_slice(
+                format!("{}: {m}\n", t.reason.as_deref().unwrap_or("Error")).as_bytes(),
+            );
+        }
+        Ok(ExecOutput {
+            exit_code: t.exit_code,
+            stdout: out.contents().to_vec(),
+            stderr,
+        })
+    }
+}
+
+/// What an exec of `name` runs: the exported function of that name if the module has one
+/// that takes nothing and returns nothing or an `i32`, else the command's `_start`.
+fn exec_entry(pre: &InstancePre<PodData>, name: &str) -> container::Entry {
+    if name != "_start"
+        && let Some(wasmtime::ExternType::Func(f)) = pre.module().get_export(name)
+        && f.params().len() == 0
+    {
+        let results: Vec<_> = f.results().collect();
+        match results.as_slice() {
+            [] => {
+                return container::Entry::Export {
+                    name: name.to_owned(),
+                    returns_code: false,
+                };
+            }
+            [wasmtime::ValType::I32] => {
+                return container::Entry::Export {
+                    name: name.to_owned(),
+                    returns_code: true,
+                };
+            }
+            _ => {}
+        }
+    }
+    container::Entry::Start
 }
 
 fn status_of(pod: &WasmPod) -> PodStatus {
@@ -702,7 +896,7 @@ pub mod guests {
     use std::path::PathBuf;
 
     /// The built guest `name` (`hello`, `exit_code`, `spinner`, `memory_hog`, `sleeper`,
-    /// `log_spammer`, `file_writer`, `upper`).
+    /// `log_spammer`, `file_writer`, `upper`, `toolbox`).
     pub fn path(name: &str) -> PathBuf {
         PathBuf::from(env!("FLOTILLA_GUESTS_DIR")).join(format!("{name}.wasm"))
     }

@@ -5,6 +5,8 @@
 //! - `limits`: memory, CPU quota, fair share, fuel and the pod cap, each failing if not enforced.
 //! - `cri`: `CriRuntime` against a real containerd (`FLOTILLA_CRI_SOCKET`, see the module).
 //! - `hostile`: guests that loop, trap, or are malformed, next to pods that must keep running.
+//! - `wasm_exec`: wasm stdin, exec (commands and exported functions), https images, and where a
+//!   container's first poll runs.
 use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -18,6 +20,7 @@ mod cri;
 mod hostile;
 mod limits;
 mod wasi;
+mod wasm_exec;
 
 /// One compiled-module cache for the whole binary, so each guest compiles once.
 fn shared_cache() -> PathBuf {
