@@ -181,8 +181,15 @@ impl CriRuntime {
                 }))
                 .await
                 .map_err(|e| {
+                    // tonic's own message is only "transport error"; the cause is below it.
+                    let mut msg = e.to_string();
+                    let mut src = std::error::Error::source(&e);
+                    while let Some(cause) = src {
+                        msg = format!("{msg}: {cause}");
+                        src = cause.source();
+                    }
                     RuntimeError::Transient(format!(
-                        "cannot connect to CRI endpoint {}: {e}",
+                        "cannot connect to CRI endpoint {}: {msg}",
                         config.endpoint
                     ))
                 })?;
@@ -754,6 +761,49 @@ impl CriRuntime {
             }
         }
         Ok(removed)
+    }
+
+    /// Ids of every sandbox and container labelled with this instance, whatever their
+    /// state: what `ListPodSandbox` and `ListContainers` report (tests check that a deleted pod
+    /// leaves nothing behind).
+    pub async fn inventory(&self) -> Result<(Vec<String>, Vec<String>), RuntimeError> {
+        let selector: std::collections::HashMap<String, String> = [(
+            LABEL_INSTANCE.to_owned(),
+            self.inner.config.instance.clone(),
+        )]
+        .into_iter()
+        .collect();
+        let sandboxes = self
+            .rt()
+            .list_pod_sandbox(pb::ListPodSandboxRequest {
+                filter: Some(pb::PodSandboxFilter {
+                    label_selector: selector.clone(),
+                    ..Default::default()
+                }),
+            })
+            .await
+            .map_err(|s| rpc_err("ListPodSandbox", &s))?
+            .into_inner()
+            .items
+            .into_iter()
+            .map(|s| s.id)
+            .collect();
+        let containers = self
+            .rt()
+            .list_containers(pb::ListContainersRequest {
+                filter: Some(pb::ContainerFilter {
+                    label_selector: selector,
+                    ..Default::default()
+                }),
+            })
+            .await
+            .map_err(|s| rpc_err("ListContainers", &s))?
+            .into_inner()
+            .containers
+            .into_iter()
+            .map(|c| c.id)
+            .collect();
+        Ok((sandboxes, containers))
     }
 
     async fn list_sandboxes(&self) -> Result<Vec<pb::PodSandbox>, RuntimeError> {

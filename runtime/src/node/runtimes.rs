@@ -227,7 +227,10 @@ impl NodeRuntimes {
                         .write()
                         .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(rt.clone());
                 })
-                .map_err(|e| e.to_string()),
+                .map_err(|e| match e {
+                    RuntimeError::Transient(m) | RuntimeError::Config(m) => m,
+                    e => e.to_string(),
+                }),
         };
         let mut handlers = vec![HANDLER_WASMTIME.to_owned()];
         let offer = match result {

@@ -7,12 +7,15 @@
 //! - `node_loss`: a dead agent's pods are evicted and recreated elsewhere; a restarted agent
 //!   runs its pods again without doubling them.
 //! - `leader`: leader election through a Lease, with failover.
+//! - `cri`: the real CRI tier (containerd from `scripts/containerd`): busybox Deployments,
+//!   image errors, OOMKilled, CPU limits, re-adoption after an agent restart, clean deletion.
 //! - `kubectl`: the real kubectl (when `scripts/kubectl` installed it) applies, scales, rolls
 //!   out, undoes and drains.
 use std::time::Duration;
 
 use serde_json::{Value, json};
 
+mod cri;
 mod kubectl;
 mod leader;
 mod node_loss;

@@ -1,0 +1,697 @@
+//! The real CRI tier at kubectl level: a node agent whose runtimes are wasm and the containerd
+//! started by `scripts/containerd` (`FLOTILLA_CRI_SOCKET`), driven by the real kubectl.
+//!
+//! Without `FLOTILLA_CRI_SOCKET` (or without kubectl) these tests print that they were skipped
+//! and pass, unless `FLOTILLA_REQUIRE_CRI=1` (set by `.ci/run`), which makes them fail.
+//! What the tier checks, in order: a Deployment of the locally built busybox runs on containerd
+//! next to a wasm pod; `kubectl logs` and `kubectl exec`; ErrImagePull → ImagePullBackOff and
+//! ErrImageNeverPull; OOMKilled over a memory limit; CPU throttled to its limit; an agent
+//! restart re-adopts the running containers and removes the orphan of a pod deleted meanwhile;
+//! deleting everything leaves no sandbox, container or pod cgroup in containerd.
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use runtime::PodRuntime;
+use runtime::cri::{CriRuntime, CriRuntimeConfig};
+use runtime::node::{
+    Agent, AgentConfig, CRI_CONDITION, CriSettings, JoinToken, NodeCapacity, NodeRuntimes,
+    RUNTIME_CLASSES_ANNOTATION,
+};
+use runtime::{WasmRuntime, WasmRuntimeConfig};
+use serde_json::Value;
+use tests::{Cluster, ClusterOptions, eventually};
+use tokio_util::sync::CancellationToken;
+
+use super::{WAIT, init_tracing};
+
+const BUSYBOX: &str = "localhost/busybox:v1";
+const CGROUP_ROOT: &str = "/flotilla-e2e";
+
+/// The tests share one containerd and measure CPU: one at a time.
+static CRI_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// The CRI socket and kubectl, or `None` (skip) unless the tier is required.
+fn prerequisites(test: &str) -> Option<(String, std::path::PathBuf)> {
+    let required = std::env::var("FLOTILLA_REQUIRE_CRI").as_deref() == Ok("1");
+    let socket = std::env::var("FLOTILLA_CRI_SOCKET")
+        .ok()
+        .filter(|s| !s.is_empty());
+    let kubectl = tests::kubectl();
+    match (socket, kubectl) {
+        (Some(s), Some(k)) => Some((s, k)),
+        (s, _) => {
+            let missing = if s.is_none() {
+                "FLOTILLA_CRI_SOCKET is not set (export FLOTILLA_CRI_SOCKET=$(scripts/containerd))"
+            } else {
+                "kubectl is not installed (run scripts/kubectl)"
+            };
+            assert!(!required, "FLOTILLA_REQUIRE_CRI=1 but {missing}");
+            eprintln!("SKIPPED {test}: {missing}");
+            None
+        }
+    }
+}
+
+fn kubectl(kc: &Path, c: &Cluster, args: &[&str], stdin: Option<&str>) -> anyhow::Result<String> {
+    use std::io::Write as _;
+    let mut child = Command::new(kc)
+        .arg("--kubeconfig")
+        .arg(c.kubeconfig())
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    if let (Some(text), Some(mut si)) = (stdin, child.stdin.take()) {
+        si.write_all(text.as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        anyhow::bail!(
+            "kubectl {args:?} failed: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(text)
+}
+
+/// Runs kubectl off the async threads.
+async fn k(kc: &Path, c: &Cluster, args: &[&str]) -> anyhow::Result<String> {
+    tokio::task::block_in_place(|| kubectl(kc, c, args, None))
+}
+
+async fn apply(kc: &Path, c: &Cluster, manifest: &str) -> anyhow::Result<String> {
+    tokio::task::block_in_place(|| kubectl(kc, c, &["apply", "-f", "-"], Some(manifest)))
+}
+
+/// A node agent with wasm and CRI runtimes, stoppable like a process.
+struct CriAgent {
+    runtime: Arc<NodeRuntimes>,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl CriAgent {
+    /// Stops the agent process (its CRI pods keep running in containerd).
+    async fn kill(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
+fn cri_config(endpoint: &str, root: &Path, instance: &str) -> CriRuntimeConfig {
+    let mut cfg = CriRuntimeConfig::new(endpoint, root.join("cri"));
+    cfg.instance = instance.to_owned();
+    cfg.cgroup_root = Some(CGROUP_ROOT.into());
+    cfg
+}
+
+async fn start_agent(
+    c: &Cluster,
+    name: &str,
+    endpoint: &str,
+    root: &Path,
+) -> anyhow::Result<CriAgent> {
+    let join = JoinToken::parse(&std::fs::read_to_string(c.dir.path().join("node-token"))?)
+        .context("node-token parses")?;
+    let mut cfg = AgentConfig::new(name, &c.server);
+    cfg.token = Some(join.node_token(name));
+    cfg.ca_pem = join.ca_pem.clone();
+    cfg.capacity = NodeCapacity {
+        cpu_millis: 4000,
+        memory_bytes: 8 << 30,
+        pods: 110,
+    };
+    cfg.heartbeat_interval = Duration::from_millis(500);
+    cfg.status_every_heartbeats = 2;
+    cfg.poll_interval = Duration::from_millis(100);
+    cfg.backoff_initial = Duration::from_secs(1);
+    cfg.backoff_max = Duration::from_secs(4);
+    cfg.volume_dir = root.join("volumes");
+    let mut wcfg = WasmRuntimeConfig::new(root.join("wasm"));
+    wcfg.max_pods = 16;
+    wcfg.executor_threads = 1;
+    let stop = CancellationToken::new();
+    let mut settings = CriSettings::new(cri_config(endpoint, root, name));
+    settings.recheck = Duration::from_millis(200);
+    let rts = NodeRuntimes::start(WasmRuntime::new(wcfg)?, Some(settings), stop.clone()).await;
+    let agent = Agent::new(cfg, rts)?;
+    let runtime = agent.runtime();
+    let s = stop.clone();
+    let n = name.to_owned();
+    let task = tokio::spawn(async move {
+        if let Err(e) = agent.run(s).await {
+            tracing::error!(node = %n, error = %e, "agent failed");
+        }
+    });
+    Ok(CriAgent {
+        runtime,
+        stop,
+        task,
+    })
+}
+
+/// A CRI client of the node's instance, after removing what a crashed earlier run left.
+async fn clean_cri(socket: &str, root: &Path, instance: &str) -> anyhow::Result<CriRuntime> {
+    let cri = CriRuntime::connect(cri_config(socket, root, instance)).await?;
+    let left = cri.remove_orphans(&[]).await?;
+    if !left.is_empty() {
+        eprintln!("removed {} leftover sandboxes", left.len());
+    }
+    Ok(cri)
+}
+
+async fn pod(c: &Cluster, name: &str) -> anyhow::Result<Value> {
+    c.admin
+        .get(&format!("/api/v1/namespaces/default/pods/{name}"))
+        .await?
+        .with_context(|| format!("pod {name} not found"))
+}
+
+fn waiting_reason(p: &Value) -> (String, String) {
+    let s = |f: &str| {
+        p.pointer(&format!("/status/containerStatuses/0/state/waiting/{f}"))
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned()
+    };
+    (s("reason"), s("message"))
+}
+
+/// Names of the Running, non-terminating busybox pods.
+async fn running_busybox(c: &Cluster) -> anyhow::Result<Vec<String>> {
+    Ok(super::running(c, "busybox-")
+        .await?
+        .iter()
+        .filter_map(|p| p.pointer("/metadata/name").and_then(Value::as_str))
+        .map(str::to_owned)
+        .collect())
+}
+
+const RUNTIME_CLASS: &str =
+    "apiVersion: node.k8s.io/v1\nkind: RuntimeClass\nmetadata:\n  name: runc\nhandler: runc\n";
+
+fn busybox_deployment() -> String {
+    format!(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: busybox\nspec:\n  replicas: 2\n  selector:\n    matchLabels: {{app: busybox}}\n  template:\n    metadata:\n      labels: {{app: busybox}}\n    spec:\n      terminationGracePeriodSeconds: 1\n      containers:\n      - name: main\n        image: {BUSYBOX}\n        command: [/bin/sh, -c, 'echo hello from busybox; exec sleep 3600']\n        resources:\n          limits: {{memory: 64Mi, cpu: 200m}}\n"
+    )
+}
+
+fn one_pod(name: &str, image: &str, policy: &str, script: &str, limits: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\nspec:\n  restartPolicy: Never\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: main\n    image: {image}\n    imagePullPolicy: {policy}\n    command: [/bin/sh, -c, '{script}']\n    resources:\n      limits: {limits}\n"
+    )
+}
+
+/// CPU time of a pod over `window`, as a share of one core.
+async fn cpu_share(
+    rt: &NodeRuntimes,
+    id: &runtime::PodId,
+    window: Duration,
+) -> anyhow::Result<f64> {
+    let before = rt.stats(id).await?.containers[0].cpu_ns;
+    let t0 = Instant::now();
+    tokio::time::sleep(window).await;
+    let used = rt.stats(id).await?.containers[0].cpu_ns - before;
+    #[allow(clippy::cast_precision_loss, reason = "a ratio for a bound check")]
+    Ok(used as f64 / t0.elapsed().as_nanos() as f64)
+}
+
+/// `nr_throttled` summed over the cgroups of a pod's containers (cgroup v1 cpu controller).
+fn nr_throttled(uid: &str) -> Option<u64> {
+    let parent = runtime::cri::convert::cgroup_parent(
+        CGROUP_ROOT,
+        runtime::api::pod::QosClass::Burstable,
+        uid,
+    );
+    let dir = Path::new("/sys/fs/cgroup/cpu").join(parent.trim_start_matches('/'));
+    let mut total = None;
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let stat = std::fs::read_to_string(entry.path().join("cpu.stat")).unwrap_or_default();
+        for line in stat.lines() {
+            if let Some(v) = line.strip_prefix("nr_throttled ") {
+                *total.get_or_insert(0) += v.trim().parse::<u64>().unwrap_or(0);
+            }
+        }
+    }
+    total
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_runs_busybox_on_containerd_through_cri() -> anyhow::Result<()> {
+    init_tracing();
+    let Some((socket, kc)) = prerequisites("kubectl_runs_busybox_on_containerd_through_cri") else {
+        return Ok(());
+    };
+    let _one = CRI_LOCK.lock().await;
+    let root = tempfile::tempdir()?;
+    let node = "cri-e2e-node";
+    let cri = clean_cri(&socket, root.path(), node).await?;
+    let c = Cluster::start(ClusterOptions::default()).await?;
+    let agent = start_agent(&c, node, &socket, root.path()).await?;
+    let kc = kc.as_path();
+
+    // The node offers runc and the RuntimeClass named after it.
+    apply(kc, &c, RUNTIME_CLASS).await?;
+    eventually("the node to advertise runc", WAIT, || async {
+        let n = c
+            .admin
+            .get(&format!("/api/v1/nodes/{node}"))
+            .await?
+            .unwrap_or_default();
+        let classes = n
+            .pointer("/metadata/annotations")
+            .and_then(|a| a.get(RUNTIME_CLASSES_ANNOTATION))
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
+        let cond = n
+            .pointer("/status/conditions")
+            .and_then(Value::as_array)
+            .and_then(|cs| cs.iter().find(|c| c["type"] == CRI_CONDITION))
+            .map(|c| c["status"].as_str().unwrap_or_default().to_owned());
+        Ok(
+            if classes.split(',').any(|x| x == "runc") && cond.as_deref() == Some("False") {
+                Ok(())
+            } else {
+                Err(format!("classes {classes:?}, {CRI_CONDITION} {cond:?}"))
+            },
+        )
+    })
+    .await?;
+
+    // --- a Deployment of busybox (no runtimeClassName: an OCI image goes to CRI) and a wasm pod
+    apply(kc, &c, &busybox_deployment()).await?;
+    let wasm_pod = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: wasm-beside\nspec:\n  containers:\n  - name: main\n    image: {}\n    args: [\"300\"]\n",
+        tests::guest("sleeper")
+    );
+    apply(kc, &c, &wasm_pod).await?;
+    let started = Instant::now();
+    eventually(
+        "kubectl shows 2 busybox pods and the wasm pod Running",
+        WAIT,
+        || async {
+            let out = k(kc, &c, &["get", "pods", "--no-headers"]).await?;
+            let running = out
+                .lines()
+                .filter(|l| l.contains("Running") && l.contains("1/1"))
+                .count();
+            Ok(if running == 3 { Ok(()) } else { Err(out) })
+        },
+    )
+    .await?;
+    eprintln!("busybox Deployment Running after {:?}", started.elapsed());
+    let names = running_busybox(&c).await?;
+    assert_eq!(names.len(), 2, "{names:?}");
+    let p = pod(&c, &names[0]).await?;
+    let cid = p
+        .pointer("/status/containerStatuses/0/containerID")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    assert!(cid.starts_with("containerd://"), "{cid}");
+    let w = pod(&c, "wasm-beside").await?;
+    let wid = w
+        .pointer("/status/containerStatuses/0/containerID")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    assert!(wid.starts_with("wasm://"), "{wid}");
+    // containerd really runs them: two sandboxes, two containers of this node.
+    let pods = cri.list_pods().await?;
+    assert_eq!(pods.len(), 2, "{pods:?}");
+    assert!(
+        pods.iter()
+            .all(|p| p.containers.len() == 1 && p.containers[0].state.is_running()),
+        "{pods:?}"
+    );
+    let sandboxes_before: std::collections::BTreeSet<String> =
+        pods.iter().map(|p| p.id.0.clone()).collect();
+
+    // --- kubectl logs and exec, through the API server and the agent
+    let logs = eventually("kubectl logs", WAIT, || async {
+        let out = k(kc, &c, &["logs", &names[0]]).await?;
+        Ok(if out.contains("hello from busybox") {
+            Ok(out)
+        } else {
+            Err(out)
+        })
+    })
+    .await?;
+    assert_eq!(logs.trim(), "hello from busybox");
+    let out = k(
+        kc,
+        &c,
+        &[
+            "exec",
+            &names[0],
+            "--",
+            "/bin/sh",
+            "-c",
+            "echo $((6*7)); id -u",
+        ],
+    )
+    .await?;
+    assert_eq!(
+        out.split_whitespace().collect::<Vec<_>>(),
+        ["42", "0"],
+        "{out}"
+    );
+
+    // --- image errors as Kubernetes shows them
+    apply(
+        kc,
+        &c,
+        &one_pod(
+            "pull-fails",
+            "localhost/nothere:v1",
+            "IfNotPresent",
+            "true",
+            "{}",
+        ),
+    )
+    .await?;
+    apply(
+        kc,
+        &c,
+        &one_pod("never-pull", "localhost/nothere:v2", "Never", "true", "{}"),
+    )
+    .await?;
+    let seen_err_image_pull = std::sync::atomic::AtomicBool::new(false);
+    let backoff = eventually("ImagePullBackOff", WAIT, || {
+        let seen = &seen_err_image_pull;
+        let c = &c;
+        async move {
+            let (reason, message) = waiting_reason(&pod(c, "pull-fails").await?);
+            if reason == "ErrImagePull" {
+                seen.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            Ok(if reason == "ImagePullBackOff" {
+                Ok(message)
+            } else {
+                Err(format!("{reason}: {message}"))
+            })
+        }
+    })
+    .await?;
+    assert!(
+        backoff.starts_with("Back-off pulling image \"localhost/nothere:v1\": ErrImagePull: ")
+            && backoff.len() > 70,
+        "the runtime's message is kept: {backoff}"
+    );
+    eprintln!(
+        "ImagePullBackOff message: {backoff} (ErrImagePull seen first: {seen_err_image_pull:?})"
+    );
+    let (reason, message) = eventually("ErrImageNeverPull", WAIT, || async {
+        let (r, m) = waiting_reason(&pod(&c, "never-pull").await?);
+        Ok(if r == "ErrImageNeverPull" {
+            Ok((r, m))
+        } else {
+            Err(format!("{r}: {m}"))
+        })
+    })
+    .await?;
+    assert_eq!(
+        message,
+        "Container image \"localhost/nothere:v2\" is not present with pull policy of Never",
+        "{reason}"
+    );
+    let out = k(kc, &c, &["get", "pod", "pull-fails", "--no-headers"]).await?;
+    assert!(
+        out.contains("ImagePullBackOff") || out.contains("ErrImagePull"),
+        "{out}"
+    );
+    k(
+        kc,
+        &c,
+        &["delete", "pod", "pull-fails", "never-pull", "--wait=false"],
+    )
+    .await?;
+
+    // --- over its memory limit: OOMKilled
+    apply(
+        kc,
+        &c,
+        &one_pod(
+            "oom",
+            BUSYBOX,
+            "IfNotPresent",
+            "exec dd if=/dev/zero of=/dev/null bs=100M count=1",
+            "{memory: 32Mi}",
+        ),
+    )
+    .await?;
+    let reason = eventually("OOMKilled", WAIT, || async {
+        let out = k(
+            kc,
+            &c,
+            &["get", "pod", "oom", "-o", "jsonpath={.status.containerStatuses[0].state.terminated.reason}/{.status.containerStatuses[0].state.terminated.exitCode}/{.status.phase}"],
+        )
+        .await?;
+        Ok(if out.starts_with("OOMKilled") { Ok(out) } else { Err(out) })
+    })
+    .await?;
+    assert_eq!(reason, "OOMKilled/137/Failed");
+
+    // --- a busy loop limited to 100m is throttled to about 0.1 CPU
+    apply(
+        kc,
+        &c,
+        &one_pod(
+            "spinner",
+            BUSYBOX,
+            "IfNotPresent",
+            "while :; do :; done",
+            "{cpu: 100m}",
+        ),
+    )
+    .await?;
+    let spinner_uid = eventually("spinner Running", WAIT, || async {
+        let p = pod(&c, "spinner").await?;
+        Ok(
+            if p.pointer("/status/containerStatuses/0/state/running")
+                .is_some()
+            {
+                Ok(p.pointer("/metadata/uid")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_owned())
+            } else {
+                Err(tests::phase(&p).to_owned())
+            },
+        )
+    })
+    .await?;
+    let spinner_id = agent
+        .runtime
+        .list_pods()
+        .await?
+        .into_iter()
+        .find(|p| p.name == "spinner")
+        .context("spinner in the runtime")?
+        .id;
+    let share = cpu_share(&agent.runtime, &spinner_id, Duration::from_secs(3)).await?;
+    let throttled = nr_throttled(&spinner_uid);
+    eprintln!("100m limit: {share:.3} CPU, nr_throttled {throttled:?}");
+    assert!(share < 0.2, "CPU limit not enforced: {share:.3} CPU");
+    assert!(share > 0.01, "spinner barely ran: {share:.3} CPU");
+    if let Some(n) = throttled {
+        assert!(n > 0, "a 100m busy loop is throttled");
+    }
+    k(kc, &c, &["delete", "pod", "spinner", "oom", "--wait=false"]).await?;
+
+    // --- the agent restarts: running containers are adopted, not doubled; the sandbox of a
+    // pod deleted while it was down goes
+    agent.kill().await;
+    let after_kill = cri.list_pods().await?;
+    let busy_after_kill: std::collections::BTreeSet<String> = after_kill
+        .iter()
+        .filter(|p| p.name.starts_with("busybox-"))
+        .map(|p| p.id.0.clone())
+        .collect();
+    assert_eq!(
+        busy_after_kill, sandboxes_before,
+        "CRI pods outlive the agent"
+    );
+    k(
+        kc,
+        &c,
+        &["delete", "pod", &names[1], "--grace-period=0", "--force"],
+    )
+    .await?;
+    let orphan = after_kill
+        .iter()
+        .find(|p| p.name == names[1])
+        .map(|p| p.id.0.clone())
+        .context("the deleted pod's sandbox")?;
+    let agent = start_agent(&c, node, &socket, root.path()).await?;
+    eventually("2 busybox Running again, the orphan gone", WAIT, || async {
+        let running = running_busybox(&c).await?;
+        let in_cri: Vec<(String, String)> = cri
+            .list_pods()
+            .await?
+            .into_iter()
+            .filter(|p| p.name.starts_with("busybox-"))
+            .map(|p| (p.name, p.id.0))
+            .collect();
+        let kept = in_cri
+            .iter()
+            .any(|(n, id)| n == &names[0] && sandboxes_before.contains(id));
+        let orphan_gone = in_cri.iter().all(|(_, id)| id != &orphan);
+        Ok(
+            if running.len() == 2 && in_cri.len() == 2 && kept && orphan_gone {
+                Ok(())
+            } else {
+                Err(format!("running {running:?}, containerd {in_cri:?}"))
+            },
+        )
+    })
+    .await?;
+
+    // --- delete everything: nothing is left in containerd
+    k(kc, &c, &["delete", "deployment", "busybox"]).await?;
+    k(kc, &c, &["delete", "pod", "--all", "--wait=false"]).await?;
+    eventually("no sandbox or container left", WAIT, || async {
+        let (sandboxes, containers) = cri.inventory().await?;
+        let api_pods = c.pods("default").await?.len();
+        Ok(
+            if sandboxes.is_empty() && containers.is_empty() && api_pods == 0 {
+                Ok(())
+            } else {
+                Err(format!(
+                    "sandboxes {sandboxes:?}, containers {containers:?}, {api_pods} API pods"
+                ))
+            },
+        )
+    })
+    .await?;
+    let memory_root = Path::new("/sys/fs/cgroup/memory").join(CGROUP_ROOT.trim_start_matches('/'));
+    let leftover: Vec<String> = ["", "burstable", "besteffort"]
+        .iter()
+        .filter_map(|q| std::fs::read_dir(memory_root.join(q)).ok())
+        .flat_map(|d| d.flatten())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("pod"))
+        .collect();
+    assert!(leftover.is_empty(), "pod cgroups left behind: {leftover:?}");
+    agent.kill().await;
+    c.stop().await;
+    Ok(())
+}
+
+/// A node whose CRI endpoint does not answer offers wasm only and says so; when the endpoint
+/// comes up, the node offers runc and the waiting OCI pod runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_offers_cri_once_its_endpoint_answers() -> anyhow::Result<()> {
+    init_tracing();
+    let Some((socket, kc)) = prerequisites("a_node_offers_cri_once_its_endpoint_answers") else {
+        return Ok(());
+    };
+    let _one = CRI_LOCK.lock().await;
+    let root = tempfile::tempdir()?;
+    let node = "cri-late-node";
+    let cri = clean_cri(&socket, root.path(), node).await?;
+    let late = root.path().join("late.sock");
+    let endpoint = format!("unix://{}", late.display());
+    let c = Cluster::start(ClusterOptions::default()).await?;
+    let agent = start_agent(&c, node, &endpoint, root.path()).await?;
+    let condition = |n: &Value| {
+        n.pointer("/status/conditions")
+            .and_then(Value::as_array)
+            .and_then(|cs| cs.iter().find(|c| c["type"] == CRI_CONDITION))
+            .cloned()
+            .unwrap_or_default()
+    };
+    let down = eventually("ContainerRuntimeUnavailable=True", WAIT, || async {
+        let n = c
+            .admin
+            .get(&format!("/api/v1/nodes/{node}"))
+            .await?
+            .unwrap_or_default();
+        let cond = condition(&n);
+        Ok(if cond["status"] == "True" {
+            Ok(n)
+        } else {
+            Err(cond.to_string())
+        })
+    })
+    .await?;
+    let cond = condition(&down);
+    assert_eq!(cond["reason"], "CRIEndpointUnreachable");
+    let msg = cond["message"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains(&endpoint) && msg.contains("wasm pods only"),
+        "{msg}"
+    );
+    let classes = down
+        .pointer("/metadata/annotations")
+        .and_then(|a| a.get(RUNTIME_CLASSES_ANNOTATION))
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    assert_eq!(classes, "wasm,wasmtime");
+
+    // An OCI pod bound here waits for the runtime.
+    apply(
+        kc.as_path(),
+        &c,
+        &one_pod("waits", BUSYBOX, "IfNotPresent", "exec sleep 3600", "{}"),
+    )
+    .await?;
+    eventually("the pod to say why it waits", WAIT, || async {
+        let (reason, message) = waiting_reason(&pod(&c, "waits").await?);
+        Ok(if message.contains("wasm pods only") {
+            Ok(())
+        } else {
+            Err(format!("{reason}: {message}"))
+        })
+    })
+    .await?;
+
+    // The endpoint appears.
+    std::os::unix::fs::symlink(&socket, &late)?;
+    eventually("runc offered and the pod Running", WAIT, || async {
+        let n = c
+            .admin
+            .get(&format!("/api/v1/nodes/{node}"))
+            .await?
+            .unwrap_or_default();
+        let cond = condition(&n);
+        let classes = n
+            .pointer("/metadata/annotations")
+            .and_then(|a| a.get(RUNTIME_CLASSES_ANNOTATION))
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
+        let p = pod(&c, "waits").await?;
+        let running = p
+            .pointer("/status/containerStatuses/0/state/running")
+            .is_some();
+        Ok(
+            if cond["status"] == "False" && classes.split(',').any(|x| x == "runc") && running {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{cond} classes {classes} phase {}",
+                    tests::phase(&p)
+                ))
+            },
+        )
+    })
+    .await?;
+    k(kc.as_path(), &c, &["delete", "pod", "waits"]).await?;
+    eventually("nothing left in containerd", WAIT, || async {
+        let (s, ctrs) = cri.inventory().await?;
+        Ok(if s.is_empty() && ctrs.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{s:?} {ctrs:?}"))
+        })
+    })
+    .await?;
+    agent.kill().await;
+    c.stop().await;
+    Ok(())
+}
