@@ -116,10 +116,21 @@ async fn start_agent(
     endpoint: &str,
     root: &Path,
 ) -> anyhow::Result<CriAgent> {
+    start_agent_with(c, name, endpoint, root, None).await
+}
+
+/// [`start_agent`] with another bearer token than the node's.
+async fn start_agent_with(
+    c: &Cluster,
+    name: &str,
+    endpoint: &str,
+    root: &Path,
+    token: Option<String>,
+) -> anyhow::Result<CriAgent> {
     let join = JoinToken::parse(&std::fs::read_to_string(c.dir.path().join("node-token"))?)
         .context("node-token parses")?;
     let mut cfg = AgentConfig::new(name, &c.server);
-    cfg.token = Some(join.node_token(name));
+    cfg.token = Some(token.unwrap_or_else(|| join.node_token(name)));
     cfg.ca_pem = join.ca_pem.clone();
     cfg.capacity = NodeCapacity {
         cpu_millis: 4000,
@@ -688,6 +699,226 @@ async fn a_node_offers_cri_once_its_endpoint_answers() -> anyhow::Result<()> {
             Ok(())
         } else {
             Err(format!("{s:?} {ctrs:?}"))
+        })
+    })
+    .await?;
+    agent.kill().await;
+    c.stop().await;
+    Ok(())
+}
+
+/// The admin bearer token from the cluster's kubeconfig.
+fn admin_token(c: &Cluster) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(c.kubeconfig())?;
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix("token:"))
+        .map(|t| t.trim().trim_matches('"').to_owned())
+        .context("no token in the kubeconfig")
+}
+
+/// The agent path against the fake CRI server (runs without containerd): CRI pods survive an
+/// agent restart and are adopted, not doubled; the sandbox of a pod deleted meanwhile is
+/// removed; configMap and secret volumes are written by the agent and mounted read-only; the
+/// securityContext reaches CreateContainer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_readopts_cri_pods_and_mounts_config_with_the_fake_cri() -> anyhow::Result<()> {
+    use runtime::cri::fake::{FakeCriBehavior, FakeCriServer};
+    use serde_json::json;
+    init_tracing();
+    let root = tempfile::tempdir()?;
+    let fake = FakeCriServer::start(&root.path().join("cri.sock")).await?;
+    fake.add_image(BUSYBOX, FakeCriBehavior::RunForever);
+    let node = "fake-cri-node";
+    let cri = CriRuntime::connect(cri_config(&fake.endpoint(), root.path(), node)).await?;
+    let c = Cluster::start(ClusterOptions::default()).await?;
+    let agent = start_agent(&c, node, &fake.endpoint(), root.path()).await?;
+    let deployment = json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "busybox", "namespace": "default"},
+        "spec": {
+            "replicas": 2,
+            "selector": {"matchLabels": {"app": "busybox"}},
+            "template": {
+                "metadata": {"labels": {"app": "busybox"}},
+                "spec": {"terminationGracePeriodSeconds": 1,
+                         "containers": [{"name": "main", "image": BUSYBOX}]},
+            },
+        },
+    });
+    c.create("/apis/apps/v1/namespaces/default/deployments", &deployment)
+        .await?;
+    let names = eventually("2 busybox Running on the fake", WAIT, || async {
+        let n = running_busybox(&c).await?;
+        Ok(if n.len() == 2 {
+            Ok(n)
+        } else {
+            Err(format!("{n:?}"))
+        })
+    })
+    .await?;
+    let before: std::collections::BTreeMap<String, String> = cri
+        .list_pods()
+        .await?
+        .into_iter()
+        .map(|p| (p.name, p.id.0))
+        .collect();
+    assert_eq!(before.len(), 2, "{before:?}");
+    let runs = |fake: &FakeCriServer| {
+        fake.calls()
+            .iter()
+            .filter(|c| c.as_str() == "RunPodSandbox")
+            .count()
+    };
+    assert_eq!(runs(&fake), 2);
+
+    // The agent process goes away; its CRI pods do not.
+    agent.kill().await;
+    assert_eq!(fake.counts(), (2, 2), "CRI pods outlive the agent");
+    c.admin
+        .delete(
+            &format!("/api/v1/namespaces/default/pods/{}", names[1]),
+            Some(&json!({"apiVersion": "v1", "kind": "DeleteOptions", "gracePeriodSeconds": 0})),
+        )
+        .await?;
+    let agent = start_agent(&c, node, &fake.endpoint(), root.path()).await?;
+    let after = eventually("adopted, replaced, orphan gone", WAIT, || async {
+        let running = running_busybox(&c).await?;
+        let in_cri: std::collections::BTreeMap<String, String> = cri
+            .list_pods()
+            .await?
+            .into_iter()
+            .map(|p| (p.name, p.id.0))
+            .collect();
+        Ok(
+            if running.len() == 2 && in_cri.len() == 2 && !in_cri.contains_key(&names[1]) {
+                Ok(in_cri)
+            } else {
+                Err(format!("running {running:?}, fake CRI {in_cri:?}"))
+            },
+        )
+    })
+    .await?;
+    assert_eq!(
+        after.get(&names[0]),
+        before.get(&names[0]),
+        "adopted, same sandbox"
+    );
+    assert_eq!(
+        runs(&fake),
+        3,
+        "one new sandbox for the replacement pod only"
+    );
+    agent.kill().await;
+
+    // configMap and secret volumes plus a securityContext, through an agent whose token may
+    // read them (control's node authorizer does not yet let node tokens read ConfigMaps and
+    // Secrets, as Kubernetes' NodeAuthorizer does for pods bound to the node).
+    let agent = start_agent_with(
+        &c,
+        node,
+        &fake.endpoint(),
+        root.path(),
+        Some(admin_token(&c)?),
+    )
+    .await?;
+    c.create(
+        "/api/v1/namespaces/default/configmaps",
+        &json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "app"},
+                "data": {"app.conf": "x=1\n"}}),
+    )
+    .await?;
+    c.create(
+        "/api/v1/namespaces/default/secrets",
+        &json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "creds"},
+                "data": {"password": "aHVudGVyMg=="}}),
+    )
+    .await?;
+    c.create(
+        "/api/v1/namespaces/default/pods",
+        &json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "configured"},
+            "spec": {
+                "nodeName": node,
+                "terminationGracePeriodSeconds": 1,
+                "securityContext": {"runAsUser": 1000},
+                "containers": [{
+                    "name": "main", "image": BUSYBOX,
+                    "securityContext": {"readOnlyRootFilesystem": true,
+                                        "allowPrivilegeEscalation": false,
+                                        "capabilities": {"drop": ["ALL"], "add": ["NET_BIND_SERVICE"]}},
+                    "volumeMounts": [{"name": "cfg", "mountPath": "/etc/app"},
+                                     {"name": "sec", "mountPath": "/etc/creds"}],
+                }],
+                "volumes": [
+                    {"name": "cfg", "configMap": {"name": "app"}},
+                    {"name": "sec", "secret": {"secretName": "creds",
+                                               "items": [{"key": "password", "path": "pw", "mode": 256}]}},
+                ],
+            }}),
+    )
+    .await?;
+    eventually("configured Running", WAIT, || async {
+        let p = pod(&c, "configured").await?;
+        Ok(
+            if p.pointer("/status/containerStatuses/0/state/running")
+                .is_some()
+            {
+                Ok(())
+            } else {
+                Err(format!("{:?}", waiting_reason(&p)))
+            },
+        )
+    })
+    .await?;
+    let cc = fake
+        .container_configs()
+        .into_iter()
+        .find(|cc| {
+            cc.labels.get("io.kubernetes.pod.name").map(String::as_str) == Some("configured")
+        })
+        .context("the configured container")?;
+    let mounts: std::collections::BTreeMap<String, (String, bool)> = cc
+        .mounts
+        .iter()
+        .map(|m| (m.container_path.clone(), (m.host_path.clone(), m.readonly)))
+        .collect();
+    let (cfg_dir, cfg_ro) = &mounts["/etc/app"];
+    let (sec_dir, sec_ro) = &mounts["/etc/creds"];
+    assert!(
+        *cfg_ro && *sec_ro,
+        "configMap and secret volumes are read-only: {mounts:?}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(Path::new(cfg_dir).join("app.conf"))?,
+        "x=1\n"
+    );
+    let pw = Path::new(sec_dir).join("pw");
+    assert_eq!(std::fs::read_to_string(&pw)?, "hunter2");
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        assert_eq!(std::fs::metadata(&pw)?.permissions().mode() & 0o777, 0o400);
+    }
+    let sc = cc
+        .linux
+        .and_then(|l| l.security_context)
+        .context("security context")?;
+    assert_eq!(sc.run_as_user.map(|u| u.value), Some(1000));
+    assert!(sc.readonly_rootfs && sc.no_new_privs && !sc.privileged);
+    let caps = sc.capabilities.context("capabilities")?;
+    assert_eq!(caps.drop_capabilities, ["ALL"]);
+    assert_eq!(caps.add_capabilities, ["NET_BIND_SERVICE"]);
+    // Deleting the pod removes its volume files too.
+    c.admin
+        .delete("/api/v1/namespaces/default/pods/configured", None)
+        .await?;
+    let pod_volumes = Path::new(cfg_dir)
+        .parent()
+        .context("pod volume dir")?
+        .to_owned();
+    eventually("volume files removed", WAIT, || async {
+        Ok(if pod_volumes.exists() {
+            Err(pod_volumes.display().to_string())
+        } else {
+            Ok(())
         })
     })
     .await?;
