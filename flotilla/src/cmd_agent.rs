@@ -31,6 +31,10 @@ pub(crate) struct AgentArgs {
     /// Address reported as the node's InternalIP.
     #[arg(long, default_value = "127.0.0.1")]
     address: String,
+    /// Port of the agent's HTTPS server for `kubectl logs`/`exec` (kubelet: 10250), bound on
+    /// `--address`; 0 picks a free port (advertised on the Node either way).
+    #[arg(long, default_value_t = runtime::node::server::DEFAULT_SERVING_PORT)]
+    serving_port: u16,
     /// Extra node labels, `key=value`, comma-separated.
     #[arg(long, value_delimiter = ',')]
     labels: Vec<String>,
@@ -95,6 +99,7 @@ fn agent_config(args: &AgentArgs) -> anyhow::Result<AgentConfig> {
     cfg.token = Some(join.node_token(&name));
     cfg.ca_pem = ca;
     cfg.address = args.address.clone();
+    cfg.serving_port = Some(args.serving_port);
     cfg.heartbeat_interval = Duration::from_millis(args.heartbeat_interval_ms.max(100));
     let mut cap = NodeCapacity::detect();
     if let Some(c) = args.cpu_millis {

@@ -7,6 +7,8 @@
 //! - `node_loss`: a dead agent's pods are evicted and recreated elsewhere; a restarted agent
 //!   runs its pods again without doubling them.
 //! - `leader`: leader election through a Lease, with failover.
+//! - `logs_exec`: `kubectl logs` / `kubectl exec` through the API server to the agents, and
+//!   liveness/readiness probes.
 //! - `cri`: the real CRI tier (containerd from `scripts/containerd`): busybox Deployments,
 //!   image errors, OOMKilled, CPU limits, re-adoption after an agent restart, clean deletion.
 //! - `kubectl`: the real kubectl (when `scripts/kubectl` installed it) applies, scales, rolls
@@ -18,6 +20,7 @@ use serde_json::{Value, json};
 mod cri;
 mod kubectl;
 mod leader;
+mod logs_exec;
 mod node_loss;
 mod pods;
 mod scheduling;

@@ -1,0 +1,455 @@
+//! `kubectl logs` and `kubectl exec` through the API server to the node agents, and probes.
+//!
+//! Logs come from a wasm pod (the `sleeper` guest prints a tick every 100 ms). Exec runs on an
+//! agent whose runtime is the `FakeRuntime` (its built-in `echo`, `exit N` and `stderr`
+//! commands), so the exit-code path is exercised without depending on a particular guest.
+//! The probe test drives readiness through an httpGet probe against a local listener and
+//! liveness through a scripted exec probe.
+use std::collections::BTreeMap;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use runtime::node::{Agent, AgentConfig, JoinToken, NodeCapacity};
+use runtime::testing::{FakeBehavior, FakeRuntime};
+use runtime::{AnyRuntime, ExecOutput};
+use serde_json::{Value, json};
+use tests::{Cluster, ClusterOptions, eventually};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio_util::sync::CancellationToken;
+
+use super::{WAIT, init_tracing};
+
+/// What a kubectl run produced.
+struct Out {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn kubectl_with(kubeconfig: &std::path::Path, args: &[&str]) -> anyhow::Result<Out> {
+    let bin = tests::kubectl().context("kubectl missing")?;
+    let out = Command::new(bin)
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()?;
+    Ok(Out {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    })
+}
+
+fn kubectl(c: &Cluster, args: &[&str]) -> anyhow::Result<Out> {
+    tokio::task::block_in_place(|| kubectl_with(&c.kubeconfig(), args))
+}
+
+fn ok(c: &Cluster, args: &[&str]) -> anyhow::Result<String> {
+    let o = kubectl(c, args)?;
+    anyhow::ensure!(
+        o.code == 0,
+        "kubectl {args:?} exited {}: {}{}",
+        o.code,
+        o.stdout,
+        o.stderr
+    );
+    Ok(o.stdout)
+}
+
+/// An agent over the `FakeRuntime`, joined like the harness joins wasm agents.
+async fn fake_agent(
+    c: &Cluster,
+    name: &str,
+    stop: &CancellationToken,
+) -> anyhow::Result<(Arc<AnyRuntime>, tokio::task::JoinHandle<()>)> {
+    let token_text = std::fs::read_to_string(c.dir.path().join("node-token"))?;
+    let join = JoinToken::parse(&token_text).context("node-token parses")?;
+    let mut cfg = AgentConfig::new(name, &c.server);
+    cfg.token = Some(join.node_token(name));
+    cfg.ca_pem = join.ca_pem.clone();
+    cfg.capacity = NodeCapacity {
+        cpu_millis: 4000,
+        memory_bytes: 8 << 30,
+        pods: 110,
+    };
+    cfg.heartbeat_interval = Duration::from_millis(500);
+    cfg.poll_interval = Duration::from_millis(100);
+    cfg.backoff_initial = Duration::from_millis(500);
+    cfg.backoff_max = Duration::from_secs(4);
+    cfg.labels = BTreeMap::new();
+    let fake = FakeRuntime::new();
+    fake.script("forever", FakeBehavior::RunForever);
+    let agent = Agent::new(cfg, AnyRuntime::Fake(fake))?;
+    let rt = agent.runtime();
+    let s = stop.clone();
+    let task = tokio::spawn(async move {
+        if let Err(e) = agent.run(s).await {
+            tracing::error!(error = %e, "fake agent failed");
+        }
+    });
+    Ok((rt, task))
+}
+
+fn fake(rt: &AnyRuntime) -> &FakeRuntime {
+    match rt {
+        AnyRuntime::Fake(f) => f,
+        _ => unreachable!("the fake agent runs the FakeRuntime"),
+    }
+}
+
+fn on_node(mut pod: Value, node: &str) -> Value {
+    pod["spec"]["nodeSelector"] = json!({"kubernetes.io/hostname": node});
+    pod
+}
+
+async fn wait_running(c: &Cluster, name: &str) -> anyhow::Result<()> {
+    eventually(&format!("{name} Running"), WAIT, || async {
+        let p = c
+            .admin
+            .get(&format!("/api/v1/namespaces/default/pods/{name}"))
+            .await?;
+        let running = p.as_ref().is_some_and(|p| {
+            tests::phase(p) == "Running"
+                && p.pointer("/status/containerStatuses/0/state/running")
+                    .is_some()
+        });
+        Ok(if running {
+            Ok(())
+        } else {
+            Err(format!("{p:?}"))
+        })
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_logs_and_exec_reach_the_node() -> anyhow::Result<()> {
+    init_tracing();
+    if tests::kubectl().is_none() {
+        eprintln!("SKIPPED: kubectl not installed (run scripts/kubectl)");
+        return Ok(());
+    }
+    let mut c = Cluster::start(ClusterOptions::default()).await?;
+    c.add_agent("node-wasm", |_| {}).await?;
+    let stop = CancellationToken::new();
+    let (_rt, fake_task) = fake_agent(&c, "node-fake", &stop).await?;
+
+    // --- logs, from a wasm pod ---
+    let ticker = on_node(
+        super::pod("ticker", "sleeper", &["100"], "Always"),
+        "node-wasm",
+    );
+    c.create("/api/v1/namespaces/default/pods", &ticker).await?;
+    wait_running(&c, "ticker").await?;
+    let first = eventually("three ticks in the log", WAIT, || async {
+        let out = ok(&c, &["logs", "ticker"])?;
+        Ok(if out.lines().count() >= 3 {
+            Ok(out)
+        } else {
+            Err(out)
+        })
+    })
+    .await?;
+    assert!(first.starts_with("tick 1\n"), "{first}");
+    assert!(
+        first.lines().all(|l| l.starts_with("tick ")),
+        "plain lines, no CRI framing: {first}"
+    );
+    let tail = ok(&c, &["logs", "ticker", "--tail=2"])?;
+    assert_eq!(tail.lines().count(), 2, "{tail}");
+    let stamped = ok(&c, &["logs", "ticker", "--tail=1", "--timestamps"])?;
+    let (ts, text) = stamped
+        .trim_end()
+        .split_once(' ')
+        .context("timestamped line")?;
+    assert!(
+        ts.len() >= 20 && ts.ends_with('Z') && ts.contains('T'),
+        "{stamped}"
+    );
+    assert!(text.starts_with("tick "), "{stamped}");
+    let recent = ok(&c, &["logs", "ticker", "--since=1h", "-c", "main"])?;
+    assert!(recent.lines().count() >= 3, "{recent}");
+
+    // --follow streams new lines until kubectl is stopped.
+    let followed = tokio::task::block_in_place(|| -> anyhow::Result<String> {
+        let bin = tests::kubectl().context("kubectl missing")?;
+        let mut child = Command::new(bin)
+            .arg("--kubeconfig")
+            .arg(c.kubeconfig())
+            .args(["logs", "-f", "ticker", "--tail=1"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        std::thread::sleep(Duration::from_secs(3));
+        child.kill()?;
+        let out = child.wait_with_output()?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    })?;
+    let ticks: Vec<u64> = followed
+        .lines()
+        .filter_map(|l| l.strip_prefix("tick ")?.parse().ok())
+        .collect();
+    assert!(
+        ticks.len() >= 5,
+        "follow kept streaming (100 ms ticks for 3 s): {followed:?}"
+    );
+    assert!(
+        ticks.windows(2).all(|w| w[1] == w[0] + 1),
+        "no line lost or repeated: {ticks:?}"
+    );
+
+    // Errors as Kubernetes words them.
+    let o = kubectl(&c, &["logs", "nope"])?;
+    assert_ne!(o.code, 0);
+    assert!(o.stderr.contains("pods \"nope\" not found"), "{}", o.stderr);
+    let o = kubectl(&c, &["logs", "ticker", "-c", "wrong"])?;
+    assert_ne!(o.code, 0);
+    assert!(
+        o.stderr
+            .contains("container wrong is not valid for pod ticker"),
+        "{}",
+        o.stderr
+    );
+
+    // --- exec, on the fake agent ---
+    let shell = on_node(
+        json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "shell", "namespace": "default"},
+               "spec": {"containers": [{"name": "main", "image": "forever"}]}}),
+        "node-fake",
+    );
+    c.create("/api/v1/namespaces/default/pods", &shell).await?;
+    wait_running(&c, "shell").await?;
+    let o = kubectl(&c, &["exec", "shell", "--", "echo", "hello", "world"])?;
+    assert_eq!(
+        (o.code, o.stdout.as_str()),
+        (0, "hello world\n"),
+        "{}",
+        o.stderr
+    );
+    let o = kubectl(&c, &["exec", "shell", "--", "exit", "3"])?;
+    assert_eq!(o.code, 3, "exit code propagates: {}{}", o.stdout, o.stderr);
+    let o = kubectl(&c, &["exec", "shell", "-c", "main", "--", "stderr", "oops"])?;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(
+        o.stderr.contains("oops"),
+        "stderr on its channel: {}",
+        o.stderr
+    );
+    assert!(!o.stdout.contains("oops"), "{}", o.stdout);
+    let o = kubectl(&c, &["exec", "shell", "--", "no-such-command"])?;
+    assert_eq!(o.code, 127, "{}{}", o.stdout, o.stderr);
+    let o = kubectl(&c, &["exec", "nope", "--", "true"])?;
+    assert_ne!(o.code, 0);
+    assert!(o.stderr.contains("pods \"nope\" not found"), "{}", o.stderr);
+
+    // The read-only role reads logs but may not exec.
+    let ro = c.dir.path().join("readonly-kubeconfig.yaml");
+    let o = tokio::task::block_in_place(|| kubectl_with(&ro, &["logs", "ticker", "--tail=1"]))?;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let o = tokio::task::block_in_place(|| kubectl_with(&ro, &["exec", "shell", "--", "true"]))?;
+    assert_ne!(o.code, 0);
+    assert!(o.stderr.contains("forbidden"), "{}", o.stderr);
+
+    // The agent refuses callers without the API server's credential.
+    let node = c
+        .admin
+        .get("/api/v1/nodes/node-fake")
+        .await?
+        .context("node")?;
+    let port = node
+        .pointer("/status/daemonEndpoints/kubeletEndpoint/Port")
+        .and_then(Value::as_u64)
+        .context("kubelet port advertised")?;
+    assert_ne!(port, 0);
+    let o = agent_answer_to_wrong_token(u16::try_from(port)?).await?;
+    assert_ne!(o.code, 0, "agent answered a wrong token: {}", o.stdout);
+    assert!(o.stderr.contains("Unauthorized"), "{}", o.stderr);
+
+    stop.cancel();
+    let _ = fake_task.await;
+    c.stop().await;
+    Ok(())
+}
+
+/// kubectl's answer to a request to the agent with a wrong token (TLS not verified).
+async fn agent_answer_to_wrong_token(port: u16) -> anyhow::Result<Out> {
+    let dir = tempfile::tempdir()?;
+    let cfg = dir.path().join("agent.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: a\n  cluster:\n    server: https://127.0.0.1:{port}\n    insecure-skip-tls-verify: true\nusers:\n- name: u\n  user: {{token: wrong}}\ncontexts:\n- name: a\n  context: {{cluster: a, user: u}}\ncurrent-context: a\n"
+        ),
+    )?;
+    tokio::task::block_in_place(|| {
+        kubectl_with(&cfg, &["get", "--raw", "/containerLogs/default/shell/main"])
+    })
+}
+
+/// A local HTTP server answering 200 or 503 depending on a switch.
+async fn health_server(healthy: Arc<AtomicBool>) -> anyhow::Result<u16> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            let ok = healthy.load(Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).await;
+                let resp = if ok {
+                    "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+                } else {
+                    "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n"
+                };
+                let _ = s.write_all(resp.as_bytes()).await;
+            });
+        }
+    });
+    Ok(port)
+}
+
+fn condition(p: &Value, ty: &str) -> String {
+    p.pointer("/status/conditions")
+        .and_then(Value::as_array)
+        .and_then(|cs| cs.iter().find(|c| c["type"] == ty))
+        .and_then(|c| c["status"].as_str())
+        .unwrap_or("")
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_drive_readiness_and_restarts() -> anyhow::Result<()> {
+    init_tracing();
+    let c = Cluster::start(ClusterOptions::default()).await?;
+    let stop = CancellationToken::new();
+    let (rt, fake_task) = fake_agent(&c, "node-fake", &stop).await?;
+    let fake = fake(&rt);
+    let healthy = Arc::new(AtomicBool::new(false));
+    let port = health_server(healthy.clone()).await?;
+    fake.script_exec(
+        "live-check",
+        ExecOutput {
+            exit_code: 0,
+            stdout: b"alive".to_vec(),
+            stderr: Vec::new(),
+        },
+    );
+    let pod = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "probed", "namespace": "default"},
+        "spec": {"containers": [{
+            "name": "main", "image": "forever",
+            "ports": [{"name": "http", "containerPort": port}],
+            "readinessProbe": {"httpGet": {"path": "/ready", "port": "http"}, "periodSeconds": 1, "failureThreshold": 1},
+            "livenessProbe": {"exec": {"command": ["live-check"]}, "periodSeconds": 1, "failureThreshold": 2},
+        }]},
+    });
+    c.create("/api/v1/namespaces/default/pods", &pod).await?;
+    let path = "/api/v1/namespaces/default/pods/probed";
+    let get = || async { c.admin.get(path).await?.context("pod exists") };
+
+    // Running but not ready while the endpoint answers 503.
+    eventually("Running, not Ready", WAIT, || async {
+        let p = get().await?;
+        Ok(
+            if tests::phase(&p) == "Running" && condition(&p, "Ready") == "False" {
+                Ok(())
+            } else {
+                Err(p.to_string())
+            },
+        )
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let p = get().await?;
+    assert_eq!(condition(&p, "Ready"), "False", "{p}");
+    assert_eq!(
+        p.pointer("/status/containerStatuses/0/ready"),
+        Some(&json!(false))
+    );
+
+    // The endpoint turns healthy: Ready and ContainersReady flip to True.
+    healthy.store(true, Ordering::SeqCst);
+    eventually("Ready", WAIT, || async {
+        let p = get().await?;
+        Ok(
+            if condition(&p, "Ready") == "True"
+                && condition(&p, "ContainersReady") == "True"
+                && p.pointer("/status/containerStatuses/0/ready") == Some(&json!(true))
+            {
+                Ok(())
+            } else {
+                Err(p.to_string())
+            },
+        )
+    })
+    .await?;
+    // And back.
+    healthy.store(false, Ordering::SeqCst);
+    eventually("not Ready again", WAIT, || async {
+        let p = get().await?;
+        Ok(if condition(&p, "Ready") == "False" {
+            Ok(())
+        } else {
+            Err(p.to_string())
+        })
+    })
+    .await?;
+    let restarts = |p: &Value| {
+        p.pointer("/status/containerStatuses/0/restartCount")
+            .and_then(Value::as_i64)
+            .unwrap_or(0)
+    };
+    assert_eq!(restarts(&get().await?), 0, "readiness never restarts");
+
+    // The liveness probe starts failing: the container is restarted.
+    fake.script_exec(
+        "live-check",
+        ExecOutput {
+            exit_code: 1,
+            stdout: b"dead".to_vec(),
+            stderr: Vec::new(),
+        },
+    );
+    eventually("restarted by liveness", WAIT, || async {
+        let p = get().await?;
+        Ok(if restarts(&p) >= 1 {
+            Ok(())
+        } else {
+            Err(p.to_string())
+        })
+    })
+    .await?;
+    let events = c.admin.list("/api/v1/namespaces/default/events").await?.0;
+    let has = |reason: &str, text: &str| {
+        events.iter().any(|e| {
+            e["reason"] == reason
+                && e["involvedObject"]["name"] == "probed"
+                && e["message"].as_str().is_some_and(|m| m.contains(text))
+        })
+    };
+    assert!(
+        has("Unhealthy", "Liveness probe failed: dead"),
+        "{events:?}"
+    );
+    assert!(has("Unhealthy", "Readiness probe failed"), "{events:?}");
+    assert!(
+        has(
+            "Killing",
+            "Container main failed liveness probe, will be restarted"
+        ),
+        "{events:?}"
+    );
+
+    stop.cancel();
+    let _ = fake_task.await;
+    c.stop().await;
+    Ok(())
+}
