@@ -486,3 +486,68 @@ async fn stop_tolerates_a_container_exiting_during_the_kill() {
     h.rt.remove_pod(&id).await.unwrap();
     h.rt.remove_pod(&id2).await.unwrap();
 }
+
+#[tokio::test]
+async fn security_context_policy_field_and_handler_reach_the_runtime() {
+    use api::pod::{PodSecurityContext, PullPolicy, SecurityContext};
+    let h = harness().await;
+
+    // runAsNonRoot with an image that runs as root (the fake's images have no user): refused
+    // before anything is created, as the kubelet's CreateContainerConfigError.
+    let mut c = container("c", BUSYBOX);
+    c.security_context = Some(SecurityContext {
+        run_as_non_root: Some(true),
+        ..SecurityContext::default()
+    });
+    let err =
+        h.rt.run_pod(&pod("rootish", vec![c.clone()]))
+            .await
+            .unwrap_err();
+    assert!(
+        matches!(&err, RuntimeError::InvalidSpec(m) if m.contains("image will run as root")),
+        "{err:?}"
+    );
+    assert_eq!(h.fake.counts(), (0, 0));
+    // The same with a pod-level non-root UID runs, with that UID.
+    let mut p = pod("nonroot", vec![c]);
+    p.spec.security_context = Some(PodSecurityContext {
+        run_as_user: Some(1000),
+        ..PodSecurityContext::default()
+    });
+    let id = h.rt.run_pod(&p).await.expect("non-root UID");
+    let cc = h.fake.container_configs().pop().expect("container");
+    let sc = cc.linux.unwrap().security_context.unwrap();
+    assert_eq!(sc.run_as_user, Some(pb::Int64Value { value: 1000 }));
+    // Running the same pod again while its sandbox runs adopts it instead of doubling it.
+    assert_eq!(h.rt.run_pod(&p).await.expect("adopt"), id);
+    assert_eq!(h.fake.counts(), (1, 1));
+    h.rt.remove_pod(&id).await.unwrap();
+
+    // privileged: the sandbox too; the handler from the pod's RuntimeClass.
+    let mut c = container("c", BUSYBOX);
+    c.security_context = Some(SecurityContext {
+        privileged: Some(true),
+        ..SecurityContext::default()
+    });
+    let p = pod("priv", vec![c]).with_annotation(convert::ANNOTATION_RUNTIME_HANDLER, "runc");
+    let id = h.rt.run_pod(&p).await.expect("privileged");
+    let sb = h.fake.sandbox_configs().pop().expect("sandbox");
+    assert!(sb.linux.unwrap().security_context.unwrap().privileged);
+    let cc = h.fake.container_configs().pop().expect("container");
+    assert!(cc.linux.unwrap().security_context.unwrap().privileged);
+    assert_eq!(h.fake.sandbox_handlers(), ["runc"]);
+    h.rt.remove_pod(&id).await.unwrap();
+
+    // imagePullPolicy as a field: Never does not pull a pullable, absent image.
+    h.fake
+        .add_pullable("localhost/later:v1", FakeCriBehavior::RunForever);
+    let mut c = container("c", "localhost/later:v1");
+    c.image_pull_policy = Some(PullPolicy::Never);
+    let err = h.rt.run_pod(&pod("never", vec![c])).await.unwrap_err();
+    assert!(
+        matches!(&err, RuntimeError::ImageNotFound { reason, .. }
+            if reason == "ErrImageNeverPull: Container image \"localhost/later:v1\" is not present with pull policy of Never"),
+        "{err:?}"
+    );
+    assert!(!h.fake.has_image("localhost/later:v1"));
+}
