@@ -372,6 +372,52 @@ async fn kubectl_runs_busybox_on_containerd_through_cri() -> anyhow::Result<()> 
         "{out}"
     );
 
+    // --- securityContext: a non-root UID, a read-only root, no capabilities
+    let restricted = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: restricted\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: main\n    image: {BUSYBOX}\n    command: [sleep, '3600']\n    securityContext:\n      runAsUser: 1000\n      readOnlyRootFilesystem: true\n      allowPrivilegeEscalation: false\n      capabilities: {{drop: [ALL]}}\n"
+    );
+    apply(kc, &c, &restricted).await?;
+    eventually("restricted Running", WAIT, || async {
+        let p = pod(&c, "restricted").await?;
+        Ok(
+            if p.pointer("/status/containerStatuses/0/state/running")
+                .is_some()
+            {
+                Ok(())
+            } else {
+                Err(format!("{:?}", waiting_reason(&p)))
+            },
+        )
+    })
+    .await?;
+    let out = k(
+        kc,
+        &c,
+        &[
+            "exec",
+            "restricted",
+            "--",
+            "/bin/sh",
+            "-c",
+            "id -u; touch /x 2>/dev/null && echo rw || echo ro; grep -E 'CapEff|NoNewPrivs' /proc/self/status",
+        ],
+    )
+    .await?;
+    let words: Vec<&str> = out.split_whitespace().collect();
+    assert_eq!(
+        words,
+        [
+            "1000",
+            "ro",
+            "CapEff:",
+            "0000000000000000",
+            "NoNewPrivs:",
+            "1"
+        ],
+        "{out}"
+    );
+    k(kc, &c, &["delete", "pod", "restricted", "--wait=false"]).await?;
+
     // --- image errors as Kubernetes shows them
     apply(
         kc,
