@@ -24,6 +24,12 @@ pub struct BenchConfig {
     pub mutations_one_client: usize,
     /// Mutating calls measured with 100 concurrent clients (in total).
     pub mutations_hundred_clients: usize,
+    /// Aggregate request rate of the paced 100-client run (calls per second); each client
+    /// sends at `rate / 100`. The default, 500/s, is 100 clients at client-go's default
+    /// rate limit (5 QPS each).
+    pub paced_rate: f64,
+    /// Length of the paced run.
+    pub paced_duration: Duration,
     /// Pods stored before the LIST is timed.
     pub list_pods: usize,
     /// Concurrent watchers.
@@ -37,6 +43,8 @@ impl Default for BenchConfig {
         BenchConfig {
             mutations_one_client: 300,
             mutations_hundred_clients: 3000,
+            paced_rate: 500.0,
+            paced_duration: Duration::from_secs(6),
             list_pods: 10_000,
             watchers: 1000,
             watch_events: 10,
@@ -51,8 +59,14 @@ pub struct BenchResult {
     pub store: String,
     /// Mutating call latency, 1 client: p50, p99.
     pub one_client: (Duration, Duration),
-    /// Mutating call latency, 100 clients: p50, p99.
+    /// Mutating call latency, 100 clients each sending its next call as soon as the last
+    /// answered (the store's saturation point): p50, p99.
     pub hundred_clients: (Duration, Duration),
+    /// Calls per second completed in that saturating run.
+    pub hundred_clients_rate: f64,
+    /// Mutating call latency, 100 clients sending at a fixed aggregate rate
+    /// ([`BenchConfig::paced_rate`]), measured from each call's scheduled start: p50, p99.
+    pub paced: (Duration, Duration),
     /// LIST of `list_pods` pods (median of 5).
     pub list: Duration,
     /// Watch delivery from write start to each watcher: p50, p99.
@@ -173,25 +187,41 @@ fn p50_p99(mut v: Vec<Duration>) -> (Duration, Duration) {
     (percentile(&v, 0.5), percentile(&v, 0.99))
 }
 
+/// `clients` connections each creating `total / clients` ConfigMaps. With `pace` set, client
+/// `c` sends call `i` at `start + offset(c) + i * pace` (open loop) and latency counts from that
+/// scheduled time, so a server that falls behind is charged for the wait; without it each
+/// client sends as soon as its previous call answered (closed loop).
 async fn mutations(
     client: &Arc<Client>,
     clients: usize,
     total: usize,
     tag: &str,
+    pace: Option<Duration>,
 ) -> Result<(Duration, Duration), BenchError> {
     let per = total.div_ceil(clients);
     let mut tasks = tokio::task::JoinSet::new();
-    for c in 0..clients {
-        let client = client.clone();
+    let mut conns = Vec::with_capacity(clients);
+    for _ in 0..clients {
+        conns.push(client.connect().await?);
+    }
+    let start = Instant::now() + Duration::from_millis(50);
+    for (c, mut conn) in conns.into_iter().enumerate() {
         let tag = tag.to_string();
         tasks.spawn(async move {
-            let mut conn = client.connect().await?;
             let mut lat = Vec::with_capacity(per);
             for i in 0..per {
                 let body = json!({"apiVersion": "v1", "kind": "ConfigMap",
                     "metadata": {"name": format!("{tag}-{c}-{i}")}, "data": {"k": "v"}})
                 .to_string();
-                let t = Instant::now();
+                let t = match pace {
+                    Some(p) => {
+                        // Clients spread evenly over one period.
+                        let at = start + p.mul_f64(c as f64 / clients as f64) + p * i as u32;
+                        tokio::time::sleep_until(at.into()).await;
+                        at
+                    }
+                    None => Instant::now(),
+                };
                 let (status, _) = conn
                     .call(
                         "POST",
@@ -268,9 +298,15 @@ async fn measure<S: Store>(
     conn.call("POST", "/api/v1/namespaces", ns.as_bytes())
         .await?;
     // Warm-up (connections, caches, leader).
-    mutations(client, 4, 40, "warm").await?;
-    let one_client = mutations(client, 1, cfg.mutations_one_client, "one").await?;
-    let hundred_clients = mutations(client, 100, cfg.mutations_hundred_clients, "hundred").await?;
+    mutations(client, 4, 40, "warm", None).await?;
+    let one_client = mutations(client, 1, cfg.mutations_one_client, "one", None).await?;
+    let t = Instant::now();
+    let hundred_clients =
+        mutations(client, 100, cfg.mutations_hundred_clients, "hundred", None).await?;
+    let hundred_clients_rate = cfg.mutations_hundred_clients as f64 / t.elapsed().as_secs_f64();
+    let paced_total = (cfg.paced_rate * cfg.paced_duration.as_secs_f64()).round() as usize;
+    let pace = Duration::from_secs_f64(100.0 / cfg.paced_rate.max(1e-3));
+    let paced = mutations(client, 100, paced_total.max(100), "paced", Some(pace)).await?;
 
     // LIST: pods written straight to the store (the API path is measured above).
     let pods = crate::apiserver::bench_support::pod_store_key_prefix("bench");
@@ -386,6 +422,8 @@ async fn measure<S: Store>(
         store: name.to_string(),
         one_client,
         hundred_clients,
+        hundred_clients_rate,
+        paced,
         list,
         watch: p50_p99(deliveries),
         config: cfg.clone(),
@@ -398,12 +436,32 @@ fn ms(d: Duration) -> String {
 
 /// The results side by side, with the targets.
 pub fn table(results: &[BenchResult]) -> String {
+    let cfg = results
+        .first()
+        .map(|r| r.config.clone())
+        .unwrap_or_default();
+    let paced = format!("{:.0}/s", cfg.paced_rate);
     let mut rows: Vec<(String, String, Vec<String>)> = vec![
         ("mutating p50, 1 client".into(), "".into(), vec![]),
         ("mutating p99, 1 client".into(), "".into(), vec![]),
-        ("mutating p50, 100 clients".into(), "".into(), vec![]),
         (
-            "mutating p99, 100 clients".into(),
+            "mutating p50, 100 clients, saturating".into(),
+            "".into(),
+            vec![],
+        ),
+        (
+            "mutating p99, 100 clients, saturating".into(),
+            "<= 10 ms".into(),
+            vec![],
+        ),
+        ("  throughput at saturation".into(), "".into(), vec![]),
+        (
+            format!("mutating p50, 100 clients at {paced}"),
+            "".into(),
+            vec![],
+        ),
+        (
+            format!("mutating p99, 100 clients at {paced}"),
             "<= 10 ms".into(),
             vec![],
         ),
@@ -417,6 +475,9 @@ pub fn table(results: &[BenchResult]) -> String {
             ms(r.one_client.1),
             ms(r.hundred_clients.0),
             ms(r.hundred_clients.1),
+            format!("{:.0}/s", r.hundred_clients_rate),
+            ms(r.paced.0),
+            ms(r.paced.1),
             ms(r.list),
             ms(r.watch.0),
             ms(r.watch.1),
@@ -426,21 +487,17 @@ pub fn table(results: &[BenchResult]) -> String {
         }
     }
     let mut out = String::new();
-    let cfg = results
-        .first()
-        .map(|r| r.config.clone())
-        .unwrap_or_default();
     out.push_str(&format!(
         "API server benchmark ({} pods listed, {} watchers x {} events, HTTPS + token)\n",
         cfg.list_pods, cfg.watchers, cfg.watch_events
     ));
-    out.push_str(&format!("{:<28} {:>10}", "measure", "target"));
+    out.push_str(&format!("{:<40} {:>10}", "measure", "target"));
     for r in results {
         out.push_str(&format!(" {:>22}", r.store));
     }
     out.push('\n');
     for (name, target, cells) in rows {
-        out.push_str(&format!("{name:<28} {target:>10}"));
+        out.push_str(&format!("{name:<40} {target:>10}"));
         for c in cells {
             out.push_str(&format!(" {c:>22}"));
         }
@@ -460,6 +517,8 @@ mod tests {
         let cfg = BenchConfig {
             mutations_one_client: 20,
             mutations_hundred_clients: 200,
+            paced_rate: 200.0,
+            paced_duration: Duration::from_secs(1),
             list_pods: 300,
             watchers: 20,
             watch_events: 3,
@@ -469,6 +528,8 @@ mod tests {
             .expect("bench runs");
         assert!(r.one_client.0 > Duration::ZERO && r.one_client.1 >= r.one_client.0);
         assert!(r.hundred_clients.1 >= r.hundred_clients.0);
+        assert!(r.hundred_clients_rate > 0.0);
+        assert!(r.paced.0 > Duration::ZERO && r.paced.1 >= r.paced.0);
         assert!(r.list > Duration::ZERO);
         assert!(r.watch.1 >= r.watch.0 && r.watch.0 > Duration::ZERO);
         let t = table(&[r]);

@@ -13,13 +13,14 @@ use serde_json::{Value, json};
 use super::admission;
 use super::auth::{Attributes, Decision, Identity, authorize};
 use super::discovery;
+use super::managed_fields;
 use super::patch;
 use super::resources::{self, Resource, Sub};
 use super::selector::{FieldSelector, LabelSelector};
 use super::status::{ApiError, Cause};
 use super::table;
 use super::watch;
-use crate::storage::{Revision, Store, StoreError, Versioned};
+use crate::storage::{Guard, Revision, Store, StoreError, TxnOp, Versioned};
 
 /// Largest request body accepted (Kubernetes' limit is 3 MiB).
 pub(crate) const MAX_BODY_BYTES: usize = 3 * 1024 * 1024;
@@ -55,6 +56,31 @@ impl<S: Store> App<S> {
             }
             None => Ok(None),
         }
+    }
+}
+
+/// Who a write's fields are recorded for in `metadata.managedFields`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Owner<'a> {
+    /// A create/update/patch by this field manager (operation `Update`).
+    Update(&'a str),
+    /// Server-side apply already computed the object's `managedFields`.
+    Prepared,
+}
+
+/// The field manager of a request: `?fieldManager=`, else the User-Agent's product name, as
+/// Kubernetes derives it.
+fn field_manager(query: &Query, user_agent: &str) -> String {
+    match query.get("fieldManager") {
+        Some(m) => m.to_string(),
+        None => user_agent
+            .split('/')
+            .next()
+            .filter(|s| !s.is_empty())
+            .unwrap_or("unknown")
+            .chars()
+            .take(128)
+            .collect(),
     }
 }
 
@@ -132,7 +158,7 @@ pub(crate) fn decode(res: &Resource, kv: &Versioned) -> Result<Value> {
 
 /// Stored form: `apiVersion`, `kind`, `metadata` (without resourceVersion) first, then the
 /// rest; [`splice_rv`] relies on this order.
-fn encode(obj: &Value) -> Bytes {
+pub(crate) fn encode(obj: &Value) -> Bytes {
     let mut o = obj.clone();
     let Value::Object(m) = &mut o else {
         return Bytes::from(o.to_string());
@@ -368,6 +394,13 @@ async fn dispatch_inner<S: Store>(app: Arc<App<S>>, req: Request) -> Result<Resp
         .get::<Identity>()
         .cloned()
         .ok_or_else(ApiError::unauthorized)?;
+    let manager = field_manager(
+        &query,
+        req.headers()
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or(""),
+    );
     match path.as_str() {
         "/healthz" | "/livez" => return Ok((StatusCode::OK, "ok").into_response()),
         "/readyz" => {
@@ -559,8 +592,15 @@ async fn dispatch_inner<S: Store>(app: Arc<App<S>>, req: Request) -> Result<Resp
             } else {
                 strip_unknown(t.res, &mut obj, &query)?
             };
-            let (created, admission_warnings) =
-                create(&app, t.res, ns, obj, query.get("dryRun").is_some()).await?;
+            let (created, admission_warnings) = create(
+                &app,
+                t.res,
+                ns,
+                obj,
+                query.get("dryRun").is_some(),
+                Owner::Update(&manager),
+            )
+            .await?;
             warnings.extend(admission_warnings);
             Ok(with_warnings(
                 json_response(StatusCode::CREATED, &created),
@@ -591,7 +631,7 @@ async fn dispatch_inner<S: Store>(app: Arc<App<S>>, req: Request) -> Result<Resp
             };
             let name = t.name.as_deref().unwrap_or_default();
             let out = if sub == Some(Sub::Scale) {
-                update_scale(&app, t.res, ns, name, &obj).await?
+                update_scale(&app, t.res, ns, name, &obj, &manager).await?
             } else {
                 update(
                     &app,
@@ -601,6 +641,7 @@ async fn dispatch_inner<S: Store>(app: Arc<App<S>>, req: Request) -> Result<Resp
                     obj,
                     sub,
                     query.get("dryRun").is_some(),
+                    &manager,
                 )
                 .await?
             };
@@ -612,8 +653,18 @@ async fn dispatch_inner<S: Store>(app: Arc<App<S>>, req: Request) -> Result<Resp
         ("patch", sub) => {
             let body = read_body(req).await?;
             let name = t.name.as_deref().unwrap_or_default();
-            let (code, out) =
-                patch_object(&app, t.res, ns, name, sub, &body, &content_type, &query).await?;
+            let (code, out) = patch_object(
+                &app,
+                t.res,
+                ns,
+                name,
+                sub,
+                &body,
+                &content_type,
+                &query,
+                &manager,
+            )
+            .await?;
             Ok(json_response(code, &out))
         }
         ("delete", None) => {
@@ -1018,6 +1069,7 @@ pub(crate) async fn create<S: Store>(
     ns: Option<&str>,
     mut obj: Value,
     dry_run: bool,
+    owner: Owner<'_>,
 ) -> Result<(Value, Vec<String>)> {
     check_type(res, &obj)?;
     if !obj.get("metadata").is_some_and(Value::is_object) {
@@ -1063,45 +1115,175 @@ pub(crate) async fn create<S: Store>(
         }
     }
     reset_status_on_create(res, &mut obj);
-    if res.kind == "Service" {
-        allocate_service_addresses(app, &mut obj).await?;
-    }
     if let Some(ns) = ns {
         super::policy::limit_ranges(app, res, ns, &mut obj).await?;
     }
-    for attempt in 0..8 {
+    let base = obj;
+    let mut name_attempts = 0;
+    for attempt in 0..CREATE_ATTEMPTS {
+        let mut obj = base.clone();
         if let Some(g) = &generate {
             obj["metadata"]["name"] = json!(format!("{g}{}", random_suffix()));
         }
+        let allocations = if res.kind == "Service" {
+            allocate_service_addresses(app, &mut obj).await?
+        } else {
+            Vec::new()
+        };
         admission::default_object(res, &mut obj);
         let causes = admission::validate(res, &obj);
         let name = meta_str(&obj, "name").unwrap_or_default().to_string();
         if !causes.is_empty() {
             return Err(ApiError::invalid(res.group, res.kind, &name, causes));
         }
+        if let Owner::Update(m) = owner {
+            if let Some(meta) = obj["metadata"].as_object_mut() {
+                meta.remove("managedFields");
+            }
+            managed_fields::record_update(res, None, &mut obj, m, None);
+        }
         let mut warnings = Vec::new();
+        let mut quota_charges = Vec::new();
         if let Some(ns) = ns {
             warnings = super::policy::pod_security(app, res, ns, &obj).await?;
             if !dry_run {
-                super::policy::resource_quota(app, res, ns, &obj).await?;
+                quota_charges =
+                    super::policy::resource_quota(app, res, ns, &obj, attempt > 0).await?;
             }
         }
         if dry_run {
             return Ok((obj, warnings));
         }
-        match app.store.create(&res.key(ns, &name), encode(&obj)).await {
+        let key = res.key(ns, &name);
+        let written = if allocations.is_empty() && quota_charges.is_empty() {
+            app.store.create(&key, encode(&obj)).await
+        } else {
+            // The object, its address allocations and the quota usage it is charged are one
+            // transaction: a concurrent create that took an address or charged the quota
+            // first makes this one fail its guard and start over from fresh reads.
+            let mut guards = vec![Guard {
+                key: key.clone(),
+                mod_revision: 0,
+            }];
+            let mut ops = vec![TxnOp::Put {
+                key: key.clone(),
+                value: encode(&obj),
+            }];
+            for a in &allocations {
+                guards.push(Guard {
+                    key: a.clone(),
+                    mod_revision: 0,
+                });
+                ops.push(TxnOp::Put {
+                    key: a.clone(),
+                    value: Bytes::from(key.clone()),
+                });
+            }
+            for (g, op) in quota_charges {
+                guards.push(g);
+                ops.push(op);
+            }
+            match app.store.txn(guards, ops).await {
+                Err(StoreError::Conflict { .. }) => {
+                    if app.store.get(&key).await?.is_some() {
+                        Err(StoreError::AlreadyExists)
+                    } else {
+                        app.admission_cache.invalidate("resourcequotas");
+                        let backoff = rand::random_range(0..500 * u64::from((attempt + 1).min(20)));
+                        tokio::time::sleep(std::time::Duration::from_micros(backoff)).await;
+                        continue;
+                    }
+                }
+                other => other,
+            }
+        };
+        match written {
             Ok(rev) => {
                 app.admission_cache.invalidate(res.plural);
                 return Ok((with_rv(obj, rev), warnings));
             }
-            Err(StoreError::AlreadyExists) if generate.is_some() && attempt < 7 => continue,
+            Err(StoreError::AlreadyExists) if generate.is_some() && name_attempts < 7 => {
+                name_attempts += 1;
+                continue;
+            }
             Err(StoreError::AlreadyExists) => {
                 return Err(ApiError::already_exists(res.group, res.plural, &name));
             }
             Err(e) => return Err(e.into()),
         }
     }
-    Err(ApiError::internal("could not generate a unique name"))
+    Err(ApiError::new(
+        409,
+        "Conflict",
+        format!(
+            "Operation cannot be fulfilled on {}: too many concurrent changes to the names, addresses or quota it needs, please retry",
+            res.plural
+        ),
+    ))
+}
+
+/// Tries of one create: generated-name collisions, and lost races for addresses or quota.
+const CREATE_ATTEMPTS: u32 = 64;
+
+/// Store key recording that a Service holds a cluster IP (one key per address, so a
+/// transaction can claim it atomically; the value is the Service's key).
+fn service_ip_key(ip: &str) -> String {
+    format!("/registry/ranges/serviceips/{ip}")
+}
+
+/// Store key recording that a Service holds a node port.
+fn node_port_key(port: i64) -> String {
+    format!("/registry/ranges/servicenodeports/{port}")
+}
+
+/// The allocation keys a stored Service holds.
+fn service_allocation_keys(svc: &Value) -> Vec<String> {
+    let mut keys = Vec::new();
+    if let Some(ip) = svc
+        .pointer("/spec/clusterIP")
+        .and_then(Value::as_str)
+        .filter(|ip| !ip.is_empty() && *ip != "None")
+    {
+        keys.push(service_ip_key(ip));
+    }
+    for p in svc
+        .pointer("/spec/ports")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        if let Some(np) = p
+            .get("nodePort")
+            .and_then(Value::as_i64)
+            .filter(|n| *n != 0)
+        {
+            keys.push(node_port_key(np));
+        }
+    }
+    keys
+}
+
+/// Guards and deletes for the allocations of the Service stored at `svc_key` (only keys that
+/// still name this Service).
+async fn release_service_addresses<S: Store>(
+    app: &App<S>,
+    svc_key: &str,
+    svc: &Value,
+) -> Result<(Vec<Guard>, Vec<TxnOp>)> {
+    let mut guards = Vec::new();
+    let mut ops = Vec::new();
+    for k in service_allocation_keys(svc) {
+        if let Some(kv) = app.store.get(&k).await?
+            && kv.value == svc_key.as_bytes()
+        {
+            guards.push(Guard {
+                key: k.clone(),
+                mod_revision: kv.mod_revision,
+            });
+            ops.push(TxnOp::Delete { key: k });
+        }
+    }
+    Ok((guards, ops))
 }
 
 /// Service cluster IP range (`--service-cluster-ip-range` default of kube-apiserver).
@@ -1109,16 +1291,20 @@ const SERVICE_NET: [u8; 2] = [10, 96];
 /// NodePort range.
 const NODE_PORTS: std::ops::RangeInclusive<i64> = 30000..=32767;
 
-/// Gives a new Service its cluster IP (10.96.0.0/12) and node ports, avoiding those in use.
-/// Concurrent creates may race for one address; collisions are unlikely with random picks.
-async fn allocate_service_addresses<S: Store>(app: &App<S>, svc: &mut Value) -> Result<()> {
+/// Gives a new Service its cluster IP (10.96.0.0/12) and node ports, avoiding those in use;
+/// returns the allocation keys the create must claim in its transaction (see
+/// [`service_ip_key`]), which is what makes concurrent creates unable to share an address.
+async fn allocate_service_addresses<S: Store>(
+    app: &App<S>,
+    svc: &mut Value,
+) -> Result<Vec<String>> {
     let ty = svc
         .pointer("/spec/type")
         .and_then(Value::as_str)
         .unwrap_or("ClusterIP")
         .to_string();
     if ty == "ExternalName" {
-        return Ok(());
+        return Ok(Vec::new());
     }
     let services = resources::find("", "v1", "services")
         .ok_or_else(|| ApiError::internal("services not registered"))?;
@@ -1163,7 +1349,9 @@ async fn allocate_service_addresses<S: Store>(app: &App<S>, svc: &mut Value) -> 
                 "provided IP is not in the valid range. The range of valid IPs is 10.96.0.0/12",
             ));
         }
-        if used_ips.contains(&requested) {
+        if used_ips.contains(&requested)
+            || app.store.get(&service_ip_key(&requested)).await?.is_some()
+        {
             return Err(invalid(
                 "spec.clusterIPs",
                 &json!(requested),
@@ -1201,7 +1389,10 @@ async fn allocate_service_addresses<S: Store>(app: &App<S>, svc: &mut Value) -> 
         for (i, p) in ports.iter_mut().enumerate() {
             match p.get("nodePort").and_then(Value::as_i64) {
                 Some(np) if np != 0 => {
-                    if !NODE_PORTS.contains(&np) || used_ports.contains(&np) {
+                    if !NODE_PORTS.contains(&np)
+                        || used_ports.contains(&np)
+                        || app.store.get(&node_port_key(np)).await?.is_some()
+                    {
                         return Err(invalid(
                             &format!("spec.ports[{i}].nodePort"),
                             &json!(np),
@@ -1211,17 +1402,23 @@ async fn allocate_service_addresses<S: Store>(app: &App<S>, svc: &mut Value) -> 
                     used_ports.insert(np);
                 }
                 _ => {
-                    let free = NODE_PORTS
+                    // A random free port: concurrent creates rarely pick the same one (and
+                    // the allocation key settles it when they do).
+                    let free: Vec<i64> = NODE_PORTS
                         .clone()
-                        .find(|n| !used_ports.contains(n))
-                        .ok_or_else(|| ApiError::internal("node port range is full"))?;
-                    used_ports.insert(free);
-                    p["nodePort"] = json!(free);
+                        .filter(|n| !used_ports.contains(n))
+                        .collect();
+                    if free.is_empty() {
+                        return Err(ApiError::internal("node port range is full"));
+                    }
+                    let pick = free[rand::random_range(0..free.len())];
+                    used_ports.insert(pick);
+                    p["nodePort"] = json!(pick);
                 }
             }
         }
     }
-    Ok(())
+    Ok(service_allocation_keys(svc))
 }
 
 /// Everything but metadata and status: a change here bumps `metadata.generation`.
@@ -1236,12 +1433,21 @@ fn spec_part(obj: &Value) -> Value {
 }
 
 /// Builds the object to store for an update of `old` by `new` (main resource or `status`).
-fn prepare_update(res: &Resource, old: &Value, mut new: Value, sub: Option<Sub>) -> Result<Value> {
+fn prepare_update(
+    res: &Resource,
+    old: &Value,
+    mut new: Value,
+    sub: Option<Sub>,
+    owner: Owner<'_>,
+) -> Result<Value> {
     check_type(res, &new)?;
     if sub == Some(Sub::Status) {
         // Status writes change nothing but status.
         let mut out = old.clone();
         out["status"] = new.get("status").cloned().unwrap_or_else(|| json!({}));
+        if let Owner::Update(m) = owner {
+            managed_fields::record_update(res, Some(old), &mut out, m, sub);
+        }
         return Ok(out);
     }
     if !new.get("metadata").is_some_and(Value::is_object) {
@@ -1296,6 +1502,10 @@ fn prepare_update(res: &Resource, old: &Value, mut new: Value, sub: Option<Sub>)
             .and_then(Value::as_i64)
             .unwrap_or(0);
         new["metadata"]["generation"] = json!(g + 1);
+    }
+    match owner {
+        Owner::Update(m) => managed_fields::record_update(res, Some(old), &mut new, m, sub),
+        Owner::Prepared => {}
     }
     Ok(new)
 }
@@ -1357,6 +1567,10 @@ fn parse_rv(s: &str) -> Result<Revision> {
         .map_err(|_| ApiError::bad_request(format!("invalid resourceVersion {s:?}")))
 }
 
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one call site; the arguments are the request"
+)]
 async fn update<S: Store>(
     app: &App<S>,
     res: &Resource,
@@ -1365,6 +1579,7 @@ async fn update<S: Store>(
     obj: Value,
     sub: Option<Sub>,
     dry_run: bool,
+    manager: &str,
 ) -> Result<Value> {
     if let Some(n) = meta_str(&obj, "name")
         && n != name
@@ -1386,7 +1601,7 @@ async fn update<S: Store>(
     if obj.get("metadata").is_some_and(Value::is_object) {
         obj["metadata"]["name"] = json!(name);
     }
-    let new = prepare_update(res, &old, obj, sub)?;
+    let new = prepare_update(res, &old, obj, sub, Owner::Update(manager))?;
     store_update(app, res, ns, name, &old, kv.mod_revision, new, dry_run).await
 }
 
@@ -1428,6 +1643,7 @@ async fn update_scale<S: Store>(
     ns: Option<&str>,
     name: &str,
     scale: &Value,
+    manager: &str,
 ) -> Result<Value> {
     let Some(kv) = app.store.get(&res.key(ns, name)).await? else {
         return Err(ApiError::not_found(res.group, res.plural, name));
@@ -1453,7 +1669,7 @@ async fn update_scale<S: Store>(
     }
     let mut new = old.clone();
     new["spec"]["replicas"] = replicas;
-    let new = prepare_update(res, &old, new, None)?;
+    let new = prepare_update(res, &old, new, None, Owner::Update(manager))?;
     let out = store_update(app, res, ns, name, &old, kv.mod_revision, new, false).await?;
     Ok(scale_of(&out))
 }
@@ -1471,6 +1687,7 @@ async fn patch_object<S: Store>(
     body: &[u8],
     content_type: &str,
     q: &Query,
+    manager: &str,
 ) -> Result<(StatusCode, Value)> {
     let ct = content_type.split(';').next().unwrap_or("").trim();
     let kind = match ct {
@@ -1499,6 +1716,15 @@ async fn patch_object<S: Store>(
     }
     let _ = warnings;
     let dry_run = q.get("dryRun").is_some();
+    if kind == "apply" && q.get("fieldManager").is_none() {
+        return Err(ApiError::bad_request(
+            "fieldManager is required for apply requests",
+        ));
+    }
+    let force = q.flag("force");
+    // Server-side apply of the main resource tracks field ownership; on subresources it
+    // merges like a strategic patch.
+    let ssa = kind == "apply" && sub.is_none();
     // Patches without a resourceVersion retry on conflicts, as Kubernetes does.
     for _ in 0..5 {
         let kv = app.store.get(&res.key(ns, name)).await?;
@@ -1515,7 +1741,9 @@ async fn patch_object<S: Store>(
                     )));
                 }
                 obj["metadata"]["name"] = json!(name);
-                let (created, _) = create(app, res, ns, obj, dry_run).await?;
+                let obj = managed_fields::apply(res, None, &obj, manager, force)
+                    .map_err(|c| managed_fields::conflict_error(&c))?;
+                let (created, _) = create(app, res, ns, obj, dry_run, Owner::Prepared).await?;
                 return Ok((StatusCode::CREATED, created));
             }
             return Err(ApiError::not_found(res.group, res.plural, name));
@@ -1526,12 +1754,14 @@ async fn patch_object<S: Store>(
         } else {
             old.clone()
         };
-        let mut patched = match kind {
+        let patched = match kind {
             "merge" => {
                 let mut t = base.clone();
                 patch::merge_patch(&mut t, &patch_doc);
                 t
             }
+            "apply" if ssa => managed_fields::apply(res, Some(&base), &patch_doc, manager, force)
+                .map_err(|c| managed_fields::conflict_error(&c))?,
             "json" => patch::json_patch(&base, &patch_doc).map_err(|e| {
                 ApiError::new(
                     422,
@@ -1541,13 +1771,11 @@ async fn patch_object<S: Store>(
             })?,
             _ => patch::strategic_merge(&base, &patch_doc).map_err(ApiError::bad_request)?,
         };
-        if kind == "apply" {
-            // Server-side apply here merges the applied configuration like a strategic patch;
-            // managedFields ownership is not tracked.
-            if let Some(m) = patched.get_mut("metadata").and_then(Value::as_object_mut) {
-                m.remove("managedFields");
-            }
-        }
+        let owner = if ssa {
+            Owner::Prepared
+        } else {
+            Owner::Update(manager)
+        };
         let explicit_rv = patch_doc
             .pointer("/metadata/resourceVersion")
             .and_then(Value::as_str)
@@ -1581,9 +1809,9 @@ async fn patch_object<S: Store>(
             }
             let mut n = old.clone();
             n["spec"]["replicas"] = replicas;
-            prepare_update(res, &old, n, None)?
+            prepare_update(res, &old, n, None, owner)?
         } else {
-            prepare_update(res, &old, patched, sub)?
+            prepare_update(res, &old, patched, sub, owner)?
         };
         match store_update(app, res, ns, name, &old, kv.mod_revision, new, dry_run).await {
             Ok(out) => {
@@ -1691,6 +1919,21 @@ pub(crate) async fn delete<S: Store>(
             Err(e) => Err(e.into()),
         };
     }
+    if res.kind == "Service" {
+        let (mut guards, mut ops) = release_service_addresses(app, &key, &old).await?;
+        guards.push(Guard {
+            key: key.clone(),
+            mod_revision: kv.mod_revision,
+        });
+        ops.push(TxnOp::Delete { key: key.clone() });
+        return match app.store.txn(guards, ops).await {
+            Ok(_) => Ok(old),
+            Err(StoreError::Conflict { .. }) => {
+                Err(ApiError::conflict(res.group, res.plural, name))
+            }
+            Err(e) => Err(e.into()),
+        };
+    }
     match app.store.delete(&key, Some(kv.mod_revision)).await {
         Ok(_) => Ok(old),
         Err(StoreError::Conflict { .. }) => Err(ApiError::conflict(res.group, res.plural, name)),
@@ -1705,6 +1948,11 @@ async fn delete_namespace_contents<S: Store>(app: &App<S>, ns: &str) -> Result<(
     for res in resources::RESOURCES.iter().filter(|r| r.namespaced) {
         let (kvs, _) = app.store.list(&res.list_prefix(Some(ns))).await?;
         for kv in kvs {
+            if res.kind == "Service" {
+                let svc = decode(res, &kv)?;
+                let (_, ops) = release_service_addresses(app, &kv.key, &svc).await?;
+                app.store.txn(Vec::new(), ops).await?;
+            }
             match app.store.delete(&kv.key, None).await {
                 Ok(_) | Err(StoreError::NotFound) => {}
                 Err(e) => return Err(e.into()),

@@ -23,6 +23,7 @@ mod admission_cache;
 mod auth;
 mod discovery;
 mod handlers;
+mod managed_fields;
 mod node_proxy;
 mod patch;
 mod pki;
@@ -132,7 +133,16 @@ impl<S: Store> ApiServer<S> {
                 continue;
             }
             let obj = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}});
-            match handlers::create(&self.app, res, None, obj, false).await {
+            match handlers::create(
+                &self.app,
+                res,
+                None,
+                obj,
+                false,
+                handlers::Owner::Update("flotilla-apiserver"),
+            )
+            .await
+            {
                 Ok(_) => {}
                 Err(e) if e.code == 409 => {}
                 Err(e) => {

@@ -180,7 +180,7 @@ pub(crate) fn json_patch(doc: &Value, patch: &Value) -> Result<Value, String> {
 
 /// Merge key of a list field, by field name and (for `ports`) by element shape, as the
 /// Kubernetes types declare them with `patchMergeKey`. `None` = atomic list (replaced).
-fn merge_key(field: &str, sample: Option<&Value>) -> Option<&'static str> {
+pub(crate) fn merge_key(field: &str, sample: Option<&Value>) -> Option<&'static str> {
     Some(match field {
         "containers"
         | "initContainers"

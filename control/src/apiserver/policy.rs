@@ -6,10 +6,10 @@ use std::collections::BTreeMap;
 use serde_json::{Map, Value, json};
 
 use super::admission::parse_quantity;
-use super::handlers::{App, decode};
+use super::handlers::{App, decode, encode};
 use super::resources::{self, Resource};
 use super::status::ApiError;
-use crate::storage::Store;
+use crate::storage::{Guard, Store, TxnOp};
 
 type Result<T> = std::result::Result<T, ApiError>;
 
@@ -542,20 +542,37 @@ fn format_amount(resource: &str, n: f64) -> String {
 }
 
 /// Checks every ResourceQuota of the namespace for a new object (pods: pod count and compute
-/// resources; other kinds: `count/<plural>` and the object-count names), records the new usage
-/// in each quota's status, and answers 403 when a hard limit would be exceeded.
+/// resources; other kinds: `count/<plural>` and the object-count names) and answers 403 when a
+/// hard limit would be exceeded. Returns, for each quota the object is charged to, a guard on
+/// the quota's revision and the write of its new `status.used`: the caller commits them in
+/// the object's own transaction, so two concurrent creates cannot both fit into the last slot
+/// (Kubernetes guards quota usage with the quota's resourceVersion the same way). `fresh`
+/// bypasses the admission cache (a retry after losing such a race).
 pub(crate) async fn resource_quota<S: Store>(
     app: &App<S>,
     res: &Resource,
     ns: &str,
     obj: &Value,
-) -> Result<()> {
+    fresh: bool,
+) -> Result<Vec<(Guard, TxnOp)>> {
     if res.kind == "ResourceQuota" || !res.namespaced {
-        return Ok(());
+        return Ok(Vec::new());
     }
-    let quotas = cached_list(app, "resourcequotas", ns).await?;
-    if quotas.is_empty() {
-        return Ok(());
+    let quotas = if fresh {
+        let v = std::sync::Arc::new(list_in(app, "resourcequotas", ns).await?);
+        app.admission_cache
+            .put(format!("resourcequotas/{ns}"), v.clone());
+        v
+    } else {
+        cached_list(app, "resourcequotas", ns).await?
+    };
+    let charged = |q: &Value| {
+        q.pointer("/spec/hard")
+            .and_then(Value::as_object)
+            .is_some_and(|hard| hard.keys().any(|k| requested_has(res, obj, k)))
+    };
+    if !quotas.iter().any(|(q, _)| charged(q)) {
+        return Ok(Vec::new());
     }
     let requested: BTreeMap<String, f64> = if res.kind == "Pod" {
         pod_usage(obj)
@@ -601,10 +618,14 @@ pub(crate) async fn resource_quota<S: Store>(
         .to_string();
     let qres = resources::find("", "v1", "resourcequotas")
         .ok_or_else(|| ApiError::internal("resourcequotas not registered"))?;
+    let mut charges = Vec::new();
     for (quota, rev) in quotas.iter() {
         let Some(hard) = quota.pointer("/spec/hard").and_then(Value::as_object) else {
             continue;
         };
+        if !charged(quota) {
+            continue;
+        }
         let mut req_txt = Vec::new();
         let mut used_txt = Vec::new();
         let mut lim_txt = Vec::new();
@@ -636,20 +657,31 @@ pub(crate) async fn resource_quota<S: Store>(
                 ),
             ));
         }
-        // Best effort: the usage shown by `kubectl describe quota`.
+        // The usage shown by `kubectl describe quota`, written with the object.
         let mut updated = quota.clone();
         updated["status"] = json!({"hard": hard, "used": new_used});
         let key = qres.key(Some(ns), qname);
-        let mut bytes = updated.clone();
-        if let Some(m) = bytes.get_mut("metadata").and_then(Value::as_object_mut) {
-            m.remove("resourceVersion");
-        }
-        let _ = app
-            .store
-            .update(&key, bytes::Bytes::from(bytes.to_string()), *rev)
-            .await;
+        charges.push((
+            Guard {
+                key: key.clone(),
+                mod_revision: *rev,
+            },
+            TxnOp::Put {
+                key,
+                value: encode(&updated),
+            },
+        ));
     }
-    Ok(())
+    Ok(charges)
+}
+
+/// Whether a new object of `res` uses quota resource `k`.
+fn requested_has(res: &Resource, obj: &Value, k: &str) -> bool {
+    if res.kind == "Pod" {
+        return pod_usage(obj).get(k).is_some_and(|v| *v > 0.0);
+    }
+    k == format!("count/{}", res.qualified_plural())
+        || (k == res.plural && matches!(res.plural, "services" | "secrets" | "configmaps"))
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::StreamExt;
 
-use super::{Store, StoreError, WatchEvent};
+use super::{Guard, Store, StoreError, TxnOp, WatchEvent};
 
 /// Runs every check against a fresh, empty store.
 pub(crate) async fn run_all<S: Store>(s: S) {
@@ -91,4 +91,61 @@ pub(crate) async fn run_all<S: Store>(s: S) {
         .expect("event");
     assert_eq!(ev.revision(), r2);
     assert!(s.ready().await);
+    txn(&s).await;
+}
+
+/// Guarded multi-key transactions: all ops at one revision, or nothing.
+async fn txn<S: Store>(s: &S) {
+    let k = |n: &str| format!("/registry/txn/{n}");
+    let put = |n: &str, v: &'static [u8]| TxnOp::Put {
+        key: k(n),
+        value: Bytes::from_static(v),
+    };
+    let absent = |n: &str| Guard {
+        key: k(n),
+        mod_revision: 0,
+    };
+    let r = s
+        .txn(
+            vec![absent("x"), absent("y")],
+            vec![put("x", b"1"), put("y", b"1")],
+        )
+        .await
+        .expect("txn");
+    for n in ["x", "y"] {
+        let got = s.get(&k(n)).await.expect("get").expect("written");
+        assert_eq!(got.mod_revision, r, "both writes at one revision");
+    }
+    // One failing guard: nothing is written.
+    assert_eq!(
+        s.txn(vec![absent("z"), absent("x")], vec![put("z", b"1")])
+            .await,
+        Err(StoreError::Conflict { current: None })
+    );
+    assert!(s.get(&k("z")).await.expect("get").is_none());
+    // Guard on a revision, delete another key.
+    let r2 = s
+        .txn(
+            vec![Guard {
+                key: k("x"),
+                mod_revision: r,
+            }],
+            vec![put("x", b"2"), TxnOp::Delete { key: k("y") }],
+        )
+        .await
+        .expect("guarded txn");
+    assert!(r2 > r);
+    assert!(s.get(&k("y")).await.expect("get").is_none());
+    assert_eq!(
+        s.txn(
+            vec![Guard {
+                key: k("x"),
+                mod_revision: r,
+            }],
+            vec![put("x", b"3")],
+        )
+        .await,
+        Err(StoreError::Conflict { current: None }),
+        "stale revision"
+    );
 }

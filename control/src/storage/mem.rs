@@ -10,7 +10,7 @@ use futures::StreamExt;
 use tokio::sync::broadcast;
 use tokio_stream::wrappers::BroadcastStream;
 
-use super::{Revision, Store, StoreError, Versioned, WatchEvent, WatchStream};
+use super::{Guard, Revision, Store, StoreError, TxnOp, Versioned, WatchEvent, WatchStream};
 
 /// Events kept for watches that start in the past; older starts get `Compacted`.
 const HISTORY: usize = 20_000;
@@ -190,6 +190,47 @@ impl Store for MemStore {
                 prev: Some(prev),
             },
         );
+        Ok(revision)
+    }
+
+    async fn txn(&self, guards: Vec<Guard>, ops: Vec<TxnOp>) -> Result<Revision, StoreError> {
+        let mut inner = self.lock()?;
+        let holds = guards
+            .iter()
+            .all(|g| inner.data.get(&g.key).map_or(0, |v| v.mod_revision) == g.mod_revision);
+        if !holds {
+            return Err(StoreError::Conflict { current: None });
+        }
+        if ops.is_empty() {
+            return Ok(inner.revision);
+        }
+        inner.revision += 1;
+        let revision = inner.revision;
+        for op in ops {
+            match op {
+                TxnOp::Put { key, value } => {
+                    let kv = Versioned {
+                        key: key.clone(),
+                        value,
+                        mod_revision: revision,
+                    };
+                    let prev = inner.data.insert(key, kv.clone());
+                    self.record(&mut inner, WatchEvent::Put { kv, prev });
+                }
+                TxnOp::Delete { key } => {
+                    if let Some(prev) = inner.data.remove(&key) {
+                        self.record(
+                            &mut inner,
+                            WatchEvent::Delete {
+                                key,
+                                revision,
+                                prev: Some(prev),
+                            },
+                        );
+                    }
+                }
+            }
+        }
         Ok(revision)
     }
 

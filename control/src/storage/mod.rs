@@ -61,6 +61,32 @@ impl WatchEvent {
     }
 }
 
+/// A condition of [`Store::txn`]: the key's mod revision equals `mod_revision` (0: absent).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Guard {
+    /// Full key.
+    pub key: String,
+    /// Expected mod revision; 0 means the key must not exist.
+    pub mod_revision: Revision,
+}
+
+/// One write of [`Store::txn`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TxnOp {
+    /// Sets a key.
+    Put {
+        /// Full key.
+        key: String,
+        /// New value.
+        value: Bytes,
+    },
+    /// Removes a key (nothing happens if it is absent).
+    Delete {
+        /// Full key.
+        key: String,
+    },
+}
+
 /// Stream of watch events in revision order.
 pub type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchEvent, StoreError>> + Send>>;
 
@@ -123,6 +149,15 @@ pub trait Store: Clone + Send + Sync + 'static {
         &self,
         key: &str,
         expected: Option<Revision>,
+    ) -> impl Future<Output = Result<Revision, StoreError>> + Send;
+    /// Applies every op at one new revision if every guard holds (an etcd `Txn`); when a
+    /// guard fails nothing is written and the answer is `Conflict { current: None }`.
+    /// Used where one API write must change several keys together: a Service and its
+    /// address allocations, an object and the ResourceQuota usage charged for it.
+    fn txn(
+        &self,
+        guards: Vec<Guard>,
+        ops: Vec<TxnOp>,
     ) -> impl Future<Output = Result<Revision, StoreError>> + Send;
     /// Streams changes under `prefix` with revision > `after`.
     fn watch(

@@ -3,31 +3,119 @@
 //! Writes are transactions guarded by the key's mod revision (`ModRevision == expected`, or
 //! `== 0` for create), like Kubernetes' etcd3 storage, so stale writers get `Conflict`.
 
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
 use store::pb::etcdserverpb::{
-    Compare, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp, TxnRequest, TxnResponse,
-    WatchCreateRequest, WatchRequest, compare, kv_client::KvClient, request_op, response_op,
-    watch_client::WatchClient, watch_request,
+    Compare, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp, StatusRequest, TxnRequest,
+    TxnResponse, WatchCreateRequest, WatchRequest, compare, kv_client::KvClient,
+    maintenance_client::MaintenanceClient, request_op, response_op, watch_client::WatchClient,
+    watch_request,
 };
 use store::pb::mvccpb;
 use tokio::sync::mpsc;
 use tonic::transport::{Channel, Endpoint};
 
-use super::{Revision, Store, StoreError, Versioned, WatchEvent, WatchStream};
+use super::{Guard, Revision, Store, StoreError, TxnOp, Versioned, WatchEvent, WatchStream};
 
 /// Per-call limit: past it the store counts as unavailable (the API answers 503).
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Large lists (10k pods) exceed tonic's 4 MiB default.
 const MAX_MESSAGE_BYTES: usize = 512 * 1024 * 1024;
 
+/// How often the leader is looked up again (leadership moves rarely; a stale choice only
+/// costs the follower's forwarding hop).
+const LEADER_PROBE_EVERY: Duration = Duration::from_secs(2);
+
 /// Store client over etcd v3. Clones share the connection.
 #[derive(Clone)]
 pub struct RemoteStore {
+    /// Balanced over every endpoint: the fallback while no leader is known.
     kv: KvClient<Channel>,
     watch: WatchClient<Channel>,
+    /// Per-member clients, to send requests to the leader (multi-endpoint stores only).
+    members: Option<Arc<Members>>,
+}
+
+/// KV requests go to the Raft leader when it is known: a follower would forward each one
+/// over another gRPC hop (Flotilla store) or a Raft message (etcd), work that competes for
+/// the same few CPUs as the cluster itself.
+struct Members {
+    kv: Vec<KvClient<Channel>>,
+    maintenance: Vec<MaintenanceClient<Channel>>,
+    state: Mutex<LeaderChoice>,
+    probing: AtomicBool,
+}
+
+#[derive(Default)]
+struct LeaderChoice {
+    leader: Option<usize>,
+    probed_at: Option<tokio::time::Instant>,
+}
+
+impl Members {
+    /// The leader's client if known; starts a background probe when the choice is stale.
+    fn preferred(self: &Arc<Self>) -> Option<(usize, KvClient<Channel>)> {
+        let (leader, stale) = match self.state.lock() {
+            Ok(st) => (
+                st.leader,
+                st.probed_at
+                    .is_none_or(|t| t.elapsed() >= LEADER_PROBE_EVERY),
+            ),
+            Err(_) => return None,
+        };
+        if stale
+            && !self.probing.swap(true, Ordering::AcqRel)
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            let me = self.clone();
+            rt.spawn(async move {
+                let found = me.probe().await;
+                if let Ok(mut st) = me.state.lock() {
+                    st.leader = found;
+                    st.probed_at = Some(tokio::time::Instant::now());
+                }
+                me.probing.store(false, Ordering::Release);
+            });
+        }
+        leader.and_then(|i| self.kv.get(i).map(|c| (i, c.clone())))
+    }
+
+    /// Asks every member for its status; the leader is the member whose own id is the
+    /// leader id it reports.
+    async fn probe(&self) -> Option<usize> {
+        let asks = self.maintenance.iter().enumerate().map(|(i, m)| {
+            let mut m = m.clone();
+            async move {
+                let r = tokio::time::timeout(Duration::from_secs(1), m.status(StatusRequest {}))
+                    .await
+                    .ok()?
+                    .ok()?
+                    .into_inner();
+                let me = r.header.as_ref()?.member_id;
+                (r.leader != 0 && r.leader == me).then_some(i)
+            }
+        });
+        futures::future::join_all(asks)
+            .await
+            .into_iter()
+            .flatten()
+            .next()
+    }
+
+    /// Forgets a leader that failed a call, so the next calls use the balanced channel.
+    fn failed(&self, index: usize) {
+        if let Ok(mut st) = self.state.lock()
+            && st.leader == Some(index)
+        {
+            st.leader = None;
+            st.probed_at = None;
+        }
+    }
 }
 
 impl RemoteStore {
@@ -54,7 +142,24 @@ impl RemoteStore {
         let channel = match eps.len() {
             0 => return Err(StoreError::Internal("no store endpoints given".into())),
             1 => eps.remove(0).connect_lazy(),
-            _ => Channel::balance_list(eps.into_iter()),
+            _ => {
+                let singles: Vec<Channel> = eps.iter().map(|e| e.connect_lazy()).collect();
+                let mut s = Self::from_channel(Channel::balance_list(eps.into_iter()));
+                s.members = Some(Arc::new(Members {
+                    kv: singles
+                        .iter()
+                        .map(|c| {
+                            KvClient::new(c.clone())
+                                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                                .max_encoding_message_size(MAX_MESSAGE_BYTES)
+                        })
+                        .collect(),
+                    maintenance: singles.into_iter().map(MaintenanceClient::new).collect(),
+                    state: Mutex::new(LeaderChoice::default()),
+                    probing: AtomicBool::new(false),
+                }));
+                return Ok(s);
+            }
         };
         Ok(Self::from_channel(channel))
     }
@@ -66,12 +171,35 @@ impl RemoteStore {
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
             watch: WatchClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES),
+            members: None,
         }
     }
 
-    async fn txn(&self, req: TxnRequest) -> Result<TxnResponse, StoreError> {
-        let mut kv = self.kv.clone();
-        call(kv.txn(req)).await
+    /// The client for one KV call: the leader's when known, else the balanced one.
+    fn kv_client(&self) -> (Option<usize>, KvClient<Channel>) {
+        match self.members.as_ref().and_then(Members::preferred) {
+            Some((i, c)) => (Some(i), c),
+            None => (None, self.kv.clone()),
+        }
+    }
+
+    /// Runs one KV call on the preferred member, forgetting it if it is unreachable.
+    async fn kv_call<T, F, Fut>(&self, f: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(KvClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let (member, client) = self.kv_client();
+        let r = call(f(client)).await;
+        if let (Err(StoreError::Unavailable(_)), Some(i), Some(m)) = (&r, member, &self.members) {
+            m.failed(i);
+        }
+        r
+    }
+
+    async fn raw_txn(&self, req: TxnRequest) -> Result<TxnResponse, StoreError> {
+        self.kv_call(|mut kv| async move { kv.txn(req).await })
+            .await
     }
 }
 
@@ -163,30 +291,32 @@ fn failure_current(resp: TxnResponse) -> Option<Versioned> {
 
 impl Store for RemoteStore {
     async fn get(&self, key: &str) -> Result<Option<Versioned>, StoreError> {
-        let mut kv = self.kv.clone();
-        let resp = call(kv.range(RangeRequest {
+        let req = RangeRequest {
             key: key.as_bytes().to_vec(),
             ..Default::default()
-        }))
-        .await?;
+        };
+        let resp = self
+            .kv_call(|mut kv| async move { kv.range(req).await })
+            .await?;
         Ok(resp.kvs.into_iter().next().map(versioned))
     }
 
     async fn list(&self, prefix: &str) -> Result<(Vec<Versioned>, Revision), StoreError> {
-        let mut kv = self.kv.clone();
-        let resp = call(kv.range(RangeRequest {
+        let req = RangeRequest {
             key: prefix.as_bytes().to_vec(),
             range_end: prefix_end(prefix.as_bytes()),
             ..Default::default()
-        }))
-        .await?;
+        };
+        let resp = self
+            .kv_call(|mut kv| async move { kv.range(req).await })
+            .await?;
         let rev = resp.header.as_ref().map(|h| h.revision).unwrap_or(0);
         Ok((resp.kvs.into_iter().map(versioned).collect(), rev))
     }
 
     async fn create(&self, key: &str, value: Bytes) -> Result<Revision, StoreError> {
         let resp = self
-            .txn(TxnRequest {
+            .raw_txn(TxnRequest {
                 compare: vec![mod_equals(key, 0)],
                 success: vec![put_op(key, value)],
                 failure: Vec::new(),
@@ -205,7 +335,7 @@ impl Store for RemoteStore {
         expected: Revision,
     ) -> Result<Revision, StoreError> {
         let resp = self
-            .txn(TxnRequest {
+            .raw_txn(TxnRequest {
                 compare: vec![mod_equals(key, expected)],
                 success: vec![put_op(key, value)],
                 failure: vec![get_op(key)],
@@ -231,7 +361,7 @@ impl Store for RemoteStore {
         };
         let resp = match expected {
             Some(rev) => {
-                self.txn(TxnRequest {
+                self.raw_txn(TxnRequest {
                     compare: vec![mod_equals(key, rev)],
                     success: vec![del],
                     failure: vec![get_op(key)],
@@ -244,7 +374,7 @@ impl Store for RemoteStore {
                     result: compare::CompareResult::Greater as i32,
                     ..mod_equals(key, 0)
                 };
-                self.txn(TxnRequest {
+                self.raw_txn(TxnRequest {
                     compare: vec![exists],
                     success: vec![del],
                     failure: Vec::new(),
@@ -259,6 +389,36 @@ impl Store for RemoteStore {
             None => Err(StoreError::NotFound),
             Some(cur) => Err(StoreError::Conflict { current: Some(cur) }),
         }
+    }
+
+    async fn txn(&self, guards: Vec<Guard>, ops: Vec<TxnOp>) -> Result<Revision, StoreError> {
+        let resp = self
+            .raw_txn(TxnRequest {
+                compare: guards
+                    .iter()
+                    .map(|g| mod_equals(&g.key, g.mod_revision))
+                    .collect(),
+                success: ops
+                    .into_iter()
+                    .map(|op| match op {
+                        TxnOp::Put { key, value } => put_op(&key, value),
+                        TxnOp::Delete { key } => RequestOp {
+                            request: Some(request_op::Request::RequestDeleteRange(
+                                DeleteRangeRequest {
+                                    key: key.into_bytes(),
+                                    ..Default::default()
+                                },
+                            )),
+                        },
+                    })
+                    .collect(),
+                failure: Vec::new(),
+            })
+            .await?;
+        if !resp.succeeded {
+            return Err(StoreError::Conflict { current: None });
+        }
+        revision_of(&resp)
     }
 
     async fn watch(&self, prefix: &str, after: Revision) -> Result<WatchStream, StoreError> {

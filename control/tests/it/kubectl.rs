@@ -425,6 +425,191 @@ async fn server_side_apply_and_errors(s: &Server) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Server-side apply with field ownership: managedFields per manager, a conflicting
+/// `--field-manager` refused with Kubernetes' message, `--force-conflicts` taking the field
+/// over, and fields the sole owner stops applying removed.
+async fn server_side_apply_field_ownership(s: &Server) -> anyhow::Result<()> {
+    s.kubectl_stdin(&["apply", "--server-side", "-f", "-"], DEPLOY_V1)
+        .await?
+        .ok()?;
+    let get = || async {
+        anyhow::Ok(json(
+            &s.kubectl(&[
+                "get",
+                "deploy",
+                "web",
+                "-o",
+                "json",
+                "--show-managed-fields",
+            ])
+            .await?
+            .ok()?,
+        ))
+    };
+    let managers = |d: &serde_json::Value| -> Vec<(String, String)> {
+        d["metadata"]["managedFields"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|e| {
+                (
+                    e["manager"].as_str().unwrap_or("").to_string(),
+                    e["operation"].as_str().unwrap_or("").to_string(),
+                )
+            })
+            .collect()
+    };
+    let entry = |d: &serde_json::Value, m: &str| -> serde_json::Value {
+        d["metadata"]["managedFields"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|e| e["manager"] == m)
+            .cloned()
+            .unwrap_or_default()
+    };
+    let d = get().await?;
+    assert_eq!(
+        managers(&d),
+        vec![("kubectl".into(), "Apply".into())],
+        "{d}"
+    );
+    let mine = entry(&d, "kubectl");
+    assert_eq!(mine["fieldsType"], "FieldsV1");
+    assert_eq!(mine["apiVersion"], "apps/v1");
+    assert!(
+        mine["time"].as_str().is_some_and(|t| t.ends_with('Z')),
+        "{mine}"
+    );
+    let f = &mine["fieldsV1"];
+    assert_eq!(f["f:spec"]["f:replicas"], serde_json::json!({}), "{f}");
+    assert_eq!(
+        f["f:spec"]["f:template"]["f:spec"]["f:containers"]["k:{\"name\":\"web\"}"]["f:image"],
+        serde_json::json!({}),
+        "{f}"
+    );
+    assert_eq!(
+        f["f:metadata"]["f:labels"]["f:tier"],
+        serde_json::json!({}),
+        "{f}"
+    );
+    assert!(
+        f["f:metadata"].get("f:name").is_none(),
+        "server fields are nobody's: {f}"
+    );
+
+    // Another manager changing replicas conflicts...
+    let replicas3 =
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\nspec:\n  replicas: 3\n";
+    let out = s
+        .kubectl_stdin(
+            &[
+                "apply",
+                "--server-side",
+                "--field-manager=scaler",
+                "-f",
+                "-",
+            ],
+            replicas3,
+        )
+        .await?;
+    assert!(
+        out.code != 0
+            && out.stderr.contains(
+                "Apply failed with 1 conflict: conflict with \"kubectl\": .spec.replicas"
+            ),
+        "{out:?}"
+    );
+    assert_eq!(get().await?["spec"]["replicas"], 1);
+    // ... setting a field to the value it already has is shared ownership, not a conflict ...
+    s.kubectl_stdin(
+        &["apply", "--server-side", "--field-manager=labeler", "-f", "-"],
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\n  labels: {tier: \"front\"}\n",
+    )
+    .await?
+    .ok()?;
+    // ... and --force-conflicts takes the field over.
+    s.kubectl_stdin(
+        &[
+            "apply",
+            "--server-side",
+            "--field-manager=scaler",
+            "--force-conflicts",
+            "-f",
+            "-",
+        ],
+        replicas3,
+    )
+    .await?
+    .ok()?;
+    let d = get().await?;
+    assert_eq!(d["spec"]["replicas"], 3);
+    assert_eq!(
+        entry(&d, "scaler")["fieldsV1"]["f:spec"]["f:replicas"],
+        serde_json::json!({})
+    );
+    assert!(
+        entry(&d, "kubectl")["fieldsV1"]["f:spec"]
+            .get("f:replicas")
+            .is_none(),
+        "{d}"
+    );
+
+    // kubectl re-applies without replicas, the tier label and the env var: replicas and tier
+    // stay (owned by scaler and labeler), the env var (owned by kubectl alone) goes.
+    let v3 = DEPLOY_V1
+        .replace("  replicas: 1\n", "")
+        .replace(", tier: \"front\"", "")
+        .replace("        env:\n        - {name: A, value: \"1\"}\n", "");
+    assert!(!v3.contains("replicas") && !v3.contains("env"), "{v3}");
+    s.kubectl_stdin(&["apply", "--server-side", "-f", "-"], &v3)
+        .await?
+        .ok()?;
+    let d = get().await?;
+    assert_eq!(d["spec"]["replicas"], 3, "{d}");
+    assert_eq!(d["metadata"]["labels"]["tier"], "front", "{d}");
+    let c = &d["spec"]["template"]["spec"]["containers"][0];
+    assert!(
+        c.get("env").is_none(),
+        "env removed with its only owner: {c}"
+    );
+    assert_eq!(c["ports"][0]["containerPort"], 80, "{c}");
+
+    // An Update (kubectl label) records its own entry and takes the field.
+    s.kubectl(&["label", "deploy", "web", "tier=back", "--overwrite"])
+        .await?
+        .ok()?;
+    let d = get().await?;
+    assert!(
+        managers(&d).contains(&("kubectl-label".into(), "Update".into())),
+        "{:?}",
+        managers(&d)
+    );
+    assert!(
+        entry(&d, "labeler")["fieldsV1"].is_null()
+            || entry(&d, "labeler")["fieldsV1"]["f:metadata"]["f:labels"]
+                .get("f:tier")
+                .is_none(),
+        "{d}"
+    );
+
+    // Apply without a field manager is refused, as Kubernetes does.
+    let r = s
+        .http(
+            "PATCH",
+            "/apis/apps/v1/namespaces/default/deployments/web",
+            &[("Content-Type", "application/apply-patch+yaml")],
+            br#"{"apiVersion":"apps/v1","kind":"Deployment","metadata":{"name":"web"}}"#,
+        )
+        .await?;
+    assert_eq!(r.status, 400);
+    assert_eq!(
+        r.json()["message"],
+        "fieldManager is required for apply requests"
+    );
+    Ok(())
+}
+
 /// kubectl's typed clients send protobuf bodies (`create deployment`, `run`, `create
 /// namespace|configmap|secret`, `expose`).
 async fn imperative_commands_send_protobuf(s: &Server) -> anyhow::Result<()> {
@@ -554,5 +739,6 @@ crate::on_both_stores!(
     imperative_commands_send_protobuf,
     apply_get_describe_scale_label_patch_delete,
     pods_table_wide_watch_events_delete,
-    server_side_apply_and_errors
+    server_side_apply_and_errors,
+    server_side_apply_field_ownership
 );

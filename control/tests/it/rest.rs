@@ -19,6 +19,10 @@ async fn post(s: &Server, path: &str, v: &Value) -> anyhow::Result<crate::harnes
         .await
 }
 
+async fn post_v(s: &Server, path: &str, v: Value) -> anyhow::Result<crate::harness::Resp> {
+    post(s, path, &v).await
+}
+
 async fn status_codes(s: &Server) -> anyhow::Result<()> {
     let pods = "/api/v1/namespaces/default/pods";
 
@@ -850,7 +854,140 @@ async fn namespace_policies(s: &Server) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Concurrent creates cannot share a cluster IP or node port, nor overrun a ResourceQuota:
+/// both are claimed in the create's own store transaction.
+async fn concurrent_allocations_and_quota(s: &Server) -> anyhow::Result<()> {
+    post(
+        s,
+        "/api/v1/namespaces",
+        &json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "race"}}),
+    )
+    .await?;
+    let svcs = "/api/v1/namespaces/race/services";
+    let svc = |name: String, ip: Option<&str>, node_port: Option<i64>| {
+        let mut port = json!({"port": 80});
+        if let Some(np) = node_port {
+            port["nodePort"] = json!(np);
+        }
+        let mut v = json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name},
+                           "spec": {"type": "NodePort", "selector": {"app": "x"}, "ports": [port]}});
+        if let Some(ip) = ip {
+            v["spec"]["clusterIP"] = json!(ip);
+        }
+        v
+    };
+    // Ten creates asking for one address at once: exactly one gets it.
+    let wanted = futures::future::join_all(
+        (0..10).map(|i| post_v(s, svcs, svc(format!("ip-{i}"), Some("10.96.7.7"), None))),
+    )
+    .await;
+    let mut codes: Vec<u16> = wanted
+        .iter()
+        .map(|r| r.as_ref().map_or(0, |r| r.status))
+        .collect();
+    codes.sort_unstable();
+    assert_eq!(codes, [201, 422, 422, 422, 422, 422, 422, 422, 422, 422]);
+    let loser = wanted
+        .iter()
+        .flatten()
+        .find(|r| r.status == 422)
+        .map(|r| r.json())
+        .unwrap_or_default();
+    assert!(
+        loser["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("provided IP is already allocated")),
+        "{loser}"
+    );
+    // Same for one node port.
+    let wanted = futures::future::join_all(
+        (0..10).map(|i| post_v(s, svcs, svc(format!("np-{i}"), None, Some(31234)))),
+    )
+    .await;
+    let won = wanted
+        .iter()
+        .filter(|r| r.as_ref().is_ok_and(|r| r.status == 201))
+        .count();
+    assert_eq!(won, 1);
+    // Twenty creates with automatic addresses: all different.
+    let auto = futures::future::join_all(
+        (0..20).map(|i| post_v(s, svcs, svc(format!("auto-{i}"), None, None))),
+    )
+    .await;
+    let mut ips = std::collections::HashSet::new();
+    let mut ports = std::collections::HashSet::new();
+    for r in auto {
+        let v = r?.json();
+        assert!(
+            ips.insert(v["spec"]["clusterIP"].to_string()),
+            "duplicate IP: {v}"
+        );
+        assert!(
+            ports.insert(v["spec"]["ports"][0]["nodePort"].to_string()),
+            "duplicate node port: {v}"
+        );
+    }
+    // Deleting the Service that holds the address frees it for the next one.
+    let list = s.http("GET", svcs, &[], b"").await?.json();
+    let holder = list["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|i| i["spec"]["clusterIP"] == "10.96.7.7")
+        .and_then(|i| i["metadata"]["name"].as_str())
+        .unwrap_or_default()
+        .to_string();
+    assert!(holder.starts_with("ip-"), "{list}");
+    let r = s
+        .http("DELETE", &format!("{svcs}/{holder}"), &[], b"")
+        .await?;
+    assert_eq!(r.status, 200, "{}", r.json());
+    let r = post(s, svcs, &svc("again".into(), Some("10.96.7.7"), None)).await?;
+    assert_eq!(r.status, 201, "{}", r.json());
+
+    // Quota of 5 pods, 20 concurrent creates: exactly 5 fit, and status.used says so.
+    post(
+        s,
+        "/api/v1/namespaces/race/resourcequotas",
+        &json!({"apiVersion": "v1", "kind": "ResourceQuota", "metadata": {"name": "q"},
+                "spec": {"hard": {"pods": "5"}}}),
+    )
+    .await?;
+    let created = futures::future::join_all(
+        (0..20).map(|i| post_v(s, "/api/v1/namespaces/race/pods", pod(&format!("p{i}")))),
+    )
+    .await;
+    let mut ok = 0;
+    for r in created {
+        let r = r?;
+        match r.status {
+            201 => ok += 1,
+            403 => assert!(
+                r.json()["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("exceeded quota: q")),
+                "{}",
+                r.json()
+            ),
+            other => panic!("unexpected {other}: {}", r.json()),
+        }
+    }
+    assert_eq!(ok, 5);
+    let pods = s
+        .http("GET", "/api/v1/namespaces/race/pods", &[], b"")
+        .await?
+        .json();
+    assert_eq!(pods["items"].as_array().map(Vec::len), Some(5));
+    let q = s
+        .http("GET", "/api/v1/namespaces/race/resourcequotas/q", &[], b"")
+        .await?
+        .json();
+    assert_eq!(q["status"]["used"]["pods"], "5", "{q}");
+    Ok(())
+}
+
 crate::on_both_stores!(
+    concurrent_allocations_and_quota,
     namespace_policies,
     status_codes,
     discovery_version_openapi,
