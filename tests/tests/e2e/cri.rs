@@ -639,8 +639,10 @@ async fn kubectl_runs_busybox_on_containerd_through_cri() -> anyhow::Result<()> 
     Ok(())
 }
 
-/// A node whose CRI endpoint does not answer offers wasm only and says so; when the endpoint
-/// comes up, the node offers runc and the waiting OCI pod runs.
+/// A node whose CRI endpoint does not answer offers wasm only and says so; a pod of
+/// RuntimeClass `runc` is not scheduled while no node offers it. When one node's endpoint
+/// comes up, that node offers runc, the pod is scheduled there (not to the wasm-only node),
+/// and the OCI pod waiting on it runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_offers_cri_once_its_endpoint_answers() -> anyhow::Result<()> {
     init_tracing();
@@ -654,7 +656,12 @@ async fn a_node_offers_cri_once_its_endpoint_answers() -> anyhow::Result<()> {
     let late = root.path().join("late.sock");
     let endpoint = format!("unix://{}", late.display());
     let c = Cluster::start(ClusterOptions::default()).await?;
+    apply(kc.as_path(), &c, RUNTIME_CLASS).await?;
     let agent = start_agent(&c, node, &endpoint, root.path()).await?;
+    let other_root = root.path().join("wasm-only");
+    std::fs::create_dir_all(&other_root)?;
+    let never = format!("unix://{}", other_root.join("never.sock").display());
+    let wasm_only = start_agent(&c, "wasm-only-node", &never, &other_root).await?;
     let condition = |n: &Value| {
         n.pointer("/status/conditions")
             .and_then(Value::as_array)
@@ -690,12 +697,35 @@ async fn a_node_offers_cri_once_its_endpoint_answers() -> anyhow::Result<()> {
         .unwrap_or_default();
     assert_eq!(classes, "wasm,wasmtime");
 
-    // An OCI pod bound here waits for the runtime.
-    apply(
-        kc.as_path(),
-        &c,
-        &one_pod("waits", BUSYBOX, "IfNotPresent", "exec sleep 3600", "{}"),
+    // An OCI pod bound here waits for the runtime; a pod of class runc is not scheduled.
+    let waits = one_pod("waits", BUSYBOX, "IfNotPresent", "exec sleep 3600", "{}")
+        .replace("spec:\n", &format!("spec:\n  nodeName: {node}\n"));
+    apply(kc.as_path(), &c, &waits).await?;
+    let needs_runc = one_pod(
+        "needs-runc",
+        BUSYBOX,
+        "IfNotPresent",
+        "exec sleep 3600",
+        "{}",
     )
+    .replace("spec:\n", "spec:\n  runtimeClassName: runc\n");
+    apply(kc.as_path(), &c, &needs_runc).await?;
+    eventually("needs-runc unschedulable", WAIT, || async {
+        let p = pod(&c, "needs-runc").await?;
+        let scheduled = p
+            .pointer("/status/conditions")
+            .and_then(Value::as_array)
+            .and_then(|cs| cs.iter().find(|c| c["type"] == "PodScheduled"))
+            .cloned()
+            .unwrap_or_default();
+        Ok(
+            if scheduled["status"] == "False" && tests::node_of(&p).is_empty() {
+                Ok(())
+            } else {
+                Err(format!("{scheduled} node {:?}", tests::node_of(&p)))
+            },
+        )
+    })
     .await?;
     eventually("the pod to say why it waits", WAIT, || async {
         let (reason, message) = waiting_reason(&pod(&c, "waits").await?);
@@ -726,8 +756,16 @@ async fn a_node_offers_cri_once_its_endpoint_answers() -> anyhow::Result<()> {
         let running = p
             .pointer("/status/containerStatuses/0/state/running")
             .is_some();
+        let r = pod(&c, "needs-runc").await?;
+        let runc_running = tests::node_of(&r) == node
+            && r.pointer("/status/containerStatuses/0/state/running")
+                .is_some();
         Ok(
-            if cond["status"] == "False" && classes.split(',').any(|x| x == "runc") && running {
+            if cond["status"] == "False"
+                && classes.split(',').any(|x| x == "runc")
+                && running
+                && runc_running
+            {
                 Ok(())
             } else {
                 Err(format!(
@@ -738,7 +776,14 @@ async fn a_node_offers_cri_once_its_endpoint_answers() -> anyhow::Result<()> {
         )
     })
     .await?;
-    k(kc.as_path(), &c, &["delete", "pod", "waits"]).await?;
+    // The other node still offers wasm only.
+    let other = c
+        .admin
+        .get("/api/v1/nodes/wasm-only-node")
+        .await?
+        .unwrap_or_default();
+    assert_eq!(condition(&other)["status"], "True");
+    k(kc.as_path(), &c, &["delete", "pod", "waits", "needs-runc"]).await?;
     eventually("nothing left in containerd", WAIT, || async {
         let (s, ctrs) = cri.inventory().await?;
         Ok(if s.is_empty() && ctrs.is_empty() {
@@ -749,6 +794,7 @@ async fn a_node_offers_cri_once_its_endpoint_answers() -> anyhow::Result<()> {
     })
     .await?;
     agent.kill().await;
+    wasm_only.kill().await;
     c.stop().await;
     Ok(())
 }
