@@ -467,13 +467,6 @@ async fn log<S: Store>(
     let q = query_pairs(&req);
     let id = identity(&req)?;
     let (t, pod) = prepare(p, &id, "get", "log", ns, name, first(&q, "container")).await?;
-    if flag(&q, "previous") {
-        // The agent keeps no log of an earlier instance: a restart replaces the sandbox.
-        return Err(ApiError::bad_request(format!(
-            "previous terminated container \"{}\" in pod \"{name}\" not found",
-            t.container
-        )));
-    }
     if let Some(reason) = first_wait(&pod, &t.container) {
         return Err(ApiError::bad_request(format!(
             "container \"{}\" in pod \"{name}\" is waiting to start: {reason}",
@@ -489,6 +482,7 @@ async fn log<S: Store>(
             "sinceTime",
             "timestamps",
             "limitBytes",
+            "previous",
         ] {
             if let Some(v) = first(&q, k) {
                 s.append_pair(k, v);

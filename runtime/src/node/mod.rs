@@ -164,6 +164,8 @@ pub struct Agent<R: PodRuntime> {
     config: AgentConfig,
     client: ApiClient,
     runtime: Arc<R>,
+    /// Logs of replaced container instances (`kubectl logs --previous`).
+    archive: server::LogArchive,
 }
 
 struct WorkerSlot {
@@ -185,6 +187,7 @@ impl<R: NodeRuntime> Agent<R> {
             config,
             client,
             runtime: Arc::new(runtime),
+            archive: server::LogArchive::default(),
         })
     }
 
@@ -210,7 +213,14 @@ impl<R: NodeRuntime> Agent<R> {
         // Bound before registering, so a taken port fails the start; needs the node token.
         let node_server = match (cfg.serving_port, &cfg.token) {
             (Some(port), Some(token)) => Some(
-                server::NodeServer::bind(&cfg.address, port, token, self.runtime.clone()).await?,
+                server::NodeServer::bind(
+                    &cfg.address,
+                    port,
+                    token,
+                    self.runtime.clone(),
+                    self.archive.clone(),
+                )
+                .await?,
             ),
             _ => None,
         };
@@ -278,6 +288,7 @@ impl<R: NodeRuntime> Agent<R> {
             backoff_initial: self.config.backoff_initial,
             backoff_max: self.config.backoff_max,
             volume_dir: self.config.volume_dir.clone(),
+            logs: self.archive.clone(),
         });
         let mut offer = self.runtime.offer();
         // What the runtime still runs from a previous agent life, by namespace/name.

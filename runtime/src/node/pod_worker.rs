@@ -28,6 +28,8 @@ pub(crate) struct WorkerContext<R> {
     pub backoff_max: Duration,
     /// Root of configMap and secret volume files.
     pub volume_dir: std::path::PathBuf,
+    /// Where a replaced sandbox's logs go (`kubectl logs --previous`).
+    pub logs: super::server::LogArchive,
 }
 
 /// Per-container bookkeeping that survives restarts of the pod's sandbox.
@@ -77,6 +79,8 @@ pub(crate) struct PodWorker<R> {
     ctx: Arc<WorkerContext<R>>,
     /// The pod's uid (names its volume directory).
     uid: String,
+    /// The pod's namespace and name (names its archived logs).
+    ns_name: (String, String),
     rx: watch::Receiver<Option<Value>>,
     shutdown: CancellationToken,
     sandbox: Option<PodId>,
@@ -181,6 +185,10 @@ impl<R: PodRuntime> PodWorker<R> {
         PodWorker {
             ctx,
             uid: meta(&pod, "uid").to_string(),
+            ns_name: (
+                meta(&pod, "namespace").to_string(),
+                meta(&pod, "name").to_string(),
+            ),
             rx,
             shutdown,
             sandbox: adopted,
@@ -223,11 +231,13 @@ impl<R: PodRuntime> PodWorker<R> {
                 // Deleted from the API (or no longer bound here): drop whatever runs.
                 self.remove_sandbox().await;
                 super::volumes::remove(&self.ctx.volume_dir, &self.uid).await;
+                self.forget_logs();
                 return;
             };
             if pod.pointer("/metadata/deletionTimestamp").is_some() {
                 self.terminate(&pod).await;
                 super::volumes::remove(&self.ctx.volume_dir, &self.uid).await;
+                self.forget_logs();
                 return;
             }
             let wait = self.step(&pod).await;
@@ -242,6 +252,11 @@ impl<R: PodRuntime> PodWorker<R> {
                 _ = tokio::time::sleep(wait) => {}
             }
         }
+    }
+
+    /// Drops the archived logs of this pod (it is gone).
+    fn forget_logs(&self) {
+        self.ctx.logs.forget_pod(&self.ns_name.0, &self.ns_name.1);
     }
 
     async fn remove_sandbox(&mut self) {
@@ -375,6 +390,14 @@ impl<R: PodRuntime> PodWorker<R> {
                 .is_some_and(|s| s.elapsed() > self.ctx.backoff_max * 2);
             if ran_long {
                 self.backoff = Duration::ZERO;
+            }
+            // The runtime forgets the logs with the sandbox: keep them for `--previous`.
+            for c in &st.containers {
+                if let Ok(raw) = self.ctx.runtime.logs(&id, &c.name).await {
+                    self.ctx
+                        .logs
+                        .put(meta(pod, "namespace"), meta(pod, "name"), &c.name, raw);
+                }
             }
             self.remove_sandbox().await;
             let delay = self.backoff;

@@ -15,8 +15,9 @@
 //! # Endpoints (paths as the kubelet's)
 //!
 //! - `GET /containerLogs/{namespace}/{pod}/{container}` with `follow`, `tailLines`,
-//!   `sinceSeconds`, `sinceTime`, `timestamps`, `limitBytes`: the container's log as plain
-//!   text (the CRI log format unwrapped); `follow` streams new lines until the container ends.
+//!   `sinceSeconds`, `sinceTime`, `timestamps`, `limitBytes`, `previous`: the container's log
+//!   as plain text (the CRI log format unwrapped); `follow` streams new lines until the
+//!   container ends; `previous` (and a pod between two instances) reads the [`LogArchive`].
 //! - `POST /exec/{namespace}/{pod}/{container}` with a JSON body
 //!   `{"command": [...], "timeoutSeconds": n}`: runs the command through
 //!   [`PodRuntime::exec`] and answers `{"exitCode": n, "stdout": hex, "stderr": hex}`.
@@ -46,6 +47,55 @@ pub const SERVING_CERT_ANNOTATION: &str = "flotilla.dev/kubelet-serving-cert-sha
 
 /// The kubelet port Kubernetes uses.
 pub const DEFAULT_SERVING_PORT: u16 = 10250;
+
+/// Most bytes of a previous container instance's log that are kept (its tail).
+const MAX_ARCHIVED_BYTES: usize = 1 << 20;
+
+/// Archived raw logs by (namespace, pod, container).
+type ArchiveMap = std::collections::HashMap<(String, String, String), String>;
+
+/// Logs of containers' previous instances, kept when the agent replaces a sandbox (a restart
+/// removes the old one and its log files): served for `previous=true`, and as the current log
+/// while a restarting pod has no sandbox (CrashLoopBackOff), as the kubelet shows it.
+#[derive(Clone, Default)]
+pub struct LogArchive(Arc<std::sync::Mutex<ArchiveMap>>);
+
+impl LogArchive {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<(String, String, String), String>>
+    {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Keeps the tail (whole records) of `raw`, the CRI log of `container` of pod `ns/pod`.
+    pub(crate) fn put(&self, ns: &str, pod: &str, container: &str, raw: String) {
+        let mut raw = raw;
+        if raw.len() > MAX_ARCHIVED_BYTES {
+            let mut cut = raw.len() - MAX_ARCHIVED_BYTES;
+            while !raw.is_char_boundary(cut) {
+                cut += 1;
+            }
+            let start = raw[cut..].find('\n').map_or(raw.len(), |i| cut + i + 1);
+            raw = raw.split_off(start);
+        }
+        self.lock()
+            .insert((ns.to_owned(), pod.to_owned(), container.to_owned()), raw);
+    }
+
+    fn get(&self, ns: &str, pod: &str, container: &str) -> Option<String> {
+        self.lock()
+            .get(&(ns.to_owned(), pod.to_owned(), container.to_owned()))
+            .cloned()
+    }
+
+    /// Forgets every container of pod `ns/pod` (the pod is gone).
+    pub(crate) fn forget_pod(&self, ns: &str, pod: &str) {
+        self.lock().retain(|(n, p, _), _| !(n == ns && p == pod));
+    }
+}
 
 /// Largest exec request body accepted.
 const MAX_EXEC_BODY: usize = 64 * 1024;
@@ -92,16 +142,19 @@ pub struct NodeServer<R> {
 struct State<R> {
     runtime: Arc<R>,
     token: String,
+    archive: LogArchive,
 }
 
 impl<R: PodRuntime> NodeServer<R> {
     /// Binds `address:port` (`0.0.0.0` if `address` is not an IP) and creates the serving
-    /// certificate for `address`. `node_token` is the node's bearer token.
+    /// certificate for `address`. `node_token` is the node's bearer token; `archive` holds the
+    /// logs of previous container instances.
     pub async fn bind(
         address: &str,
         port: u16,
         node_token: &str,
         runtime: Arc<R>,
+        archive: LogArchive,
     ) -> Result<NodeServer<R>, ServerError> {
         let ip: IpAddr = address
             .parse()
@@ -118,6 +171,7 @@ impl<R: PodRuntime> NodeServer<R> {
             state: Arc::new(State {
                 runtime,
                 token: kubelet_token(node_token),
+                archive,
             }),
         })
     }
@@ -366,6 +420,7 @@ async fn find_pod<R: PodRuntime>(
 #[derive(Debug, Clone, Default, PartialEq)]
 pub(crate) struct LogOptions {
     pub follow: bool,
+    pub previous: bool,
     pub timestamps: bool,
     pub tail_lines: Option<usize>,
     pub limit_bytes: Option<usize>,
@@ -380,6 +435,7 @@ impl LogOptions {
         for (k, v) in q {
             match k.as_str() {
                 "follow" => o.follow = flag(v),
+                "previous" => o.previous = flag(v),
                 "timestamps" => o.timestamps = flag(v),
                 "tailLines" => {
                     let n: i64 = v.parse().map_err(|_| format!("invalid tailLines {v:?}"))?;
@@ -488,9 +544,29 @@ async fn logs<R: PodRuntime>(
     opts: LogOptions,
 ) -> Response<Body> {
     let rt = &state.runtime;
+    let archived = || {
+        state.archive.get(ns, pod, container).map(|raw| {
+            let (lines, _) = parse_cri(&raw);
+            let mut text = render_initial(&lines, &opts);
+            truncate_to(&mut text, &mut opts.limit_bytes.clone());
+            text_response(full(text))
+        })
+    };
+    if opts.previous {
+        return archived().unwrap_or_else(|| {
+            status(
+                400,
+                "BadRequest",
+                &format!(
+                    "previous terminated container \"{container}\" in pod \"{pod}\" not found"
+                ),
+            )
+        });
+    }
     let p = match find_pod(rt.as_ref(), ns, pod).await {
         Ok(p) => p,
-        Err(r) => return r,
+        // Between two instances (back-off): the last instance's log, as the kubelet shows.
+        Err(r) => return archived().unwrap_or(r),
     };
     let raw = match rt.logs(&p.id, container).await {
         Ok(r) => r,
@@ -752,6 +828,22 @@ mod tests {
         let mut budget = Some(2);
         truncate_to(&mut s, &mut budget);
         assert_eq!((s.as_str(), budget), ("h", Some(1)));
+    }
+
+    #[test]
+    fn archive_keeps_whole_records_of_the_tail() {
+        let a = LogArchive::default();
+        let rec = "2026-01-01T00:00:01.000000000Z stdout F 0123456789\n";
+        let n = MAX_ARCHIVED_BYTES / rec.len() + 10;
+        a.put("ns", "p", "c", rec.repeat(n));
+        let kept = a.get("ns", "p", "c").expect("archived");
+        assert!(kept.len() <= MAX_ARCHIVED_BYTES);
+        assert!(kept.starts_with("2026-") && kept.ends_with('\n'));
+        assert_eq!(parse_cri(&kept).0.len(), kept.len() / rec.len());
+        a.put("ns", "q", "c", rec.to_string());
+        a.forget_pod("ns", "p");
+        assert!(a.get("ns", "p", "c").is_none());
+        assert!(a.get("ns", "q", "c").is_some());
     }
 
     #[test]

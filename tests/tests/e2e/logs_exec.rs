@@ -215,6 +215,40 @@ async fn kubectl_logs_and_exec_reach_the_node() -> anyhow::Result<()> {
         o.stderr
     );
 
+    // A crash-looping pod: its previous instance's log stays readable (--previous), and
+    // so does the last one while it waits to restart.
+    let crasher = on_node(
+        super::pod("crasher", "exit_code", &["7"], "Always"),
+        "node-wasm",
+    );
+    c.create("/api/v1/namespaces/default/pods", &crasher)
+        .await?;
+    eventually("crasher restarted", WAIT, || async {
+        let p = c
+            .admin
+            .get("/api/v1/namespaces/default/pods/crasher")
+            .await?
+            .context("pod")?;
+        let n = p
+            .pointer("/status/containerStatuses/0/restartCount")
+            .and_then(Value::as_i64)
+            .unwrap_or(0);
+        Ok(if n >= 1 { Ok(()) } else { Err(p.to_string()) })
+    })
+    .await?;
+    let prev = ok(&c, &["logs", "crasher", "--previous"])?;
+    assert_eq!(prev, "exiting with 7\n");
+    let cur = ok(&c, &["logs", "crasher"])?;
+    assert_eq!(cur, "exiting with 7\n");
+    let o = kubectl(&c, &["logs", "ticker", "--previous"])?;
+    assert_ne!(o.code, 0, "ticker never restarted: {}", o.stdout);
+    assert!(
+        o.stderr
+            .contains("previous terminated container \"main\" in pod \"ticker\" not found"),
+        "{}",
+        o.stderr
+    );
+
     // --- exec, on the fake agent ---
     let shell = on_node(
         json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "shell", "namespace": "default"},
