@@ -249,6 +249,27 @@ async fn kubectl_logs_and_exec_reach_the_node() -> anyhow::Result<()> {
         o.stderr
     );
 
+    // --- exec into a wasm pod: a fresh instance of its module in the same sandbox ---
+    let tb = on_node(
+        super::pod("toolbox", "toolbox", &["serve", "1000"], "Always"),
+        "node-wasm",
+    );
+    c.create("/api/v1/namespaces/default/pods", &tb).await?;
+    wait_running(&c, "toolbox").await?;
+    let o = kubectl(&c, &["exec", "toolbox", "--", "echo", "from", "wasm"])?;
+    assert_eq!(
+        (o.code, o.stdout.as_str()),
+        (0, "from wasm\n"),
+        "{}",
+        o.stderr
+    );
+    let o = kubectl(&c, &["exec", "toolbox", "--", "exit", "4"])?;
+    assert_eq!(o.code, 4, "{}{}", o.stdout, o.stderr);
+    // An exported function, by name.
+    let o = kubectl(&c, &["exec", "toolbox", "--", "unhealthy"])?;
+    assert_eq!(o.code, 3, "{}{}", o.stdout, o.stderr);
+    assert!(o.stderr.contains("not healthy"), "{}", o.stderr);
+
     // --- exec, on the fake agent ---
     let shell = on_node(
         json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "shell", "namespace": "default"},
@@ -484,6 +505,72 @@ async fn probes_drive_readiness_and_restarts() -> anyhow::Result<()> {
 
     stop.cancel();
     let _ = fake_task.await;
+    c.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wasm_exec_probes_call_exported_functions() -> anyhow::Result<()> {
+    init_tracing();
+    let mut c = Cluster::start(ClusterOptions::default()).await?;
+    c.add_agent("node-wasm", |_| {}).await?;
+    let probed = |name: &str, probe: &str, check: &str| {
+        let mut p = super::pod(name, "toolbox", &["serve", "1000"], "Always");
+        p["spec"]["containers"][0][probe] =
+            json!({"exec": {"command": [check]}, "periodSeconds": 1, "failureThreshold": 2});
+        p
+    };
+    c.create(
+        "/api/v1/namespaces/default/pods",
+        &probed("ready-wasm", "readinessProbe", "healthz"),
+    )
+    .await?;
+    c.create(
+        "/api/v1/namespaces/default/pods",
+        &probed("sick-wasm", "livenessProbe", "unhealthy"),
+    )
+    .await?;
+    let get = |name: &'static str| {
+        let c = &c;
+        async move {
+            c.admin
+                .get(&format!("/api/v1/namespaces/default/pods/{name}"))
+                .await?
+                .context("pod exists")
+        }
+    };
+    eventually(
+        "ready-wasm Ready through its healthz export",
+        WAIT,
+        || async {
+            let p = get("ready-wasm").await?;
+            Ok(if condition(&p, "Ready") == "True" {
+                Ok(())
+            } else {
+                Err(p.to_string())
+            })
+        },
+    )
+    .await?;
+    eventually(
+        "sick-wasm restarted by its liveness probe",
+        WAIT,
+        || async {
+            let p = get("sick-wasm").await?;
+            let n = p
+                .pointer("/status/containerStatuses/0/restartCount")
+                .and_then(Value::as_i64)
+                .unwrap_or(0);
+            Ok(if n >= 1 { Ok(()) } else { Err(p.to_string()) })
+        },
+    )
+    .await?;
+    let p = get("ready-wasm").await?;
+    assert_eq!(
+        p.pointer("/status/containerStatuses/0/restartCount"),
+        Some(&json!(0)),
+        "a passing probe never restarts: {p}"
+    );
     c.stop().await;
     Ok(())
 }
