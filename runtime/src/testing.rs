@@ -87,7 +87,7 @@ impl FakeRuntime {
     }
 
     /// `exec` of a command whose first word is `program` answers `output` (overrides the
-    /// built-in commands `echo`, `true`, `false`, `exit N` and `stderr TEXT`).
+    /// built-in commands `echo`, `true`, `false`, `exit N`, `stderr TEXT` and `sleep SECS`).
     pub fn script_exec(&self, program: impl Into<String>, output: ExecOutput) {
         lock(&self.exec_scripts).insert(program.into(), output);
     }
@@ -338,6 +338,11 @@ impl PodRuntime for FakeRuntime {
                 String::new(),
             ),
             "stderr" => out(0, String::new(), format!("{rest}\n")),
+            "sleep" => {
+                let secs: f64 = rest.trim().parse().unwrap_or(1.0);
+                tokio::time::sleep(Duration::from_secs_f64(secs.clamp(0.0, 3600.0))).await;
+                out(0, String::new(), String::new())
+            }
             other => out(
                 127,
                 String::new(),

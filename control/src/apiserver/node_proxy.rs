@@ -586,8 +586,10 @@ async fn exec<S: Store>(
                 return;
             }
         };
-        let outcome = run_on_agent(&t, &path, &command).await;
-        let frames = exec_frames(&command, outcome, want_out, want_err);
+        let frames = async move {
+            let outcome = run_on_agent(&t, &path, &command).await;
+            exec_frames(&command, outcome, want_out, want_err)
+        };
         if let Err(e) = session(TokioIo::new(upgraded), frames).await {
             tracing::debug!(error = %e, "exec session ended with an error");
         }
@@ -759,11 +761,14 @@ async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> std::io::Result<(u8, Vec
     Ok((opcode, payload))
 }
 
-/// Sends `messages` as binary frames, then a normal close; answers pings meanwhile and
-/// ignores what the client sends (stdin is not served).
-async fn session<IO>(io: IO, messages: Vec<Vec<u8>>) -> std::io::Result<()>
+/// Sends the messages `produce` yields as binary frames, then a normal close. Pings are
+/// answered from the start, while the command still runs (client-go gives up on a connection
+/// whose pings go unanswered for a few seconds); what else the client sends is ignored
+/// (stdin is not served).
+async fn session<IO, F>(io: IO, produce: F) -> std::io::Result<()>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    F: std::future::Future<Output = Vec<Vec<u8>>>,
 {
     let (mut rd, wr) = tokio::io::split(io);
     let wr = Arc::new(tokio::sync::Mutex::new(wr));
@@ -785,6 +790,7 @@ where
             }
         })
     };
+    let messages = produce.await;
     {
         let mut w = wr.lock().await;
         for m in &messages {
@@ -892,15 +898,24 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn session_sends_messages_then_closes_despite_pings() {
+    async fn session_answers_pings_while_waiting_then_sends_and_closes() {
         let (server_io, mut client) = tokio::io::duplex(1 << 16);
         let msgs = vec![channel_message(1, b"hi\n"), channel_message(3, b"{}")];
-        let task = tokio::spawn(session(server_io, msgs));
-        // A masked ping from the client.
+        let (go, wait) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(session(server_io, async move {
+            let _ = wait.await;
+            msgs
+        }));
+        // A masked ping from the client is answered while the command still runs.
         client
             .write_all(&[0x80 | OP_PING, 0x80 | 2, 0, 0, 0, 0, b'p', b'!'])
             .await
             .expect("ping");
+        assert_eq!(
+            read_frame(&mut client).await.expect("pong"),
+            (OP_PONG, b"p!".to_vec())
+        );
+        go.send(()).expect("session waits");
         let mut seen = Vec::new();
         loop {
             let (op, data) = read_frame(&mut client).await.expect("frame");

@@ -295,6 +295,9 @@ async fn kubectl_logs_and_exec_reach_the_node() -> anyhow::Result<()> {
         o.stderr
     );
     assert!(!o.stdout.contains("oops"), "{}", o.stdout);
+    // Longer than client-go's ping deadline: the connection must stay alive meanwhile.
+    let o = kubectl(&c, &["exec", "shell", "--", "sleep", "8"])?;
+    assert_eq!(o.code, 0, "{}{}", o.stdout, o.stderr);
     let o = kubectl(&c, &["exec", "shell", "--", "no-such-command"])?;
     assert_eq!(o.code, 127, "{}{}", o.stdout, o.stderr);
     let o = kubectl(&c, &["exec", "nope", "--", "true"])?;
