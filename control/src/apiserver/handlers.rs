@@ -871,7 +871,7 @@ pub(crate) async fn list_objects<S: Store>(
 
 async fn list<S: Store>(
     app: &App<S>,
-    res: &Resource,
+    res: &'static Resource,
     ns: Option<&str>,
     q: &Query,
     fields: FieldSelector,
@@ -902,7 +902,7 @@ async fn list<S: Store>(
         }
         None => (None, None),
     };
-    let (kvs, rev) = app.store.list(&res.list_prefix(ns)).await?;
+    let (kvs, rev) = list_source(app, res, ns, q).await?;
     if !table && labels.is_empty() && fields.0.is_empty() {
         // Unfiltered JSON lists (the big ones: informers, benchmarks) are assembled from the
         // stored bytes without decoding each object.
@@ -948,10 +948,46 @@ async fn list<S: Store>(
     ))
 }
 
+/// The stored objects a list reads and the revision it is current at: from the watch cache
+/// when that is allowed and fresh, else from the store.
+///
+/// - `resourceVersion=0` ("any"): the cache as it is.
+/// - unset or `N` (consistent / not older than N): the cache if a store probe shows nothing
+///   under the prefix changed since the cache's revision; the list then carries the probe's
+///   (current) revision, as a store read would.
+/// - `resourceVersionMatch=Exact` and continued pages: the store.
+async fn list_source<S: Store>(
+    app: &App<S>,
+    res: &'static Resource,
+    ns: Option<&str>,
+    q: &Query,
+) -> Result<(Vec<Versioned>, Revision)> {
+    let prefix = res.list_prefix(ns);
+    let cacheable = q.get("resourceVersionMatch") != Some("Exact") && q.get("continue").is_none();
+    if cacheable && let Some((items, cache_rev)) = app.watch_cache.snapshot(res, &prefix).await {
+        if q.get("resourceVersion") == Some("0") {
+            return Ok((items, cache_rev));
+        }
+        let p = app.store.probe(&prefix, cache_rev).await?;
+        if !p.written_after && p.count == items.len() {
+            return Ok((items, p.revision.max(cache_rev)));
+        }
+    }
+    Ok(app.store.list(&prefix).await?)
+}
+
 /// Inserts `"resourceVersion"` into a stored object's `metadata`, as bytes. Stored objects are
 /// written by [`encode`] (serde_json, sorted keys, `apiVersion`/`kind` first, no
 /// resourceVersion); anything else returns `None` and takes the decoding path.
+#[cfg(test)]
 fn splice_rv(value: &[u8], rev: Revision) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(value.len() + 32);
+    splice_rv_into(&mut out, value, rev)?;
+    Some(out)
+}
+
+/// [`splice_rv`] appending to `out` (nothing is appended when it answers `None`).
+fn splice_rv_into(out: &mut Vec<u8>, value: &[u8], rev: Revision) -> Option<()> {
     const META: &[u8] = b"\"metadata\":{";
     if !value.starts_with(b"{\"apiVersion\":") {
         return None;
@@ -959,14 +995,15 @@ fn splice_rv(value: &[u8], rev: Revision) -> Option<Vec<u8>> {
     // Quotes inside JSON strings are escaped, so the first unescaped `"metadata":{` is a key,
     // and `encode` writes the top-level one right after `apiVersion` and `kind`.
     let at = value.windows(META.len()).position(|w| w == META)? + META.len();
-    let mut out = Vec::with_capacity(value.len() + 32);
     out.extend_from_slice(&value[..at]);
-    out.extend_from_slice(format!("\"resourceVersion\":\"{rev}\"").as_bytes());
+    out.extend_from_slice(b"\"resourceVersion\":\"");
+    out.extend_from_slice(rev.to_string().as_bytes());
+    out.push(b'"');
     if value.get(at) != Some(&b'}') {
         out.push(b',');
     }
     out.extend_from_slice(&value[at..]);
-    Some(out)
+    Some(())
 }
 
 fn raw_list(
@@ -977,32 +1014,23 @@ fn raw_list(
     limit: Option<usize>,
     first_rev: Option<Revision>,
 ) -> Option<Response> {
-    let mut body =
-        Vec::with_capacity(kvs.iter().map(|kv| kv.value.len() + 32).sum::<usize>() + 256);
-    let mut last_key = None;
-    let mut more = false;
-    let mut item_bytes = Vec::new();
-    let page = kvs
+    // The page first (no copying), so the envelope can be written before the items and
+    // every item copied once, straight into the body.
+    let from = kvs
         .iter()
-        .filter(|kv| start_after.is_none_or(|s| kv.key.as_str() > s));
-    for (items, kv) in page.enumerate() {
-        if limit.is_some_and(|l| items >= l) {
-            more = true;
-            break;
-        }
-        let item = splice_rv(&kv.value, kv.mod_revision)?;
-        if items > 0 {
-            item_bytes.push(b',');
-        }
-        item_bytes.extend_from_slice(&item);
-        last_key = Some(kv.key.as_str());
-    }
+        .position(|kv| start_after.is_none_or(|s| kv.key.as_str() > s))
+        .unwrap_or(kvs.len());
+    let rest = &kvs[from..];
+    let page = &rest[..limit.map_or(rest.len(), |l| l.min(rest.len()))];
+    let more = page.len() < rest.len();
     let rev = first_rev.unwrap_or(rev);
     let mut meta = json!({"resourceVersion": rev.to_string()});
-    if more && let Some(k) = last_key {
-        let tok = json!({"start": k, "rv": rev}).to_string();
+    if more && let Some(last) = page.last() {
+        let tok = json!({"start": last.key, "rv": rev}).to_string();
         meta["continue"] = json!(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(tok));
     }
+    let mut body =
+        Vec::with_capacity(page.iter().map(|kv| kv.value.len() + 32).sum::<usize>() + 256);
     body.extend_from_slice(
         format!(
             "{{\"kind\":\"{}List\",\"apiVersion\":\"{}\",\"metadata\":{meta},\"items\":[",
@@ -1011,7 +1039,12 @@ fn raw_list(
         )
         .as_bytes(),
     );
-    body.extend_from_slice(&item_bytes);
+    for (i, kv) in page.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        splice_rv_into(&mut body, &kv.value, kv.mod_revision)?;
+    }
     body.extend_from_slice(b"]}");
     let mut r = (StatusCode::OK, body).into_response();
     r.headers_mut().insert(

@@ -72,19 +72,19 @@ impl Encoder {
     }
 }
 
-/// Converts one decoded event into a watch event for this filter, if it concerns it.
-fn convert(f: &Filter, ev: &CachedEvent) -> Option<(&'static str, Value)> {
+/// The watch event type of one decoded event for this filter, if it concerns it.
+fn convert(f: &Filter, ev: &CachedEvent) -> Option<&'static str> {
     let matches = |o: &Value| f.labels.matches_object(o) && f.fields.matches(o);
     if ev.deleted {
-        return matches(&ev.obj).then(|| ("DELETED", ev.obj.clone()));
+        return matches(&ev.obj).then_some("DELETED");
     }
     let now = matches(&ev.obj);
     let was = ev.prev.as_ref().is_some_and(matches);
     match (now, was) {
-        (true, true) => Some(("MODIFIED", ev.obj.clone())),
-        (true, false) => Some(("ADDED", ev.obj.clone())),
+        (true, true) => Some("MODIFIED"),
+        (true, false) => Some("ADDED"),
         // It stopped matching: to this watcher it is gone.
-        (false, true) => Some(("DELETED", ev.obj.clone())),
+        (false, true) => Some("DELETED"),
         (false, false) => None,
     }
 }
@@ -220,9 +220,15 @@ pub(crate) async fn serve_watch<S: Store>(
                         continue;
                     }
                     last = ev.revision;
-                    if let Some((ty, obj)) = convert(&filter, &ev)
-                        && tx.send(enc.event(ty, obj)).await.is_err()
-                    {
+                    let Some(ty) = convert(&filter, &ev) else {
+                        continue;
+                    };
+                    let line = if enc.table {
+                        enc.event(ty, ev.obj.clone())
+                    } else {
+                        ev.line(ty)
+                    };
+                    if tx.send(line).await.is_err() {
                         return;
                     }
                 }

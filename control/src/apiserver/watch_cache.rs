@@ -1,10 +1,14 @@
 //! The shared watch cache: one store watch per resource type feeds every API watch of that
 //! type. Events are decoded once and kept in a bounded history so watches that start at a
-//! recent resourceVersion are served without touching the store.
+//! recent resourceVersion are served without touching the store. The cache also mirrors the
+//! current objects (stored bytes), so lists are served from it when a cheap store probe shows
+//! nothing under the listed prefix changed since the cache's revision (Kubernetes serves
+//! consistent lists from its watch cache the same way: check freshness, then read memory).
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex, OnceLock};
 
+use bytes::Bytes;
 use futures::StreamExt;
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
@@ -13,7 +17,7 @@ use tokio_util::task::TaskTracker;
 
 use super::handlers::decode;
 use super::resources::Resource;
-use crate::storage::{Revision, Store, WatchEvent};
+use crate::storage::{Revision, Store, Versioned, WatchEvent};
 
 /// Events kept per resource type for watches that start in the recent past.
 const HISTORY: usize = 10_000;
@@ -30,9 +34,34 @@ pub(crate) struct CachedEvent {
     pub obj: Value,
     /// The object before this change, if it existed.
     pub prev: Option<Value>,
+    /// The JSON watch line per event type (ADDED, MODIFIED, DELETED), encoded once and shared
+    /// by every plain-JSON watcher: with a thousand watchers, encoding per watcher was most of
+    /// the fan-out work.
+    lines: [OnceLock<Bytes>; 3],
 }
 
 impl CachedEvent {
+    /// `{"type":ty,"object":obj}` plus newline, as a plain-JSON watch sends it.
+    pub(crate) fn line(&self, ty: &str) -> Bytes {
+        let i = match ty {
+            "ADDED" => 0,
+            "MODIFIED" => 1,
+            _ => 2,
+        };
+        self.lines[i]
+            .get_or_init(|| {
+                let mut out = Vec::with_capacity(256);
+                out.extend_from_slice(b"{\"type\":");
+                out.extend_from_slice(Value::String(ty.to_string()).to_string().as_bytes());
+                out.extend_from_slice(b",\"object\":");
+                // Serializing a Value into a Vec cannot fail.
+                let _ = serde_json::to_writer(&mut out, &self.obj);
+                out.extend_from_slice(b"}\n");
+                Bytes::from(out)
+            })
+            .clone()
+    }
+
     /// Decodes a store event; `None` for undecodable values (logged by the caller's absence).
     pub(crate) fn from_store(res: &Resource, ev: &WatchEvent) -> Option<CachedEvent> {
         match ev {
@@ -42,6 +71,7 @@ impl CachedEvent {
                 deleted: false,
                 obj: decode(res, kv).ok()?,
                 prev: prev.as_ref().and_then(|p| decode(res, p).ok()),
+                lines: Default::default(),
             }),
             WatchEvent::Delete {
                 key,
@@ -56,6 +86,7 @@ impl CachedEvent {
                     deleted: true,
                     obj: obj.clone(),
                     prev: Some(obj),
+                    lines: Default::default(),
                 })
             }
         }
@@ -66,6 +97,10 @@ struct Inner {
     history: VecDeque<Arc<CachedEvent>>,
     /// Every event after this revision is in `history` (or still to come).
     complete_after: Revision,
+    /// Every object of the type, as stored, as of `revision`.
+    objects: BTreeMap<String, Versioned>,
+    /// The store revision `objects` reflects (the initial list's or the last event's).
+    revision: Revision,
 }
 
 struct ResourceCache {
@@ -120,19 +155,39 @@ impl<S: Store> WatchCache<S> {
         Some(Subscription { replay, live })
     }
 
+    /// The cached objects under `prefix` (a prefix of `res`'s keys) and the revision they are
+    /// current at; `None` while the cache cannot serve (starting, or its store watch broke).
+    pub(crate) async fn snapshot(
+        self: &Arc<Self>,
+        res: &'static Resource,
+        prefix: &str,
+    ) -> Option<(Vec<Versioned>, Revision)> {
+        let cache = self.cache_for(res).await?;
+        let inner = cache.inner.lock().ok()?;
+        let items = inner
+            .objects
+            .range(prefix.to_string()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(_, v)| v.clone())
+            .collect();
+        Some((items, inner.revision))
+    }
+
     async fn cache_for(self: &Arc<Self>, res: &'static Resource) -> Option<Arc<ResourceCache>> {
         if let Some(c) = self.caches.lock().ok()?.get(res.plural) {
             return Some(c.clone());
         }
         let prefix = res.prefix();
-        // The revision to start from: everything after it will be in the cache.
-        let (_, start) = self.store.list(&format!("{prefix}\u{0}-none")).await.ok()?;
+        // Every object as of `start`; everything after it comes from the watch.
+        let (items, start) = self.store.list(&prefix).await.ok()?;
         let stream = self.store.watch(&prefix, start).await.ok()?;
         let (tx, _) = broadcast::channel(FANOUT);
         let cache = Arc::new(ResourceCache {
             inner: Mutex::new(Inner {
                 history: VecDeque::new(),
                 complete_after: start,
+                objects: items.into_iter().map(|kv| (kv.key.clone(), kv)).collect(),
+                revision: start,
             }),
             tx,
         });
@@ -161,6 +216,17 @@ impl<S: Store> WatchCache<S> {
                     );
                     break;
                 };
+                if let Ok(mut inner) = feed.inner.lock() {
+                    match &ev {
+                        WatchEvent::Put { kv, .. } => {
+                            inner.objects.insert(kv.key.clone(), kv.clone());
+                        }
+                        WatchEvent::Delete { key, .. } => {
+                            inner.objects.remove(key);
+                        }
+                    }
+                    inner.revision = inner.revision.max(ev.revision());
+                }
                 let Some(cached) = CachedEvent::from_store(res, &ev) else {
                     continue;
                 };
@@ -245,6 +311,14 @@ mod tests {
                 (rev, false, Some("a"))
             );
         }
+        // The mirror follows the store: the snapshot equals a store list once it caught up.
+        let prefix = res.list_prefix(Some("default"));
+        let (stored, _) = store.list(&prefix).await.expect("list");
+        let (mirrored, at) = cache.snapshot(res, &prefix).await.expect("snapshot");
+        assert_eq!(mirrored, stored);
+        assert_eq!(at, rev);
+        let probe = store.probe(&prefix, at).await.expect("probe");
+        assert!(!probe.written_after && probe.count == mirrored.len());
         // A late subscriber from `now` gets the event replayed from history.
         let late = cache.subscribe(res, now).await.expect("served");
         assert_eq!(late.replay.len(), 1);

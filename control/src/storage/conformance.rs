@@ -92,6 +92,37 @@ pub(crate) async fn run_all<S: Store>(s: S) {
     assert_eq!(ev.revision(), r2);
     assert!(s.ready().await);
     txn(&s).await;
+    probe(&s).await;
+}
+
+/// `probe` sees writes and deletions after a revision, and nothing else.
+async fn probe<S: Store>(s: &S) {
+    let p = "/registry/probe/";
+    let (_, r0) = s.list(p).await.expect("list");
+    let empty = s.probe(p, r0).await.expect("probe");
+    assert_eq!((empty.count, empty.written_after), (0, false));
+    let r1 = s
+        .create(&format!("{p}a"), Bytes::from_static(b"1"))
+        .await
+        .expect("create");
+    s.create(&format!("{p}b"), Bytes::from_static(b"1"))
+        .await
+        .expect("create");
+    let (_, now) = s.list(p).await.expect("list");
+    let quiet = s.probe(p, now).await.expect("probe");
+    assert_eq!((quiet.count, quiet.written_after), (2, false));
+    assert!(quiet.revision >= now);
+    assert!(
+        s.probe(p, r1).await.expect("probe").written_after,
+        "b came after a"
+    );
+    // Writes elsewhere do not count; deletions lower the count.
+    s.create("/registry/probe0", Bytes::from_static(b"x"))
+        .await
+        .expect("create");
+    s.delete(&format!("{p}a"), None).await.expect("delete");
+    let after = s.probe(p, now).await.expect("probe");
+    assert_eq!((after.count, after.written_after), (1, false));
 }
 
 /// Guarded multi-key transactions: all ops at one revision, or nothing.

@@ -10,7 +10,9 @@ use futures::StreamExt;
 use tokio::sync::broadcast;
 use tokio_stream::wrappers::BroadcastStream;
 
-use super::{Guard, Revision, Store, StoreError, TxnOp, Versioned, WatchEvent, WatchStream};
+use super::{
+    Guard, PrefixProbe, Revision, Store, StoreError, TxnOp, Versioned, WatchEvent, WatchStream,
+};
 
 /// Events kept for watches that start in the past; older starts get `Compacted`.
 const HISTORY: usize = 20_000;
@@ -191,6 +193,25 @@ impl Store for MemStore {
             },
         );
         Ok(revision)
+    }
+
+    async fn probe(&self, prefix: &str, after: Revision) -> Result<PrefixProbe, StoreError> {
+        let inner = self.lock()?;
+        let mut count = 0;
+        let mut written_after = false;
+        for (_, v) in inner
+            .data
+            .range(prefix.to_string()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+        {
+            count += 1;
+            written_after |= v.mod_revision > after;
+        }
+        Ok(PrefixProbe {
+            count,
+            written_after,
+            revision: inner.revision,
+        })
     }
 
     async fn txn(&self, guards: Vec<Guard>, ops: Vec<TxnOp>) -> Result<Revision, StoreError> {

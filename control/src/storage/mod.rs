@@ -87,6 +87,17 @@ pub enum TxnOp {
     },
 }
 
+/// What [`Store::probe`] saw under a prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PrefixProbe {
+    /// Keys under the prefix now.
+    pub count: usize,
+    /// Whether any of them was written after the probed revision.
+    pub written_after: bool,
+    /// The store revision of the read.
+    pub revision: Revision,
+}
+
 /// Stream of watch events in revision order.
 pub type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchEvent, StoreError>> + Send>>;
 
@@ -159,6 +170,15 @@ pub trait Store: Clone + Send + Sync + 'static {
         guards: Vec<Guard>,
         ops: Vec<TxnOp>,
     ) -> impl Future<Output = Result<Revision, StoreError>> + Send;
+    /// Counts the keys under `prefix` and tells whether any was written after `after`, without
+    /// reading values. Equal counts and no later write mean nothing under `prefix` changed
+    /// since `after` (every create or update after it would show, and deletions alone would
+    /// lower the count): the API server's watch cache uses it to serve consistent lists.
+    fn probe(
+        &self,
+        prefix: &str,
+        after: Revision,
+    ) -> impl Future<Output = Result<PrefixProbe, StoreError>> + Send;
     /// Streams changes under `prefix` with revision > `after`.
     fn watch(
         &self,

@@ -20,7 +20,9 @@ use store::pb::mvccpb;
 use tokio::sync::mpsc;
 use tonic::transport::{Channel, Endpoint};
 
-use super::{Guard, Revision, Store, StoreError, TxnOp, Versioned, WatchEvent, WatchStream};
+use super::{
+    Guard, PrefixProbe, Revision, Store, StoreError, TxnOp, Versioned, WatchEvent, WatchStream,
+};
 
 /// Per-call limit: past it the store counts as unavailable (the API answers 503).
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -389,6 +391,27 @@ impl Store for RemoteStore {
             None => Err(StoreError::NotFound),
             Some(cur) => Err(StoreError::Conflict { current: Some(cur) }),
         }
+    }
+
+    async fn probe(&self, prefix: &str, after: Revision) -> Result<PrefixProbe, StoreError> {
+        // etcd counts the range before the mod-revision filter and applies `limit` after it,
+        // so `count` is every key and `kvs` holds one key written after `after`, if any.
+        let req = RangeRequest {
+            key: prefix.as_bytes().to_vec(),
+            range_end: prefix_end(prefix.as_bytes()),
+            min_mod_revision: after + 1,
+            keys_only: true,
+            limit: 1,
+            ..Default::default()
+        };
+        let resp = self
+            .kv_call(|mut kv| async move { kv.range(req).await })
+            .await?;
+        Ok(PrefixProbe {
+            count: usize::try_from(resp.count).unwrap_or(0),
+            written_after: !resp.kvs.is_empty(),
+            revision: resp.header.as_ref().map(|h| h.revision).unwrap_or(0),
+        })
     }
 
     async fn txn(&self, guards: Vec<Guard>, ops: Vec<TxnOp>) -> Result<Revision, StoreError> {
