@@ -100,6 +100,12 @@ impl LogArchive {
 /// Largest exec request body accepted.
 const MAX_EXEC_BODY: usize = 64 * 1024;
 
+/// Most connections served at once; more wait in the accept queue.
+const MAX_CONNECTIONS: usize = 256;
+
+/// How long a client may take to send request headers (slow clients hold no slot for long).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How often `follow` re-reads the runtime's log.
 const FOLLOW_POLL: Duration = Duration::from_millis(200);
 
@@ -189,7 +195,15 @@ impl<R: PodRuntime> NodeServer<R> {
     /// Serves until `shutdown`.
     pub async fn run(self, shutdown: CancellationToken) {
         let conns = tokio_util::task::TaskTracker::new();
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         loop {
+            let permit = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                p = slots.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+            };
             let (stream, peer) = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 r = self.listener.accept() => match r {
@@ -205,6 +219,7 @@ impl<R: PodRuntime> NodeServer<R> {
             let state = self.state.clone();
             let stop = shutdown.clone();
             conns.spawn(async move {
+                let _permit = permit;
                 let Ok(Ok(s)) =
                     tokio::time::timeout(Duration::from_secs(10), tls.accept(stream)).await
                 else {
@@ -216,6 +231,8 @@ impl<R: PodRuntime> NodeServer<R> {
                     async move { Ok::<_, Infallible>(handle(state, req).await) }
                 });
                 let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HEADER_READ_TIMEOUT)
                     .serve_connection(TokioIo::new(s), svc);
                 tokio::select! {
                     r = conn => if let Err(e) = r {
