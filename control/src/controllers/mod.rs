@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 /// The Kubernetes REST client, shared with the other side of the API (crate `apiclient`).
 pub use apiclient as client;
 pub mod deployment;
+pub mod endpoints;
 mod gc;
 pub mod informer;
 pub mod labels;
@@ -299,6 +300,37 @@ pub async fn run_all(client: ApiClient, config: ControllerConfig, shutdown: Canc
     set.spawn(queue::run(
         Arc::new(deployment::DeploymentController { ctx: ctx.clone() }),
         d_q,
+        workers,
+        shutdown.clone(),
+    ));
+    // Endpoints: Services, their Endpoints, and the pods their selectors match.
+    let services = Informer::new(ctx.client.clone(), "/api/v1/services");
+    let endpoints = Informer::new(ctx.client.clone(), "/api/v1/endpoints");
+    set.spawn(services.clone().run(shutdown.clone()));
+    set.spawn(endpoints.clone().run(shutdown.clone()));
+    let ep_q = WorkQueue::default();
+    for inf in [&services, &endpoints] {
+        set.spawn(feed(
+            inf.clone(),
+            ep_q.clone(),
+            |o| vec![informer::key_of(o)],
+            shutdown.clone(),
+        ));
+    }
+    let svc_cache = services.clone();
+    set.spawn(feed(
+        ctx.pods.clone(),
+        ep_q.clone(),
+        move |o| endpoints::services_for_pod(&svc_cache, o),
+        shutdown.clone(),
+    ));
+    set.spawn(queue::run(
+        Arc::new(endpoints::EndpointsController {
+            ctx: ctx.clone(),
+            services,
+            endpoints,
+        }),
+        ep_q,
         workers,
         shutdown.clone(),
     ));

@@ -11,27 +11,52 @@
 //!
 //! A pod that fits nowhere stays Pending with a `FailedScheduling` event worded like
 //! Kubernetes' and a `PodScheduled=False` condition, and is retried whenever a node changes or
-//! a bound pod goes away (and every `retry_interval`). Pods are scheduled in batches against
-//! one snapshot of the cluster, binds of a batch sent concurrently; a pod just bound is
-//! "assumed" on its node until the cache shows the binding. Preemption is not implemented.
+//! a bound pod goes away (and every `retry_interval`). Preemption is not implemented.
+//!
+//! # How it goes fast
+//! - The node view ([`predicates::NodeInfo`] per node: typed labels, taints, allocatable, and
+//!   running totals of what is placed there) is kept up to date from the informers' change
+//!   events, never rebuilt per cycle; it is rebuilt only after an informer re-list.
+//! - Each pod looks at kube-scheduler's adaptive share of the nodes (`percentageOfNodesToScore`),
+//!   starting where the previous pod stopped.
+//! - Binds are pipelined: a pod is "assumed" on its node as soon as it is placed, its bind
+//!   request goes out and placement of the next pods goes on without waiting; up to
+//!   [`MAX_BINDS_IN_FLIGHT`] binds are in flight. A failed bind forgets the assumption and
+//!   retries the pod.
+//! - Events are posted by a separate task from a bounded queue and dropped when it is full, as
+//!   client-go's event broadcaster does, so they never hold up binding.
 //!
 //! Like the controllers, it talks to the API server over REST (see [`crate::controllers`]).
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt as _;
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
 use rand::Rng as _;
 use serde_json::{Value, json};
-use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::controllers::informer::{Change, Informer, key_of};
 use crate::controllers::labels::{is_deleting, name_of, namespace_of, uid_of};
-use crate::controllers::{ApiClient, pod_is_terminal, post_event};
+use crate::controllers::{ApiClient, ClientError, pod_is_terminal, post_event};
 
 pub mod predicates;
 
-use predicates::{NodeInfo, PodFacts, filter_facts, fit_error, score_facts};
+use predicates::{NodeInfo, PodFacts, PodUsage, Reason, filter_facts, fit_error, score_facts};
+
+/// Most binds awaiting the API server's answer at once.
+pub const MAX_BINDS_IN_FLIGHT: usize = 2048;
+
+/// Events waiting to be posted before new ones are dropped.
+const EVENT_QUEUE: usize = 8192;
+
+/// An assumed pod not seen bound by then is forgotten (kube-scheduler: 30 s after binding).
+const ASSUME_TTL: Duration = Duration::from_secs(30);
 
 /// Scheduler settings.
 #[derive(Debug, Clone)]
@@ -40,7 +65,7 @@ pub struct SchedulerConfig {
     pub scheduler_name: String,
     /// Unschedulable pods are retried at least this often even without cluster changes.
     pub retry_interval: Duration,
-    /// Most pods scheduled against one snapshot.
+    /// Most pods placed before taking in the informers' news again.
     pub batch_size: usize,
 }
 
@@ -54,6 +79,23 @@ impl Default for SchedulerConfig {
     }
 }
 
+/// A pod counted on a node.
+struct Placement {
+    node: String,
+    /// Placed by us and not yet seen bound by the cache: since when.
+    assumed: Option<Instant>,
+}
+
+/// An event for the event task to post.
+struct EventReq {
+    obj: Arc<Value>,
+    ty: &'static str,
+    reason: &'static str,
+    message: String,
+}
+
+type BindOutcome = (Arc<Value>, String, Result<(), ClientError>);
+
 struct Scheduler {
     client: ApiClient,
     config: SchedulerConfig,
@@ -62,9 +104,16 @@ struct Scheduler {
     active: VecDeque<String>,
     queued: HashSet<String>,
     unschedulable: HashSet<String>,
-    assumed: HashMap<String, (String, Instant)>,
+    /// Every node, in no particular order; `index` maps names to positions.
+    infos: Vec<NodeInfo>,
+    index: HashMap<String, usize>,
+    /// Where each counted pod is (bound, or assumed by us).
+    placed: HashMap<String, Placement>,
     reported: HashMap<String, (String, Instant)>,
     next_start: usize,
+    events: mpsc::Sender<EventReq>,
+    dropped_events: u64,
+    binds: FuturesUnordered<BoxFuture<'static, BindOutcome>>,
 }
 
 /// How many feasible nodes are enough to pick from: all below 100 nodes, else
@@ -77,17 +126,21 @@ fn feasible_nodes_to_find(nodes: usize) -> usize {
     (nodes * pct / 100).max(100)
 }
 
+fn node_name_of(pod: &Value) -> Option<&str> {
+    pod.get("spec")
+        .and_then(|s| s.get("nodeName"))
+        .and_then(Value::as_str)
+        .filter(|n| !n.is_empty())
+}
+
 impl Scheduler {
     fn wants(&self, pod: &Value) -> bool {
-        let unbound = pod
-            .pointer("/spec/nodeName")
-            .and_then(Value::as_str)
-            .is_none_or(str::is_empty);
         let ours = pod
-            .pointer("/spec/schedulerName")
+            .get("spec")
+            .and_then(|s| s.get("schedulerName"))
             .and_then(Value::as_str)
             .is_none_or(|n| n.is_empty() || n == self.config.scheduler_name);
-        unbound && ours && !is_deleting(pod) && !pod_is_terminal(pod)
+        node_name_of(pod).is_none() && ours && !is_deleting(pod) && !pod_is_terminal(pod)
     }
 
     fn enqueue(&mut self, key: String) {
@@ -103,12 +156,49 @@ impl Scheduler {
         }
     }
 
+    /// Counts `pod` on `node` (replacing wherever it was counted before).
+    fn place(&mut self, key: &str, pod: Arc<Value>, node: &str, assumed: Option<Instant>) {
+        self.unplace(key);
+        if let Some(&i) = self.index.get(node) {
+            let usage = PodUsage::of(&pod);
+            self.infos[i].add_pod(key, pod, &usage);
+        }
+        self.placed.insert(
+            key.to_string(),
+            Placement {
+                node: node.to_string(),
+                assumed,
+            },
+        );
+    }
+
+    fn unplace(&mut self, key: &str) {
+        if let Some(p) = self.placed.remove(key)
+            && let Some(&i) = self.index.get(&p.node)
+        {
+            self.infos[i].remove_pod(key);
+        }
+    }
+
+    /// Brings the node view in line with one pod as the cache now shows it.
+    fn account(&mut self, key: &str, pod: &Arc<Value>) {
+        if pod_is_terminal(pod) {
+            self.unplace(key);
+        } else if let Some(node) = node_name_of(pod) {
+            let node = node.to_string();
+            self.place(key, pod.clone(), &node, None);
+        } else if self.placed.get(key).is_some_and(|p| p.assumed.is_none()) {
+            self.unplace(key);
+        }
+    }
+
     fn on_pod(&mut self, change: Change) {
         match change {
             Change::Upsert { old, new } => {
                 let key = key_of(&new);
+                self.account(&key, &new);
                 if self.wants(&new) {
-                    if !self.unschedulable.contains(&key) {
+                    if !self.unschedulable.contains(&key) && !self.placed.contains_key(&key) {
                         self.enqueue(key);
                     }
                 } else {
@@ -122,13 +212,10 @@ impl Scheduler {
             }
             Change::Delete { old } => {
                 let key = key_of(&old);
+                self.unplace(&key);
                 self.unschedulable.remove(&key);
                 self.reported.remove(uid_of(&old));
-                if old
-                    .pointer("/spec/nodeName")
-                    .and_then(Value::as_str)
-                    .is_some()
-                {
+                if node_name_of(&old).is_some() {
                     self.flush_unschedulable();
                 }
             }
@@ -136,110 +223,187 @@ impl Scheduler {
         }
     }
 
+    fn on_node(&mut self, change: Change) {
+        match change {
+            Change::Upsert { new, .. } => {
+                let name = name_of(&new).to_string();
+                if let Some(&i) = self.index.get(&name) {
+                    self.infos[i].set_node(&new);
+                } else {
+                    self.index.insert(name.clone(), self.infos.len());
+                    self.infos.push(NodeInfo::new(&new));
+                    // Pods may already be bound to a node that just (re)appeared.
+                    let here: Vec<String> = self
+                        .placed
+                        .iter()
+                        .filter(|(_, p)| p.node == name)
+                        .map(|(k, _)| k.clone())
+                        .collect();
+                    for key in here {
+                        if let Some(pod) = self.pods.get(&key) {
+                            let assumed = self.placed.get(&key).and_then(|p| p.assumed);
+                            self.place(&key, pod, &name, assumed);
+                        }
+                    }
+                }
+            }
+            Change::Delete { old } => {
+                if let Some(i) = self.index.remove(name_of(&old)) {
+                    self.infos.swap_remove(i);
+                    if let Some(moved) = self.infos.get(i) {
+                        self.index.insert(moved.name.clone(), i);
+                    }
+                }
+            }
+            Change::Resync => self.rebuild(),
+        }
+        self.flush_unschedulable();
+    }
+
+    /// Rebuilds the node view from the caches, keeping our assumptions.
+    fn rebuild(&mut self) {
+        self.infos = self.nodes.list().iter().map(|n| NodeInfo::new(n)).collect();
+        self.index = self
+            .infos
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.name.clone(), i))
+            .collect();
+        let assumed: Vec<(String, String, Instant)> = self
+            .placed
+            .drain()
+            .filter_map(|(k, p)| Some((k, p.node, p.assumed?)))
+            .collect();
+        for pod in self.pods.list() {
+            let key = key_of(&pod);
+            self.account(&key, &pod);
+        }
+        for (key, node, at) in assumed {
+            if self.placed.contains_key(&key) {
+                continue;
+            }
+            if let Some(pod) = self.pods.get(&key)
+                && self.wants(&pod)
+            {
+                self.place(&key, pod, &node, Some(at));
+            }
+        }
+    }
+
     fn resync(&mut self) {
+        self.rebuild();
         for p in self.pods.list() {
             if self.wants(&p) {
                 let key = key_of(&p);
                 self.unschedulable.remove(&key);
+                if !self.placed.contains_key(&key) {
+                    self.enqueue(key);
+                }
+            }
+        }
+    }
+
+    /// Forgets assumptions the cache never confirmed (a bind that was lost).
+    fn expire_assumed(&mut self) {
+        let now = Instant::now();
+        let stale: Vec<String> = self
+            .placed
+            .iter()
+            .filter(|(_, p)| {
+                p.assumed
+                    .is_some_and(|at| now.duration_since(at) > ASSUME_TTL)
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in stale {
+            self.unplace(&key);
+            if let Some(p) = self.pods.get(&key)
+                && self.wants(&p)
+            {
                 self.enqueue(key);
             }
         }
     }
 
-    /// Node infos from the caches plus pods bound but not yet seen bound.
-    fn snapshot(&mut self) -> Vec<NodeInfo> {
-        let mut infos: Vec<NodeInfo> = self.nodes.list().into_iter().map(NodeInfo::new).collect();
-        infos.sort_by(|a, b| a.name().cmp(b.name()));
-        let index: HashMap<String, usize> = infos
-            .iter()
-            .enumerate()
-            .map(|(i, n)| (n.name().to_string(), i))
-            .collect();
-        let now = Instant::now();
-        let mut still_assumed = HashMap::new();
-        for pod in self.pods.list() {
-            if pod_is_terminal(&pod) {
-                continue;
-            }
-            let key = key_of(&pod);
-            let node = match pod.pointer("/spec/nodeName").and_then(Value::as_str) {
-                Some(n) if !n.is_empty() => n.to_string(),
-                _ => match self.assumed.get(&key) {
-                    Some((n, at)) if now.duration_since(*at) < Duration::from_secs(30) => {
-                        still_assumed.insert(key, (n.clone(), *at));
-                        n.clone()
-                    }
-                    _ => continue,
-                },
-            };
-            if let Some(i) = index.get(&node) {
-                infos[*i].add_pod(&pod);
+    fn event(&mut self, obj: Arc<Value>, ty: &'static str, reason: &'static str, message: String) {
+        let req = EventReq {
+            obj,
+            ty,
+            reason,
+            message,
+        };
+        if self.events.try_send(req).is_err() {
+            self.dropped_events += 1;
+            if self.dropped_events.is_power_of_two() {
+                tracing::warn!(
+                    dropped = self.dropped_events,
+                    "event queue full; events dropped"
+                );
             }
         }
-        self.assumed = still_assumed;
-        infos
     }
 
+    /// Places up to one batch of queued pods and sends their binds.
     async fn schedule_batch(&mut self) {
+        let room = MAX_BINDS_IN_FLIGHT.saturating_sub(self.binds.len());
         let mut batch = Vec::new();
-        while batch.len() < self.config.batch_size {
+        while batch.len() < self.config.batch_size.min(room) {
             let Some(k) = self.active.pop_front() else {
                 break;
             };
             self.queued.remove(&k);
             if let Some(p) = self.pods.get(&k)
                 && self.wants(&p)
-                && !self.assumed.contains_key(&k)
+                && !self.placed.contains_key(&k)
             {
-                batch.push(p);
+                batch.push((k, p));
             }
         }
         if batch.is_empty() {
             return;
         }
-        let t_snapshot = Instant::now();
-        let mut infos = self.snapshot();
         let t_place = Instant::now();
-        let mut binds = Vec::new();
         let mut failures = Vec::new();
-        for pod in batch {
-            let mut reasons: HashMap<String, usize> = HashMap::new();
+        let n_batch = batch.len();
+        let mut feasible: Vec<usize> = Vec::new();
+        for (key, pod) in batch {
             let facts = PodFacts::new(&pod);
-            let max_owner = facts
-                .owner
-                .as_ref()
-                .map(|u| {
-                    infos
-                        .iter()
-                        .map(|i| i.owners.get(u).copied().unwrap_or(0))
-                        .max()
-                        .unwrap_or(0)
-                })
-                .unwrap_or(0);
-            let mut best: Vec<usize> = Vec::new();
-            let mut best_score = i64::MIN;
+            let mut reasons: HashMap<Reason, usize> = HashMap::new();
             // Like kube-scheduler's percentageOfNodesToScore: stop once enough feasible nodes
             // are found, starting where the previous pod stopped so every node gets its turn.
-            let n = infos.len();
+            let n = self.infos.len();
             let enough = feasible_nodes_to_find(n);
             let start = if n == 0 { 0 } else { self.next_start % n };
-            let mut feasible = 0;
+            feasible.clear();
             let mut visited = 0;
             for i in (0..n).map(|k| (start + k) % n) {
-                if feasible >= enough {
+                if feasible.len() >= enough {
                     break;
                 }
                 visited += 1;
-                let info = &infos[i];
-                let why = filter_facts(&facts, info);
-                if !why.is_empty() {
-                    for r in why {
-                        *reasons.entry(r).or_insert(0) += 1;
-                    }
-                    continue;
+                if filter_facts(&facts, &self.infos[i], |r| {
+                    *reasons.entry(r).or_insert(0) += 1;
+                }) {
+                    feasible.push(i);
                 }
-                feasible += 1;
-                let s = score_facts(&facts, info, max_owner);
+            }
+            self.next_start = start + visited;
+            if feasible.is_empty() {
+                failures.push((key, pod, fit_error(n, &reasons)));
+                continue;
+            }
+            // Spreading is normalised over the nodes being compared, as in kube-scheduler.
+            let max_owner = facts.usage.owner.as_ref().map_or(0, |u| {
+                feasible
+                    .iter()
+                    .map(|&i| self.infos[i].owners.get(u).copied().unwrap_or(0))
+                    .max()
+                    .unwrap_or(0)
+            });
+            let mut best: Vec<usize> = Vec::new();
+            let mut best_score = i64::MIN;
+            for &i in &feasible {
+                let s = score_facts(&facts, &self.infos[i], max_owner);
                 if s > best_score {
                     best_score = s;
                     best.clear();
@@ -248,69 +412,59 @@ impl Scheduler {
                     best.push(i);
                 }
             }
-            self.next_start = start + visited;
-            if best.is_empty() {
-                failures.push((pod, fit_error(infos.len(), &reasons)));
-                continue;
-            }
             let pick = best[rand::rng().random_range(0..best.len())];
-            infos[pick].add_pod(&pod);
-            binds.push((pod, infos[pick].name().to_string()));
+            let node = self.infos[pick].name.clone();
+            self.place(&key, pod.clone(), &node, Some(Instant::now()));
+            self.binds
+                .push(Box::pin(bind(self.client.clone(), pod, node)));
         }
-        let t_bind = Instant::now();
-        let batch_pods = binds.len() + failures.len();
-        let client = &self.client;
-        let scheduler_name = self.config.scheduler_name.as_str();
-        let results = futures::future::join_all(binds.iter().map(|(pod, node)| async move {
-            let (ns, name) = (namespace_of(pod), name_of(pod));
-            let b = json!({
-                "apiVersion": "v1", "kind": "Binding",
-                "metadata": {"name": name, "namespace": ns, "uid": uid_of(pod)},
-                "target": {"apiVersion": "v1", "kind": "Node", "name": node},
-            });
-            let r = client
-                .create(&format!("/api/v1/namespaces/{ns}/pods/{name}/binding"), &b)
-                .await;
-            if r.is_ok() {
-                let msg = format!("Successfully assigned {ns}/{name} to {node}");
-                post_event(client, pod, "Normal", "Scheduled", &msg, scheduler_name).await;
-            }
-            r
-        }))
-        .await;
-        let now = Instant::now();
-        for ((pod, node), r) in binds.into_iter().zip(results) {
-            let key = key_of(&pod);
-            match r {
-                Ok(_) => {
-                    tracing::debug!(pod = %key, %node, "bound");
-                    self.reported.remove(uid_of(&pod));
-                    self.assumed.insert(key, (node, now));
+        tracing::debug!(
+            pods = n_batch,
+            nodes = self.infos.len(),
+            place_ms = t_place.elapsed().as_secs_f64() * 1e3,
+            in_flight = self.binds.len(),
+            "placed a batch"
+        );
+        for (key, pod, message) in failures {
+            self.report_unschedulable(key, pod, message).await;
+        }
+    }
+
+    fn bind_done(&mut self, (pod, node, r): BindOutcome) {
+        let key = key_of(&pod);
+        match r {
+            Ok(()) => {
+                tracing::trace!(pod = %key, %node, "bound");
+                self.reported.remove(uid_of(&pod));
+                // The assumption now runs from the bind, until the cache shows it.
+                if let Some(p) = self.placed.get_mut(&key)
+                    && p.assumed.is_some()
+                {
+                    p.assumed = Some(Instant::now());
                 }
-                Err(e) if e.is_conflict() || e.is_not_found() => {}
-                Err(e) => {
+                let msg = format!(
+                    "Successfully assigned {}/{} to {node}",
+                    namespace_of(&pod),
+                    name_of(&pod)
+                );
+                self.event(pod, "Normal", "Scheduled", msg);
+            }
+            Err(e) => {
+                // Bound elsewhere or gone: the cache will say which; either way ours is void.
+                if self.placed.get(&key).is_some_and(|p| p.assumed.is_some()) {
+                    self.unplace(&key);
+                }
+                if !(e.is_conflict() || e.is_not_found()) {
                     tracing::warn!(pod = %key, error = %e, "binding failed; will retry");
                     self.unschedulable.insert(key);
                 }
             }
         }
-        tracing::debug!(
-            pods = batch_pods,
-            nodes = infos.len(),
-            snapshot_ms = (t_place - t_snapshot).as_secs_f64() * 1e3,
-            place_ms = (t_bind - t_place).as_secs_f64() * 1e3,
-            bind_ms = t_bind.elapsed().as_secs_f64() * 1e3,
-            "scheduled a batch"
-        );
-        for (pod, message) in failures {
-            self.report_unschedulable(&pod, message).await;
-        }
     }
 
-    async fn report_unschedulable(&mut self, pod: &Value, message: String) {
-        let key = key_of(pod);
+    async fn report_unschedulable(&mut self, key: String, pod: Arc<Value>, message: String) {
         self.unschedulable.insert(key.clone());
-        let uid = uid_of(pod).to_string();
+        let uid = uid_of(&pod).to_string();
         let repeat = self
             .reported
             .get(&uid)
@@ -327,22 +481,47 @@ impl Scheduler {
         }]}});
         let path = format!(
             "/api/v1/namespaces/{}/pods/{}/status",
-            namespace_of(pod),
-            name_of(pod)
+            namespace_of(&pod),
+            name_of(&pod)
         );
         if let Err(e) = self.client.merge_patch(&path, &status).await {
             tracing::debug!(pod = %key, error = %e, "failed to set PodScheduled=False");
         }
         // The condition first, then the event: whoever sees the event can read the reason.
-        post_event(
-            &self.client,
-            pod,
-            "Warning",
-            "FailedScheduling",
-            &message,
-            &self.config.scheduler_name,
-        )
-        .await;
+        self.event(pod, "Warning", "FailedScheduling", message);
+    }
+}
+
+async fn bind(client: ApiClient, pod: Arc<Value>, node: String) -> BindOutcome {
+    let (ns, name) = (namespace_of(&pod), name_of(&pod));
+    let b = json!({
+        "apiVersion": "v1", "kind": "Binding",
+        "metadata": {"name": name, "namespace": ns, "uid": uid_of(&pod)},
+        "target": {"apiVersion": "v1", "kind": "Node", "name": node},
+    });
+    let r = client
+        .create(&format!("/api/v1/namespaces/{ns}/pods/{name}/binding"), &b)
+        .await
+        .map(|_| ());
+    (pod, node, r)
+}
+
+/// Posts queued events, a few at a time, until the queue closes.
+async fn post_events(
+    client: ApiClient,
+    rx: mpsc::Receiver<EventReq>,
+    component: String,
+    stop: CancellationToken,
+) {
+    let all = tokio_stream::wrappers::ReceiverStream::new(rx).for_each_concurrent(16, |e| {
+        let (client, component) = (&client, &component);
+        async move {
+            post_event(client, &e.obj, e.ty, e.reason, &e.message, component).await;
+        }
+    });
+    tokio::select! {
+        _ = stop.cancelled() => {}
+        _ = all => {}
     }
 }
 
@@ -361,6 +540,13 @@ pub async fn run(client: ApiClient, config: SchedulerConfig, shutdown: Cancellat
         _ = shutdown.cancelled() => return,
         _ = async { pods.wait_synced().await; nodes.wait_synced().await; } => {}
     }
+    let (events, events_rx) = mpsc::channel(EVENT_QUEUE);
+    tasks.spawn(post_events(
+        client.clone(),
+        events_rx,
+        config.scheduler_name.clone(),
+        stop.clone(),
+    ));
     let retry = config.retry_interval;
     let mut s = Scheduler {
         client,
@@ -370,52 +556,64 @@ pub async fn run(client: ApiClient, config: SchedulerConfig, shutdown: Cancellat
         active: VecDeque::new(),
         queued: HashSet::new(),
         unschedulable: HashSet::new(),
-        assumed: HashMap::new(),
+        infos: Vec::new(),
+        index: HashMap::new(),
+        placed: HashMap::new(),
         reported: HashMap::new(),
         next_start: 0,
+        events,
+        dropped_events: 0,
+        binds: FuturesUnordered::new(),
     };
     s.resync();
     let mut next_flush = Instant::now() + retry;
     loop {
-        if !s.active.is_empty() {
+        // Take in everything already known before placing more.
+        loop {
+            match pod_rx.try_recv() {
+                Ok(c) => s.on_pod(c),
+                Err(TryRecvError::Lagged(_)) => s.resync(),
+                Err(_) => break,
+            }
+        }
+        loop {
+            match node_rx.try_recv() {
+                Ok(c) => s.on_node(c),
+                Err(TryRecvError::Lagged(_)) => s.on_node(Change::Resync),
+                Err(_) => break,
+            }
+        }
+        while let Some(Some(done)) = futures::FutureExt::now_or_never(s.binds.next()) {
+            s.bind_done(done);
+        }
+        if !s.active.is_empty() && s.binds.len() < MAX_BINDS_IN_FLIGHT {
             s.schedule_batch().await;
-            // Take in what happened meanwhile before the next batch.
-            loop {
-                match pod_rx.try_recv() {
-                    Ok(c) => s.on_pod(c),
-                    Err(tokio::sync::broadcast::error::TryRecvError::Lagged(_)) => s.resync(),
-                    Err(_) => break,
-                }
-            }
-            while let Ok(c) = node_rx.try_recv() {
-                if !matches!(
-                    c,
-                    Change::Upsert { .. } | Change::Delete { .. } | Change::Resync
-                ) {
-                    continue;
-                }
-                s.flush_unschedulable();
-            }
+            // Let the bind requests and the informers run before the next batch.
+            tokio::task::yield_now().await;
             continue;
         }
         tokio::select! {
             _ = shutdown.cancelled() => break,
+            Some(done) = s.binds.next(), if !s.binds.is_empty() => s.bind_done(done),
             ev = pod_rx.recv() => match ev {
                 Ok(c) => s.on_pod(c),
                 Err(RecvError::Lagged(_)) => s.resync(),
                 Err(RecvError::Closed) => break,
             },
             ev = node_rx.recv() => match ev {
-                Ok(_) | Err(RecvError::Lagged(_)) => s.flush_unschedulable(),
+                Ok(c) => s.on_node(c),
+                Err(RecvError::Lagged(_)) => s.on_node(Change::Resync),
                 Err(RecvError::Closed) => break,
             },
             _ = tokio::time::sleep_until(next_flush) => {
                 next_flush = Instant::now() + retry;
+                s.expire_assumed();
                 s.flush_unschedulable();
             }
         }
     }
     stop.cancel();
+    drop(s);
     while tasks.join_next().await.is_some() {}
 }
 

@@ -11,6 +11,8 @@
 //!   liveness/readiness probes.
 //! - `cri`: the real CRI tier (containerd from `scripts/containerd`): busybox Deployments,
 //!   image errors, OOMKilled, CPU limits, re-adoption after an agent restart, clean deletion.
+//! - `endpoints`: Endpoints from Service selectors, ready and not-ready pods, named ports.
+//! - `gc`: foreground and orphan deletion propagation.
 //! - `kubectl`: the real kubectl (when `scripts/kubectl` installed it) applies, scales, rolls
 //!   out, undoes and drains.
 use std::time::Duration;
@@ -18,6 +20,8 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 mod cri;
+mod endpoints;
+mod gc;
 mod kubectl;
 mod leader;
 mod logs_exec;
