@@ -10,11 +10,17 @@
 //! - [`join`]: the node join token file and the per-node token derived from it.
 //! - `heartbeat`: Node registration, node status and the Lease heartbeat.
 //! - `pod_worker`: one task per pod: run, restart with back-off, report status, delete.
+//! - [`runtimes`]: [`NodeRuntimes`], wasm and CRI behind one runtime, chosen per pod by its
+//!   RuntimeClass handler or its image, with the CRI endpoint rechecked while it is down.
+//! - `volumes`: configMap and secret volumes written for the pod and mounted read-only.
 //!
-//! After an agent restart the pods bound to the node are matched by namespace/name against
-//! [`PodRuntime::list_pods`]: pods the runtime still runs are adopted, the others (all wasm
-//! pods, which live inside the agent process) are started again, with restart counts carried
-//! over from the API status; runtime pods no API pod claims are removed. No pod is doubled.
+//! When the agent stops, wasm pods (which live inside the agent process) stop with it; CRI
+//! pods keep running in the container runtime, as they outlive a kubelet. After an agent
+//! restart the pods bound to the node are matched by namespace/name against
+//! [`PodRuntime::list_pods`]: pods the runtime still runs are adopted, the others are started
+//! again, with restart counts carried over from the API status; runtime pods no API pod claims
+//! are removed, at start and whenever a runtime comes (back), as its offer changes. No pod is
+//! doubled.
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
@@ -92,7 +98,9 @@ pub struct AgentConfig {
     pub labels: BTreeMap<String, String>,
     /// Taints set when the node is first registered (`[{key, value, effect}]`).
     pub register_taints: Vec<Value>,
-    /// Runtime classes offered (written to the `flotilla.dev/runtime-classes` annotation).
+    /// Runtime classes offered (written to the `flotilla.dev/runtime-classes` annotation) by a
+    /// runtime without an offer of its own; [`NodeRuntimes`] advertise their handlers and the
+    /// RuntimeClasses naming them instead.
     pub runtime_classes: Vec<String>,
     /// Capacity reported (allocatable is the same).
     pub capacity: NodeCapacity,

@@ -7,7 +7,10 @@
 //! next to a wasm pod; `kubectl logs` and `kubectl exec`; ErrImagePull → ImagePullBackOff and
 //! ErrImageNeverPull; OOMKilled over a memory limit; CPU throttled to its limit; an agent
 //! restart re-adopts the running containers and removes the orphan of a pod deleted meanwhile;
-//! deleting everything leaves no sandbox, container or pod cgroup in containerd.
+//! deleting everything leaves no sandbox, container or pod cgroup in containerd. Beside it:
+//! a node offering CRI once its endpoint answers (and the scheduler placing a `runc` pod only
+//! there), the agent path against the fake CRI (runs everywhere), and the benchmark
+//! (OCI vs wasm create → Running and memory per pod through the whole stack, printed).
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
@@ -144,7 +147,7 @@ async fn start_agent_with(
     cfg.backoff_max = Duration::from_secs(4);
     cfg.volume_dir = root.join("volumes");
     let mut wcfg = WasmRuntimeConfig::new(root.join("wasm"));
-    wcfg.max_pods = 16;
+    wcfg.max_pods = 64;
     wcfg.executor_threads = 1;
     let stop = CancellationToken::new();
     let mut settings = CriSettings::new(cri_config(endpoint, root, name));
@@ -1014,6 +1017,168 @@ async fn agent_readopts_cri_pods_and_mounts_config_with_the_fake_cri() -> anyhow
         })
     })
     .await?;
+    agent.kill().await;
+    c.stop().await;
+    Ok(())
+}
+
+/// p50 and p99 of `v` (nearest rank).
+fn percentiles(v: &mut [Duration]) -> (Duration, Duration) {
+    v.sort();
+    let rank = |p: f64| {
+        #[allow(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            clippy::cast_precision_loss,
+            reason = "a rank within a small vector"
+        )]
+        let i = ((p * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1;
+        v[i]
+    };
+    (rank(0.50), rank(0.99))
+}
+
+/// Proportional set size of a process, in bytes (0 if unreadable).
+fn pss(pid: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Pss:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .unwrap_or(0)
+        * 1024
+}
+
+/// What OCI pods cost the node: every containerd shim's PSS plus the memory charged to the
+/// pods' cgroups.
+fn oci_memory() -> u64 {
+    let shims: u64 = std::fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten()
+                .filter(|e| {
+                    std::fs::read_to_string(e.path().join("comm"))
+                        .is_ok_and(|c| c.starts_with("containerd-shim"))
+                })
+                .map(|e| pss(&e.file_name().to_string_lossy()))
+                .sum()
+        })
+        .unwrap_or(0);
+    let cgroups = std::fs::read_to_string(format!(
+        "/sys/fs/cgroup/memory{CGROUP_ROOT}/memory.usage_in_bytes"
+    ))
+    .ok()
+    .and_then(|v| v.trim().parse::<u64>().ok())
+    .unwrap_or(0);
+    shims + cgroups
+}
+
+/// What wasm pods cost the node: this process's PSS (agent and wasm runtime run in it; so do
+/// the API server and the controllers, whose share is noise here).
+fn wasm_memory() -> u64 {
+    pss("self")
+}
+
+/// The benchmark through the whole stack: create → Running (seen by the API client)
+/// for OCI busybox pods and wasm pods on the same node, p50/p99 over 50 pods each, and the
+/// machine's available memory per running pod of each kind. Prints the ratios; asserts only
+/// that every pod ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oci_and_wasm_pod_start_through_the_cluster() -> anyhow::Result<()> {
+    use serde_json::json;
+    init_tracing();
+    let Some((socket, _kc)) = prerequisites("oci_and_wasm_pod_start_through_the_cluster") else {
+        return Ok(());
+    };
+    let _one = CRI_LOCK.lock().await;
+    const PODS: usize = 50;
+    let root = tempfile::tempdir()?;
+    let node = "cri-bench-node";
+    let cri = clean_cri(&socket, root.path(), node).await?;
+    let c = Cluster::start(ClusterOptions::default()).await?;
+    let agent = start_agent(&c, node, &socket, root.path()).await?;
+    eventually("node registered", WAIT, || async {
+        Ok(match c.admin.get(&format!("/api/v1/nodes/{node}")).await? {
+            Some(_) => Ok(()),
+            None => Err("no node".to_owned()),
+        })
+    })
+    .await?;
+    let sleeper = tests::guest("sleeper");
+    let mut report = Vec::new();
+    let kinds: [(&str, &str, Value, fn() -> u64); 2] = [
+        ("oci", BUSYBOX, json!(["sleep", "3600"]), oci_memory),
+        ("wasm", sleeper.as_str(), json!(["3600000"]), wasm_memory),
+    ];
+    for (kind, image, args, memory) in kinds {
+        let mem_before = memory();
+        let mut latencies = Vec::with_capacity(PODS);
+        for i in 0..PODS {
+            let name = format!("{kind}-{i}");
+            let spec = if kind == "oci" {
+                json!({"nodeName": node, "terminationGracePeriodSeconds": 0,
+                       "containers": [{"name": "main", "image": image, "command": args}]})
+            } else {
+                json!({"nodeName": node, "terminationGracePeriodSeconds": 0,
+                       "containers": [{"name": "main", "image": image, "args": args}]})
+            };
+            let t0 = Instant::now();
+            c.create(
+                "/api/v1/namespaces/default/pods",
+                &json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": spec}),
+            )
+            .await?;
+            loop {
+                let p = pod(&c, &name).await?;
+                if p.pointer("/status/containerStatuses/0/state/running")
+                    .is_some()
+                {
+                    break;
+                }
+                anyhow::ensure!(t0.elapsed() < WAIT, "{name} not Running: {p}");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            latencies.push(t0.elapsed());
+        }
+        // Let the memory settle a moment before reading it.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let per_pod = memory().saturating_sub(mem_before) / PODS as u64;
+        let (p50, p99) = percentiles(&mut latencies);
+        eprintln!(
+            "{kind}: create → Running p50 {p50:?} p99 {p99:?} over {PODS} pods; memory per pod {:.2} MiB",
+            per_pod as f64 / f64::from(1 << 20)
+        );
+        report.push((p50, p99, per_pod));
+        for i in 0..PODS {
+            c.admin
+                .delete(
+                    &format!("/api/v1/namespaces/default/pods/{kind}-{i}"),
+                    Some(&json!({"apiVersion": "v1", "kind": "DeleteOptions", "gracePeriodSeconds": 0})),
+                )
+                .await?;
+        }
+        eventually("pods gone", WAIT, || async {
+            let n = c.pods("default").await?.len();
+            let (s, _) = cri.inventory().await?;
+            Ok(if n == 0 && s.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("{n} API pods, {} sandboxes", s.len()))
+            })
+        })
+        .await?;
+    }
+    let ratio = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64().max(1e-9);
+    eprintln!(
+        "OCI / wasm start latency: p50 {:.1}x, p99 {:.1}x",
+        ratio(report[0].0, report[1].0),
+        ratio(report[0].1, report[1].1)
+    );
+    #[allow(clippy::cast_precision_loss, reason = "a printed ratio")]
+    let r = report[0].2 as f64 / (report[1].2.max(1)) as f64;
+    eprintln!("OCI / wasm memory per pod: {r:.1}x");
+    assert!(report[0].2 > 0, "{PODS} running OCI pods cost no memory?");
     agent.kill().await;
     c.stop().await;
     Ok(())
