@@ -147,7 +147,17 @@ pub(crate) async fn materialise(
     uid: &str,
     spec: &mut PodSpec,
 ) -> Result<(), VolumeError> {
+    use std::os::unix::fs::PermissionsExt as _;
     let root = pod_dir(volume_dir, uid);
+    // Other host users stay out; the containers see each volume directory through its bind
+    // mount, whose own mode is what counts there.
+    let prepared = async {
+        tokio::fs::create_dir_all(&root).await?;
+        tokio::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o700)).await
+    };
+    prepared
+        .await
+        .map_err(|e| err("(all)", format!("creating {}: {e}", root.display())))?;
     let mut rewritten = Vec::new();
     for vol in &mut spec.volumes {
         let (kind, resource, name, items, mode, optional, base64) =
