@@ -13,12 +13,13 @@
 //! - [`queue`]: the work queue and controller loop ([`queue::Reconciler`]).
 //! - [`replicaset`], [`deployment`]: the workload controllers.
 //! - `node_lifecycle`: Lease → Ready/Unknown → taints → eviction.
-//! - `gc`: ownerReferences garbage collection and pod GC.
+//! - `gc`: ownerReferences garbage collection (background, foreground, orphan) and pod GC.
 //! - [`leader`]: leader election through a Lease, so one server's controllers act at a time.
 //!
-//! Not done yet: foreground/orphan deletion
-//! propagation, Endpoints, namespace deletion (the API server deletes contents itself),
-//! `kubectl drain` beyond what the eviction subresource does.
+//! - `endpoints`: Endpoints from Service selectors and pods.
+//!
+//! Not done yet: namespace deletion as a controller (the API server deletes a namespace's
+//! contents itself), `kubectl drain` beyond what the eviction subresource does.
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -271,14 +272,18 @@ pub async fn run_all(client: ApiClient, config: ControllerConfig, shutdown: Canc
         |o| vec![informer::key_of(o)],
         shutdown.clone(),
     ));
-    set.spawn(feed(
-        ctx.pods.clone(),
+    let expectations = Arc::new(replicaset::Expectations::default());
+    set.spawn(replicaset::feed_pods(
+        ctx.clone(),
+        expectations.clone(),
         rs_q.clone(),
-        |o| owner_key(o, "ReplicaSet"),
         shutdown.clone(),
     ));
     set.spawn(queue::run(
-        Arc::new(replicaset::ReplicaSetController { ctx: ctx.clone() }),
+        Arc::new(replicaset::ReplicaSetController {
+            ctx: ctx.clone(),
+            expectations,
+        }),
         rs_q,
         workers,
         shutdown.clone(),
