@@ -13,7 +13,8 @@
 //!
 //! Handlers: `exec` through [`PodRuntime::exec`] (exit code 0 is healthy), `httpGet` (status
 //! 200–399) and `tcpSocket` (connect) against the probe's `host` or the pod's host address
-//! (wasm pods share the node's network). HTTPS probes are reported as failing: not supported.
+//! (wasm pods share the node's network). HTTPS probes do not verify the certificate, as the
+//! kubelet's do not.
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -292,23 +293,22 @@ async fn probe_once<R: PodRuntime>(
     if let Some(h) = &p.http_get {
         let port = resolve_port(&ctx.container, &h.port)?;
         let host = h.host.clone().unwrap_or_else(|| ctx.host.clone());
-        if h.scheme
+        let tls = h
+            .scheme
             .as_deref()
-            .is_some_and(|s| s.eq_ignore_ascii_case("HTTPS"))
-        {
-            return Err("HTTPS probes are not supported by this node".into());
-        }
+            .is_some_and(|s| s.eq_ignore_ascii_case("HTTPS"));
         let path = h.path.clone().unwrap_or_else(|| "/".into());
         let headers: Vec<(String, String)> = h
             .http_headers
             .iter()
             .map(|x| (x.name.clone(), x.value.clone()))
             .collect();
-        return tokio::time::timeout(timeout, http_get(&host, port, &path, &headers))
+        let scheme = if tls { "https" } else { "http" };
+        return tokio::time::timeout(timeout, http_get(tls, &host, port, &path, &headers))
             .await
             .map_err(|_| {
                 format!(
-                    "Get \"http://{}{path}\": context deadline exceeded",
+                    "Get \"{scheme}://{}{path}\": context deadline exceeded",
                     join_host_port(&host, port)
                 )
             })?;
@@ -354,18 +354,100 @@ fn resolve_port(c: &Container, p: &IntOrString) -> Result<u16, String> {
         .ok_or_else(|| format!("invalid port {n}"))
 }
 
-/// A minimal HTTP/1.1 GET; healthy when the status is 200..400 (redirects are not followed).
+/// Accepts any server certificate (HTTPS probes, like the kubelet's, do not verify it) but
+/// still checks the handshake signatures.
+#[derive(Debug)]
+struct AnyCert(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyCert {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// A minimal HTTP/1.1 GET (over TLS when `tls`); healthy when the status is 200..400
+/// (redirects are not followed).
 async fn http_get(
+    tls: bool,
     host: &str,
     port: u16,
     path: &str,
     headers: &[(String, String)],
 ) -> Result<(), String> {
     let addr = join_host_port(host, port);
-    let url = format!("http://{addr}{path}");
-    let mut s = tokio::net::TcpStream::connect(&addr)
+    let scheme = if tls { "https" } else { "http" };
+    let url = format!("{scheme}://{addr}{path}");
+    let tcp = tokio::net::TcpStream::connect(&addr)
         .await
         .map_err(|e| format!("Get \"{url}\": dial tcp {addr}: {e}"))?;
+    if !tls {
+        return http_exchange(tcp, &url, &addr, path, headers).await;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("Get \"{url}\": {e}"))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCert(provider)))
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from(host.to_string())
+        .map_err(|e| format!("Get \"{url}\": {e}"))?;
+    let s = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("Get \"{url}\": {e}"))?;
+    http_exchange(s, &url, &addr, path, headers).await
+}
+
+async fn http_exchange<S>(
+    mut s: S,
+    url: &str,
+    addr: &str,
+    path: &str,
+    headers: &[(String, String)],
+) -> Result<(), String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let mut req = format!(
         "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: kube-probe/1.37\r\nAccept: */*\r\nConnection: close\r\n"
     );
@@ -527,6 +609,60 @@ mod tests {
         until("started", || probes.started("c")).await;
         until("ready through tcpSocket", || probes.ready("c")).await;
         assert!(probes.liveness_failure().is_none());
+    }
+
+    #[tokio::test]
+    async fn https_probe_ignores_the_certificate() {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+            .expect("params")
+            .self_signed(&key)
+            .expect("cert");
+        let der = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).expect("key der");
+        let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.der().clone()], der)
+        .expect("server config");
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(mut s) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let mut buf = [0u8; 1024];
+                    let n = s.read(&mut buf).await.unwrap_or(0);
+                    let ok = String::from_utf8_lossy(&buf[..n]).starts_with("GET /ok ");
+                    let resp = if ok {
+                        "HTTP/1.1 204 No Content\r\n\r\n"
+                    } else {
+                        "HTTP/1.1 500 Oops\r\n\r\n"
+                    };
+                    let _ = s.write_all(resp.as_bytes()).await;
+                    let _ = s.shutdown().await;
+                });
+            }
+        });
+        assert_eq!(http_get(true, "127.0.0.1", port, "/ok", &[]).await, Ok(()));
+        assert_eq!(
+            http_get(true, "127.0.0.1", port, "/bad", &[]).await,
+            Err("HTTP probe failed with statuscode: 500".into())
+        );
+        assert!(
+            http_get(false, "127.0.0.1", port, "/ok", &[])
+                .await
+                .is_err(),
+            "plain HTTP to a TLS port"
+        );
     }
 
     #[test]
