@@ -13,6 +13,11 @@
 //! - [`runtimes`]: [`NodeRuntimes`], wasm and CRI behind one runtime, chosen per pod by its
 //!   RuntimeClass handler or its image, with the CRI endpoint rechecked while it is down.
 //! - `volumes`: configMap and secret volumes written for the pod and mounted read-only.
+//! - [`server`]: the kubelet-style HTTPS server the API server calls for `kubectl logs` and
+//!   `kubectl exec` (self-signed certificate pinned through the Node, kubelet token derived
+//!   from the node token), advertised in `status.daemonEndpoints.kubeletEndpoint.Port`.
+//! - `probes`: liveness, readiness and startup probes (exec, httpGet, tcpSocket) feeding the
+//!   pod worker's `ready`/`started` and liveness restarts.
 //!
 //! When the agent stops, wasm pods (which live inside the agent process) stop with it; CRI
 //! pods keep running in the container runtime, as they outlive a kubelet. After an agent
