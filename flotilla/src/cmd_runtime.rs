@@ -107,6 +107,16 @@ pub(crate) fn run_bench(mut args: BenchRuntimeArgs) -> anyhow::Result<()> {
         String::new(),
     ));
     rows.push(Row::new(
+        "  machine: driver thread runnable but waiting for a CPU / load average",
+        format!(
+            "{:.1}% of the timed starts' wall time / {}",
+            start.cpu_wait_share * 100.0,
+            start.load_avg
+        ),
+        "",
+        String::new(),
+    ));
+    rows.push(Row::new(
         "hello full run in the node (run_pod → exited)",
         format!("p50 {} / p99 {}", us(start.full_p50), us(start.full_p99)),
         "",
@@ -332,6 +342,18 @@ struct StartResult {
     /// Starts whose first poll ran on the caller's thread.
     on_caller: usize,
     counted: usize,
+    /// Share of the timed loop's wall time the driver thread spent runnable but without a CPU
+    /// (other processes on the machine), and the 1-minute load average at the end.
+    cpu_wait_share: f64,
+    load_avg: String,
+}
+
+/// Run-queue wait of the calling thread so far (nanoseconds), from schedstat.
+fn thread_runqueue_wait_ns() -> u64 {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
 }
 
 async fn bench_start(root: &Path, cache: &Path, starts: usize) -> anyhow::Result<StartResult> {
@@ -346,11 +368,18 @@ async fn bench_start(root: &Path, cache: &Path, starts: usize) -> anyhow::Result
     let mut dispatch = Vec::with_capacity(starts);
     let mut setup = Vec::with_capacity(starts);
     let mut on_caller = 0;
+    let mut timed_wall = Duration::ZERO;
+    let mut timed_wait = 0u64;
     for i in 0..starts + 200 {
+        let wait0 = thread_runqueue_wait_ns();
         let t0 = Instant::now();
         let id = rt.run_pod(&p).await?;
         let st = rt.wait_pod(&id, Duration::from_secs(10)).await?;
         let done = t0.elapsed();
+        if i >= 200 {
+            timed_wall += done;
+            timed_wait += thread_runqueue_wait_ns().saturating_sub(wait0);
+        }
         let code = st.containers[0].state.terminated().map(|t| t.exit_code);
         if code != Some(0) {
             bail!("hello ended with {:?}", st.containers[0].state);
@@ -385,6 +414,11 @@ async fn bench_start(root: &Path, cache: &Path, starts: usize) -> anyhow::Result
         setup_p99: pct(&mut setup, 0.99),
         on_caller,
         counted: dispatch.len(),
+        cpu_wait_share: timed_wait as f64 / timed_wall.as_nanos().max(1) as f64,
+        load_avg: std::fs::read_to_string("/proc/loadavg")
+            .ok()
+            .and_then(|s| s.split_whitespace().next().map(str::to_owned))
+            .unwrap_or_else(|| "?".into()),
     })
 }
 

@@ -21,6 +21,7 @@ use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder};
 use super::cpu::{Governed, Quota};
 use super::executor::Worker;
 use super::logs::LogSink;
+use super::modules::Prepared;
 use super::time::rfc3339_nanos;
 
 /// Exit code and reason of a container the node stopped gracefully (128 + SIGTERM).
@@ -34,6 +35,39 @@ pub(crate) const EXIT_TRAP: i32 = 134;
 pub(crate) struct PodData {
     pub(crate) wasi: WasiP1Ctx,
     limiter: MemLimiter,
+}
+
+/// Store data of a WASI 0.2 component container.
+pub(crate) struct ComponentData {
+    ctx: wasmtime_wasi::WasiCtx,
+    table: wasmtime::component::ResourceTable,
+    limiter: MemLimiter,
+}
+
+impl wasmtime_wasi::WasiView for ComponentData {
+    fn ctx(&mut self) -> wasmtime_wasi::WasiCtxView<'_> {
+        wasmtime_wasi::WasiCtxView {
+            ctx: &mut self.ctx,
+            table: &mut self.table,
+        }
+    }
+}
+
+/// Store data with a memory limiter, whichever kind of guest it runs.
+trait Limited: Send + 'static {
+    fn mem_limiter(&mut self) -> &mut MemLimiter;
+}
+
+impl Limited for PodData {
+    fn mem_limiter(&mut self) -> &mut MemLimiter {
+        &mut self.limiter
+    }
+}
+
+impl Limited for ComponentData {
+    fn mem_limiter(&mut self) -> &mut MemLimiter {
+        &mut self.limiter
+    }
 }
 
 impl PodData {
@@ -324,7 +358,7 @@ pub(crate) enum Entry {
 /// Everything needed to start one container (or one exec in it).
 #[derive(Clone)]
 pub(crate) struct Launch {
-    pub(crate) pre: InstancePre<PodData>,
+    pub(crate) pre: Prepared,
     pub(crate) entry: Entry,
     pub(crate) argv: Vec<String>,
     /// Bytes the guest reads from stdin, then end of file; `None` is an empty stdin.
@@ -462,20 +496,63 @@ async fn run_guest(l: Launch, shared: Arc<ContainerShared>) -> End {
             );
         }
     }
-    let data = PodData {
-        wasi: b.build_p1(),
-        limiter: MemLimiter {
-            limit: l.memory_limit,
-            memory: 0,
-            tables: 0,
-            shared: Some(shared.clone()),
-        },
+    let limiter = MemLimiter {
+        limit: l.memory_limit,
+        memory: 0,
+        tables: 0,
+        shared: Some(shared.clone()),
     };
-    let mut store = Store::new(l.pre.module().engine(), data);
-    store.limiter(|d| &mut d.limiter);
     let initial_fuel = l.fuel_limit.unwrap_or(u64::MAX);
+    let result = match &l.pre {
+        Prepared::Module(pre) => {
+            let data = PodData {
+                wasi: b.build_p1(),
+                limiter,
+            };
+            let mut store = match guest_store(pre.module().engine(), data, &shared, initial_fuel) {
+                Ok(s) => s,
+                Err(end) => return end,
+            };
+            let result = run_module(pre, &l.entry, &mut store, &shared).await;
+            record_fuel(&store, &shared, initial_fuel);
+            result
+        }
+        Prepared::Component(pre) => {
+            let data = ComponentData {
+                ctx: b.build(),
+                table: wasmtime::component::ResourceTable::new(),
+                limiter,
+            };
+            let mut store = match guest_store(pre.engine(), data, &shared, initial_fuel) {
+                Ok(s) => s,
+                Err(end) => return end,
+            };
+            let result = async {
+                let command = pre.instantiate_async(&mut store).await?;
+                shared.mark_running();
+                // `wasi:cli/run` returns `result`: its error carries no code, so exit 1.
+                let ended = command.wasi_cli_run().call_run(&mut store).await?;
+                Ok(if ended.is_ok() { 0 } else { 1 })
+            }
+            .await;
+            record_fuel(&store, &shared, initial_fuel);
+            result
+        }
+    };
+    classify(result, &shared, l.memory_limit)
+}
+
+/// A store with the container's memory limit, fuel and epoch deadline (stop, yield, metering).
+fn guest_store<T: Limited>(
+    engine: &wasmtime::Engine,
+    data: T,
+    shared: &Arc<ContainerShared>,
+    initial_fuel: u64,
+) -> Result<Store<T>, End> {
+    let mut store = Store::new(engine, data);
+    store.limiter(|d| d.mem_limiter());
     if let Err(e) = store.set_fuel(initial_fuel) {
-        return (1, "StartError", Some(format!("cannot set fuel: {e}")));
+        return Err((1, "StartError", Some(format!("cannot set fuel: {e}"))));
     }
     store.set_epoch_deadline(1);
     let cb_shared = shared.clone();
@@ -491,46 +568,55 @@ async fn run_guest(l: Launch, shared: Arc<ContainerShared>) -> End {
         cb_shared.yielded.store(true, Ordering::Relaxed);
         Ok(UpdateDeadline::Yield(1))
     });
-    let result = async {
-        let instance = l.pre.instantiate_async(&mut store).await?;
-        if !shared.is_exec
-            && let Some(mem) = instance.get_memory(&mut store, "memory")
-        {
-            // Only the address is kept, for the node's own memory accounting.
-            let base = mem.data_ptr(&store) as usize;
-            shared.memory_base.store(base, Ordering::Relaxed);
-        }
-        match &l.entry {
-            Entry::Start => {
-                let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
-                shared.mark_running();
-                start.call_async(&mut store, ()).await.map(|()| 0)
-            }
-            Entry::Export { name, returns_code } => {
-                let init = instance
-                    .get_typed_func::<(), ()>(&mut store, "_initialize")
-                    .ok();
-                shared.mark_running();
-                if let Some(init) = init {
-                    init.call_async(&mut store, ()).await?;
-                }
-                if *returns_code {
-                    let f = instance.get_typed_func::<(), i32>(&mut store, name)?;
-                    f.call_async(&mut store, ()).await
-                } else {
-                    let f = instance.get_typed_func::<(), ()>(&mut store, name)?;
-                    f.call_async(&mut store, ()).await.map(|()| 0)
-                }
-            }
-        }
-    }
-    .await;
+    Ok(store)
+}
+
+fn record_fuel<T>(store: &Store<T>, shared: &ContainerShared, initial_fuel: u64) {
     if let Ok(left) = store.get_fuel() {
         shared
             .fuel_used
             .store(initial_fuel - left, Ordering::Relaxed);
     }
-    classify(result, &shared, l.memory_limit)
+}
+
+/// Instantiates a core module and runs its entry.
+async fn run_module(
+    pre: &InstancePre<PodData>,
+    entry: &Entry,
+    store: &mut Store<PodData>,
+    shared: &ContainerShared,
+) -> wasmtime::Result<i32> {
+    let instance = pre.instantiate_async(&mut *store).await?;
+    if !shared.is_exec
+        && let Some(mem) = instance.get_memory(&mut *store, "memory")
+    {
+        // Only the address is kept, for the node's own memory accounting.
+        let base = mem.data_ptr(&*store) as usize;
+        shared.memory_base.store(base, Ordering::Relaxed);
+    }
+    match entry {
+        Entry::Start => {
+            let start = instance.get_typed_func::<(), ()>(&mut *store, "_start")?;
+            shared.mark_running();
+            start.call_async(&mut *store, ()).await.map(|()| 0)
+        }
+        Entry::Export { name, returns_code } => {
+            let init = instance
+                .get_typed_func::<(), ()>(&mut *store, "_initialize")
+                .ok();
+            shared.mark_running();
+            if let Some(init) = init {
+                init.call_async(&mut *store, ()).await?;
+            }
+            if *returns_code {
+                let f = instance.get_typed_func::<(), i32>(&mut *store, name)?;
+                f.call_async(&mut *store, ()).await
+            } else {
+                let f = instance.get_typed_func::<(), ()>(&mut *store, name)?;
+                f.call_async(&mut *store, ()).await.map(|()| 0)
+            }
+        }
+    }
 }
 
 fn classify(result: wasmtime::Result<i32>, shared: &ContainerShared, memory_limit: u64) -> End {

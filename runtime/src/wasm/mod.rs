@@ -1,13 +1,34 @@
-//! Pods as WASI preview 1 modules in wasmtime, with requests and limits enforced in the sandbox.
+//! Pods as WASI modules in wasmtime, with requests and limits enforced in the sandbox.
 //!
-//! Layout: `image` fetches modules into a content-addressed cache; `modules` compiles them
-//! once (artifacts on disk keyed by content and engine) and keeps an `InstancePre` per module;
-//! `executor` runs one current-thread Tokio runtime per core; `cpu` accounts, throttles and
-//! fair-shares CPU per container; `container` builds the store and classifies how a guest
-//! ended; `logs` writes the CRI log files.
+//! Layout: `image` fetches modules (path, `file://`, `http://`, `https://`) into a
+//! content-addressed cache; `modules` compiles them once (artifacts on disk keyed by content and
+//! engine) and keeps an `InstancePre` per module; `executor` runs one current-thread Tokio
+//! runtime per core; `cpu` accounts, throttles and fair-shares CPU per container; `container`
+//! builds the store and classifies how a guest ended; `logs` writes the CRI log files.
 //!
 //! One `Engine` per node with epoch interruption (a 1 ms ticker thread) and fuel metering; the
 //! pooling allocator is sized to [`WasmRuntimeConfig::max_pods`], and pods past it are refused.
+//!
+//! What a pod spec means here:
+//! - `image`: a WASI preview 1 command module, or a WASI 0.2 command component (exporting
+//!   `wasi:cli/run`; it gets the same memory limiter, fuel and epochs, and one component may
+//!   take several of the pool's core-instance slots). Exec by exported function is for core
+//!   modules only.
+//! - `command` + `args`: argv (`argv[0]` defaults to the container name); `env`, `workingDir`.
+//! - `stdin: true`: the container reads [`STDIN_ANNOTATION`] (or its per-container form) from
+//!   stdin, then end of file; otherwise stdin is empty.
+//! - `volumeMounts`: emptyDir (read-write) and hostPath (read-only unless `readOnly: false`)
+//!   as preopened directories; nothing else of the host is reachable.
+//! - `limits.memory`, `limits.cpu`, `requests.cpu`, [`FUEL_LIMIT_ANNOTATION`]: see `cpu` and
+//!   `container`.
+//! - exec ([`PodRuntime::exec`]): a fresh instance of the container's module with its env,
+//!   volumes and limits, `argv` = the command, or a call of the exported function the command
+//!   names; output captured (up to [`EXEC_OUTPUT_LIMIT`] per stream), the timeout enforced at
+//!   epoch ticks, CPU and instructions charged to the container.
+//!
+//! Start latency: when the executor a container is placed on has nothing runnable, the
+//! container's first slice runs on the `run_pod` caller's thread (see `container::spawn`), so a
+//! start does not wait for a parked executor thread to wake up.
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -15,7 +36,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use api::pod::{Container, PodSpec};
-use wasmtime::{Engine, InstanceAllocationStrategy, InstancePre, PoolingAllocationConfig};
+use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 use wasmtime_wasi::FsPerms;
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 
@@ -42,7 +63,7 @@ pub(crate) fn temp_suffix() -> String {
     )
 }
 
-use container::{ContainerShared, Launch, PodData};
+use container::{ContainerShared, Launch};
 
 /// Annotation: fuel (executed wasm instructions) budget for every container of the pod.
 pub const FUEL_LIMIT_ANNOTATION: &str = "flotilla.dev/fuel-limit";
@@ -216,6 +237,7 @@ impl WasmRuntime {
             .total_memories(config.max_pods)
             .total_tables(config.max_pods)
             .total_stacks(config.max_pods)
+            .total_component_instances(config.max_pods)
             .max_memory_size(usize::try_from(config.max_memory_bytes).unwrap_or(usize::MAX));
         let mut wc = wasmtime::Config::new();
         wc.epoch_interruption(true)
@@ -351,7 +373,7 @@ impl WasmRuntime {
         self.prepare(image).await.map(|_| ())
     }
 
-    async fn prepare(&self, image: &str) -> Result<InstancePre<PodData>, RuntimeError> {
+    async fn prepare(&self, image: &str) -> Result<modules::Prepared, RuntimeError> {
         let inner = &self.inner;
         if let Some((digest, _)) = inner.images.cached(image)
             && let Some(pre) = inner.modules.get(&digest)
@@ -382,7 +404,7 @@ impl WasmRuntime {
         &self,
         pod: &PodConfig,
         c: &Container,
-        pre: InstancePre<PodData>,
+        pre: modules::Prepared,
         pod_dir: &Path,
     ) -> Result<Launch, RuntimeError> {
         let cfg = &self.inner.config;
@@ -842,9 +864,10 @@ impl WasmRuntime {
 
 /// What an exec of `name` runs: the exported function of that name if the module has one
 /// that takes nothing and returns nothing or an `i32`, else the command's `_start`.
-fn exec_entry(pre: &InstancePre<PodData>, name: &str) -> container::Entry {
+fn exec_entry(pre: &modules::Prepared, name: &str) -> container::Entry {
     if name != "_start"
-        && let Some(wasmtime::ExternType::Func(f)) = pre.module().get_export(name)
+        && let Some(module) = pre.module()
+        && let Some(wasmtime::ExternType::Func(f)) = module.get_export(name)
         && f.params().len() == 0
     {
         let results: Vec<_> = f.results().collect();

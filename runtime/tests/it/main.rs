@@ -5,6 +5,7 @@
 //! - `limits`: memory, CPU quota, fair share, fuel and the pod cap, each failing if not enforced.
 //! - `cri`: `CriRuntime` against a real containerd (`FLOTILLA_CRI_SOCKET`, see the module).
 //! - `hostile`: guests that loop, trap, or are malformed, next to pods that must keep running.
+//! - `components`: WASI 0.2 components under the same limits as core modules.
 //! - `wasm_exec`: wasm stdin, exec (commands and exported functions), https images, and where a
 //!   container's first poll runs.
 use std::path::PathBuf;
@@ -15,6 +16,7 @@ use api::pod::{Container, EnvVar, PodSpec};
 use runtime::testing::conformance::wait_for_status;
 use runtime::{PodConfig, PodId, PodRuntime, PodStatus, WasmRuntime, WasmRuntimeConfig};
 
+mod components;
 mod conformance;
 mod cri;
 mod hostile;
