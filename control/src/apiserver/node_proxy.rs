@@ -129,8 +129,9 @@ fn first<'a>(q: &'a [(String, String)], k: &str) -> Option<&'a str> {
         .map(|(_, v)| v.as_str())
 }
 
+/// A boolean query parameter (the Python client sends `True`).
 fn flag(q: &[(String, String)], k: &str) -> bool {
-    matches!(first(q, k), Some("true" | "1"))
+    first(q, k).is_some_and(|v| v.eq_ignore_ascii_case("true") || v == "1")
 }
 
 fn identity(req: &Request) -> Result<Identity, ApiError> {
@@ -475,15 +476,13 @@ async fn log<S: Store>(
     }
     let agent_q = {
         let mut s = form_urlencoded::Serializer::new(String::new());
-        for k in [
-            "follow",
-            "tailLines",
-            "sinceSeconds",
-            "sinceTime",
-            "timestamps",
-            "limitBytes",
-            "previous",
-        ] {
+        // Booleans are passed on normalised, whatever their spelling.
+        for k in ["follow", "timestamps", "previous"] {
+            if flag(&q, k) {
+                s.append_pair(k, "true");
+            }
+        }
+        for k in ["tailLines", "sinceSeconds", "sinceTime", "limitBytes"] {
             if let Some(v) = first(&q, k) {
                 s.append_pair(k, v);
             }

@@ -312,6 +312,9 @@ async fn kubectl_logs_and_exec_reach_the_node() -> anyhow::Result<()> {
     assert_ne!(o.code, 0);
     assert!(o.stderr.contains("forbidden"), "{}", o.stderr);
 
+    // The official Python client (same venv as kubectl): logs, and exec over v4/v5.
+    python_client(&c)?;
+
     // The agent refuses callers without the API server's credential.
     let node = c
         .admin
@@ -330,6 +333,57 @@ async fn kubectl_logs_and_exec_reach_the_node() -> anyhow::Result<()> {
     stop.cancel();
     let _ = fake_task.await;
     c.stop().await;
+    Ok(())
+}
+
+/// `read_namespaced_pod_log` and `stream(connect_get_namespaced_pod_exec)` of the Python
+/// client 37 against the `ticker` and `shell` pods; skipped when the venv lacks it.
+fn python_client(c: &Cluster) -> anyhow::Result<()> {
+    let Some(py) = tests::kubectl().map(|k| k.with_file_name("python")) else {
+        return Ok(());
+    };
+    const SCRIPT: &str = r#"
+import sys
+try:
+    from kubernetes import client, config
+    from kubernetes.stream import stream
+except ImportError:
+    print("NO-CLIENT")
+    sys.exit(0)
+config.load_kube_config(sys.argv[1])
+v1 = client.CoreV1Api()
+log = v1.read_namespaced_pod_log("ticker", "default", tail_lines=2, timestamps=True)
+print("LOGLINES", len(log.splitlines()), log.splitlines()[-1].split(" ", 1)[1])
+for cmd in (["echo", "from", "python"], ["exit", "5"]):
+    ws = stream(v1.connect_get_namespaced_pod_exec, "shell", "default", command=cmd,
+                stderr=True, stdin=False, stdout=True, tty=False, _preload_content=False)
+    ws.run_forever(timeout=30)
+    print("EXEC", repr(ws.read_stdout()), ws.returncode)
+"#;
+    let out = tokio::task::block_in_place(|| {
+        Command::new(&py)
+            .arg("-c")
+            .arg(SCRIPT)
+            .arg(c.kubeconfig())
+            .output()
+    })?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    anyhow::ensure!(
+        out.status.success(),
+        "python client failed: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if text.contains("NO-CLIENT") {
+        eprintln!("SKIPPED: the Python kubernetes client is not installed");
+        return Ok(());
+    }
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(
+        lines[0].starts_with("LOGLINES 2 tick "),
+        "tail and timestamps from Python: {text}"
+    );
+    assert_eq!(lines[1], "EXEC 'from python\\n' 0", "{text}");
+    assert_eq!(lines[2], "EXEC '' 5", "{text}");
     Ok(())
 }
 
