@@ -332,6 +332,14 @@ async fn kubectl_logs_and_exec_reach_the_node() -> anyhow::Result<()> {
 
     stop.cancel();
     let _ = fake_task.await;
+    // Its node is gone: 503 with the dialing error, as Kubernetes words it.
+    let o = kubectl(&c, &["logs", "shell"])?;
+    assert_ne!(o.code, 0);
+    assert!(
+        o.stderr.contains("error dialing backend") && o.stderr.contains("node-fake"),
+        "{}",
+        o.stderr
+    );
     c.stop().await;
     Ok(())
 }
