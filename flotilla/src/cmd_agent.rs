@@ -66,6 +66,10 @@ pub(crate) struct AgentArgs {
     /// How often an unreachable CRI endpoint is retried, in milliseconds.
     #[arg(long, default_value_t = 10_000)]
     cri_recheck_interval_ms: u64,
+    /// Network of OCI pods: `host` (the node's namespace) or `cni` (a pod namespace set up by
+    /// the CRI runtime's CNI configuration; the pod's IP is reported as its podIP).
+    #[arg(long, default_value = "host", value_parser = ["host", "cni"])]
+    pod_network: String,
 }
 
 fn host_name() -> String {
@@ -155,6 +159,7 @@ pub(crate) async fn node_runtimes(
         let mut config = CriRuntimeConfig::new(endpoint, data_dir.join("cri"));
         config.instance = node_name.to_owned();
         config.cgroup_root = Some(opts.cgroup_root);
+        config.host_network = opts.host_network;
         let mut s = CriSettings::new(config);
         s.handlers = opts.handlers;
         s.recheck = opts.recheck;
@@ -168,6 +173,7 @@ pub(crate) struct CriOptions {
     pub(crate) handlers: Vec<String>,
     pub(crate) cgroup_root: String,
     pub(crate) recheck: Duration,
+    pub(crate) host_network: bool,
 }
 
 impl Default for CriOptions {
@@ -176,6 +182,7 @@ impl Default for CriOptions {
             handlers: vec!["runc".into()],
             cgroup_root: "/flotilla".into(),
             recheck: Duration::from_secs(10),
+            host_network: true,
         }
     }
 }
@@ -195,6 +202,7 @@ pub(crate) fn run(args: AgentArgs) -> anyhow::Result<()> {
             handlers: args.cri_runtime_handlers.clone(),
             cgroup_root: args.cgroup_root.clone(),
             recheck: Duration::from_millis(args.cri_recheck_interval_ms.max(100)),
+            host_network: args.pod_network == "host",
         };
         let runtime = node_runtimes(
             &args.data_dir,

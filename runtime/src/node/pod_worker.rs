@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::client::ApiClient;
 use super::heartbeat::now_rfc3339;
-use crate::pod_runtime::{PodConfig, PodId, PodRuntime, PodStatus, RuntimeError};
+use crate::pod_runtime::{PodConfig, PodId, PodStatus, RuntimeError};
 
 /// What a worker shares with the agent.
 pub(crate) struct WorkerContext<R> {
@@ -79,6 +79,8 @@ pub(crate) struct PodWorker<R> {
     ctx: Arc<WorkerContext<R>>,
     /// The pod's uid (names its volume directory).
     uid: String,
+    /// The address of the sandbox it was read for: its own (CNI) IP, `None` for the node's.
+    pod_ip: Option<(PodId, Option<String>)>,
     /// The pod's namespace and name (names its archived logs).
     ns_name: (String, String),
     rx: watch::Receiver<Option<Value>>,
@@ -135,7 +137,7 @@ async fn event(client: &ApiClient, node: &str, pod: &Value, ty: &str, reason: &s
     }
 }
 
-impl<R: PodRuntime> PodWorker<R> {
+impl<R: super::NodeRuntime> PodWorker<R> {
     async fn event(&self, pod: &Value, ty: &str, reason: &str, message: &str) {
         event(
             &self.ctx.client,
@@ -185,6 +187,7 @@ impl<R: PodRuntime> PodWorker<R> {
         PodWorker {
             ctx,
             uid: meta(&pod, "uid").to_string(),
+            pod_ip: None,
             ns_name: (
                 meta(&pod, "namespace").to_string(),
                 meta(&pod, "name").to_string(),
@@ -359,6 +362,10 @@ impl<R: PodRuntime> PodWorker<R> {
                 return poll;
             }
         };
+        if self.pod_ip.as_ref().is_none_or(|(of, _)| of != &id) {
+            let ip = self.ctx.runtime.pod_ip(&id).await;
+            self.pod_ip = Some((id.clone(), ip));
+        }
         if self.check_probes(pod, &id).await {
             // Killed by a failed probe: the restart policy below sees it terminated.
             match self.ctx.runtime.pod_status(&id).await {
@@ -441,6 +448,8 @@ impl<R: PodRuntime> PodWorker<R> {
         }
         if st.all_terminated() {
             self.finished = Some(st.clone());
+            // Nothing runs any more: stop probing (the kubelet probes running containers only).
+            self.probes = None;
         }
         let status = self.compose(pod, Some(&st));
         self.write_status(pod, status).await;
@@ -790,6 +799,16 @@ impl<R: PodRuntime> PodWorker<R> {
         });
         if let Some(t) = &self.start_time {
             status["startTime"] = json!(t);
+        }
+        if let Some(id) = &self.sandbox {
+            // The pod's own (CNI) address, else the node's, which it shares (as hostNetwork
+            // pods report it).
+            let ip = match &self.pod_ip {
+                Some((of, Some(ip))) if of == id => ip.clone(),
+                _ => self.ctx.host_ip.clone(),
+            };
+            status["podIP"] = json!(ip);
+            status["podIPs"] = json!([{"ip": ip}]);
         }
         status
     }

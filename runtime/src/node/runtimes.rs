@@ -9,6 +9,7 @@
 //!
 //! Pod ids carry their runtime (`wasm:<id>`, `cri:<sandbox id>`), so every later call goes
 //! to the runtime that ran the pod.
+use std::future::Future;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -66,6 +67,12 @@ pub trait NodeRuntime: PodRuntime {
         let _ = id;
         false
     }
+
+    /// The pod's own address (a CNI pod network's), `None` when it shares the node's network.
+    fn pod_ip(&self, id: &PodId) -> impl Future<Output = Option<String>> + Send {
+        let _ = id;
+        async { None }
+    }
 }
 
 impl NodeRuntime for WasmRuntime {}
@@ -74,11 +81,22 @@ impl NodeRuntime for CriRuntime {
     fn outlives_agent(&self, _id: &PodId) -> bool {
         true
     }
+
+    async fn pod_ip(&self, id: &PodId) -> Option<String> {
+        CriRuntime::pod_ip(self, id).await.ok().flatten()
+    }
 }
 
 impl NodeRuntime for crate::any::AnyRuntime {
     fn outlives_agent(&self, _id: &PodId) -> bool {
         matches!(self, crate::any::AnyRuntime::Cri(_))
+    }
+
+    async fn pod_ip(&self, id: &PodId) -> Option<String> {
+        match self {
+            crate::any::AnyRuntime::Cri(rt) => CriRuntime::pod_ip(rt, id).await.ok().flatten(),
+            _ => None,
+        }
     }
 }
 
@@ -496,6 +514,13 @@ impl NodeRuntime for NodeRuntimes {
 
     fn outlives_agent(&self, id: &PodId) -> bool {
         id.0.starts_with(CRI_PREFIX)
+    }
+
+    async fn pod_ip(&self, id: &PodId) -> Option<String> {
+        match self.split(id) {
+            Ok(Target::Cri(rt, i)) => CriRuntime::pod_ip(&rt, &i).await.ok().flatten(),
+            _ => None,
+        }
     }
 }
 

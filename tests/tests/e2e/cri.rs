@@ -119,7 +119,7 @@ async fn start_agent(
     endpoint: &str,
     root: &Path,
 ) -> anyhow::Result<CriAgent> {
-    start_agent_with(c, name, endpoint, root, None).await
+    start_agent_with(c, name, endpoint, root, None, true).await
 }
 
 /// [`start_agent`] with another bearer token than the node's.
@@ -129,6 +129,7 @@ async fn start_agent_with(
     endpoint: &str,
     root: &Path,
     token: Option<String>,
+    host_network: bool,
 ) -> anyhow::Result<CriAgent> {
     let join = JoinToken::parse(&std::fs::read_to_string(c.dir.path().join("node-token"))?)
         .context("node-token parses")?;
@@ -150,7 +151,9 @@ async fn start_agent_with(
     wcfg.max_pods = 64;
     wcfg.executor_threads = 1;
     let stop = CancellationToken::new();
-    let mut settings = CriSettings::new(cri_config(endpoint, root, name));
+    let mut config = cri_config(endpoint, root, name);
+    config.host_network = host_network;
+    let mut settings = CriSettings::new(config);
     settings.recheck = Duration::from_millis(200);
     let rts = NodeRuntimes::start(WasmRuntime::new(wcfg)?, Some(settings), stop.clone()).await;
     let agent = Agent::new(cfg, rts)?;
@@ -914,6 +917,7 @@ async fn agent_readopts_cri_pods_and_mounts_config_with_the_fake_cri() -> anyhow
         &fake.endpoint(),
         root.path(),
         Some(admin_token(&c)?),
+        true,
     )
     .await?;
     c.create(
@@ -1179,6 +1183,83 @@ async fn oci_and_wasm_pod_start_through_the_cluster() -> anyhow::Result<()> {
     let r = report[0].2 as f64 / (report[1].2.max(1)) as f64;
     eprintln!("OCI / wasm memory per pod: {r:.1}x");
     assert!(report[0].2 > 0, "{PODS} running OCI pods cost no memory?");
+    agent.kill().await;
+    c.stop().await;
+    Ok(())
+}
+
+/// A node whose OCI pods get their own network namespace from the CRI runtime's CNI bridge
+/// (`--pod-network cni`): the pod reports its CNI address as podIP and its name as hostname.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cni_pod_reports_its_own_ip() -> anyhow::Result<()> {
+    init_tracing();
+    let Some((socket, kc)) = prerequisites("a_cni_pod_reports_its_own_ip") else {
+        return Ok(());
+    };
+    let _one = CRI_LOCK.lock().await;
+    let root = tempfile::tempdir()?;
+    let node = "cri-cni-node";
+    let cri = clean_cri(&socket, root.path(), node).await?;
+    let c = Cluster::start(ClusterOptions::default()).await?;
+    let agent = start_agent_with(&c, node, &socket, root.path(), None, false).await?;
+    let kc = kc.as_path();
+    apply(
+        kc,
+        &c,
+        &one_pod("netpod", BUSYBOX, "IfNotPresent", "exec sleep 3600", "{}"),
+    )
+    .await?;
+    let ip = eventually("netpod Running with a pod IP", WAIT, || async {
+        let p = pod(&c, "netpod").await?;
+        let ip = p
+            .pointer("/status/podIP")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
+        let running = p
+            .pointer("/status/containerStatuses/0/state/running")
+            .is_some();
+        Ok(if running && ip.starts_with("10.88.") {
+            Ok(ip)
+        } else {
+            Err(format!("ip {ip:?} phase {}", tests::phase(&p)))
+        })
+    })
+    .await?;
+    let wide = k(
+        kc,
+        &c,
+        &["get", "pod", "netpod", "-o", "wide", "--no-headers"],
+    )
+    .await?;
+    assert!(wide.contains(&ip), "{wide}");
+    let out = k(
+        kc,
+        &c,
+        &[
+            "exec",
+            "netpod",
+            "--",
+            "/bin/sh",
+            "-c",
+            "hostname; ip -4 addr show eth0",
+        ],
+    )
+    .await?;
+    assert!(
+        out.starts_with("netpod\n") && out.contains(&format!("inet {ip}/")),
+        "{out}"
+    );
+    k(kc, &c, &["delete", "pod", "netpod"]).await?;
+    eventually("nothing left in containerd", WAIT, || async {
+        let (s, ctrs) = cri.inventory().await?;
+        Ok(if s.is_empty() && ctrs.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{s:?} {ctrs:?}"))
+        })
+    })
+    .await?;
     agent.kill().await;
     c.stop().await;
     Ok(())
