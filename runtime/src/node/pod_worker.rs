@@ -468,8 +468,13 @@ impl<R: super::NodeRuntime> PodWorker<R> {
     /// liveness or startup probe failed for good (returns `true` then).
     async fn check_probes(&mut self, pod: &Value, id: &PodId) -> bool {
         if self.probes.as_ref().is_none_or(|p| p.id() != id) {
-            let (rt, host) = (self.ctx.runtime.clone(), &self.ctx.host_ip);
-            self.probes = Some(super::probes::Probes::start(rt, id.clone(), pod, host));
+            // Probes reach the pod at its own (CNI) address, else at the node's.
+            let host = match &self.pod_ip {
+                Some((of, Some(ip))) if of == id => ip.clone(),
+                _ => self.ctx.host_ip.clone(),
+            };
+            let rt = self.ctx.runtime.clone();
+            self.probes = Some(super::probes::Probes::start(rt, id.clone(), pod, &host));
         }
         let Some(p) = &self.probes else { return false };
         let (events, failure) = (p.take_events(), p.liveness_failure());

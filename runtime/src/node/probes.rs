@@ -12,8 +12,8 @@
 //!   and the restart policy takes over (restartCount + 1, back-off).
 //!
 //! Handlers: `exec` through [`PodRuntime::exec`] (exit code 0 is healthy), `httpGet` (status
-//! 200–399) and `tcpSocket` (connect) against the probe's `host` or the pod's host address
-//! (wasm pods share the node's network). HTTPS probes do not verify the certificate, as the
+//! 200–399) and `tcpSocket` (connect) against the probe's `host`, else the pod's own IP
+//! (CNI pods) or the node's address (wasm pods share the node's network). HTTPS probes do not verify the certificate, as the
 //! kubelet's do not.
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
