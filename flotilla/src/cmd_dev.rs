@@ -203,8 +203,12 @@ async fn serve<S: Store>(
             }
         });
     }
+    let runtimes = match &args.container_runtime_endpoint {
+        Some(e) => format!("wasm runtime and CRI at {e}"),
+        None => "wasm runtime".to_owned(),
+    };
     step(&format!(
-        "node agent {} started (wasm runtime, data in {})",
+        "node agent {} started ({runtimes}, data in {})",
         args.node_name,
         agent_dir.display()
     ));
