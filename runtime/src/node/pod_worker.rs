@@ -53,8 +53,13 @@ enum Waiting {
         /// still `ContainerCreating`; after the first report `ErrImagePull` becomes
         /// `ImagePullBackOff`, as the kubelet shows it.
         image: Option<String>,
+        /// When the failure happened.
+        since: Instant,
     },
 }
+
+/// How long a failed pull shows `ErrImagePull` before `ImagePullBackOff`.
+const ERR_IMAGE_PULL_SHOWN: Duration = Duration::from_secs(1);
 
 /// Kubernetes' waiting reason and message for an image failure (`ErrImagePull`,
 /// `ErrImageNeverPull`), from the runtime's error.
@@ -328,14 +333,21 @@ impl<R: super::NodeRuntime> PodWorker<R> {
                         reason: reason @ "ErrImagePull",
                         message,
                         image: Some(image),
+                        since,
                         ..
                     } = &mut self.waiting
                     {
-                        // Reported once; while the back-off lasts the kubelet says this.
+                        // ErrImagePull shows for a moment (the kubelet's next sync), then
+                        // ImagePullBackOff for the rest of the back-off.
+                        let switch = *since + ERR_IMAGE_PULL_SHOWN;
+                        if now < switch {
+                            return (switch - now).min(until - now);
+                        }
                         *message =
                             format!("Back-off pulling image {image:?}: ErrImagePull: {message}");
                         *reason = "ImagePullBackOff";
-                        return Duration::from_millis(500).min(until - now);
+                        let status = self.compose(pod, None);
+                        self.write_status(pod, status).await;
                     }
                     return (until - now).min(poll.max(Duration::from_millis(50)) * 20);
                 }
@@ -430,6 +442,7 @@ impl<R: super::NodeRuntime> PodWorker<R> {
                     meta(pod, "uid"),
                 ),
                 image: None,
+                since: Instant::now(),
             };
             if delay.is_zero() {
                 // First restart: immediate, as the kubelet does; no back-off to show.
@@ -478,6 +491,7 @@ impl<R: super::NodeRuntime> PodWorker<R> {
         }
         let Some(p) = &self.probes else { return false };
         let (events, failure) = (p.take_events(), p.liveness_failure());
+        let probe_grace = p.kill_grace_seconds();
         for (reason, msg) in events {
             self.event(pod, "Warning", reason, &msg).await;
         }
@@ -492,9 +506,12 @@ impl<R: super::NodeRuntime> PodWorker<R> {
         let msg = format!("Container {container} failed {kind} probe, will be restarted");
         self.event(pod, "Normal", "Killing", &msg).await;
         self.probes = None;
-        let grace = pod
-            .pointer("/spec/terminationGracePeriodSeconds")
-            .and_then(Value::as_u64)
+        let grace = probe_grace
+            .and_then(|g| u64::try_from(g).ok())
+            .or_else(|| {
+                pod.pointer("/spec/terminationGracePeriodSeconds")
+                    .and_then(Value::as_u64)
+            })
             .unwrap_or(30);
         if let Err(e) = self
             .ctx
@@ -623,6 +640,7 @@ impl<R: super::NodeRuntime> PodWorker<R> {
             reason,
             message,
             image: None,
+            since: Instant::now(),
         };
     }
 

@@ -33,8 +33,9 @@ use crate::pod_runtime::{PodId, PodRuntime};
 struct ContainerResult {
     started: bool,
     ready: bool,
-    /// Set once a liveness (or startup) probe failed `failureThreshold` times in a row.
-    killed: Option<String>,
+    /// Set once a liveness (or startup) probe failed `failureThreshold` times in a row: the
+    /// message and the probe's `terminationGracePeriodSeconds`.
+    killed: Option<(String, Option<i64>)>,
 }
 
 #[derive(Debug, Default)]
@@ -151,7 +152,16 @@ impl Probes {
         lock(&self.shared)
             .containers
             .iter()
-            .find_map(|(n, c)| c.killed.clone().map(|m| (n.clone(), m)))
+            .find_map(|(n, c)| c.killed.clone().map(|(m, _)| (n.clone(), m)))
+    }
+
+    /// The failed probe's own `terminationGracePeriodSeconds`, if it set one (it then
+    /// replaces the pod's for this kill, as in Kubernetes).
+    pub(crate) fn kill_grace_seconds(&self) -> Option<i64> {
+        lock(&self.shared)
+            .containers
+            .values()
+            .find_map(|c| c.killed.as_ref().and_then(|(_, g)| *g))
     }
 
     /// Events to post (`Unhealthy` with the probe's failure), oldest first.
@@ -252,7 +262,10 @@ async fn run_probe<R: PodRuntime>(ctx: &ProbeContext<R>, kind: Kind, p: &Probe) 
                         Kind::Liveness | Kind::Startup => {
                             ctx.update(|c| {
                                 c.ready = false;
-                                c.killed = Some(format!("{} probe failed: {why}", kind.name()));
+                                c.killed = Some((
+                                    format!("{} probe failed: {why}", kind.name()),
+                                    p.termination_grace_period_seconds,
+                                ));
                             });
                             return false;
                         }
@@ -548,6 +561,7 @@ mod tests {
     async fn liveness_failure_is_reported_after_the_threshold() {
         let (fake, id, pod) = fake_pod(json!({"livenessProbe": {
             "exec": {"command": ["check"]}, "periodSeconds": 1, "failureThreshold": 2,
+            "terminationGracePeriodSeconds": 5,
         }}))
         .await;
         fake.script_exec("check", exit(0));
@@ -560,6 +574,11 @@ mod tests {
         let (c, msg) = probes.liveness_failure().expect("failure");
         assert_eq!(c, "c");
         assert_eq!(msg, "Liveness probe failed: probe says hi");
+        assert_eq!(
+            probes.kill_grace_seconds(),
+            Some(5),
+            "the probe's own grace period"
+        );
     }
 
     #[tokio::test]
