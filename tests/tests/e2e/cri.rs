@@ -468,6 +468,10 @@ async fn kubectl_runs_busybox_on_containerd_through_cri() -> anyhow::Result<()> 
     eprintln!(
         "ImagePullBackOff message: {backoff} (ErrImagePull seen first: {seen_err_image_pull:?})"
     );
+    assert!(
+        seen_err_image_pull.load(std::sync::atomic::Ordering::Relaxed),
+        "ErrImagePull is shown before ImagePullBackOff"
+    );
     let (reason, message) = eventually("ErrImageNeverPull", WAIT, || async {
         let (r, m) = waiting_reason(&pod(&c, "never-pull").await?);
         Ok(if r == "ErrImageNeverPull" {
