@@ -1115,7 +1115,9 @@ async fn oci_and_wasm_pod_start_through_the_cluster() -> anyhow::Result<()> {
     .await?;
     let sleeper = tests::guest("sleeper");
     let mut report = Vec::new();
-    let kinds: [(&str, &str, Value, fn() -> u64); 2] = [
+    /// Kind, image, command or args, how its memory is measured.
+    type Kind<'a> = (&'a str, &'a str, Value, fn() -> u64);
+    let kinds: [Kind<'_>; 2] = [
         ("oci", BUSYBOX, json!(["sleep", "3600"]), oci_memory),
         ("wasm", sleeper.as_str(), json!(["3600000"]), wasm_memory),
     ];
