@@ -38,21 +38,34 @@ pub(crate) struct App<S> {
     pub admission_cache: super::admission_cache::AdmissionCache,
 }
 
+/// A cached namespace object, shared rather than copied (admission reads it on every create).
+pub(crate) struct NamespaceRef(Arc<Vec<(Value, i64)>>);
+
+impl std::ops::Deref for NamespaceRef {
+    type Target = Value;
+
+    fn deref(&self) -> &Value {
+        self.0.first().map_or(&Value::Null, |(o, _)| o)
+    }
+}
+
 impl<S: Store> App<S> {
     /// A namespace object, from the admission cache or the store (misses are not cached).
-    pub(crate) async fn namespace(&self, name: &str) -> Result<Option<Value>> {
+    pub(crate) async fn namespace(&self, name: &str) -> Result<Option<NamespaceRef>> {
         let key = format!("namespaces//{name}");
-        if let Some(v) = self.admission_cache.get(&key) {
-            return Ok(v.first().map(|(o, _)| o.clone()));
+        if let Some(v) = self.admission_cache.get(&key)
+            && !v.is_empty()
+        {
+            return Ok(Some(NamespaceRef(v)));
         }
         let nsres = resources::find("", "v1", "namespaces")
             .ok_or_else(|| ApiError::internal("namespaces not registered"))?;
         match self.store.get(&nsres.key(None, name)).await? {
             Some(kv) => {
                 let o = decode(nsres, &kv)?;
-                self.admission_cache
-                    .put(key, Arc::new(vec![(o.clone(), kv.mod_revision)]));
-                Ok(Some(o))
+                let v = Arc::new(vec![(o, kv.mod_revision)]);
+                self.admission_cache.put(key, v.clone());
+                Ok(Some(NamespaceRef(v)))
             }
             None => Ok(None),
         }
