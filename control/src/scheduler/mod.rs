@@ -11,7 +11,8 @@
 //!
 //! A pod that fits nowhere stays Pending with a `FailedScheduling` event worded like
 //! Kubernetes' and a `PodScheduled=False` condition, and is retried whenever a node changes or
-//! a bound pod goes away (and every `retry_interval`). Preemption is not implemented.
+//! a bound pod goes away (and every `retry_interval`). Pods are taken in `spec.priority` order
+//! (highest first); preemption is not implemented.
 //!
 //! # How it goes fast
 //! - The node view ([`predicates::NodeInfo`] per node: typed labels, taints, allocatable, and
@@ -27,7 +28,8 @@
 //!   client-go's event broadcaster does, so they never hold up binding.
 //!
 //! Like the controllers, it talks to the API server over REST (see [`crate::controllers`]).
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -101,7 +103,10 @@ struct Scheduler {
     config: SchedulerConfig,
     pods: Informer,
     nodes: Informer,
-    active: VecDeque<String>,
+    /// Pods to schedule: highest `spec.priority` first, then first come first served (the
+    /// order of kube-scheduler's activeQ).
+    active: BinaryHeap<(i64, Reverse<u64>, String)>,
+    seq: u64,
     queued: HashSet<String>,
     unschedulable: HashSet<String>,
     /// Every node, in no particular order; `index` maps names to positions.
@@ -126,6 +131,14 @@ fn feasible_nodes_to_find(nodes: usize) -> usize {
     (nodes * pct / 100).max(100)
 }
 
+/// `spec.priority` (set from a PriorityClass by admission in Kubernetes; an int here), 0 if unset.
+fn priority_of(pod: &Value) -> i64 {
+    pod.get("spec")
+        .and_then(|s| s.get("priority"))
+        .and_then(Value::as_i64)
+        .unwrap_or(0)
+}
+
 fn node_name_of(pod: &Value) -> Option<&str> {
     pod.get("spec")
         .and_then(|s| s.get("nodeName"))
@@ -145,7 +158,9 @@ impl Scheduler {
 
     fn enqueue(&mut self, key: String) {
         if self.queued.insert(key.clone()) {
-            self.active.push_back(key);
+            let priority = self.pods.get(&key).map_or(0, |p| priority_of(&p));
+            self.seq += 1;
+            self.active.push((priority, Reverse(self.seq), key));
         }
     }
 
@@ -348,7 +363,7 @@ impl Scheduler {
         let room = MAX_BINDS_IN_FLIGHT.saturating_sub(self.binds.len());
         let mut batch = Vec::new();
         while batch.len() < self.config.batch_size.min(room) {
-            let Some(k) = self.active.pop_front() else {
+            let Some((_, _, k)) = self.active.pop() else {
                 break;
             };
             self.queued.remove(&k);
@@ -553,7 +568,8 @@ pub async fn run(client: ApiClient, config: SchedulerConfig, shutdown: Cancellat
         config,
         pods,
         nodes,
-        active: VecDeque::new(),
+        active: BinaryHeap::new(),
+        seq: 0,
         queued: HashSet::new(),
         unschedulable: HashSet::new(),
         infos: Vec::new(),

@@ -13,6 +13,7 @@
 //!   image errors, OOMKilled, CPU limits, re-adoption after an agent restart, clean deletion.
 //! - `endpoints`: Endpoints from Service selectors, ready and not-ready pods, named ports.
 //! - `gc`: foreground and orphan deletion propagation.
+//! - `priority`: the scheduling queue takes higher `spec.priority` first.
 //! - `kubectl`: the real kubectl (when `scripts/kubectl` installed it) applies, scales, rolls
 //!   out, undoes and drains.
 use std::time::Duration;
@@ -27,6 +28,7 @@ mod leader;
 mod logs_exec;
 mod node_loss;
 mod pods;
+mod priority;
 mod scheduling;
 mod workloads;
 
