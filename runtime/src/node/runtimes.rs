@@ -77,6 +77,9 @@ pub trait NodeRuntime: PodRuntime {
 
 impl NodeRuntime for WasmRuntime {}
 
+#[cfg(any(test, feature = "test-util"))]
+impl NodeRuntime for crate::testing::FakeRuntime {}
+
 impl NodeRuntime for CriRuntime {
     fn outlives_agent(&self, _id: &PodId) -> bool {
         true
