@@ -187,17 +187,21 @@ async fn prepare<S: Store>(
     let nodes = resources::find("", "v1", "nodes")
         .ok_or_else(|| ApiError::internal("nodes not registered"))?;
     let pod = get_object(&p.app, pods, Some(ns), name).await?;
-    let names: Vec<&str> = pod
-        .pointer("/spec/containers")
-        .and_then(Value::as_array)
-        .map(|cs| {
-            cs.iter()
-                .filter_map(|c| c.get("name").and_then(Value::as_str))
-                .collect()
-        })
-        .unwrap_or_default();
+    let names_of = |field: &str| -> Vec<&str> {
+        pod.pointer(field)
+            .and_then(Value::as_array)
+            .map(|cs| {
+                cs.iter()
+                    .filter_map(|c| c.get("name").and_then(Value::as_str))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let names = names_of("/spec/containers");
+    let init_names = names_of("/spec/initContainers");
     let container = match container {
-        Some(c) if names.contains(&c) => c.to_string(),
+        // Init containers may be named explicitly, as in Kubernetes.
+        Some(c) if names.contains(&c) || init_names.contains(&c) => c.to_string(),
         Some(c) => {
             return Err(ApiError::bad_request(format!(
                 "container {c} is not valid for pod {name}"
