@@ -294,3 +294,68 @@ pub(crate) async fn renew_lease(client: &ApiClient, cfg: &AgentConfig) -> Result
         message: "lease kept changing under the agent".into(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cri_condition_says_whether_the_endpoint_answers() {
+        let now = "2026-11-28T00:00:00Z";
+        assert_eq!(
+            cri_condition(None, now),
+            None,
+            "no CRI endpoint, no condition"
+        );
+        let down = CriState {
+            endpoint: "unix:///run/x.sock".into(),
+            error: Some("connection refused".into()),
+        };
+        let c = cri_condition(Some(&down), now).unwrap();
+        assert_eq!(
+            (
+                c["type"].as_str(),
+                c["status"].as_str(),
+                c["reason"].as_str()
+            ),
+            (
+                Some(CRI_CONDITION),
+                Some("True"),
+                Some("CRIEndpointUnreachable")
+            )
+        );
+        let msg = c["message"].as_str().unwrap();
+        assert!(
+            msg.contains("unix:///run/x.sock") && msg.contains("connection refused"),
+            "{msg}"
+        );
+        let up = CriState {
+            error: None,
+            ..down
+        };
+        let c = cri_condition(Some(&up), now).unwrap();
+        assert_eq!(
+            (c["status"].as_str(), c["reason"].as_str()),
+            (Some("False"), Some("CRIEndpointReady"))
+        );
+        let cfg = AgentConfig::new("n", "https://127.0.0.1:1");
+        let adv = Advertised {
+            classes: "runc,wasm,wasmtime".into(),
+            runtime_version: "containerd://1.6.20".into(),
+            cri: Some(up),
+        };
+        let status = node_status(&cfg, &adv);
+        assert_eq!(
+            status["nodeInfo"]["containerRuntimeVersion"],
+            "containerd://1.6.20"
+        );
+        assert!(
+            status["conditions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|c| c["type"] == CRI_CONDITION)
+        );
+        assert_eq!(Advertised::fixed(&cfg, "wasm").classes, "wasm");
+    }
+}
