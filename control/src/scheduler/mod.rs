@@ -12,7 +12,10 @@
 //! A pod that fits nowhere stays Pending with a `FailedScheduling` event worded like
 //! Kubernetes' and a `PodScheduled=False` condition, and is retried whenever a node changes or
 //! a bound pod goes away (and every `retry_interval`). Pods are taken in `spec.priority` order
-//! (highest first); preemption is not implemented.
+//! (highest first). A pod that fits nowhere may preempt: pods of lower priority are deleted
+//! from the node where the fewest, least important ones make room (no PodDisruptionBudgets),
+//! the pod gets `status.nominatedNodeName` and is scheduled once they are gone (the freed room
+//! is not reserved for it meanwhile).
 //!
 //! # How it goes fast
 //! - The node view ([`predicates::NodeInfo`] per node: typed labels, taints, allocatable, and
@@ -115,6 +118,8 @@ struct Scheduler {
     /// Where each counted pod is (bound, or assumed by us).
     placed: HashMap<String, Placement>,
     reported: HashMap<String, (String, Instant)>,
+    /// Pods that preempted others, and when: they wait for their victims to go.
+    nominated: HashMap<String, Instant>,
     next_start: usize,
     events: mpsc::Sender<EventReq>,
     dropped_events: u64,
@@ -227,6 +232,7 @@ impl Scheduler {
             }
             Change::Delete { old } => {
                 let key = key_of(&old);
+                self.nominated.remove(&key);
                 self.unplace(&key);
                 self.unschedulable.remove(&key);
                 self.reported.remove(uid_of(&old));
@@ -404,7 +410,8 @@ impl Scheduler {
             }
             self.next_start = start + visited;
             if feasible.is_empty() {
-                failures.push((key, pod, fit_error(n, &reasons)));
+                let plan = self.preemption_plan(&key, &facts, priority_of(&pod));
+                failures.push((key, pod, fit_error(n, &reasons), plan));
                 continue;
             }
             // Spreading is normalised over the nodes being compared, as in kube-scheduler.
@@ -440,8 +447,106 @@ impl Scheduler {
             in_flight = self.binds.len(),
             "placed a batch"
         );
-        for (key, pod, message) in failures {
+        for (key, pod, message, plan) in failures {
+            if let Some((node, victims)) = plan {
+                self.preempt(&key, &pod, &node, victims).await;
+            }
             self.report_unschedulable(key, pod, message).await;
+        }
+    }
+
+    /// Where `facts`' pod would fit if some pods of lower priority left, and which: the node
+    /// whose victims have the lowest highest priority, then the fewest (kube-scheduler's
+    /// DefaultPreemption, without PodDisruptionBudgets). Victims are picked as Kubernetes
+    /// does: all lower-priority pods removed, then given back highest priority first while
+    /// the pod still fits.
+    fn preemption_plan(
+        &self,
+        key: &str,
+        facts: &PodFacts,
+        priority: i64,
+    ) -> Option<(String, Vec<Arc<Value>>)> {
+        // One preemption at a time per pod: wait for the victims to go.
+        if self
+            .nominated
+            .get(key)
+            .is_some_and(|at| at.elapsed() < ASSUME_TTL)
+        {
+            return None;
+        }
+        // ((highest victim priority, victim count), node index, victims)
+        type Choice = ((i64, usize), usize, Vec<Arc<Value>>);
+        let mut best: Option<Choice> = None;
+        for (i, info) in self.infos.iter().enumerate() {
+            let mut candidates: Vec<(i64, String, Arc<Value>)> = info
+                .pods
+                .iter()
+                .filter(|(_, p)| priority_of(p) < priority && !is_deleting(p))
+                .map(|(k, p)| (priority_of(p), k.clone(), p.clone()))
+                .collect();
+            if candidates.is_empty() {
+                continue;
+            }
+            let mut trial = info.clone();
+            for (_, k, _) in &candidates {
+                trial.remove_pod(k);
+            }
+            if !filter_facts(facts, &trial, |_| {}) {
+                continue;
+            }
+            candidates.sort_by_key(|(p, k, _)| (Reverse(*p), k.clone()));
+            let mut victims = Vec::new();
+            for (_, k, p) in candidates {
+                trial.add_pod(&k, p.clone(), &PodUsage::of(&p));
+                if !filter_facts(facts, &trial, |_| {}) {
+                    trial.remove_pod(&k);
+                    victims.push(p);
+                }
+            }
+            let rank = (
+                victims
+                    .iter()
+                    .map(|p| priority_of(p))
+                    .max()
+                    .unwrap_or(i64::MIN),
+                victims.len(),
+            );
+            if best.as_ref().is_none_or(|(r, _, _)| rank < *r) {
+                best = Some((rank, i, victims));
+            }
+        }
+        best.map(|(_, i, v)| (self.infos[i].name.clone(), v))
+    }
+
+    /// Deletes the victims and nominates `node` for the pod, which is retried when they are
+    /// gone.
+    async fn preempt(&mut self, key: &str, pod: &Arc<Value>, node: &str, victims: Vec<Arc<Value>>) {
+        self.nominated.insert(key.to_string(), Instant::now());
+        tracing::info!(pod = %key, %node, victims = victims.len(), "preempting");
+        let path = format!(
+            "/api/v1/namespaces/{}/pods/{}/status",
+            namespace_of(pod),
+            name_of(pod)
+        );
+        let patch = json!({"status": {"nominatedNodeName": node}});
+        if let Err(e) = self.client.merge_patch(&path, &patch).await {
+            tracing::debug!(pod = %key, error = %e, "failed to set nominatedNodeName");
+        }
+        for v in victims {
+            let vpath = format!(
+                "/api/v1/namespaces/{}/pods/{}",
+                namespace_of(&v),
+                name_of(&v)
+            );
+            let opts = json!({"apiVersion": "v1", "kind": "DeleteOptions",
+                              "preconditions": {"uid": uid_of(&v)}});
+            match self.client.delete(&vpath, Some(&opts)).await {
+                Ok(()) => {
+                    let msg = format!("Preempted by pod {} on node {node}", uid_of(pod));
+                    self.event(v, "Normal", "Preempted", msg);
+                }
+                Err(e) => tracing::debug!(pod = %vpath, error = %e, "deleting a victim failed"),
+            }
         }
     }
 
@@ -451,6 +556,7 @@ impl Scheduler {
             Ok(()) => {
                 tracing::trace!(pod = %key, %node, "bound");
                 self.reported.remove(uid_of(&pod));
+                self.nominated.remove(&key);
                 // The assumption now runs from the bind, until the cache shows it.
                 if let Some(p) = self.placed.get_mut(&key)
                     && p.assumed.is_some()
@@ -576,6 +682,7 @@ pub async fn run(client: ApiClient, config: SchedulerConfig, shutdown: Cancellat
         index: HashMap::new(),
         placed: HashMap::new(),
         reported: HashMap::new(),
+        nominated: HashMap::new(),
         next_start: 0,
         events,
         dropped_events: 0,

@@ -13,7 +13,7 @@
 //!   image errors, OOMKilled, CPU limits, re-adoption after an agent restart, clean deletion.
 //! - `endpoints`: Endpoints from Service selectors, ready and not-ready pods, named ports.
 //! - `gc`: foreground and orphan deletion propagation.
-//! - `priority`: the scheduling queue takes higher `spec.priority` first.
+//! - `priority`: higher `spec.priority` is scheduled first and preempts lower.
 //! - `kubectl`: the real kubectl (when `scripts/kubectl` installed it) applies, scales, rolls
 //!   out, undoes and drains.
 use std::time::Duration;
