@@ -111,6 +111,9 @@ fn stamp(path: &Path) -> std::io::Result<Stamp> {
     })
 }
 
+/// An unpinned local image file and its identity when it was hashed.
+type LocalFile = (Arc<Path>, Stamp);
+
 /// The node's image cache.
 pub(crate) struct ImageStore {
     dir: PathBuf,
@@ -121,7 +124,7 @@ pub(crate) struct ImageStore {
     tls: std::sync::OnceLock<Result<Arc<rustls::ClientConfig>, String>>,
     /// Image reference → (file stamp for unpinned local files, digest), so a warm start costs
     /// one `stat` instead of re-hashing the module.
-    resolved: Mutex<HashMap<String, (Option<Stamp>, String)>>,
+    resolved: Mutex<HashMap<String, (Option<LocalFile>, String)>>,
 }
 
 impl ImageStore {
@@ -152,27 +155,21 @@ impl ImageStore {
 
     /// The digest of `image` if it was pulled before and is unchanged; cheap (one `stat` for
     /// unpinned local files, nothing otherwise).
-    pub(crate) fn cached(&self, image: &str) -> Option<(String, PathBuf)> {
+    pub(crate) fn cached(&self, image: &str) -> Option<String> {
+        // On every warm start: one lookup and, for unpinned local files, one `stat`.
         let guard = self
             .resolved
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let (st, hex) = guard.get(image)?.clone();
+        let (file, hex) = guard.get(image)?.clone();
+        // No syscall under the lock.
         drop(guard);
-        if let Some(st) = st {
-            let ImageRef {
-                location: Location::File(p),
-                ..
-            } = parse(image).ok()?
-            else {
-                return None;
-            };
-            if stamp(&p).ok()? != st {
-                return None;
-            }
+        if let Some((path, st)) = file
+            && stamp(&path).ok()? != st
+        {
+            return None;
         }
-        let path = self.cas_path(&hex);
-        Some((hex, path))
+        Some(hex)
     }
 
     /// Fetches `image` into the cache (blocking IO: call from a blocking thread).
@@ -204,7 +201,8 @@ impl ImageStore {
                 }
                 let bytes =
                     std::fs::read(p).map_err(|e| not_found(format!("{}: {e}", p.display())))?;
-                (bytes, if r.pinned.is_none() { Some(st) } else { None })
+                let file = r.pinned.is_none().then(|| (Arc::from(p.as_path()), st));
+                (bytes, file)
             }
             Location::Http {
                 tls,
@@ -249,7 +247,7 @@ impl ImageStore {
         Ok((hex, path))
     }
 
-    fn remember(&self, image: &str, st: Option<Stamp>, hex: &str) {
+    fn remember(&self, image: &str, st: Option<LocalFile>, hex: &str) {
         self.resolved
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -457,7 +455,7 @@ mod tests {
         assert!(store.cached(&image).is_none());
         let (hex, path) = store.pull(&image).expect("pull");
         assert_eq!(std::fs::read(&path).expect("cas file"), b"\0asm\x01\0\0\0");
-        assert_eq!(store.cached(&image).map(|c| c.0), Some(hex.clone()));
+        assert_eq!(store.cached(&image), Some(hex.clone()));
         // Pinned: good digest accepted, bad digest refused.
         store
             .pull(&format!("{image}@sha256:{hex}"))

@@ -375,7 +375,7 @@ impl WasmRuntime {
 
     async fn prepare(&self, image: &str) -> Result<modules::Prepared, RuntimeError> {
         let inner = &self.inner;
-        if let Some((digest, _)) = inner.images.cached(image)
+        if let Some(digest) = inner.images.cached(image)
             && let Some(pre) = inner.modules.get(&digest)
         {
             return Ok(pre);
@@ -494,6 +494,9 @@ fn fuel_limit(
     annotations: &BTreeMap<String, String>,
     container: &str,
 ) -> Result<Option<u64>, RuntimeError> {
+    if annotations.is_empty() {
+        return Ok(None);
+    }
     let specific = format!("{FUEL_LIMIT_ANNOTATION}.{container}");
     let Some(v) = annotations
         .get(&specific)
@@ -513,6 +516,9 @@ fn stdin_data(
     annotations: &BTreeMap<String, String>,
     c: &Container,
 ) -> Result<Option<bytes::Bytes>, RuntimeError> {
+    if annotations.is_empty() {
+        return Ok(None);
+    }
     let specific = format!("{STDIN_ANNOTATION}.{}", c.name);
     if !c.stdin {
         if annotations.contains_key(&specific) {
