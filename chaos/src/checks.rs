@@ -2,6 +2,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use super::history::{Input, Operation, Output};
+use super::lease::{LeaseLife, LeaseStep};
 use super::linearizability::{self, Verdict};
 use super::workload::WatchLog;
 
@@ -151,9 +152,9 @@ pub fn monotonic_revisions(history: &[Operation]) -> Check {
     }
 }
 
-/// I4: each watcher's events are strictly ordered by revision, unique, contiguous (every write
-/// of the workload is on the watched prefix, so every revision appears) except across
-/// compaction skips, match the written values, and agree with each other.
+/// I4: each watcher's events are strictly ordered by revision, unique, contiguous (watchers
+/// cover every key, so every revision appears) except across compaction skips; events on the
+/// workload's keys match the written values and agree between watchers.
 pub fn watch_guarantees(history: &[Operation], logs: &[WatchLog], final_rev: i64) -> Check {
     let mut written: HashMap<&str, &str> = HashMap::new();
     for op in history {
@@ -166,7 +167,16 @@ pub fn watch_guarantees(history: &[Operation], logs: &[WatchLog], final_rev: i64
     for (w, log) in logs.iter().enumerate() {
         let skips: HashSet<i64> = log.skips.iter().map(|(_, to)| *to).collect();
         let mut prev = 1i64; // revision 1 is the empty store.
+        let mut keys_at_prev: HashSet<&str> = HashSet::new();
         for ev in &log.events {
+            if ev.revision == prev && keys_at_prev.insert(ev.key.as_str()) {
+                // Another key of the same multi-key revision (a Txn or a lease revoke).
+                continue;
+            }
+            if ev.revision != prev {
+                keys_at_prev.clear();
+                keys_at_prev.insert(ev.key.as_str());
+            }
             if ev.revision <= prev {
                 problems.push(format!(
                     "watcher {w}: revision {} after {prev}",
@@ -178,6 +188,10 @@ pub fn watch_guarantees(history: &[Operation], logs: &[WatchLog], final_rev: i64
                 problems.push(format!("watcher {w}: gap from {prev} to {}", ev.revision));
             }
             prev = prev.max(ev.revision);
+            if !ev.key.starts_with(super::workload::PREFIX) {
+                // Leases and other clients: only ordering and contiguity apply.
+                continue;
+            }
             if written.get(ev.value.as_str()) != Some(&ev.key.as_str()) {
                 problems.push(format!("watcher {w}: event {ev:?} matches no write"));
             }
@@ -291,6 +305,85 @@ pub fn converged(dumps: &[Vec<KvRow>]) -> Check {
     }
 }
 
+/// I7: a leased key is never gone before the TTL has run from the last renewal the store
+/// acknowledged before the observation (the leader counts from when it saw the renewal,
+/// which is after its call time), and a lease left to lapse is eventually revoked.
+pub fn lease_safety(lives: &[LeaseLife]) -> Check {
+    let mut observations = 0usize;
+    let mut expired = 0usize;
+    let mut problems = Vec::new();
+    for life in lives {
+        let ttl_ns = u64::try_from(life.ttl).unwrap_or(0) * 1_000_000_000;
+        // (call, ret) of every acknowledged renewal; the grant finished before anything else.
+        let mut renewals: Vec<(u64, u64)> = Vec::new();
+        for step in &life.steps {
+            let gone = match step {
+                LeaseStep::Granted { call } => {
+                    renewals.push((*call, 0));
+                    None
+                }
+                LeaseStep::Renewed { call, ret } => {
+                    renewals.push((*call, *ret));
+                    None
+                }
+                LeaseStep::Read { present: true, .. } => {
+                    observations += 1;
+                    None
+                }
+                LeaseStep::Read {
+                    call,
+                    ret,
+                    present: false,
+                }
+                | LeaseStep::Gone { call, ret } => Some((*call, *ret)),
+                LeaseStep::Expired {
+                    last_renewal,
+                    gone_at,
+                } => {
+                    expired += 1;
+                    if gone_at.is_none() {
+                        problems.push(format!(
+                            "lease {:x}: never revoked after renewals stopped at {:.3}s",
+                            life.id,
+                            *last_renewal as f64 / 1e9
+                        ));
+                    }
+                    None
+                }
+            };
+            let Some((call, ret)) = gone else { continue };
+            observations += 1;
+            let last = renewals
+                .iter()
+                .filter(|(_, r)| *r <= call)
+                .map(|(c, _)| *c)
+                .max()
+                .unwrap_or(0);
+            if ret < last + ttl_ns {
+                problems.push(format!(
+                    "lease {:x} (TTL {} s): its key was gone by {:.3}s, but a renewal called at {:.3}s was acknowledged (expiry allowed from {:.3}s)",
+                    life.id,
+                    life.ttl,
+                    ret as f64 / 1e9,
+                    last as f64 / 1e9,
+                    (last + ttl_ns) as f64 / 1e9
+                ));
+            }
+        }
+    }
+    Check {
+        name: "lease safety (I7)",
+        result: if problems.is_empty() {
+            Ok(format!(
+                "{} leases, {observations} observations, {expired} lapsed and revoked",
+                lives.len()
+            ))
+        } else {
+            Err(problems.join("\n"))
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -342,12 +435,16 @@ mod tests {
     #[test]
     fn watch_gaps_reorders_and_duplicates_are_reported() {
         let h = vec![
-            put(1, 0, "a", "v1", 2),
-            put(1, 10, "a", "v2", 3),
-            put(1, 20, "b", "v3", 4),
+            put(1, 0, "fk/a", "v1", 2),
+            put(1, 10, "fk/a", "v2", 3),
+            put(1, 20, "fk/b", "v3", 4),
         ];
         let good = WatchLog {
-            events: vec![ev(2, "a", "v1"), ev(3, "a", "v2"), ev(4, "b", "v3")],
+            events: vec![
+                ev(2, "fk/a", "v1"),
+                ev(3, "fk/a", "v2"),
+                ev(4, "fk/b", "v3"),
+            ],
             ..WatchLog::default()
         };
         assert!(
@@ -356,34 +453,38 @@ mod tests {
                 .is_ok()
         );
         let gap = WatchLog {
-            events: vec![ev(2, "a", "v1"), ev(4, "b", "v3")],
+            events: vec![ev(2, "fk/a", "v1"), ev(4, "fk/b", "v3")],
             ..WatchLog::default()
         };
         assert!(watch_guarantees(&h, &[gap], 4).result.is_err());
         // The same gap is fine when a compaction forced the watcher past revision 3.
         let skipped = WatchLog {
-            events: vec![ev(2, "a", "v1"), ev(4, "b", "v3")],
+            events: vec![ev(2, "fk/a", "v1"), ev(4, "fk/b", "v3")],
             skips: vec![(2, 4)],
             resumes: 1,
         };
         assert!(watch_guarantees(&h, &[skipped], 4).result.is_ok());
         let dup = WatchLog {
             events: vec![
-                ev(2, "a", "v1"),
-                ev(3, "a", "v2"),
-                ev(3, "a", "v2"),
-                ev(4, "b", "v3"),
+                ev(2, "fk/a", "v1"),
+                ev(3, "fk/a", "v2"),
+                ev(3, "fk/a", "v2"),
+                ev(4, "fk/b", "v3"),
             ],
             ..WatchLog::default()
         };
         assert!(watch_guarantees(&h, &[dup], 4).result.is_err());
         let wrong = WatchLog {
-            events: vec![ev(2, "a", "v1"), ev(3, "a", "v3"), ev(4, "b", "v3")],
+            events: vec![
+                ev(2, "fk/a", "v1"),
+                ev(3, "fk/a", "v3"),
+                ev(4, "fk/b", "v3"),
+            ],
             ..WatchLog::default()
         };
         assert!(watch_guarantees(&h, &[wrong], 4).result.is_err());
         let short = WatchLog {
-            events: vec![ev(2, "a", "v1")],
+            events: vec![ev(2, "fk/a", "v1")],
             ..WatchLog::default()
         };
         assert!(watch_guarantees(&h, &[short], 4).result.is_err());
@@ -405,5 +506,45 @@ mod tests {
         let b: Vec<KvRow> = vec![("k".into(), "w".into(), 3, 2, 2)];
         assert!(converged(&[a.clone(), a.clone()]).result.is_ok());
         assert!(converged(&[a, b]).result.is_err());
+    }
+
+    #[test]
+    fn lease_safety_flags_an_early_expiry_and_a_lease_never_revoked() {
+        use crate::lease::{LeaseLife, LeaseStep};
+        let s = 1_000_000_000u64;
+        let ok = LeaseLife {
+            id: 1,
+            ttl: 2,
+            steps: vec![
+                LeaseStep::Granted { call: 0 },
+                LeaseStep::Renewed {
+                    call: s,
+                    ret: s + 10,
+                },
+                LeaseStep::Read {
+                    call: s + 20,
+                    ret: s + 30,
+                    present: true,
+                },
+                LeaseStep::Expired {
+                    last_renewal: s,
+                    gone_at: Some(4 * s),
+                },
+            ],
+        };
+        assert!(lease_safety(std::slice::from_ref(&ok)).result.is_ok());
+        let mut early = ok.clone();
+        early.steps[2] = LeaseStep::Read {
+            call: 2 * s,
+            ret: 2 * s + 10,
+            present: false,
+        };
+        assert!(lease_safety(&[early]).result.is_err());
+        let mut never = ok;
+        never.steps[3] = LeaseStep::Expired {
+            last_renewal: s,
+            gone_at: None,
+        };
+        assert!(lease_safety(&[never]).result.is_err());
     }
 }

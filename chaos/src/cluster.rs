@@ -1,12 +1,14 @@
 //! In-process store clusters (real sled data dirs in tempdirs) whose Raft traffic goes through a
 //! [`Router`] and whose log stores sit behind [`DiskFaults`].
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
 use store::pb::etcdserverpb::RangeRequest;
 use store::pb::etcdserverpb::kv_client::KvClient;
-use store::{ClusterState, Node, NodeHandle, StoreConfig, Tunables};
+use store::{ClusterState, CrashPoint, FaultHooks, Node, NodeHandle, StoreConfig, Tunables};
 use tokio::net::TcpListener;
 
 use super::net::{DiskFaults, Router, SlowLog};
@@ -22,6 +24,93 @@ pub struct Member {
     pub disk: DiskFaults,
     /// Removed from the cluster (stays stopped).
     pub removed: bool,
+    /// Crash points armed for this member.
+    pub crash: CrashSwitch,
+}
+
+#[derive(Debug, Default)]
+struct CrashState {
+    armed: Option<CrashPoint>,
+    /// Set once the member died at a point: every later storage call fails too.
+    dead: bool,
+    /// The data dir image taken at the moment of the crash.
+    image: Option<PathBuf>,
+    images: u32,
+}
+
+/// Arms a member to crash at a [`CrashPoint`]: when storage reaches it, the data dir is copied
+/// as it is on disk at that instant (what a `kill -9` would leave, since sled's unflushed
+/// buffers live in process memory) and the storage call fails, which stops Raft on that
+/// member. The member is then restarted from the copy.
+#[derive(Debug, Clone, Default)]
+pub struct CrashSwitch {
+    state: Arc<Mutex<CrashState>>,
+}
+
+impl CrashSwitch {
+    fn lock(&self) -> std::sync::MutexGuard<'_, CrashState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Arms `point`.
+    pub fn arm(&self, point: CrashPoint) {
+        let mut s = self.lock();
+        s.armed = Some(point);
+        s.dead = false;
+        s.image = None;
+    }
+
+    /// Disarms without crashing.
+    pub fn disarm(&self) {
+        self.lock().armed = None;
+    }
+
+    fn hook(&self, data_dir: PathBuf) -> store::CrashHook {
+        let me = self.clone();
+        Arc::new(move |point| {
+            let mut s = me.lock();
+            if s.dead {
+                return true;
+            }
+            if s.armed != Some(point) {
+                return false;
+            }
+            s.images += 1;
+            let image = image_path(&data_dir, s.images);
+            if let Err(e) = copy_dir(&data_dir, &image) {
+                tracing::error!(error = %e, "crash image failed; not crashing");
+                s.armed = None;
+                return false;
+            }
+            tracing::info!(?point, image = %image.display(), "injected crash");
+            s.armed = None;
+            s.dead = true;
+            s.image = Some(image);
+            true
+        })
+    }
+}
+
+fn image_path(data_dir: &Path, n: u32) -> PathBuf {
+    let name = data_dir
+        .file_name()
+        .map_or_else(|| "member".into(), |n| n.to_string_lossy().into_owned());
+    data_dir.with_file_name(format!("{name}-crash{n}"))
+}
+
+/// Copies a data dir (files and subdirectories).
+fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), target)?;
+        }
+    }
+    Ok(())
 }
 
 /// A cluster under test.
@@ -31,6 +120,8 @@ pub struct FaultCluster {
     pub router: Router,
     /// Members by index.
     pub members: Vec<Member>,
+    /// Start members with the planted ack-before-flush bug (checker self-test).
+    pub planted_bug: bool,
     _dir: tempfile::TempDir,
 }
 
@@ -62,6 +153,16 @@ async fn bind_retry(addr: SocketAddr) -> anyhow::Result<TcpListener> {
 impl FaultCluster {
     /// Starts `n` members on loopback port-0 addresses.
     pub async fn start(n: usize, seed: u64, tunables: Tunables) -> anyhow::Result<Self> {
+        Self::start_with(n, seed, tunables, false).await
+    }
+
+    /// Like [`FaultCluster::start`]; `planted_bug` turns on the ack-before-flush bug.
+    pub async fn start_with(
+        n: usize,
+        seed: u64,
+        tunables: Tunables,
+        planted_bug: bool,
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let router = Router::new(seed);
         let mut addrs = Vec::new();
@@ -93,11 +194,13 @@ impl FaultCluster {
                 handle: None,
                 disk: DiskFaults::default(),
                 removed: false,
+                crash: CrashSwitch::default(),
             });
         }
         let mut cluster = Self {
             router,
             members,
+            planted_bug,
             _dir: dir,
         };
         for i in 0..n {
@@ -115,15 +218,20 @@ impl FaultCluster {
         let client = bind_retry(m.config.listen_client_addr).await?;
         let peer = bind_retry(m.config.listen_peer_addr).await?;
         let disk = m.disk.clone();
-        let handle = Node::start_wrapped(
-            m.config.clone(),
-            client,
-            peer,
-            self.router.factory(i),
-            move |log| SlowLog::new(log, disk),
-        )
-        .await
-        .with_context(|| format!("start member {i}"))?;
+        let mut config = m.config.clone();
+        config.fault_hooks = FaultHooks {
+            crash: Some(m.crash.hook(config.data_dir.clone())),
+            forward: Some(self.router.forward_filter(i)),
+            ack_before_flush: self.planted_bug,
+        };
+        self.router
+            .register_url(&format!("http://{}", config.listen_peer_addr), i);
+        let handle =
+            Node::start_wrapped(config, client, peer, self.router.factory(i), move |log| {
+                SlowLog::new(log, disk)
+            })
+            .await
+            .with_context(|| format!("start member {i}"))?;
         self.router.register(handle.id(), i);
         m.handle = Some(handle);
         Ok(())
@@ -170,6 +278,7 @@ impl FaultCluster {
             handle: None,
             disk: DiskFaults::default(),
             removed: false,
+            crash: CrashSwitch::default(),
         });
         self.start_member(i).await?;
         Ok(i)
@@ -190,6 +299,80 @@ impl FaultCluster {
             .context("member remove")?;
         self.members[i].removed = true;
         self.stop_member(i).await;
+        Ok(())
+    }
+
+    /// Crashes member `i` the next time its storage reaches `point` (within `within`), and
+    /// leaves it stopped with its data dir replaced by the image taken at that instant.
+    /// `Ok(false)` when the point was not reached in time (nothing happened).
+    pub async fn crash_at(
+        &mut self,
+        i: usize,
+        point: CrashPoint,
+        within: Duration,
+    ) -> anyhow::Result<bool> {
+        self.members[i].crash.arm(point);
+        self.await_crash(i, within).await
+    }
+
+    /// Waits (up to `within`) for member `i` to reach the point armed with
+    /// [`CrashSwitch::arm`], then stops it and points its data dir at the crash image.
+    /// `Ok(false)` (and disarmed) when it did not get there in time.
+    pub async fn await_crash(&mut self, i: usize, within: Duration) -> anyhow::Result<bool> {
+        let switch = self.members[i].crash.clone();
+        let deadline = tokio::time::Instant::now() + within;
+        let image = loop {
+            if let Some(image) = switch.lock().image.clone() {
+                break image;
+            }
+            if tokio::time::Instant::now() > deadline {
+                switch.disarm();
+                return Ok(false);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        self.stop_member(i).await;
+        self.members[i].config.data_dir = image;
+        let mut s = switch.lock();
+        s.dead = false;
+        s.image = None;
+        Ok(true)
+    }
+
+    /// Crashes every running member at once (a power cut of the whole cluster): links are
+    /// cut first and in-flight messages drained, so no member acknowledges anything after its
+    /// image is taken; then each member is stopped and its data dir replaced by the image.
+    pub async fn crash_all(&mut self) -> anyhow::Result<()> {
+        let n = self.members.len();
+        self.router.update(|f| {
+            for a in 0..n {
+                for b in 0..n {
+                    if a != b {
+                        f.cut.insert((a, b));
+                    }
+                }
+            }
+        });
+        // Longer than any in-flight RPC's remaining time on loopback.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut images = Vec::new();
+        for i in 0..n {
+            let m = &mut self.members[i];
+            if m.handle.is_none() {
+                continue;
+            }
+            m.crash.lock().dead = true;
+            m.crash.lock().images += 1;
+            let n_img = m.crash.lock().images;
+            let image = image_path(&m.config.data_dir, n_img);
+            copy_dir(&m.config.data_dir, &image).with_context(|| format!("image member {i}"))?;
+            images.push((i, image));
+        }
+        for (i, image) in images {
+            self.stop_member(i).await;
+            self.members[i].config.data_dir = image;
+            self.members[i].crash.lock().dead = false;
+        }
         Ok(())
     }
 

@@ -7,9 +7,11 @@
 //! Every scenario is seeded: the seed is printed, and `SEED=n` replays the same fault schedule
 //! and workload choices (thread timing still varies).
 #![warn(missing_docs)]
+pub mod admin;
 pub mod checks;
 pub mod cluster;
 pub mod history;
+pub mod lease;
 pub mod linearizability;
 pub mod net;
 pub mod workload;
@@ -206,6 +208,10 @@ pub struct ScenarioConfig {
     pub warmup: Duration,
     /// Workload time after the heal.
     pub cooldown: Duration,
+    /// Run the members with the planted ack-before-flush bug (checker self-test).
+    pub planted_bug: bool,
+    /// Lease clients (grant, attach a key, keep alive, read it; I7).
+    pub lease_clients: usize,
 }
 
 impl Default for ScenarioConfig {
@@ -218,6 +224,8 @@ impl Default for ScenarioConfig {
             watch_restart: None,
             warmup: Duration::from_millis(700),
             cooldown: Duration::from_millis(1500),
+            planted_bug: false,
+            lease_clients: 1,
         }
     }
 }
@@ -229,7 +237,8 @@ where
 {
     let seed = seed();
     println!("scenario {name}: SEED={seed}");
-    let cluster = FaultCluster::start(cfg.members, seed, fault_tunables()).await?;
+    let cluster =
+        FaultCluster::start_with(cfg.members, seed, fault_tunables(), cfg.planted_bug).await?;
     cluster.wait_leader(Duration::from_secs(30)).await?;
     let endpoints = cluster.endpoints();
     let rec = Recorder::new();
@@ -265,6 +274,16 @@ where
     if let Some(every) = cfg.compact_every {
         tasks.spawn(compactor(endpoints.clone(), every, stop.clone()));
     }
+    let lease_log = Arc::new(Mutex::new(Vec::new()));
+    for c in 0..cfg.lease_clients {
+        tasks.spawn(lease::lease_client(
+            c,
+            endpoints.clone(),
+            rec.clone(),
+            lease_log.clone(),
+            stop.clone(),
+        ));
+    }
     let mut ctx = Ctx {
         cluster,
         rng: StdRng::seed_from_u64(seed),
@@ -285,6 +304,15 @@ where
     stop.cancel();
     while let Some(r) = tasks.join_next().await {
         r??;
+    }
+    if cfg.lease_clients > 0 {
+        let l = ctx.cluster.wait_leader(Duration::from_secs(20)).await?;
+        let ttl = Duration::from_secs(lease::LEASE_TTL_SECS as u64);
+        lease::wait_no_leases(
+            &ctx.cluster.endpoints()[l],
+            ttl * 3 + Duration::from_secs(5),
+        )
+        .await?;
     }
     ctx.cluster.wait_converged(Duration::from_secs(30)).await?;
     ctx.sample();
@@ -333,6 +361,7 @@ where
         .first()
         .map(|d| {
             d.iter()
+                .filter(|(k, ..)| k.starts_with(workload::PREFIX))
                 .map(|(k, v, r, _, _)| (k.clone(), v.clone(), *r))
                 .collect()
         })
@@ -349,6 +378,7 @@ where
         checks::watch_guarantees(&history, &logs, final_rev),
         checks::single_leader_per_term(&samples),
         checks::converged(&dumps),
+        checks::lease_safety(&lease_log.lock().unwrap_or_else(|p| p.into_inner())),
     ];
     let history_file = std::env::temp_dir().join(format!("flotilla-faults-{name}-{seed}.jsonl"));
     let history_file = std::fs::File::create(&history_file)

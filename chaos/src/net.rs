@@ -5,9 +5,9 @@
 //! reorder) them and deliver them twice. A cut request never reaches the peer; a cut response
 //! is computed by the peer and then lost, which is what a one-way partition looks like.
 //!
-//! Not routed: the member-to-member forwarding of client requests (a follower relaying a write
-//! or a ReadIndex to the leader) uses the store's own peer channels, so a partition here is a
-//! Raft-level partition; clients of an isolated follower can still reach the leader.
+//! The member-to-member forwarding of client requests (a follower relaying a write or a
+//! ReadIndex to the leader) travels on the store's own peer channels; the store consults
+//! [`Router::forward_filter`] for each one, so a cut link cuts forwarding too.
 use std::collections::{HashMap, HashSet};
 use std::fmt::Debug;
 use std::ops::RangeBounds;
@@ -43,6 +43,7 @@ pub struct NetFaults {
 struct RouterState {
     faults: NetFaults,
     ids: HashMap<u64, usize>,
+    urls: HashMap<String, usize>,
     rng: StdRng,
     delivered: u64,
     lost: u64,
@@ -75,6 +76,7 @@ impl Router {
             state: Arc::new(Mutex::new(RouterState {
                 faults: NetFaults::default(),
                 ids: HashMap::new(),
+                urls: HashMap::new(),
                 rng: StdRng::seed_from_u64(seed),
                 delivered: 0,
                 lost: 0,
@@ -90,6 +92,29 @@ impl Router {
     /// Tells the router which member index a Raft id belongs to.
     pub fn register(&self, id: u64, index: usize) {
         self.lock().ids.insert(id, index);
+    }
+
+    /// Tells the router which member index a peer URL belongs to (forwarded requests).
+    pub fn register_url(&self, url: &str, index: usize) {
+        self.lock().urls.insert(url.to_owned(), index);
+    }
+
+    /// The forwarding filter of member `from`: a cut link loses the request (or, cut only on
+    /// the way back, the response). Random drops and delays apply to Raft messages only, so
+    /// client requests are not turned into timeouts wholesale.
+    pub fn forward_filter(&self, from: usize) -> store::ForwardFilter {
+        let router = self.clone();
+        std::sync::Arc::new(move |url: &str| {
+            let s = router.lock();
+            let to = s.urls.get(url).copied().unwrap_or(usize::MAX);
+            if s.faults.cut.contains(&(from, to)) {
+                store::LinkFate::LoseRequest
+            } else if s.faults.cut.contains(&(to, from)) {
+                store::LinkFate::LoseResponse
+            } else {
+                store::LinkFate::Deliver
+            }
+        })
     }
 
     /// Replaces the faults.

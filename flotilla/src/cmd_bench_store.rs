@@ -50,6 +50,8 @@ pub(crate) struct Proc {
     data_dir: PathBuf,
     pub(crate) child: Option<Child>,
     generation: u32,
+    /// Fault-injection admin address (`--fault-admin`), when enabled.
+    admin: Option<String>,
 }
 
 /// A cluster of member processes this command started (killed when dropped).
@@ -114,6 +116,25 @@ pub(crate) async fn agreed_leader(urls: &[String], timeout: Duration) -> anyhow:
 impl ProcCluster {
     /// Starts `n` members with data dirs and logs under `dir`.
     pub(crate) async fn start(kind: Kind, n: usize, dir: &Path) -> anyhow::Result<Self> {
+        Self::start_with_admin(kind, n, dir, false).await
+    }
+
+    /// Fault admin addresses of the members (empty unless started with them).
+    pub(crate) fn admin_addrs(&self) -> Vec<String> {
+        self.members
+            .iter()
+            .filter_map(|m| m.admin.clone())
+            .collect()
+    }
+
+    /// Like [`ProcCluster::start`]; `admin` also serves each Flotilla member's fault-injection
+    /// endpoint (`flotilla store --fault-admin`).
+    pub(crate) async fn start_with_admin(
+        kind: Kind,
+        n: usize,
+        dir: &Path,
+        admin: bool,
+    ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
         let mut members = Vec::new();
         for i in 0..n {
@@ -124,6 +145,9 @@ impl ProcCluster {
                 data_dir: dir.join(format!("{}{i}", kind.label())),
                 child: None,
                 generation: 0,
+                admin: (admin && kind == Kind::Flotilla)
+                    .then(|| free_port().map(|p| format!("127.0.0.1:{p}")))
+                    .transpose()?,
             });
         }
         let initial = members
@@ -181,7 +205,11 @@ impl ProcCluster {
                     "--initial-cluster",
                     &self.initial,
                 ])
-                .env("RUST_LOG", "warn");
+                // Write-path counters every 10 s go to the member log (profile evidence).
+                .env("RUST_LOG", "warn,store::stats=debug");
+                if let Some(a) = &m.admin {
+                    c.args(["--fault-admin", a]);
+                }
                 c
             }
             Kind::Etcd => {

@@ -1,8 +1,10 @@
 //! `flotilla chaos`: the fault suite's workload, nemesis and checkers against a live cluster.
 //!
-//! Against `--endpoints` it runs the recorded workload only (the members' processes are not
-//! ours to kill); with `--spawn N --data-dir D` it starts N `flotilla store` processes and
-//! also kills (-9), stops (SIGSTOP), continues and restarts them between phases.
+//! Against `--endpoints` it runs the recorded workload; with `--fault-admin` (the members'
+//! admin endpoints, started with `flotilla store --fault-admin ADDR`) it also partitions,
+//! delays, drops and duplicates messages and slows disks between phases. With `--spawn N
+//! --data-dir D` it starts N `flotilla store` processes (admin endpoints on) and also kills
+//! (-9), stops (SIGSTOP), continues and restarts them.
 use std::io::Write as _;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicI64;
@@ -33,6 +35,11 @@ pub(crate) struct ChaosArgs {
     /// Data and log directory for `--spawn`.
     #[arg(long, requires = "spawn")]
     data_dir: Option<PathBuf>,
+    /// Fault-injection admin endpoints (`host:port`) of the `--endpoints` members, in the same
+    /// order, comma-separated. Enables network and disk faults against a cluster this command
+    /// did not start.
+    #[arg(long, value_delimiter = ',', requires = "endpoints")]
+    fault_admin: Vec<String>,
     /// Nemesis rounds (with `--spawn`), or workload phases of 3 s against `--endpoints`.
     #[arg(long, default_value_t = 4)]
     rounds: usize,
@@ -67,9 +74,13 @@ async fn chaos(args: ChaosArgs) -> anyhow::Result<()> {
                 "phase: start {n} flotilla store processes in {}",
                 dir.display()
             );
-            Some(ProcCluster::start(Kind::Flotilla, n, &dir).await?)
+            Some(ProcCluster::start_with_admin(Kind::Flotilla, n, &dir, true).await?)
         }
         None => None,
+    };
+    let admins: Vec<String> = match &procs {
+        Some(p) => p.admin_addrs(),
+        None => args.fault_admin.clone(),
     };
     let endpoints = match &procs {
         Some(p) => p.urls(),
@@ -96,6 +107,17 @@ async fn chaos(args: ChaosArgs) -> anyhow::Result<()> {
     if !unreachable.is_empty() {
         println!("warning: not reachable now: {}", unreachable.join(", "));
     }
+    let net = if admins.is_empty() {
+        None
+    } else {
+        anyhow::ensure!(
+            admins.len() == endpoints.len(),
+            "--fault-admin needs one address per endpoint ({} given for {} endpoints)",
+            admins.len(),
+            endpoints.len()
+        );
+        Some(NetNemesis::connect(&endpoints, &admins).await?)
+    };
 
     let rec = Recorder::new();
     let stop = CancellationToken::new();
@@ -163,6 +185,18 @@ async fn chaos(args: ChaosArgs) -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs(2)).await;
     progress("warm-up", &rec);
     for round in 0..args.rounds {
+        // With admin endpoints, every other round (every round without --spawn) is a network
+        // or disk fault.
+        if let Some(net) = &net
+            && (procs.is_none() || round % 2 == 1)
+        {
+            let leader = crate::cmd_bench_store::agreed_leader(&endpoints, Duration::from_secs(30))
+                .await
+                .ok();
+            let what = net.round(&mut rng, leader).await?;
+            progress(&what, &rec);
+            continue;
+        }
         let Some(p) = procs.as_mut() else {
             tokio::time::sleep(Duration::from_secs(3)).await;
             progress(&format!("workload round {round} (no nemesis)"), &rec);
@@ -369,4 +403,144 @@ async fn dump(url: &str) -> anyhow::Result<Vec<KvRow>> {
             )
         })
         .collect())
+}
+
+/// Network and disk faults through the members' admin endpoints.
+struct NetNemesis {
+    /// Admin address and member id (hex) per endpoint.
+    members: Vec<(String, String)>,
+}
+
+impl NetNemesis {
+    async fn connect(endpoints: &[String], admins: &[String]) -> anyhow::Result<Self> {
+        let mut members = Vec::new();
+        for (url, admin) in endpoints.iter().zip(admins) {
+            let (id, ..) = status(url).await.with_context(|| {
+                format!("{url}: no Status answer (needed to learn its member id)")
+            })?;
+            chaos::admin::request(admin, "DELETE", None)
+                .await
+                .with_context(|| format!("fault admin of {url}"))?;
+            members.push((admin.clone(), format!("{id:x}")));
+        }
+        Ok(Self { members })
+    }
+
+    async fn set(&self, i: usize, spec: &chaos::admin::FaultSpec) -> anyhow::Result<()> {
+        chaos::admin::request(&self.members[i].0, "PUT", Some(spec))
+            .await
+            .map(|_| ())
+    }
+
+    async fn heal(&self) -> anyhow::Result<()> {
+        for (admin, _) in &self.members {
+            chaos::admin::request(admin, "DELETE", None).await?;
+        }
+        Ok(())
+    }
+
+    /// One fault for 3 s, then heal and 2 s of recovery; returns the phase description.
+    async fn round(&self, rng: &mut StdRng, leader: Option<usize>) -> anyhow::Result<String> {
+        use chaos::admin::FaultSpec;
+        let n = self.members.len();
+        let victim = leader
+            .filter(|_| rng.random_bool(0.5))
+            .unwrap_or_else(|| rng.random_range(0..n));
+        let role = if Some(victim) == leader {
+            "leader"
+        } else {
+            "member"
+        };
+        let id = |i: usize| self.members[i].1.clone();
+        let others: Vec<usize> = (0..n).filter(|i| *i != victim).collect();
+        let what = match rng.random_range(0..5) {
+            0 => {
+                self.set(
+                    victim,
+                    &FaultSpec {
+                        cut_to: others.iter().map(|o| id(*o)).collect(),
+                        cut_from: others.iter().map(|o| id(*o)).collect(),
+                        ..FaultSpec::default()
+                    },
+                )
+                .await?;
+                for o in &others {
+                    self.set(
+                        *o,
+                        &FaultSpec {
+                            cut_to: vec![id(victim)],
+                            cut_from: vec![id(victim)],
+                            ..FaultSpec::default()
+                        },
+                    )
+                    .await?;
+                }
+                format!("isolate {role} {victim} 3 s")
+            }
+            1 => {
+                // Nothing reaches the victim; its own messages still go out.
+                self.set(
+                    victim,
+                    &FaultSpec {
+                        cut_from: others.iter().map(|o| id(*o)).collect(),
+                        ..FaultSpec::default()
+                    },
+                )
+                .await?;
+                for o in &others {
+                    self.set(
+                        *o,
+                        &FaultSpec {
+                            cut_to: vec![id(victim)],
+                            ..FaultSpec::default()
+                        },
+                    )
+                    .await?;
+                }
+                format!("one-way cut into {role} {victim} 3 s")
+            }
+            2 => {
+                for i in 0..n {
+                    self.set(
+                        i,
+                        &FaultSpec {
+                            delay_ms: Some((25, 125)),
+                            duplicate: 0.2,
+                            ..FaultSpec::default()
+                        },
+                    )
+                    .await?;
+                }
+                "delay 25-125 ms + duplicate 20% everywhere 3 s".to_owned()
+            }
+            3 => {
+                for i in 0..n {
+                    self.set(
+                        i,
+                        &FaultSpec {
+                            drop: 0.3,
+                            ..FaultSpec::default()
+                        },
+                    )
+                    .await?;
+                }
+                "drop 30% of Raft messages 3 s".to_owned()
+            }
+            _ => {
+                self.set(
+                    victim,
+                    &FaultSpec {
+                        disk_delay_ms: 100,
+                        ..FaultSpec::default()
+                    },
+                )
+                .await?;
+                format!("slow disk (+100 ms per append) on {role} {victim} 3 s")
+            }
+        };
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        self.heal().await?;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        Ok(format!("{what}, heal"))
+    }
 }

@@ -55,6 +55,11 @@ pub(crate) struct StoreArgs {
     /// Space quota in bytes; exceeding it raises the NOSPACE alarm.
     #[arg(long, default_value_t = 2 * 1024 * 1024 * 1024)]
     quota_backend_bytes: u64,
+    /// Serve the fault-injection admin endpoint (HTTP, `/faults`) on this address, e.g.
+    /// `127.0.0.1:2381`: partitions, message drops/delays/duplicates and a slow disk for this
+    /// member, driven by `flotilla chaos --fault-admin`. Off by default; never expose it.
+    #[arg(long, value_name = "ADDR")]
+    fault_admin: Option<SocketAddr>,
 }
 
 /// `http://host:port[,...]` -> the first address.
@@ -129,12 +134,14 @@ impl StoreArgs {
             },
             initial_cluster_token: self.initial_cluster_token,
             tunables,
+            fault_hooks: store::FaultHooks::default(),
         })
     }
 }
 
 /// Runs a store member until SIGINT or SIGTERM.
 pub(crate) fn run(args: StoreArgs) -> anyhow::Result<()> {
+    let fault_admin = args.fault_admin;
     let config = args.into_config()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -143,9 +150,12 @@ pub(crate) fn run(args: StoreArgs) -> anyhow::Result<()> {
     rt.block_on(async move {
         let name = config.name.clone();
         let data_dir = config.data_dir.clone();
-        let node = store::Node::start(config)
-            .await
-            .with_context(|| format!("failed to start store member {name:?}"))?;
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let node = match fault_admin {
+            None => store::Node::start(config).await,
+            Some(addr) => start_with_fault_admin(config, addr, cancel.clone()).await?,
+        }
+        .with_context(|| format!("failed to start store member {name:?}"))?;
         tracing::info!(
             member = %name,
             id = format_args!("{:x}", node.id()),
@@ -156,9 +166,59 @@ pub(crate) fn run(args: StoreArgs) -> anyhow::Result<()> {
         );
         wait_for_signal().await?;
         tracing::info!("shutting down");
+        cancel.cancel();
         node.shutdown().await;
         Ok(())
     })
+}
+
+/// Starts the member with its Raft transport and log store behind the fault-injection
+/// switches, and serves the admin endpoint on `addr`.
+async fn start_with_fault_admin(
+    config: store::StoreConfig,
+    addr: SocketAddr,
+    cancel: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<Result<store::NodeHandle, store::StoreError>> {
+    let admin = chaos::admin::FaultAdmin::new(
+        rand::random(),
+        &config.initial_cluster_token,
+        &config.initial_cluster,
+        &config.name,
+    )?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("--fault-admin: cannot listen on {addr}"))?;
+    let bind = |a: SocketAddr, what: &'static str| async move {
+        tokio::net::TcpListener::bind(a)
+            .await
+            .map_err(|source| store::StoreError::Bind {
+                addr: a,
+                what,
+                source,
+            })
+    };
+    let client = match bind(config.listen_client_addr, "client").await {
+        Ok(l) => l,
+        Err(e) => return Ok(Err(e)),
+    };
+    let peer = match bind(config.listen_peer_addr, "peer").await {
+        Ok(l) => l,
+        Err(e) => return Ok(Err(e)),
+    };
+    let mut config = config;
+    config.fault_hooks.forward = Some(admin.router().forward_filter(admin.index()));
+    let disk = admin.disk();
+    let node = store::Node::start_wrapped(
+        config,
+        client,
+        peer,
+        admin.router().factory(admin.index()),
+        move |log| chaos::net::SlowLog::new(log, disk),
+    )
+    .await;
+    tracing::warn!(%addr, "fault-injection admin endpoint enabled (PUT/DELETE /faults)");
+    tokio::spawn(chaos::admin::serve(listener, admin, cancel));
+    Ok(node)
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {

@@ -12,6 +12,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::EtcdError;
+use crate::stats::Stats;
 use crate::types::{Reply, Request, TypeConfig, WriteOp};
 
 const MAX_IN_FLIGHT: usize = 2;
@@ -41,6 +42,7 @@ impl Batcher {
         cancel: CancellationToken,
         tracker: &tokio_util::task::TaskTracker,
         counters: Arc<BatchCounters>,
+        stats: Arc<Stats>,
     ) -> Self {
         let (tx, rx) = mpsc::channel(4096);
         tracker.spawn(run(
@@ -50,6 +52,7 @@ impl Batcher {
             cancel,
             tracker.clone(),
             counters,
+            stats,
         ));
         Self { tx }
     }
@@ -73,6 +76,7 @@ async fn run(
     cancel: CancellationToken,
     tracker: tokio_util::task::TaskTracker,
     counters: Arc<BatchCounters>,
+    stats: Arc<Stats>,
 ) {
     let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     loop {
@@ -104,11 +108,18 @@ async fn run(
         counters
             .ops
             .fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        let stats = stats.clone();
         tracker.spawn(async move {
             let _permit = permit;
             let (ops, waiters): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
             let n = ops.len();
-            match raft.client_write(Request { ops }).await {
+            let start = std::time::Instant::now();
+            let res = raft.client_write(Request { ops }).await;
+            stats
+                .proposals
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Stats::record(&stats.proposal_ns, None, start);
+            match res {
                 Ok(resp) => {
                     let replies = resp.data.replies;
                     if replies.len() != n {

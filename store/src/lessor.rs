@@ -29,11 +29,16 @@ impl Lessor {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Refreshes a lease; returns its TTL.
+    /// Refreshes a lease; returns its TTL, or 0 when it already expired (its revoke may be
+    /// committing: renewing it now would promise a TTL the revoke breaks, so, like etcd, the
+    /// lease counts as gone).
     pub(crate) fn keep_alive(&self, id: i64, ttl: i64) -> i64 {
-        self.lock()
-            .expiry
-            .insert(id, Instant::now() + ttl_duration(ttl));
+        let mut st = self.lock();
+        let now = Instant::now();
+        if st.revoking.contains(&id) || st.expiry.get(&id).is_some_and(|at| *at <= now) {
+            return 0;
+        }
+        st.expiry.insert(id, now + ttl_duration(ttl));
         ttl
     }
 
@@ -109,5 +114,7 @@ mod tests {
         assert_eq!(l.tick(Some(2), &leases), vec![7]);
         // Not returned twice while the revoke is in flight.
         assert!(l.tick(Some(2), &leases).is_empty());
+        // An expiring lease cannot be renewed any more.
+        assert_eq!(l.keep_alive(7, 2), 0);
     }
 }

@@ -31,6 +31,7 @@
 mod batcher;
 mod config;
 mod error;
+mod faults;
 mod lessor;
 mod log_store;
 mod mvcc;
@@ -39,10 +40,12 @@ mod node;
 mod read_index;
 mod service;
 mod state_machine;
+mod stats;
 mod types;
 
-pub use config::{ClusterState, ConfigError, StoreConfig, Tunables};
+pub use config::{ClusterState, ConfigError, StoreConfig, Tunables, member_id};
 pub use error::StoreError;
+pub use faults::{CrashHook, CrashPoint, FaultHooks, ForwardFilter, LinkFate};
 pub use log_store::SledLogStore;
 pub use network::TonicNetworkFactory;
 pub use node::{Node, NodeHandle, NodeMetrics};

@@ -14,6 +14,11 @@ use openraft::{
     AnyError, Entry, LogId, OptionalSend, RaftLogReader, StorageError, StorageIOError, Vote,
 };
 
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::faults::{CrashPoint, FaultHooks, InjectedCrash};
+use crate::stats::Stats;
 use crate::types::{TypeConfig, decode, encode};
 
 type StorageResult<T> = Result<T, StorageError<u64>>;
@@ -21,6 +26,9 @@ type StorageResult<T> = Result<T, StorageError<u64>>;
 const VOTE: &[u8] = b"vote";
 const COMMITTED: &[u8] = b"committed";
 const LAST_PURGED: &[u8] = b"last_purged";
+/// Written (and flushed) by the state machine before it makes entries visible: entries up to
+/// here are committed, so a restart re-applies at least everything readers saw.
+pub(crate) const APPLIED_UPTO: &[u8] = b"applied_upto";
 
 fn read_err(e: impl std::error::Error + 'static) -> StorageError<u64> {
     StorageIOError::read_logs(AnyError::new(&e)).into()
@@ -36,6 +44,10 @@ pub struct SledLogStore {
     db: sled::Db,
     log: sled::Tree,
     meta: sled::Tree,
+    stats: Arc<Stats>,
+    hooks: FaultHooks,
+    /// Purge only what the durable snapshot covers (set when running with a state machine).
+    gate_purge: bool,
 }
 
 impl SledLogStore {
@@ -45,7 +57,25 @@ impl SledLogStore {
             db: db.clone(),
             log: db.open_tree("raft_log")?,
             meta: db.open_tree("raft_meta")?,
+            stats: Arc::default(),
+            hooks: FaultHooks::default(),
+            gate_purge: false,
         })
+    }
+
+    /// Shares the member's counters and fault hooks.
+    pub(crate) fn with(mut self, stats: Arc<Stats>, hooks: FaultHooks) -> Self {
+        self.stats = stats;
+        self.hooks = hooks;
+        self.gate_purge = true;
+        self
+    }
+
+    fn crash(&self, point: CrashPoint) -> StorageResult<()> {
+        if self.hooks.crash_at(point) {
+            return Err(write_err(InjectedCrash(point)));
+        }
+        Ok(())
     }
 
     fn get_meta<T: for<'de> serde::Deserialize<'de>>(
@@ -129,7 +159,9 @@ impl RaftLogStorage<TypeConfig> for SledLogStore {
     }
 
     async fn read_committed(&mut self) -> StorageResult<Option<LogId<u64>>> {
-        Ok(self.get_meta::<Option<LogId<u64>>>(COMMITTED)?.flatten())
+        let committed = self.get_meta::<Option<LogId<u64>>>(COMMITTED)?.flatten();
+        let applied = self.get_meta::<Option<LogId<u64>>>(APPLIED_UPTO)?.flatten();
+        Ok(committed.max(applied))
     }
 
     async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> StorageResult<()>
@@ -137,14 +169,35 @@ impl RaftLogStorage<TypeConfig> for SledLogStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut batch = sled::Batch::default();
+        // Plain inserts, not a `Batch`: sled writes and syncs its log buffers for every atomic
+        // batch, and the flush below makes all of them durable anyway. A crash before the
+        // flush leaves a prefix of these entries (sled recovers its log in order): no holes.
         for entry in entries {
             let bytes = encode(&entry).map_err(write_err)?;
-            batch.insert(&entry.log_id.index.to_be_bytes(), bytes);
+            self.log
+                .insert(entry.log_id.index.to_be_bytes(), bytes)
+                .map_err(write_err)?;
         }
-        self.log.apply_batch(batch).map_err(write_err)?;
+        if self.hooks.ack_before_flush {
+            // The planted bug: openraft counts this entry as durable while it is only in memory.
+            callback.log_io_completed(Ok(()));
+            return self.crash(CrashPoint::BeforeLogFlush);
+        }
+        self.crash(CrashPoint::BeforeLogFlush)?;
         // Durable before openraft may count this entry towards a quorum.
+        let start = Instant::now();
         let res = self.db.flush_async().await;
+        self.stats
+            .log_flushes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Stats::record(
+            &self.stats.log_flush_ns,
+            Some(&self.stats.log_flush_max_ns),
+            start,
+        );
+        if res.is_ok() {
+            self.crash(CrashPoint::AfterLogFlush)?;
+        }
         match res {
             Ok(_) => {
                 callback.log_io_completed(Ok(()));
@@ -168,6 +221,28 @@ impl RaftLogStorage<TypeConfig> for SledLogStore {
     }
 
     async fn purge(&mut self, log_id: LogId<u64>) -> StorageResult<()> {
+        // openraft 0.9 purges a follower's log while its state machine worker may still be
+        // installing the snapshot that covers it; a crash in between would leave a purged log
+        // and an older snapshot (a hole openraft refuses to start with). Wait for the snapshot.
+        while self.gate_purge
+            && self
+                .stats
+                .snapshot_durable
+                .load(std::sync::atomic::Ordering::SeqCst)
+                < log_id.index
+        {
+            if self
+                .stats
+                .sm_failed
+                .load(std::sync::atomic::Ordering::SeqCst)
+            {
+                return Err(write_err(std::io::Error::other(
+                    "state machine failed before its snapshot was durable; not purging the log",
+                )));
+            }
+            let changed = self.stats.snapshot_durable_changed.notified();
+            let _ = tokio::time::timeout(std::time::Duration::from_millis(50), changed).await;
+        }
         // Record the purge point first: a crash in between leaves extra entries, never a hole.
         self.put_meta(LAST_PURGED, &log_id)?;
         let mut batch = sled::Batch::default();

@@ -17,6 +17,7 @@ use tokio_util::task::TaskTracker;
 use crate::batcher::{BatchCounters, Batcher};
 use crate::config::{ClusterState, StoreConfig, Tunables, cluster_id, member_id};
 use crate::error::{EtcdError, StoreError};
+use crate::faults::{FaultHooks, LinkFate};
 use crate::lessor::Lessor;
 use crate::log_store::SledLogStore;
 use crate::network::{TonicNetworkFactory, peer_channel};
@@ -26,6 +27,7 @@ use crate::pb::raftpb::raft_peer_client::RaftPeerClient;
 use crate::read_index::{ReadQueue, Reads, resolve};
 use crate::service;
 use crate::state_machine::{Shared, SledStateMachine};
+use crate::stats::Stats;
 use crate::types::{Member, Reply, TypeConfig, WriteOp, decode, encode};
 
 /// Requests only the leader can serve; followers forward them over the peer service.
@@ -114,6 +116,8 @@ pub(crate) struct Inner {
     linearizable_reads: std::sync::atomic::AtomicU64,
     lessor: Lessor,
     peers: Mutex<HashMap<String, RaftPeerClient<tonic::transport::Channel>>>,
+    pub(crate) stats: Arc<Stats>,
+    fault_hooks: FaultHooks,
 }
 
 impl std::fmt::Debug for Inner {
@@ -133,13 +137,17 @@ pub struct NodeHandle {
     peer_addr: SocketAddr,
 }
 
+/// sled's page cache. The MVCC model lives in memory anyway, so sled is read only on start;
+/// a small cache keeps the resident set close to the model's own size.
+const SLED_CACHE_BYTES: u64 = 16 * 1024 * 1024;
+
 async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, StoreError> {
     TcpListener::bind(addr)
         .await
         .map_err(|source| StoreError::Bind { addr, what, source })
 }
 
-async fn open_db(path: &std::path::Path) -> Result<sled::Db, StoreError> {
+async fn open_db(path: &std::path::Path, periodic_flush: bool) -> Result<sled::Db, StoreError> {
     // Right after an in-process restart the previous instance's file lock may linger briefly
     // (sled releases it when its last handle and flusher thread are gone).
     let mut attempts = 0;
@@ -148,7 +156,8 @@ async fn open_db(path: &std::path::Path) -> Result<sled::Db, StoreError> {
         let opened = std::panic::catch_unwind(|| {
             sled::Config::new()
                 .path(path)
-                .cache_capacity(128 * 1024 * 1024)
+                .cache_capacity(SLED_CACHE_BYTES)
+                .flush_every_ms(periodic_flush.then_some(500))
                 .open()
         });
         let res = match opened {
@@ -275,13 +284,21 @@ impl Node {
             path: config.data_dir.clone(),
             source: sled::Error::Io(e),
         })?;
-        let db = open_db(&config.data_dir).await?;
+        let hooks = config.fault_hooks.clone();
+        let fault_hooks = hooks.clone();
+        if hooks.ack_before_flush {
+            tracing::warn!("PLANTED BUG enabled: log appends are acknowledged before the flush");
+        }
+        let db = open_db(&config.data_dir, !hooks.ack_before_flush).await?;
         check_identity(&db, &config)?;
-        let mut log = SledLogStore::new(&db).map_err(|source| StoreError::Open {
-            path: config.data_dir.clone(),
-            source,
-        })?;
-        let sm = SledStateMachine::open(&db)?;
+        let stats = Arc::new(Stats::default());
+        let mut log = SledLogStore::new(&db)
+            .map_err(|source| StoreError::Open {
+                path: config.data_dir.clone(),
+                source,
+            })?
+            .with(stats.clone(), hooks.clone());
+        let sm = SledStateMachine::open(&db)?.with(stats.clone(), hooks);
         let raft_err = |e: &dyn std::fmt::Display| StoreError::Raft(e.to_string());
         let fresh = {
             let state = log.get_log_state().await.map_err(|e| raft_err(&e))?;
@@ -306,11 +323,16 @@ impl Node {
         let id = member_id(&config.initial_cluster_token, &my_peer_url);
         let t = &config.tunables;
         let election_ms = t.election_timeout.as_millis() as u64;
+        // openraft 0.9 lets a follower campaign only after its leader lease (= the maximum
+        // election timeout) plus a random election timeout, and a voter refuses votes during
+        // its lease: campaigning starts 0.9–1.2 × election_timeout after the last heartbeat.
+        // The random part spans two election ticks (1.5 heartbeats each), so two followers
+        // rarely campaign in the same tick and split the vote.
         let raft_config = openraft::Config {
             cluster_name: config.initial_cluster_token.clone(),
             heartbeat_interval: t.heartbeat_interval.as_millis() as u64,
-            election_timeout_min: election_ms,
-            election_timeout_max: election_ms * 2,
+            election_timeout_min: election_ms * 3 / 10,
+            election_timeout_max: election_ms * 3 / 5,
             install_snapshot_timeout: election_ms.max(1000),
             snapshot_policy: SnapshotPolicy::LogsSinceLast(t.snapshot_count),
             max_in_snapshot_log_to_keep: t.snapshot_catchup_entries,
@@ -333,6 +355,7 @@ impl Node {
             cancel.clone(),
             &tracker,
             batch_counters.clone(),
+            stats.clone(),
         );
         let inner = Arc::new(Inner {
             id,
@@ -356,6 +379,8 @@ impl Node {
             linearizable_reads: Default::default(),
             lessor: Lessor::default(),
             peers: Mutex::new(HashMap::new()),
+            stats,
+            fault_hooks,
         });
 
         service::serve(inner.clone(), client, peer);
@@ -392,6 +417,7 @@ impl Node {
         tracker.spawn(leader_loop(inner.clone()));
         tracker.spawn(log_leadership(inner.clone()));
         tracker.spawn(publish_loop(inner.clone()));
+        tracker.spawn(stats_loop(inner.clone()));
 
         Ok(NodeHandle {
             inner,
@@ -471,7 +497,9 @@ impl Inner {
     }
 
     fn leader(&self) -> Option<(u64, Member)> {
-        let m = self.raft.metrics().borrow().clone();
+        // Borrow, do not clone: this runs for every client write and linearizable read.
+        let rx = self.raft.metrics();
+        let m = rx.borrow();
         let leader = m.current_leader?;
         let node = m
             .membership_config
@@ -544,11 +572,28 @@ impl Inner {
         };
         let data = encode(req).map_err(|e| EtcdError::Internal(e.to_string()))?;
         let mut client = client;
+        let fate = self.fault_hooks.forward_fate(peer_url);
+        if fate == LinkFate::LoseRequest {
+            // A partitioned link: the request hangs until the caller gives up.
+            tokio::time::sleep(self.tunables.request_timeout).await;
+            return Err(if idempotent {
+                EtcdError::NotLeader
+            } else {
+                EtcdError::TimeoutDueToConnectionLost
+            });
+        }
         let res = tokio::time::timeout(
             self.tunables.request_timeout,
             client.forward(RaftBytes { data }),
         )
         .await;
+        if fate == LinkFate::LoseResponse {
+            return Err(if idempotent {
+                EtcdError::NotLeader
+            } else {
+                EtcdError::TimeoutDueToConnectionLost
+            });
+        }
         match res {
             Err(_) => Err(EtcdError::Timeout),
             Ok(Ok(resp)) => decode::<Result<ForwardResponse, EtcdError>>(&resp.into_inner().data)
@@ -571,22 +616,42 @@ impl Inner {
         &self,
         req: ForwardRequest,
     ) -> Result<ForwardResponse, EtcdError> {
-        let m = self.raft.metrics().borrow().clone();
-        if m.current_leader != Some(self.id) {
+        if self.raft.metrics().borrow().current_leader != Some(self.id) {
             return Err(EtcdError::NotLeader);
         }
-        let membership = m.membership_config.membership().clone();
-        match req {
-            ForwardRequest::Write(op) => Ok(ForwardResponse::Write(self.batcher.submit(op).await?)),
+        // The hot requests need no copy of the metrics.
+        let req = match req {
+            ForwardRequest::Write(op) => {
+                return Ok(ForwardResponse::Write(self.batcher.submit(op).await?));
+            }
             ForwardRequest::ReadIndex => {
                 let (read, _applied) = self
                     .raft
                     .get_read_log_id()
                     .await
                     .map_err(|_| EtcdError::NotLeader)?;
-                Ok(ForwardResponse::ReadIndex(read.map_or(0, |l| l.index)))
+                return Ok(ForwardResponse::ReadIndex(read.map_or(0, |l| l.index)));
+            }
+            other => other,
+        };
+        let m = self.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership().clone();
+        match req {
+            ForwardRequest::Write(_) | ForwardRequest::ReadIndex => {
+                Err(EtcdError::Internal("handled above".to_owned()))
             }
             ForwardRequest::LeaseKeepAlive(id) => {
+                // A leader cut off from the quorum must not renew: its successor counts the
+                // TTL from its own promotion and would expire the lease early. A quorum round
+                // proves leadership; no successor can be elected within the followers' leader
+                // lease after it, and a successor restarts every TTL anyway.
+                tokio::time::timeout(
+                    self.tunables.request_timeout,
+                    self.raft.ensure_linearizable(),
+                )
+                .await
+                .map_err(|_| EtcdError::Timeout)?
+                .map_err(|_| EtcdError::NotLeader)?;
                 let ttl = self.sm.read().mvcc.lease(id).map(|l| l.ttl);
                 let ttl = ttl.ok_or(EtcdError::LeaseNotFound)?;
                 Ok(ForwardResponse::Ttl(self.lessor.keep_alive(id, ttl)))
@@ -798,7 +863,13 @@ async fn leader_loop(inner: Arc<Inner>) {
             let inner2 = inner.clone();
             inner.tracker.spawn(async move {
                 tracing::info!(lease = format_args!("{id:x}"), "lease expired; revoking");
-                if let Err(e) = inner2.write(WriteOp::LeaseRevoke { id }).await {
+                // Proposed here only, never forwarded: the expiry was decided by this leader's
+                // countdown, and a successor keeps its own (a deposed leader's revoke retried
+                // on the new leader would cut leases renewed there short).
+                let res = inner2
+                    .handle_as_leader(ForwardRequest::Write(WriteOp::LeaseRevoke { id }))
+                    .await;
+                if let Err(e) = res {
                     tracing::warn!(lease = id, error = %e, "lease revoke failed");
                 }
                 inner2.lessor.revoke_done(id);
@@ -918,6 +989,22 @@ async fn publish_loop(inner: Arc<Inner>) {
         tokio::select! {
             _ = inner.cancel.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    }
+}
+
+/// Logs the write-path counters every 10 s while they move (target `store::stats`, debug).
+async fn stats_loop(inner: Arc<Inner>) {
+    let mut last = String::new();
+    loop {
+        tokio::select! {
+            _ = inner.cancel.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+        }
+        let now = inner.stats.summary();
+        if now != last {
+            tracing::debug!(target: "store::stats", member = %inner.name, "{now}");
+            last = now;
         }
     }
 }

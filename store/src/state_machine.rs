@@ -1,8 +1,12 @@
-//! The replicated state machine in sled (openraft storage-v2 `RaftStateMachine`).
+//! The replicated state machine (openraft storage-v2 `RaftStateMachine`).
 //!
-//! Memory holds the etcd model ([`Mvcc`]) for reads and watches; sled holds its records. Each
-//! Raft entry is applied in one sled transaction that also writes `last_applied`, so replay after
-//! a crash is idempotent. Snapshots are the full model, stored in sled as well.
+//! Memory holds the etcd model ([`Mvcc`]) for reads and watches. What is persisted is the
+//! latest snapshot (the whole model, in sled, flushed before openraft may purge the log it
+//! covers); on start the model is rebuilt from it and openraft re-applies the log entries
+//! after it. Applying an entry therefore writes nothing to sled: with sled, every atomic batch
+//! or transaction forces an extra write and sync of its log buffers, which made applying cost
+//! as much as the log flush itself. Data dirs of the older layout (records of every applied
+//! entry, written in one transaction with `last_applied`) are still read.
 #![allow(
     clippy::result_large_err,
     reason = "openraft's StorageError is the error type its storage traits require"
@@ -17,14 +21,14 @@ use openraft::{
 };
 use prost::Message;
 use serde::{Deserialize, Serialize};
-use sled::Transactional;
-use sled::transaction::{ConflictableTransactionError, TransactionError};
 use tokio::sync::broadcast;
 
 use crate::error::StoreError;
-use crate::mvcc::{ApplyOutput, Change, Mvcc, RevEvents};
+use crate::faults::{CrashPoint, FaultHooks, InjectedCrash};
+use crate::mvcc::{ApplyOutput, Mvcc, RevEvents};
 use crate::pb::mvccpb::Event;
-use crate::types::{Member, Reply, Response, TypeConfig, decode, encode};
+use crate::stats::Stats;
+use crate::types::{Member, Reply, Response, TypeConfig, WriteOp, decode, encode};
 
 type StorageResult<T> = Result<T, StorageError<u64>>;
 
@@ -32,24 +36,13 @@ const LAST_APPLIED: &[u8] = b"last_applied";
 const MEMBERSHIP: &[u8] = b"membership";
 const REVISION: &[u8] = b"revision";
 const COMPACT: &[u8] = b"compact_revision";
-const INSTALLING: &[u8] = b"installing";
 const CURRENT: &[u8] = b"current";
 
-fn sm_write_err(e: impl std::error::Error + 'static) -> StorageError<u64> {
-    StorageIOError::write_state_machine(AnyError::new(&e)).into()
-}
 fn sm_read_err(e: impl std::error::Error + 'static) -> StorageError<u64> {
     StorageIOError::read_state_machine(AnyError::new(&e)).into()
 }
 fn snap_err(e: impl std::error::Error + 'static) -> StorageError<u64> {
     StorageIOError::write_snapshot(None, AnyError::new(&e)).into()
-}
-
-fn record_key(rev: i64, sub: u32) -> [u8; 12] {
-    let mut k = [0u8; 12];
-    k[..8].copy_from_slice(&rev.to_be_bytes());
-    k[8..].copy_from_slice(&sub.to_be_bytes());
-    k
 }
 
 /// A persisted snapshot: metadata and body.
@@ -104,8 +97,8 @@ struct SnapshotBody {
     leases: Vec<(i64, i64)>,
 }
 
-/// The state machine: trees `sm_records` (`rev|sub` -> event), `sm_leases`, `sm_meta`,
-/// `sm_snapshot`.
+/// The state machine: tree `sm_snapshot` holds the latest snapshot; `sm_records`
+/// (`rev|sub` -> event), `sm_leases` and `sm_meta` hold the older layout, read only.
 #[derive(Debug, Clone)]
 pub struct SledStateMachine {
     shared: Arc<Shared>,
@@ -113,9 +106,31 @@ pub struct SledStateMachine {
     leases: sled::Tree,
     meta: sled::Tree,
     snapshot: sled::Tree,
+    /// The log store's metadata tree (for `APPLIED_UPTO`).
+    raft_meta: sled::Tree,
+    stats: Arc<Stats>,
+    hooks: FaultHooks,
 }
 
 impl SledStateMachine {
+    /// Shares the member's counters and fault hooks.
+    pub(crate) fn with(mut self, stats: Arc<Stats>, hooks: FaultHooks) -> Self {
+        // What was loaded on open is durable.
+        let loaded = self.shared.read().last_applied.map_or(0, |l| l.index);
+        stats.snapshot_durable_at(loaded);
+        self.stats = stats;
+        self.hooks = hooks;
+        self
+    }
+
+    fn crash(&self, point: CrashPoint) -> StorageResult<()> {
+        if self.hooks.crash_at(point) {
+            self.stats.sm_failed();
+            return Err(snap_err(InjectedCrash(point)));
+        }
+        Ok(())
+    }
+
     /// Opens the state machine trees of `db` and rebuilds the in-memory model.
     pub fn open(db: &sled::Db) -> Result<Self, StoreError> {
         let open = |name: &str| {
@@ -134,6 +149,9 @@ impl SledStateMachine {
             leases: open("sm_leases")?,
             meta: open("sm_meta")?,
             snapshot: open("sm_snapshot")?,
+            raft_meta: open("raft_meta")?,
+            stats: Arc::default(),
+            hooks: FaultHooks::default(),
         };
         let corrupt = |what: &'static str| {
             move |e: &dyn std::fmt::Display| StoreError::Corrupt {
@@ -141,24 +159,28 @@ impl SledStateMachine {
                 detail: e.to_string(),
             }
         };
-        // Finish a snapshot installation a crash interrupted.
-        if sm
+        let snapshot = sm
+            .load_current_snapshot()
+            .map_err(|e| corrupt("sm_snapshot")(&e))?;
+        // Data dirs written before snapshots became the only persisted state machine kept
+        // every applied entry's records; they are still read when newer than the snapshot.
+        let legacy_applied: Option<LogId<u64>> = match sm
             .meta
-            .get(INSTALLING)
+            .get(LAST_APPLIED)
             .map_err(|e| corrupt("sm_meta")(&e))?
-            .is_some()
         {
-            let (meta, data) = sm
-                .load_current_snapshot()
-                .map_err(|e| corrupt("sm_snapshot")(&e))?
-                .ok_or_else(|| StoreError::Corrupt {
-                    what: "sm_snapshot",
-                    detail: "installation marker without snapshot".to_owned(),
-                })?;
-            sm.write_snapshot_state(&meta, &data)
-                .map_err(|e| corrupt("sm_snapshot")(&e))?;
-        }
-        let state = sm.load().map_err(|e| corrupt("state machine")(&e))?;
+            Some(v) => decode(&v).map_err(|e| corrupt("sm_meta")(&e))?,
+            None => None,
+        };
+        let state = match snapshot {
+            Some((meta, data)) if legacy_applied <= meta.last_log_id => {
+                state_from_snapshot(&meta, &data).map_err(|e| corrupt("sm_snapshot")(&e))?
+            }
+            _ if legacy_applied.is_some() => {
+                sm.load_legacy().map_err(|e| corrupt("state machine")(&e))?
+            }
+            _ => SmState::default(),
+        };
         *sm.shared.write() = state;
         Ok(sm)
     }
@@ -167,7 +189,8 @@ impl SledStateMachine {
         self.shared.clone()
     }
 
-    fn load(&self) -> StorageResult<SmState> {
+    /// Reads the per-entry record layout of older data dirs.
+    fn load_legacy(&self) -> StorageResult<SmState> {
         let get = |k: &[u8]| self.meta.get(k).map_err(sm_read_err);
         let last_applied: Option<LogId<u64>> = match get(LAST_APPLIED)? {
             Some(v) => decode(&v).map_err(sm_read_err)?,
@@ -207,87 +230,31 @@ impl SledStateMachine {
         })
     }
 
-    /// Persists one entry's changes and the new applied position atomically.
-    fn persist(&self, st: &SmState, changes: &[Change]) -> StorageResult<()> {
-        let mut rec_batch = sled::Batch::default();
-        let mut lease_batch = sled::Batch::default();
-        for c in changes {
-            match c {
-                Change::Record { rev, sub, event } => {
-                    rec_batch.insert(&record_key(*rev, *sub), event.encode_to_vec())
-                }
-                Change::RemoveRecord { rev, sub } => rec_batch.remove(&record_key(*rev, *sub)),
-                Change::LeasePut { id, ttl } => {
-                    lease_batch.insert(&id.to_be_bytes(), &ttl.to_be_bytes())
-                }
-                Change::LeaseDelete { id } => lease_batch.remove(&id.to_be_bytes()),
-            }
-        }
-        let mut meta_batch = sled::Batch::default();
-        meta_batch.insert(
-            LAST_APPLIED,
-            encode(&st.last_applied).map_err(sm_write_err)?,
-        );
-        meta_batch.insert(MEMBERSHIP, encode(&st.membership).map_err(sm_write_err)?);
-        meta_batch.insert(REVISION, &st.mvcc.revision().to_be_bytes());
-        meta_batch.insert(COMPACT, &st.mvcc.compact_revision().to_be_bytes());
-        (&self.records, &self.leases, &self.meta)
-            .transaction(|(r, l, m)| {
-                r.apply_batch(&rec_batch)?;
-                l.apply_batch(&lease_batch)?;
-                m.apply_batch(&meta_batch)?;
-                Ok::<(), ConflictableTransactionError<()>>(())
-            })
-            .map_err(|e: TransactionError<()>| match e {
-                TransactionError::Storage(e) => sm_write_err(e),
-                TransactionError::Abort(()) => sm_write_err(std::io::Error::other("aborted")),
-            })
-    }
-
     fn load_current_snapshot(&self) -> StorageResult<Option<StoredSnapshot>> {
         match self.snapshot.get(CURRENT).map_err(sm_read_err)? {
             None => Ok(None),
             Some(v) => Ok(Some(decode(&v).map_err(sm_read_err)?)),
         }
     }
+}
 
-    /// Replaces the persisted model with a snapshot's (the caller sets the `INSTALLING` marker
-    /// first, so a crash midway is redone on open).
-    fn write_snapshot_state(
-        &self,
-        meta: &SnapshotMeta<u64, Member>,
-        data: &[u8],
-    ) -> StorageResult<SmState> {
-        let body: SnapshotBody = decode(data).map_err(snap_err)?;
-        self.records.clear().map_err(snap_err)?;
-        self.leases.clear().map_err(snap_err)?;
-        let mut records = Vec::with_capacity(body.records.len());
-        let mut batch = sled::Batch::default();
-        for (rev, sub, ev) in &body.records {
-            batch.insert(&record_key(*rev, *sub), ev.as_slice());
-            records.push((*rev, *sub, Event::decode(ev.as_slice()).map_err(snap_err)?));
-        }
-        self.records.apply_batch(batch).map_err(snap_err)?;
-        let mut batch = sled::Batch::default();
-        for (id, ttl) in &body.leases {
-            batch.insert(&id.to_be_bytes(), &ttl.to_be_bytes());
-        }
-        self.leases.apply_batch(batch).map_err(snap_err)?;
-        let state = SmState {
-            mvcc: Mvcc::from_records(
-                body.revision,
-                body.compact_revision,
-                records,
-                body.leases.iter().copied(),
-            ),
-            last_applied: meta.last_log_id,
-            membership: meta.last_membership.clone(),
-        };
-        self.persist(&state, &[])?;
-        self.meta.remove(INSTALLING).map_err(snap_err)?;
-        self.meta.flush().map_err(snap_err)?;
-        Ok(state)
+/// The model a snapshot body describes.
+fn state_from_snapshot(meta: &SnapshotMeta<u64, Member>, data: &[u8]) -> StorageResult<SmState> {
+    let body: SnapshotBody = decode(data).map_err(snap_err)?;
+    let mut records = Vec::with_capacity(body.records.len());
+    for (rev, sub, ev) in &body.records {
+        records.push((*rev, *sub, Event::decode(ev.as_slice()).map_err(snap_err)?));
     }
+    Ok(SmState {
+        mvcc: Mvcc::from_records(
+            body.revision,
+            body.compact_revision,
+            records,
+            body.leases.iter().copied(),
+        ),
+        last_applied: meta.last_log_id,
+        membership: meta.last_membership.clone(),
+    })
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SledStateMachine {
@@ -321,6 +288,13 @@ impl RaftSnapshotBuilder<TypeConfig> for SledStateMachine {
         };
         let stored = encode(&(&meta, &data)).map_err(snap_err)?;
         self.snapshot.insert(CURRENT, stored).map_err(snap_err)?;
+        self.crash(CrashPoint::SnapshotBuild)?;
+        // The snapshot is the persisted state machine: durable before openraft may purge the
+        // log entries it covers. From now on the legacy per-entry records are stale.
+        self.meta.remove(LAST_APPLIED).map_err(snap_err)?;
+        self.snapshot.flush_async().await.map_err(snap_err)?;
+        self.stats
+            .snapshot_durable_at(meta.last_log_id.map_or(0, |l| l.index));
         Ok(Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(data)),
@@ -343,6 +317,21 @@ impl RaftStateMachine<TypeConfig> for SledStateMachine {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
+        let start = std::time::Instant::now();
+        let entries: Vec<Entry<TypeConfig>> = entries.into_iter().collect();
+        if let Some(last) = entries.last() {
+            // Durable before anything becomes visible: after a crash, openraft re-applies up to
+            // here (see `read_committed`), so no reader sees the revision go backwards (the
+            // state machine itself is persisted only by snapshots).
+            let upto = encode(&Some(last.log_id)).map_err(snap_err)?;
+            self.raft_meta
+                .insert(crate::log_store::APPLIED_UPTO, upto)
+                .map_err(snap_err)?;
+            if !self.hooks.ack_before_flush {
+                // (The planted bug flushes nothing on the write path, this included.)
+                self.raft_meta.flush_async().await.map_err(snap_err)?;
+            }
+        }
         let mut responses = Vec::new();
         let mut published = Vec::new();
         {
@@ -353,6 +342,9 @@ impl RaftStateMachine<TypeConfig> for SledStateMachine {
                 match &entry.payload {
                     EntryPayload::Blank => {}
                     EntryPayload::Normal(req) => {
+                        if req.ops.iter().any(|op| matches!(op, WriteOp::Compact(_))) {
+                            self.crash(CrashPoint::Compaction)?;
+                        }
                         for op in &req.ops {
                             let result = st.mvcc.apply(op, &mut out);
                             resp.replies.push(Reply {
@@ -366,10 +358,13 @@ impl RaftStateMachine<TypeConfig> for SledStateMachine {
                     }
                 }
                 st.last_applied = Some(entry.log_id);
-                self.persist(&st, &out.changes)?;
                 published.extend(out.events);
                 responses.push(resp);
             }
+            self.stats
+                .applied_entries
+                .fetch_add(responses.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            Stats::record(&self.stats.apply_ns, None, start);
             if !published.is_empty() {
                 // No receivers is fine: nobody watches.
                 let _ = self.shared.events.send(Arc::new(published));
@@ -391,23 +386,11 @@ impl RaftStateMachine<TypeConfig> for SledStateMachine {
         meta: &SnapshotMeta<u64, Member>,
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> StorageResult<()> {
-        let data = snapshot.into_inner();
-        let stored = encode(&(meta, &data)).map_err(snap_err)?;
-        self.snapshot.insert(CURRENT, stored).map_err(snap_err)?;
-        self.meta.insert(INSTALLING, &[1u8]).map_err(snap_err)?;
-        self.meta.flush_async().await.map_err(snap_err)?;
-        let this = self.clone();
-        let meta2 = meta.clone();
-        let state = tokio::task::spawn_blocking(move || this.write_snapshot_state(&meta2, &data))
-            .await
-            .map_err(|e| snap_err(std::io::Error::other(e.to_string())))??;
-        {
-            let mut st = self.shared.write();
-            *st = state;
-            // The model jumped: an empty batch tells watch streams to re-join from history.
-            let _ = self.shared.events.send(Arc::new(Vec::new()));
+        let res = self.install(meta, snapshot).await;
+        if res.is_err() {
+            self.stats.sm_failed();
         }
-        Ok(())
+        res
     }
 
     async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<TypeConfig>>> {
@@ -415,5 +398,37 @@ impl RaftStateMachine<TypeConfig> for SledStateMachine {
             meta,
             snapshot: Box::new(Cursor::new(data)),
         }))
+    }
+}
+
+impl SledStateMachine {
+    async fn install(
+        &mut self,
+        meta: &SnapshotMeta<u64, Member>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> StorageResult<()> {
+        let data = snapshot.into_inner();
+        let meta2 = meta.clone();
+        let (state, data) = tokio::task::spawn_blocking(move || {
+            state_from_snapshot(&meta2, &data).map(|s| (s, data))
+        })
+        .await
+        .map_err(|e| snap_err(std::io::Error::other(e.to_string())))??;
+        let stored = encode(&(meta, &data)).map_err(snap_err)?;
+        // One insert: after a crash the member has either its old snapshot and log (and is sent
+        // this snapshot again) or this one.
+        self.snapshot.insert(CURRENT, stored).map_err(snap_err)?;
+        self.crash(CrashPoint::SnapshotInstall)?;
+        self.meta.remove(LAST_APPLIED).map_err(snap_err)?;
+        self.snapshot.flush_async().await.map_err(snap_err)?;
+        self.stats
+            .snapshot_durable_at(meta.last_log_id.map_or(0, |l| l.index));
+        {
+            let mut st = self.shared.write();
+            *st = state;
+            // The model jumped: an empty batch tells watch streams to re-join from history.
+            let _ = self.shared.events.send(Arc::new(Vec::new()));
+        }
+        Ok(())
     }
 }

@@ -1,0 +1,94 @@
+//! Fault-injection seams for tests and the chaos tooling. Nothing here is reachable from the
+//! command line except through `flotilla store --fault-admin`; by default every hook is off.
+use std::fmt;
+use std::sync::Arc;
+
+/// Named places in the storage code where a crash hook may kill the member.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CrashPoint {
+    /// Log entries are in sled's buffers but not yet flushed.
+    BeforeLogFlush,
+    /// Log entries are flushed, openraft has not been told yet.
+    AfterLogFlush,
+    /// A snapshot was built and stored, not yet handed to openraft.
+    SnapshotBuild,
+    /// A received snapshot is half written into the state machine (install marker set).
+    SnapshotInstall,
+    /// A compaction is about to be applied (history not yet dropped).
+    Compaction,
+}
+
+impl CrashPoint {
+    /// Every point, in the order a write meets them.
+    pub const ALL: [CrashPoint; 5] = [
+        CrashPoint::BeforeLogFlush,
+        CrashPoint::AfterLogFlush,
+        CrashPoint::SnapshotBuild,
+        CrashPoint::SnapshotInstall,
+        CrashPoint::Compaction,
+    ];
+}
+
+/// Decides at each [`CrashPoint`] whether the member dies there. Returning `true` makes the
+/// storage call fail at once (openraft stops the member, as if the process had died); the
+/// hook itself may first capture the data dir, which is then exactly what a `kill -9` at that
+/// point would have left behind.
+pub type CrashHook = Arc<dyn Fn(CrashPoint) -> bool + Send + Sync>;
+
+/// What happens to one client request a follower forwards to the leader.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkFate {
+    /// Delivered normally.
+    Deliver,
+    /// Lost on the way: the leader never sees it; the caller times out.
+    LoseRequest,
+    /// Executed by the leader, the answer lost: the caller times out (unknown outcome).
+    LoseResponse,
+}
+
+/// Decides the fate of each forwarded request from this member to the leader at the given
+/// peer URL (the forwarding channel is separate from the Raft transport, so a partition
+/// has to cut both).
+pub type ForwardFilter = Arc<dyn Fn(&str) -> LinkFate + Send + Sync>;
+
+/// Test-only behaviour switches of one member.
+#[derive(Clone, Default)]
+pub struct FaultHooks {
+    /// Called at every crash point.
+    pub crash: Option<CrashHook>,
+    /// Consulted for every request forwarded to the leader.
+    pub forward: Option<ForwardFilter>,
+    /// PLANTED BUG, for showing that the fault suite's checker catches it: acknowledge log
+    /// appends to openraft before (instead of after) flushing them, and turn off sled's
+    /// periodic flush, so acknowledged writes live only in memory.
+    pub ack_before_flush: bool,
+}
+
+impl FaultHooks {
+    /// Whether the member should die at `point`.
+    pub(crate) fn crash_at(&self, point: CrashPoint) -> bool {
+        self.crash.as_ref().is_some_and(|h| h(point))
+    }
+
+    /// Fate of a request forwarded to `peer_url`.
+    pub(crate) fn forward_fate(&self, peer_url: &str) -> LinkFate {
+        self.forward
+            .as_ref()
+            .map_or(LinkFate::Deliver, |f| f(peer_url))
+    }
+}
+
+impl fmt::Debug for FaultHooks {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FaultHooks")
+            .field("crash", &self.crash.as_ref().map(|_| "hook"))
+            .field("forward", &self.forward.as_ref().map(|_| "filter"))
+            .field("ack_before_flush", &self.ack_before_flush)
+            .finish()
+    }
+}
+
+/// The storage error a crash hook causes.
+#[derive(Debug, thiserror::Error)]
+#[error("crash injected at {0:?}")]
+pub(crate) struct InjectedCrash(pub(crate) CrashPoint);

@@ -1,0 +1,66 @@
+//! Cheap counters of where a member's write path spends its time (log flushes, state-machine
+//! applies, group-commit proposals). Read through [`crate::NodeMetrics`] and logged at debug
+//! level under the `store::stats` target, so a profile of a live member needs no tooling.
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+/// Counters shared by the log store, the state machine and the batcher of one member.
+#[derive(Debug, Default)]
+pub(crate) struct Stats {
+    /// Log appends flushed (one sled flush each).
+    pub(crate) log_flushes: AtomicU64,
+    /// Total and worst time spent in those flushes.
+    pub(crate) log_flush_ns: AtomicU64,
+    pub(crate) log_flush_max_ns: AtomicU64,
+    /// Raft entries applied to the state machine and the time it took.
+    pub(crate) applied_entries: AtomicU64,
+    pub(crate) apply_ns: AtomicU64,
+    /// Group-commit proposals and their time from proposal to applied reply.
+    pub(crate) proposals: AtomicU64,
+    pub(crate) proposal_ns: AtomicU64,
+    /// Last log index covered by the durable snapshot (the persisted state machine). Not a
+    /// counter: the log store waits for it before purging (see `SledLogStore::purge`).
+    pub(crate) snapshot_durable: AtomicU64,
+    pub(crate) snapshot_durable_changed: tokio::sync::Notify,
+    /// The state machine failed (its storage calls error): nothing waits for it any more.
+    pub(crate) sm_failed: std::sync::atomic::AtomicBool,
+}
+
+impl Stats {
+    /// Records that the state machine failed and wakes whoever waits for it.
+    pub(crate) fn sm_failed(&self) {
+        self.sm_failed.store(true, Ordering::SeqCst);
+        self.snapshot_durable_changed.notify_waiters();
+    }
+
+    /// Records that the snapshot up to `index` is durable.
+    pub(crate) fn snapshot_durable_at(&self, index: u64) {
+        self.snapshot_durable.fetch_max(index, Ordering::SeqCst);
+        self.snapshot_durable_changed.notify_waiters();
+    }
+
+    /// Adds the time since `start` to `total` (and to `max` when given).
+    pub(crate) fn record(total: &AtomicU64, max: Option<&AtomicU64>, start: Instant) {
+        let ns = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        total.fetch_add(ns, Ordering::Relaxed);
+        if let Some(m) = max {
+            m.fetch_max(ns, Ordering::Relaxed);
+        }
+    }
+
+    /// One line for the debug log.
+    pub(crate) fn summary(&self) -> String {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let avg_us = |total: u64, n: u64| total.checked_div(n).unwrap_or(0) / 1000;
+        format!(
+            "log flushes {} (avg {} µs, max {} µs); applied entries {} (avg {} µs); proposals {} (avg {} µs)",
+            g(&self.log_flushes),
+            avg_us(g(&self.log_flush_ns), g(&self.log_flushes)),
+            g(&self.log_flush_max_ns) / 1000,
+            g(&self.applied_entries),
+            avg_us(g(&self.apply_ns), g(&self.applied_entries)),
+            g(&self.proposals),
+            avg_us(g(&self.proposal_ns), g(&self.proposals)),
+        )
+    }
+}
