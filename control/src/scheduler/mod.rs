@@ -249,7 +249,28 @@ impl Scheduler {
             Change::Upsert { new, .. } => {
                 let name = name_of(&new).to_string();
                 if let Some(&i) = self.index.get(&name) {
-                    self.infos[i].set_node(&new);
+                    let info = &mut self.infos[i];
+                    let before = (
+                        info.alloc_cpu,
+                        info.alloc_memory,
+                        info.alloc_pods,
+                        info.unschedulable,
+                        std::mem::take(&mut info.hard_taints),
+                        std::mem::take(&mut info.labels),
+                        std::mem::take(&mut info.runtime_classes),
+                    );
+                    info.set_node(&new);
+                    // Heartbeats change nothing the filters look at: no retry for them.
+                    let unchanged = before.0 == info.alloc_cpu
+                        && before.1 == info.alloc_memory
+                        && before.2 == info.alloc_pods
+                        && before.3 == info.unschedulable
+                        && before.4 == info.hard_taints
+                        && before.5 == info.labels
+                        && before.6 == info.runtime_classes;
+                    if unchanged {
+                        return;
+                    }
                 } else {
                     self.index.insert(name.clone(), self.infos.len());
                     self.infos.push(NodeInfo::new(&new));
