@@ -118,6 +118,9 @@ pub(crate) struct Subscription {
 pub(crate) struct WatchCache<S> {
     store: S,
     caches: Mutex<HashMap<&'static str, Arc<ResourceCache>>>,
+    /// One start at a time per type: a thousand watches arriving together must not each list
+    /// the whole type and open a store watch (they wait for the first and share its cache).
+    starting: Mutex<HashMap<&'static str, Arc<tokio::sync::Mutex<()>>>>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
 }
@@ -127,6 +130,7 @@ impl<S: Store> WatchCache<S> {
         WatchCache {
             store,
             caches: Mutex::new(HashMap::new()),
+            starting: Mutex::new(HashMap::new()),
             tasks,
             shutdown,
         }
@@ -174,6 +178,17 @@ impl<S: Store> WatchCache<S> {
     }
 
     async fn cache_for(self: &Arc<Self>, res: &'static Resource) -> Option<Arc<ResourceCache>> {
+        if let Some(c) = self.caches.lock().ok()?.get(res.plural) {
+            return Some(c.clone());
+        }
+        let gate = self
+            .starting
+            .lock()
+            .ok()?
+            .entry(res.plural)
+            .or_default()
+            .clone();
+        let _starting = gate.lock().await;
         if let Some(c) = self.caches.lock().ok()?.get(res.plural) {
             return Some(c.clone());
         }
