@@ -410,7 +410,6 @@ impl Scheduler {
         let mut feasible: Vec<usize> = Vec::new();
         for (key, pod) in batch {
             let facts = PodFacts::new(&pod);
-            let mut reasons: HashMap<Reason, usize> = HashMap::new();
             // Like kube-scheduler's percentageOfNodesToScore: stop once enough feasible nodes
             // are found, starting where the previous pod stopped so every node gets its turn.
             let n = self.infos.len();
@@ -423,14 +422,18 @@ impl Scheduler {
                     break;
                 }
                 visited += 1;
-                if filter_facts(&facts, &self.infos[i], |r| {
-                    *reasons.entry(r).or_insert(0) += 1;
-                }) {
+                // Reasons are only wanted when nothing fits: not counted here.
+                if filter_facts(&facts, &self.infos[i], |_| {}) {
                     feasible.push(i);
                 }
             }
             self.next_start = start + visited;
             if feasible.is_empty() {
+                // Every node was visited and failed: go over them again for the reasons.
+                let mut reasons: HashMap<Reason, usize> = HashMap::new();
+                for info in &self.infos {
+                    filter_facts(&facts, info, |r| *reasons.entry(r).or_insert(0) += 1);
+                }
                 let plan = self.preemption_plan(&key, &facts, priority_of(&pod));
                 failures.push((key, pod, fit_error(n, &reasons), plan));
                 continue;
