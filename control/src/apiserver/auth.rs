@@ -55,6 +55,9 @@ pub(crate) enum Decision {
     PodBoundTo(String),
     /// Allowed only if the created object's name is this one.
     CreatedNameIs(String),
+    /// Allowed only if a pod bound to this node references the object (a configMap or secret
+    /// volume, `env[].valueFrom` or `envFrom`), as Kubernetes' NodeAuthorizer allows.
+    ReferencedByPodOn(String),
 }
 
 const READ: &[&str] = &["get", "list", "watch"];
@@ -101,6 +104,9 @@ fn node_rules(node: &str, a: &Attributes<'_>) -> Decision {
         },
         ("", "events") if matches!(a.verb, "create" | "update" | "patch") => Decision::Allow,
         ("node.k8s.io", "runtimeclasses") if READ.contains(&a.verb) => Decision::Allow,
+        ("", "configmaps" | "secrets") if a.verb == "get" && a.subresource.is_none() => {
+            Decision::ReferencedByPodOn(node.to_string())
+        }
         _ => Decision::Deny,
     }
 }
@@ -189,7 +195,15 @@ mod tests {
         assert_eq!(authorize(&n, &a), Decision::Deny);
         a.name = Some("n1");
         assert_eq!(authorize(&n, &a), Decision::Allow);
-        assert_eq!(authorize(&n, &attrs("get", "", "secrets")), Decision::Deny);
+        assert_eq!(
+            authorize(&n, &attrs("get", "", "secrets")),
+            Decision::ReferencedByPodOn("n1".into())
+        );
+        assert_eq!(authorize(&n, &attrs("list", "", "secrets")), Decision::Deny);
+        assert_eq!(
+            authorize(&n, &attrs("update", "", "configmaps")),
+            Decision::Deny
+        );
         assert_eq!(
             authorize(&n, &attrs("create", "apps", "deployments")),
             Decision::Deny

@@ -538,6 +538,14 @@ async fn dispatch_inner<S: Store>(app: Arc<App<S>>, req: Request) -> Result<Resp
             }
             None
         }
+        Decision::ReferencedByPodOn(node) => {
+            let ns = t.namespace.as_deref().unwrap_or_default();
+            let name = t.name.as_deref().unwrap_or_default();
+            if !referenced_by_pod_on(&app, node, ns, t.res.plural, name).await? {
+                return Err(forbidden());
+            }
+            None
+        }
         Decision::CreatedNameIs(n) => Some(n.clone()),
         Decision::Allow => None,
     };
@@ -2107,8 +2115,85 @@ fn self_subject_access_review(id: &Identity, mut review: Value) -> Result<Respon
     Ok(json_response(StatusCode::CREATED, &review))
 }
 
+/// Whether a pod in `ns` bound to `node` uses the configmap or secret `name` (`plural` says
+/// which): in a volume, an `env[].valueFrom` or an `envFrom`. Decides node reads of them.
+async fn referenced_by_pod_on<S: Store>(
+    app: &App<S>,
+    node: &str,
+    ns: &str,
+    plural: &str,
+    name: &str,
+) -> Result<bool> {
+    let pods =
+        super::resources::find("", "v1", "pods").expect("invariant: pods are a served resource");
+    let (items, _) = app.store.list(&pods.list_prefix(Some(ns))).await?;
+    for kv in &items {
+        let pod = decode(pods, kv)?;
+        if pod.pointer("/spec/nodeName").and_then(Value::as_str) == Some(node)
+            && pod_references(&pod, plural, name)
+        {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Whether `pod` references the configmap or secret `name`.
+fn pod_references(pod: &Value, plural: &str, name: &str) -> bool {
+    let (volume_key, volume_name, ref_key) = match plural {
+        "configmaps" => ("configMap", "name", "configMapKeyRef"),
+        _ => ("secret", "secretName", "secretKeyRef"),
+    };
+    let env_from_key = match plural {
+        "configmaps" => "configMapRef",
+        _ => "secretRef",
+    };
+    let named = |v: Option<&Value>, field: &str| {
+        v.and_then(|v| v.get(field)).and_then(Value::as_str) == Some(name)
+    };
+    let array = |v: &Value, key: &str| -> Vec<Value> {
+        v.get(key)
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default()
+    };
+    let spec = pod.get("spec").cloned().unwrap_or_default();
+    let in_volumes = array(&spec, "volumes")
+        .iter()
+        .any(|v| named(v.get(volume_key), volume_name));
+    let containers = array(&spec, "containers")
+        .into_iter()
+        .chain(array(&spec, "initContainers"));
+    in_volumes
+        || containers.into_iter().any(|c| {
+            array(&c, "env")
+                .iter()
+                .any(|e| named(e.pointer("/valueFrom").and_then(|f| f.get(ref_key)), "name"))
+                || array(&c, "envFrom")
+                    .iter()
+                    .any(|e| named(e.get(env_from_key), "name"))
+        })
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn node_reads_only_what_its_pods_reference() {
+        let pod = serde_json::json!({"spec": {
+            "volumes": [{"name": "v", "configMap": {"name": "app"}},
+                        {"name": "s", "secret": {"secretName": "creds"}}],
+            "containers": [{"name": "c",
+                "env": [{"name": "K", "valueFrom": {"secretKeyRef": {"name": "token", "key": "k"}}}],
+                "envFrom": [{"configMapRef": {"name": "envs"}}]}]}});
+        assert!(super::pod_references(&pod, "configmaps", "app"));
+        assert!(super::pod_references(&pod, "configmaps", "envs"));
+        assert!(super::pod_references(&pod, "secrets", "creds"));
+        assert!(super::pod_references(&pod, "secrets", "token"));
+        assert!(!super::pod_references(&pod, "secrets", "app"));
+        assert!(!super::pod_references(&pod, "configmaps", "creds"));
+        assert!(!super::pod_references(&pod, "configmaps", "other"));
+    }
+
     use super::*;
 
     #[test]

@@ -809,15 +809,6 @@ async fn a_node_offers_cri_once_its_endpoint_answers() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The admin bearer token from the cluster's kubeconfig.
-fn admin_token(c: &Cluster) -> anyhow::Result<String> {
-    let text = std::fs::read_to_string(c.kubeconfig())?;
-    text.lines()
-        .find_map(|l| l.trim().strip_prefix("token:"))
-        .map(|t| t.trim().trim_matches('"').to_owned())
-        .context("no token in the kubeconfig")
-}
-
 /// The agent path against the fake CRI server (runs without containerd): CRI pods survive an
 /// agent restart and are adopted, not doubled; the sandbox of a pod deleted meanwhile is
 /// removed; configMap and secret volumes are written by the agent and mounted read-only; the
@@ -912,18 +903,9 @@ async fn agent_readopts_cri_pods_and_mounts_config_with_the_fake_cri() -> anyhow
     );
     agent.kill().await;
 
-    // configMap and secret volumes plus a securityContext, through an agent whose token may
-    // read them (control's node authorizer does not yet let node tokens read ConfigMaps and
-    // Secrets, as Kubernetes' NodeAuthorizer does for pods bound to the node).
-    let agent = start_agent_with(
-        &c,
-        node,
-        &fake.endpoint(),
-        root.path(),
-        Some(admin_token(&c)?),
-        true,
-    )
-    .await?;
+    // configMap and secret volumes plus a securityContext, with the node's own token: the API
+    // server lets a node read the ConfigMaps and Secrets its pods reference.
+    let agent = start_agent_with(&c, node, &fake.endpoint(), root.path(), None, true).await?;
     c.create(
         "/api/v1/namespaces/default/configmaps",
         &json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "app"},
