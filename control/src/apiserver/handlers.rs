@@ -1947,7 +1947,19 @@ pub(crate) async fn delete<S: Store>(
     } else {
         0
     };
-    let has_finalizers = old
+    // Foreground and Orphan propagation are finalizers the garbage collector acts on; the
+    // object stays (marked) until it removes them.
+    // Only kinds the garbage collector finalizes as owners get them: nothing else here owns
+    // dependents, so for other kinds every policy means the same as Background.
+    let mut marked = old.clone();
+    let policy = propagation_finalizer(q, opts)?;
+    let policy_changed = match policy {
+        Some(finalizer) if matches!(res.kind, "Deployment" | "ReplicaSet") => {
+            set_propagation_finalizer(&mut marked, finalizer)
+        }
+        _ => false,
+    };
+    let has_finalizers = marked
         .pointer("/metadata/finalizers")
         .and_then(Value::as_array)
         .is_some_and(|f| !f.is_empty());
@@ -1957,10 +1969,11 @@ pub(crate) async fn delete<S: Store>(
     if grace > 0 || has_finalizers {
         if old.pointer("/metadata/deletionTimestamp").is_some()
             && already.is_some_and(|a| a <= grace)
+            && !policy_changed
         {
             return Ok(old);
         }
-        let mut new = old.clone();
+        let mut new = marked;
         let at = chrono::Utc::now() + chrono::Duration::seconds(grace);
         new["metadata"]["deletionTimestamp"] =
             json!(at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
@@ -1994,6 +2007,53 @@ pub(crate) async fn delete<S: Store>(
         Err(StoreError::NotFound) => Err(ApiError::not_found(res.group, res.plural, name)),
         Err(e) => Err(e.into()),
     }
+}
+
+/// The finalizer a delete's propagation policy asks for (`?propagationPolicy=` or the
+/// DeleteOptions body; the legacy `orphanDependents: true` means Orphan); `None` = Background.
+fn propagation_finalizer(q: &Query, opts: &Value) -> Result<Option<&'static str>> {
+    let policy = q
+        .get("propagationPolicy")
+        .or_else(|| opts.get("propagationPolicy").and_then(Value::as_str));
+    let orphan_dependents = q.get("orphanDependents") == Some("true")
+        || opts.get("orphanDependents").and_then(Value::as_bool) == Some(true);
+    match (policy, orphan_dependents) {
+        (Some("Foreground"), _) => Ok(Some(FOREGROUND_FINALIZER)),
+        (Some("Orphan"), _) | (None, true) => Ok(Some(ORPHAN_FINALIZER)),
+        (Some("Background") | None, _) => Ok(None),
+        (Some(other), _) => Err(ApiError::new(
+            422,
+            "Invalid",
+            format!(
+                "DeleteOptions.meta.k8s.io \"\" is invalid: propagationPolicy: Unsupported value: \"{other}\": supported values: \"Foreground\", \"Background\", \"Orphan\""
+            ),
+        )),
+    }
+}
+
+const FOREGROUND_FINALIZER: &str = "foregroundDeletion";
+const ORPHAN_FINALIZER: &str = "orphan";
+
+/// Puts `finalizer` on `obj` in place of the other propagation finalizer; whether it changed.
+fn set_propagation_finalizer(obj: &mut Value, finalizer: &str) -> bool {
+    let other = if finalizer == ORPHAN_FINALIZER {
+        FOREGROUND_FINALIZER
+    } else {
+        ORPHAN_FINALIZER
+    };
+    let mut list: Vec<Value> = obj
+        .pointer("/metadata/finalizers")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let before = list.clone();
+    list.retain(|f| f.as_str() != Some(other));
+    if !list.iter().any(|f| f.as_str() == Some(finalizer)) {
+        list.push(json!(finalizer));
+    }
+    let changed = list != before;
+    obj["metadata"]["finalizers"] = Value::Array(list);
+    changed
 }
 
 /// Removes every namespaced object of a namespace being deleted (the namespace controller's
@@ -2177,6 +2237,44 @@ fn pod_references(pod: &Value, plural: &str, name: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn delete_propagation_policy_becomes_a_finalizer() {
+        let q = |s: &str| super::Query::parse(Some(s));
+        let none = serde_json::Value::Null;
+        let fg = serde_json::json!({"propagationPolicy": "Foreground"});
+        assert_eq!(
+            super::propagation_finalizer(&q(""), &fg).ok(),
+            Some(Some("foregroundDeletion"))
+        );
+        assert_eq!(
+            super::propagation_finalizer(&q("propagationPolicy=Orphan"), &none).ok(),
+            Some(Some("orphan"))
+        );
+        let legacy = serde_json::json!({"orphanDependents": true});
+        assert_eq!(
+            super::propagation_finalizer(&q(""), &legacy).ok(),
+            Some(Some("orphan"))
+        );
+        assert_eq!(
+            super::propagation_finalizer(&q("propagationPolicy=Background"), &none).ok(),
+            Some(None)
+        );
+        assert!(super::propagation_finalizer(&q("propagationPolicy=Sideways"), &none).is_err());
+        let mut obj = serde_json::json!({"metadata": {"finalizers": ["a", "orphan"]}});
+        assert!(super::set_propagation_finalizer(
+            &mut obj,
+            "foregroundDeletion"
+        ));
+        assert_eq!(
+            obj["metadata"]["finalizers"],
+            serde_json::json!(["a", "foregroundDeletion"])
+        );
+        assert!(!super::set_propagation_finalizer(
+            &mut obj,
+            "foregroundDeletion"
+        ));
+    }
+
     #[test]
     fn node_reads_only_what_its_pods_reference() {
         let pod = serde_json::json!({"spec": {

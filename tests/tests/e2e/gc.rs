@@ -2,8 +2,8 @@
 //! `foregroundDeletion` finalizer disappears only after its dependents (and theirs) are gone;
 //! one carrying `orphan` leaves its dependents running without the reference.
 //!
-//! The owners are created with the finalizer already set, which is what the API server's
-//! DELETE does for `propagationPolicy: Foreground|Orphan`; the DELETE sends the policy too.
+//! The API server's DELETE sets those finalizers from `propagationPolicy` (in the
+//! DeleteOptions body, as `kubectl delete --cascade=foreground|orphan` sends it, or the query).
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -39,8 +39,7 @@ async fn foreground_deletion_removes_dependents_first() -> anyhow::Result<()> {
     init_tracing();
     let mut c = Cluster::start(ClusterOptions::default()).await?;
     c.add_agent("node-a", |_| {}).await?;
-    let mut d = sleeper_deployment("fg", 3);
-    d["metadata"]["finalizers"] = json!(["foregroundDeletion"]);
+    let d = sleeper_deployment("fg", 3);
     c.create(DEPLOYMENTS, &d).await?;
     wait_running(&c, "fg-", 3).await?;
     c.admin
@@ -92,7 +91,7 @@ async fn orphan_deletion_keeps_dependents_without_the_reference() -> anyhow::Res
     let d = sleeper_deployment("orph", 2);
     let rs = json!({
         "apiVersion": "apps/v1", "kind": "ReplicaSet",
-        "metadata": {"name": "orph", "namespace": "default", "finalizers": ["orphan"]},
+        "metadata": {"name": "orph", "namespace": "default"},
         "spec": {"replicas": 2, "selector": d["spec"]["selector"].clone(),
                  "template": d["spec"]["template"].clone()},
     });
@@ -100,8 +99,8 @@ async fn orphan_deletion_keeps_dependents_without_the_reference() -> anyhow::Res
     wait_running(&c, "orph-", 2).await?;
     c.admin
         .delete(
-            &format!("{REPLICASETS}/orph"),
-            Some(&json!({"apiVersion": "v1", "kind": "DeleteOptions", "propagationPolicy": "Orphan"})),
+            &format!("{REPLICASETS}/orph?propagationPolicy=Orphan"),
+            None,
         )
         .await?;
     eventually("ReplicaSet gone", WAIT, || async {
