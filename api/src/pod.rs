@@ -499,6 +499,20 @@ fn parse_scaled(quantity: &str, scale: u128) -> Result<u64, QuantityError> {
     u64::try_from(value).map_err(|_| err("too large"))
 }
 
+/// Runtime class every node that runs OCI containers (through CRI) advertises, and that a pod
+/// without `runtimeClassName` whose images are not all wasm modules needs.
+pub const OCI_RUNTIME_CLASS: &str = "oci";
+
+/// Whether `image` is a wasm module: a path, `file://` or `http(s)://` URL ending in `.wasm`,
+/// optionally pinned with `@sha256:<hex>`. Anything else is an OCI image reference.
+pub fn is_wasm_image(image: &str) -> bool {
+    let image = image.split_once("@sha256:").map_or(image, |(i, _)| i);
+    image.ends_with(".wasm")
+        && ["/", "./", "file://", "http://", "https://"]
+            .iter()
+            .any(|p| image.starts_with(p))
+}
+
 /// CPU quantity (`500m`, `1`, `0.25`, `2k`) in millicores, rounded up as `MilliValue()` does.
 pub fn parse_cpu_millis(quantity: &str) -> Result<u64, QuantityError> {
     parse_scaled(quantity, 1_000)

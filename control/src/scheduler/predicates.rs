@@ -545,10 +545,21 @@ impl PodFacts {
                 .get("runtimeClassName")
                 .and_then(Value::as_str)
                 .filter(|r| !r.is_empty())
-                .map(String::from),
+                .map(String::from)
+                .or_else(|| needs_oci(spec).then(|| api::pod::OCI_RUNTIME_CLASS.to_string())),
             anti_affinity,
         }
     }
+}
+
+/// Whether a pod without a runtime class needs a node that runs OCI images: the agent runs it
+/// as wasm only when every image is a wasm module.
+fn needs_oci(spec: &Value) -> bool {
+    ["containers", "initContainers"]
+        .iter()
+        .filter_map(|k| spec.get(*k).and_then(Value::as_array))
+        .flatten()
+        .any(|c| !api::pod::is_wasm_image(str_at(c, &["image"])))
 }
 
 /// Why a node was filtered out: each string is one of Kubernetes' reason texts.
@@ -705,7 +716,7 @@ mod tests {
 
     fn pod(cpu: &str, mem: &str) -> Value {
         json!({"metadata": {"name": "p"}, "spec": {"containers": [
-            {"name": "c", "image": "x", "resources": {"requests": {"cpu": cpu, "memory": mem}}}]}})
+            {"name": "c", "image": "/x.wasm", "resources": {"requests": {"cpu": cpu, "memory": mem}}}]}})
     }
 
     fn place(info: &mut NodeInfo, key: &str, p: Value) {
@@ -813,9 +824,37 @@ mod tests {
     }
 
     #[test]
+    fn oci_images_need_a_node_running_oci() {
+        let wasm_only = NodeInfo::new(&json!({
+            "metadata": {"name": "w", "annotations": {"flotilla.dev/runtime-classes": "wasm,wasmtime"}},
+            "status": {"allocatable": {"cpu": "4", "memory": "4Gi", "pods": "110"}},
+        }));
+        let both = NodeInfo::new(&json!({
+            "metadata": {"name": "b", "annotations": {"flotilla.dev/runtime-classes": "oci,runc,wasm,wasmtime"}},
+            "status": {"allocatable": {"cpu": "4", "memory": "4Gi", "pods": "110"}},
+        }));
+        let mut p = pod("1", "1Gi");
+        assert!(
+            filter(&p, &wasm_only).is_empty(),
+            "wasm images run anywhere"
+        );
+        p["spec"]["initContainers"] = json!([{"name": "init", "image": "busybox:1.36"}]);
+        assert_eq!(
+            filter(&p, &wasm_only),
+            vec!["node(s) didn't support the pod's runtime class"]
+        );
+        assert!(filter(&p, &both).is_empty());
+        p["spec"]["runtimeClassName"] = json!("wasm");
+        assert!(
+            filter(&p, &wasm_only).is_empty(),
+            "an explicit runtimeClassName decides"
+        );
+    }
+
+    #[test]
     fn spreading_prefers_nodes_without_siblings() {
         let owned = json!({"metadata": {"name": "p", "ownerReferences": [{"uid": "rs1", "controller": true, "kind": "ReplicaSet", "name": "rs"}]},
-                           "spec": {"containers": [{"name": "c", "image": "x"}]}});
+                           "spec": {"containers": [{"name": "c", "image": "/x.wasm"}]}});
         let mut busy = node("a", "4", "4Gi");
         place(&mut busy, "default/p0", owned.clone());
         let idle = node("b", "4", "4Gi");

@@ -80,6 +80,11 @@ impl Advertised {
         if offer.handlers.iter().any(|h| h == HANDLER_WASMTIME) {
             classes.push(LEGACY_WASM_CLASS.into());
         }
+        // Any other handler is a CRI one: the node runs OCI images, which the scheduler needs
+        // for pods without a runtimeClassName whose images are not wasm modules.
+        if offer.handlers.iter().any(|h| h != HANDLER_WASMTIME) {
+            classes.push(api::pod::OCI_RUNTIME_CLASS.into());
+        }
         match client.list("/apis/node.k8s.io/v1/runtimeclasses").await {
             Ok((items, _)) => {
                 for rc in items {

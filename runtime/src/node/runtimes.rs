@@ -125,15 +125,7 @@ impl CriSettings {
     }
 }
 
-/// Whether `image` is a wasm module: a path, `file://` or `http(s)://` URL ending in `.wasm`,
-/// optionally pinned with `@sha256:<hex>`.
-pub fn is_wasm_image(image: &str) -> bool {
-    let image = image.split_once("@sha256:").map_or(image, |(i, _)| i);
-    image.ends_with(".wasm")
-        && ["/", "./", "file://", "http://", "https://"]
-            .iter()
-            .any(|p| image.starts_with(p))
-}
+pub use api::pod::is_wasm_image;
 
 /// The node's runtimes. Cheap to clone.
 #[derive(Clone)]

@@ -720,23 +720,34 @@ async fn a_node_offers_cri_once_its_endpoint_answers() -> anyhow::Result<()> {
     )
     .replace("spec:\n", "spec:\n  runtimeClassName: runc\n");
     apply(kc.as_path(), &c, &needs_runc).await?;
-    eventually("needs-runc unschedulable", WAIT, || async {
-        let p = pod(&c, "needs-runc").await?;
-        let scheduled = p
-            .pointer("/status/conditions")
-            .and_then(Value::as_array)
-            .and_then(|cs| cs.iter().find(|c| c["type"] == "PodScheduled"))
-            .cloned()
-            .unwrap_or_default();
-        Ok(
-            if scheduled["status"] == "False" && tests::node_of(&p).is_empty() {
-                Ok(())
-            } else {
-                Err(format!("{scheduled} node {:?}", tests::node_of(&p)))
-            },
-        )
-    })
-    .await?;
+    // Without a runtimeClassName an OCI image needs a node running OCI images too.
+    let plain = one_pod(
+        "plain-oci",
+        BUSYBOX,
+        "IfNotPresent",
+        "exec sleep 3600",
+        "{}",
+    );
+    apply(kc.as_path(), &c, &plain).await?;
+    for name in ["needs-runc", "plain-oci"] {
+        eventually(&format!("{name} unschedulable"), WAIT, || async {
+            let p = pod(&c, name).await?;
+            let scheduled = p
+                .pointer("/status/conditions")
+                .and_then(Value::as_array)
+                .and_then(|cs| cs.iter().find(|c| c["type"] == "PodScheduled"))
+                .cloned()
+                .unwrap_or_default();
+            Ok(
+                if scheduled["status"] == "False" && tests::node_of(&p).is_empty() {
+                    Ok(())
+                } else {
+                    Err(format!("{scheduled} node {:?}", tests::node_of(&p)))
+                },
+            )
+        })
+        .await?;
+    }
     eventually("the pod to say why it waits", WAIT, || async {
         let (reason, message) = waiting_reason(&pod(&c, "waits").await?);
         Ok(if message.contains("wasm pods only") {
@@ -770,11 +781,16 @@ async fn a_node_offers_cri_once_its_endpoint_answers() -> anyhow::Result<()> {
         let runc_running = tests::node_of(&r) == node
             && r.pointer("/status/containerStatuses/0/state/running")
                 .is_some();
+        let o = pod(&c, "plain-oci").await?;
+        let plain_running = tests::node_of(&o) == node
+            && o.pointer("/status/containerStatuses/0/state/running")
+                .is_some();
         Ok(
             if cond["status"] == "False"
                 && classes.split(',').any(|x| x == "runc")
                 && running
                 && runc_running
+                && plain_running
             {
                 Ok(())
             } else {
@@ -793,7 +809,12 @@ async fn a_node_offers_cri_once_its_endpoint_answers() -> anyhow::Result<()> {
         .await?
         .unwrap_or_default();
     assert_eq!(condition(&other)["status"], "True");
-    k(kc.as_path(), &c, &["delete", "pod", "waits", "needs-runc"]).await?;
+    k(
+        kc.as_path(),
+        &c,
+        &["delete", "pod", "waits", "needs-runc", "plain-oci"],
+    )
+    .await?;
     eventually("nothing left in containerd", WAIT, || async {
         let (s, ctrs) = cri.inventory().await?;
         Ok(if s.is_empty() && ctrs.is_empty() {

@@ -81,6 +81,8 @@ async fn fake_agent(
     cfg.backoff_initial = Duration::from_millis(500);
     cfg.backoff_max = Duration::from_secs(4);
     cfg.labels = BTreeMap::new();
+    // The fake runs "images" that are not wasm modules, as a CRI node would.
+    cfg.runtime_classes = vec!["wasm".into(), runtime::api::pod::OCI_RUNTIME_CLASS.into()];
     let fake = FakeRuntime::new();
     fake.script("forever", FakeBehavior::RunForever);
     let agent = Agent::new(cfg, AnyRuntime::Fake(fake))?;
