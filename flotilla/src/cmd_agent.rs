@@ -70,6 +70,10 @@ pub(crate) struct AgentArgs {
     /// the CRI runtime's CNI configuration; the pod's IP is reported as its podIP).
     #[arg(long, default_value = "host", value_parser = ["host", "cni"])]
     pod_network: String,
+    /// Hard eviction threshold, the kubelet's syntax: `memory.available<100Mi` or
+    /// `memory.available<10%` (of the node's memory); `memory.available<0` disables eviction.
+    #[arg(long, default_value = "memory.available<100Mi")]
+    eviction_hard: String,
 }
 
 fn host_name() -> String {
@@ -113,6 +117,9 @@ fn agent_config(args: &AgentArgs) -> anyhow::Result<AgentConfig> {
         cap.memory_bytes = m * 1024 * 1024;
     }
     cap.pods = args.max_pods;
+    cfg.eviction_memory_available =
+        runtime::node::eviction::parse_eviction_hard(&args.eviction_hard, cap.memory_bytes)
+            .context("bad --eviction-hard")?;
     cfg.capacity = cap;
     for l in &args.labels {
         let (k, v) = l

@@ -73,6 +73,9 @@ pub struct FakeRuntime {
     calls: Mutex<Vec<FakeCall>>,
     next_id: AtomicU64,
     exec_scripts: Mutex<HashMap<String, ExecOutput>>,
+    /// Working set each container of a pod reports, by pod name (boxed: keeps
+    /// `AnyRuntime::Fake` small).
+    memory: Box<Mutex<HashMap<String, u64>>>,
 }
 
 impl FakeRuntime {
@@ -90,6 +93,11 @@ impl FakeRuntime {
     /// built-in commands `echo`, `true`, `false`, `exit N`, `stderr TEXT` and `sleep SECS`).
     pub fn script_exec(&self, program: impl Into<String>, output: ExecOutput) {
         lock(&self.exec_scripts).insert(program.into(), output);
+    }
+
+    /// Every container of the pods named `pod_name` reports `bytes` of memory in `stats`.
+    pub fn set_memory_usage(&self, pod_name: impl Into<String>, bytes: u64) {
+        lock(&self.memory).insert(pod_name.into(), bytes);
     }
 
     /// Calls received so far.
@@ -272,12 +280,17 @@ impl PodRuntime for FakeRuntime {
         let pod = pods
             .get(id)
             .ok_or_else(|| RuntimeError::NotFound(id.clone()))?;
+        let memory_bytes = lock(&self.memory)
+            .get(&pod.config.name)
+            .copied()
+            .unwrap_or(0);
         Ok(PodStats {
             containers: pod
                 .containers
                 .iter()
                 .map(|c| ContainerStats {
                     name: c.name.clone(),
+                    memory_bytes,
                     ..ContainerStats::default()
                 })
                 .collect(),

@@ -60,6 +60,8 @@ pub(crate) struct Advertised {
     pub runtime_version: String,
     /// The CRI endpoint's state, if the node has one.
     pub cri: Option<CriState>,
+    /// Whether the eviction manager sees memory pressure.
+    pub memory_pressure: bool,
 }
 
 impl Advertised {
@@ -69,6 +71,7 @@ impl Advertised {
             classes: cfg.runtime_classes.join(","),
             runtime_version: format!("{runtime_name}://flotilla"),
             cri: None,
+            memory_pressure: false,
         }
     }
 
@@ -109,6 +112,7 @@ impl Advertised {
             classes: classes.join(","),
             runtime_version: offer.runtime_version.clone(),
             cri: offer.cri.clone(),
+            memory_pressure: false,
         }
     }
 }
@@ -141,10 +145,23 @@ fn cri_condition(cri: Option<&CriState>, now: &str) -> Option<Value> {
 /// The node's status as the agent reports it.
 pub(crate) fn node_status(cfg: &AgentConfig, adv: &Advertised) -> Value {
     let now = now_rfc3339();
+    let (status, reason, message) = if adv.memory_pressure {
+        (
+            "True",
+            "KubeletHasInsufficientMemory",
+            "kubelet has insufficient memory available",
+        )
+    } else {
+        (
+            "False",
+            "KubeletHasSufficientMemory",
+            "kubelet has sufficient memory available",
+        )
+    };
     let mut conditions = vec![
         ready_condition(&now),
-        json!({"type": "MemoryPressure", "status": "False", "reason": "KubeletHasSufficientMemory",
-         "message": "kubelet has sufficient memory available", "lastHeartbeatTime": now, "lastTransitionTime": now}),
+        json!({"type": "MemoryPressure", "status": status, "reason": reason,
+         "message": message, "lastHeartbeatTime": now, "lastTransitionTime": now}),
     ];
     conditions.extend(cri_condition(adv.cri.as_ref(), &now));
     json!({
@@ -348,6 +365,7 @@ mod tests {
             classes: "runc,wasm,wasmtime".into(),
             runtime_version: "containerd://1.6.20".into(),
             cri: Some(up),
+            memory_pressure: false,
         };
         let status = node_status(&cfg, &adv);
         assert_eq!(

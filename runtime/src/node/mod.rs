@@ -16,6 +16,8 @@
 //! - [`server`]: the kubelet-style HTTPS server the API server calls for `kubectl logs` and
 //!   `kubectl exec` (self-signed certificate pinned through the Node, kubelet token derived
 //!   from the node token), advertised in `status.daemonEndpoints.kubeletEndpoint.Port`.
+//! - `eviction`: memory-pressure eviction by QoS class, the `MemoryPressure` condition and
+//!   the `node.kubernetes.io/memory-pressure` taint.
 //! - `probes`: liveness, readiness and startup probes (exec, httpGet, tcpSocket) feeding the
 //!   pod worker's `ready`/`started` and liveness restarts.
 //!
@@ -39,6 +41,7 @@ use crate::pod_runtime::{PodId, PodRuntime};
 
 /// The Kubernetes REST client, shared with the other side of the API (crate `apiclient`).
 pub use apiclient as client;
+pub mod eviction;
 mod heartbeat;
 pub mod join;
 mod pod_worker;
@@ -127,6 +130,14 @@ pub struct AgentConfig {
     /// Port of the kubelet-style HTTPS server for logs and exec ([`server`]); `Some(0)` picks
     /// a free port (advertised on the Node either way), `None` serves nothing.
     pub serving_port: Option<u16>,
+    /// Hard eviction threshold on `memory.available` in bytes (the kubelet's
+    /// `--eviction-hard=memory.available<100Mi`, its default); 0 disables eviction.
+    pub eviction_memory_available: u64,
+    /// How often memory is checked for eviction (the kubelet's housekeeping period, 10 s).
+    pub eviction_interval: Duration,
+    /// How long `MemoryPressure` (and its taint) stays after the threshold was last met (the
+    /// kubelet's `--eviction-pressure-transition-period`, 5 min).
+    pub eviction_pressure_transition_period: Duration,
 }
 
 impl AgentConfig {
@@ -154,6 +165,9 @@ impl AgentConfig {
             backoff_initial: Duration::from_secs(10),
             backoff_max: Duration::from_secs(300),
             serving_port: Some(0),
+            eviction_memory_available: 100 << 20,
+            eviction_interval: Duration::from_secs(10),
+            eviction_pressure_transition_period: Duration::from_secs(300),
         }
     }
 }
@@ -179,6 +193,8 @@ pub struct Agent<R: PodRuntime> {
     runtime: Arc<R>,
     /// Logs of replaced container instances (`kubectl logs --previous`).
     archive: server::LogArchive,
+    /// Pods the eviction manager chose, for their workers to evict.
+    evictions: eviction::Evictions,
 }
 
 struct WorkerSlot {
@@ -201,6 +217,7 @@ impl<R: NodeRuntime> Agent<R> {
             client,
             runtime: Arc::new(runtime),
             archive: server::LogArchive::default(),
+            evictions: eviction::Evictions::default(),
         })
     }
 
@@ -254,6 +271,18 @@ impl<R: NodeRuntime> Agent<R> {
         }
         tracing::info!(node = %cfg.node_name, server = %self.client.server(), "node registered");
         let mut tasks = JoinSet::new();
+        let (pressure, pressure_rx) = watch::channel(false);
+        {
+            let manager = eviction::EvictionManager {
+                client: self.client.clone(),
+                runtime: self.runtime.clone(),
+                cfg: cfg.clone(),
+                evictions: self.evictions.clone(),
+                pressure,
+            };
+            let stop = shutdown.clone();
+            tasks.spawn(async move { manager.run(stop).await });
+        }
         {
             let client = self.client.clone();
             let cfg = cfg.clone();
@@ -264,6 +293,7 @@ impl<R: NodeRuntime> Agent<R> {
                 rt_name,
                 offer,
                 advertised,
+                pressure: Some(pressure_rx),
             };
             tasks.spawn(async move { hb.run(stop).await });
         }
@@ -302,6 +332,7 @@ impl<R: NodeRuntime> Agent<R> {
             backoff_max: self.config.backoff_max,
             volume_dir: self.config.volume_dir.clone(),
             logs: self.archive.clone(),
+            evictions: self.evictions.clone(),
         });
         let mut offer = self.runtime.offer();
         // What the runtime still runs from a previous agent life, by namespace/name.
@@ -496,6 +527,15 @@ async fn offer_changed(offer: &mut Option<watch::Receiver<RuntimeOffer>>) -> boo
     }
 }
 
+/// Waits for the memory-pressure verdict to change: `true` when it did, `false` when it never
+/// will.
+async fn pressure_changed(rx: &mut Option<watch::Receiver<bool>>) -> bool {
+    match rx {
+        Some(rx) => rx.changed().await.is_ok(),
+        None => std::future::pending().await,
+    }
+}
+
 fn pod_uid(pod: &Value) -> String {
     pod.pointer("/metadata/uid")
         .and_then(Value::as_str)
@@ -511,6 +551,8 @@ struct Heartbeat {
     rt_name: &'static str,
     offer: Option<watch::Receiver<RuntimeOffer>>,
     advertised: heartbeat::Advertised,
+    /// The eviction manager's `MemoryPressure` verdict (`None` once it stopped).
+    pressure: Option<watch::Receiver<bool>>,
 }
 
 impl Heartbeat {
@@ -556,12 +598,20 @@ impl Heartbeat {
                         self.offer = None;
                     }
                 }
+                changed = pressure_changed(&mut self.pressure) => {
+                    if changed {
+                        self.post().await;
+                    } else {
+                        self.pressure = None;
+                    }
+                }
             }
         }
     }
 
     async fn post(&mut self) {
         self.refresh().await;
+        self.advertised.memory_pressure = self.pressure.as_ref().is_some_and(|rx| *rx.borrow());
         if let Err(e) = heartbeat::post_status(&self.client, &self.cfg, &self.advertised).await {
             tracing::warn!(error = %e, "node status update failed");
         }

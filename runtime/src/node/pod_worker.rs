@@ -30,6 +30,8 @@ pub(crate) struct WorkerContext<R> {
     pub volume_dir: std::path::PathBuf,
     /// Where a replaced sandbox's logs go (`kubectl logs --previous`).
     pub logs: super::server::LogArchive,
+    /// Pods the eviction manager chose (`node::eviction`).
+    pub evictions: super::eviction::Evictions,
 }
 
 /// Per-container bookkeeping that survives restarts of the pod's sandbox.
@@ -306,6 +308,32 @@ impl<R: super::NodeRuntime> PodWorker<R> {
         }
     }
 
+    /// Hard eviction (`node::eviction`): kill at once, report `Failed`/`Evicted`, never rerun.
+    async fn evict(&mut self, pod: &Value, message: &str) {
+        self.probes = None;
+        let mut st = None;
+        if let Some(id) = self.sandbox.clone() {
+            if let Err(e) = self.ctx.runtime.stop_pod(&id, Duration::ZERO).await {
+                tracing::warn!(pod = %id, error = %e, "failed to stop evicted pod");
+            }
+            st = self.ctx.runtime.pod_status(&id).await.ok();
+        }
+        self.finished = Some(st.clone().unwrap_or(PodStatus {
+            id: PodId(String::new()),
+            name: String::new(),
+            namespace: String::new(),
+            state: crate::pod_runtime::SandboxState::NotReady,
+            containers: Vec::new(),
+        }));
+        let mut status = self.compose(pod, st.as_ref());
+        status["phase"] = json!("Failed");
+        status["reason"] = json!("Evicted");
+        status["message"] = json!(message);
+        self.write_status(pod, status).await;
+        self.event(pod, "Warning", "Evicted", message).await;
+        self.remove_sandbox().await;
+    }
+
     fn restart_policy(pod: &Value) -> &str {
         pod.pointer("/spec/restartPolicy")
             .and_then(Value::as_str)
@@ -315,6 +343,11 @@ impl<R: super::NodeRuntime> PodWorker<R> {
     /// One level-triggered turn; returns how long to wait before the next one.
     async fn step(&mut self, pod: &Value) -> Duration {
         let poll = self.ctx.poll_interval;
+        if self.finished.is_none()
+            && let Some(message) = self.ctx.evictions.take(&self.uid)
+        {
+            self.evict(pod, &message).await;
+        }
         if self.finished.is_some() {
             if self.last_status.is_null() {
                 let st = self.finished.clone();
