@@ -12,6 +12,7 @@
 //! - `cri`: the real CRI tier (containerd from `scripts/containerd`): busybox Deployments,
 //!   image errors, OOMKilled, CPU limits, re-adoption after an agent restart, clean deletion.
 //! - `endpoints`: Endpoints from Service selectors, ready and not-ready pods, named ports.
+//! - `eviction`: node memory pressure evicts BestEffort, then Burstable above request.
 //! - `gc`: foreground and orphan deletion propagation.
 //! - `priority`: higher `spec.priority` is scheduled first and preempts lower.
 //! - `kubectl`: the real kubectl (when `scripts/kubectl` installed it) applies, scales, rolls
@@ -22,6 +23,7 @@ use serde_json::{Value, json};
 
 mod cri;
 mod endpoints;
+mod eviction;
 mod gc;
 mod kubectl;
 mod leader;
