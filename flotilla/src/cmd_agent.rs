@@ -74,6 +74,10 @@ pub(crate) struct AgentArgs {
     /// `memory.available<10%` (of the node's memory); `memory.available<0` disables eviction.
     #[arg(long, default_value = "memory.available<100Mi")]
     eviction_hard: String,
+    /// A PEM file of extra CA certificates trusted for `https://` wasm images (a private
+    /// registry), besides the system bundle.
+    #[arg(long)]
+    image_ca_file: Option<PathBuf>,
 }
 
 fn host_name() -> String {
@@ -136,7 +140,18 @@ pub(crate) fn wasm_runtime(
     max_pods: u32,
     executor_threads: Option<usize>,
 ) -> anyhow::Result<AnyRuntime> {
+    wasm_runtime_with_ca(data_dir, max_pods, executor_threads, None)
+}
+
+/// [`wasm_runtime`] trusting the CA certificates in `image_ca_file` for `https://` images.
+fn wasm_runtime_with_ca(
+    data_dir: &std::path::Path,
+    max_pods: u32,
+    executor_threads: Option<usize>,
+    image_ca_file: Option<PathBuf>,
+) -> anyhow::Result<AnyRuntime> {
     let mut rcfg = WasmRuntimeConfig::new(data_dir.join("pods"));
+    rcfg.extra_ca_bundle = image_ca_file;
     rcfg.cache_dir = Some(data_dir.join("module-cache"));
     rcfg.max_pods = max_pods;
     if let Some(n) = executor_threads {
@@ -157,7 +172,31 @@ pub(crate) async fn node_runtimes(
     cri: Option<(&str, CriOptions)>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<NodeRuntimes> {
-    let AnyRuntime::Wasm(wasm) = wasm_runtime(data_dir, max_pods, executor_threads)? else {
+    node_runtimes_with_ca(
+        data_dir,
+        node_name,
+        max_pods,
+        executor_threads,
+        cri,
+        None,
+        shutdown,
+    )
+    .await
+}
+
+/// [`node_runtimes`] whose wasm runtime trusts the CA certificates in `image_ca_file`.
+async fn node_runtimes_with_ca(
+    data_dir: &std::path::Path,
+    node_name: &str,
+    max_pods: u32,
+    executor_threads: Option<usize>,
+    cri: Option<(&str, CriOptions)>,
+    image_ca_file: Option<PathBuf>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<NodeRuntimes> {
+    let AnyRuntime::Wasm(wasm) =
+        wasm_runtime_with_ca(data_dir, max_pods, executor_threads, image_ca_file)?
+    else {
         anyhow::bail!("wasm_runtime returned another runtime");
     };
     let data_dir = std::fs::canonicalize(data_dir)
@@ -211,12 +250,17 @@ pub(crate) fn run(args: AgentArgs) -> anyhow::Result<()> {
             recheck: Duration::from_millis(args.cri_recheck_interval_ms.max(100)),
             host_network: args.pod_network == "host",
         };
-        let runtime = node_runtimes(
+        if let Some(p) = &args.image_ca_file {
+            std::fs::read_to_string(p)
+                .with_context(|| format!("failed to read --image-ca-file {}", p.display()))?;
+        }
+        let runtime = node_runtimes_with_ca(
             &args.data_dir,
             &cfg.node_name,
             cfg.capacity.pods,
             args.executor_threads,
             Some((&args.container_runtime_endpoint, cri)),
+            args.image_ca_file.clone(),
             shutdown.clone(),
         )
         .await?;
