@@ -39,6 +39,14 @@ pub(crate) struct ServerArgs {
     /// DEVELOPMENT ONLY: serve plain HTTP with no authentication at all.
     #[arg(long)]
     insecure_http_no_auth: bool,
+    /// How often node health is checked, in milliseconds (kube-controller-manager's
+    /// `--node-monitor-period`).
+    #[arg(long, default_value_t = 5_000)]
+    node_monitor_period_ms: u64,
+    /// Node lease age after which a node is `Unknown`, in milliseconds
+    /// (`--node-monitor-grace-period`, 40 s as in Kubernetes).
+    #[arg(long, default_value_t = 40_000)]
+    node_monitor_grace_period_ms: u64,
 }
 
 /// Runs the API server until Ctrl-C.
@@ -133,12 +141,21 @@ async fn serve_on<S: Store>(
     let control_loops = server.pki().cloned().map(|pki| {
         let (dir, stop) = (args.data_dir.clone(), shutdown.clone());
         println!("node join token: {}", dir.join("node-token").display());
+        let controllers = control::controllers::ControllerConfig {
+            node_monitor_period: std::time::Duration::from_millis(
+                args.node_monitor_period_ms.max(100),
+            ),
+            node_monitor_grace_period: std::time::Duration::from_millis(
+                args.node_monitor_grace_period_ms.max(100),
+            ),
+            ..Default::default()
+        };
         tokio::spawn(async move {
             control::controllers::run_with_server(
                 &dir,
                 &pki,
                 addr,
-                Default::default(),
+                controllers,
                 Default::default(),
                 stop,
             )
