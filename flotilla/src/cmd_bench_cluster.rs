@@ -286,3 +286,610 @@ async fn startup(args: BenchStartupArgs) -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
+
+/// Arguments of `flotilla bench cluster`.
+#[derive(clap::Args)]
+pub(crate) struct BenchClusterArgs {
+    /// Hollow nodes of the large clusters.
+    #[arg(long, default_value_t = 1000)]
+    nodes: usize,
+    /// Pods of the placement run (the figure is 100,000).
+    #[arg(long, default_value_t = 100_000)]
+    pods: usize,
+    /// Pods of the RSS run (the figure is 10,000).
+    #[arg(long, default_value_t = 10_000)]
+    rss_pods: usize,
+    /// Hollow nodes of the node-failure run.
+    #[arg(long, default_value_t = 20)]
+    failure_nodes: usize,
+    /// Replicas of the node-failure run.
+    #[arg(long, default_value_t = 400)]
+    failure_pods: usize,
+    /// Give up on a phase after this many seconds.
+    #[arg(long, default_value_t = 900)]
+    timeout_secs: u64,
+    /// Phases to run, comma-separated: rss, failure, placement.
+    #[arg(long, value_delimiter = ',', default_value = "rss,failure,placement")]
+    phases: Vec<String>,
+}
+
+/// One row of the final table.
+struct Row {
+    what: String,
+    measured: String,
+    target: String,
+    verdict: String,
+}
+
+/// `/proc/<pid>/status` field in KiB (`VmRSS`, `VmHWM`).
+fn proc_kib(pid: &str, field: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+}
+
+fn mib(kib: Option<u64>) -> String {
+    kib.map_or_else(|| "n/a".into(), |k| format!("{:.0} MiB", k as f64 / 1024.0))
+}
+
+fn progress(msg: &str) {
+    eprintln!("[bench cluster] {msg}");
+}
+
+/// What the hollow agents know about one pod.
+#[derive(Default, Clone)]
+struct HollowPod {
+    node: String,
+    running: bool,
+    deleting: bool,
+    patched: bool,
+}
+
+/// kubemark-style hollow agents sharing one process: each node heartbeats its Lease and
+/// reports its bound pods Running with a status patch. They share ONE cluster-wide pod watch
+/// (1,000 per-node watches would measure the watch fan-out, not the cluster).
+struct Fleet {
+    client: ApiClient,
+    alive: std::sync::Mutex<std::collections::HashSet<String>>,
+    pods: std::sync::Mutex<std::collections::HashMap<String, HollowPod>>,
+    patches: tokio::sync::Semaphore,
+}
+
+impl Fleet {
+    fn is_alive(&self, node: &str) -> bool {
+        self.alive
+            .lock()
+            .expect("invariant: lock not poisoned")
+            .contains(node)
+    }
+
+    /// Pods Running, not being deleted, on a live node.
+    fn running(&self) -> (usize, usize, usize) {
+        let alive = self.alive.lock().expect("invariant: lock not poisoned");
+        let pods = self.pods.lock().expect("invariant: lock not poisoned");
+        let live = pods.values().filter(|p| !p.deleting);
+        let (mut total, mut bound, mut running) = (0, 0, 0);
+        for p in live {
+            total += 1;
+            if !p.node.is_empty() {
+                bound += 1;
+                if p.running && alive.contains(&p.node) {
+                    running += 1;
+                }
+            }
+        }
+        (total, bound, running)
+    }
+
+    fn observe(self: &std::sync::Arc<Self>, obj: &Value, deleted: bool) {
+        let ns = obj
+            .pointer("/metadata/namespace")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        let name = obj
+            .pointer("/metadata/name")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        let key = format!("{ns}/{name}");
+        let mut pods = self.pods.lock().expect("invariant: lock not poisoned");
+        if deleted {
+            pods.remove(&key);
+            return;
+        }
+        let e = pods.entry(key.clone()).or_default();
+        e.node = obj
+            .pointer("/spec/nodeName")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        e.running = obj.pointer("/status/phase").and_then(Value::as_str) == Some("Running");
+        e.deleting = obj.pointer("/metadata/deletionTimestamp").is_some();
+        if e.node.is_empty() || e.running || e.deleting || e.patched || !self.is_alive(&e.node) {
+            return;
+        }
+        e.patched = true;
+        let fleet = self.clone();
+        let path = format!("/api/v1/namespaces/{ns}/pods/{name}/status");
+        tokio::spawn(async move {
+            let Ok(_permit) = fleet.patches.acquire().await else {
+                return;
+            };
+            let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+            let patch = json!({"status": {
+                "phase": "Running", "startTime": now,
+                "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": now}],
+                "containerStatuses": [{"name": "c", "ready": true, "restartCount": 0,
+                    "image": "hollow.wasm", "imageID": "", "started": true,
+                    "state": {"running": {"startedAt": now}}}],
+            }});
+            if let Err(e) = fleet.client.merge_patch(&path, &patch).await {
+                tracing::debug!(error = %e, %path, "hollow status patch failed");
+                // Let the next event for this pod try again.
+                if let Some(p) = fleet
+                    .pods
+                    .lock()
+                    .expect("invariant: lock not poisoned")
+                    .get_mut(&key)
+                {
+                    p.patched = false;
+                }
+            }
+        });
+    }
+}
+
+/// The watch loop of the fleet: list, then watch from the list's revision; on any break, again.
+async fn fleet_watch(fleet: std::sync::Arc<Fleet>, stop: CancellationToken) {
+    while !stop.is_cancelled() {
+        let (items, rv) = match fleet.client.list("/api/v1/pods").await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(error = %e, "hollow fleet list failed");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        for p in &items {
+            fleet.observe(p, false);
+        }
+        let Ok(mut w) = fleet
+            .client
+            .watch(&format!("/api/v1/pods?watch=true&resourceVersion={rv}"))
+            .await
+        else {
+            continue;
+        };
+        loop {
+            let ev = tokio::select! {
+                _ = stop.cancelled() => return,
+                ev = w.next() => ev,
+            };
+            match ev {
+                Some(Ok(ev)) if ev.kind == "ADDED" || ev.kind == "MODIFIED" => {
+                    fleet.observe(&ev.object, false);
+                }
+                Some(Ok(ev)) if ev.kind == "DELETED" => fleet.observe(&ev.object, true),
+                Some(Ok(_)) => {}
+                _ => break,
+            }
+        }
+    }
+}
+
+/// A real control plane (embedded one-member store, API server, scheduler, every controller)
+/// in this process, plus a fleet of hollow nodes.
+struct Cluster {
+    dir: std::path::PathBuf,
+    url: String,
+    client: ApiClient,
+    fleet: std::sync::Arc<Fleet>,
+    stop: CancellationToken,
+    tasks: tokio::task::JoinSet<()>,
+    store: store::NodeHandle,
+}
+
+impl Cluster {
+    async fn start(
+        tag: &str,
+        nodes: usize,
+        heartbeat: Duration,
+        controllers: control::controllers::ControllerConfig,
+    ) -> anyhow::Result<Cluster> {
+        let dir = std::env::temp_dir().join(format!(
+            "flotilla-bench-cluster-{}-{tag}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&dir)?;
+        let store_node =
+            control::storage::embedded::start_on(&dir.join("store"), "127.0.0.1:0", "127.0.0.1:0")
+                .await
+                .context("embedded store")?;
+        let store = control::storage::RemoteStore::connect(&[format!(
+            "http://{}",
+            store_node.client_addr()
+        )])
+        .context("connecting to the embedded store")?;
+        let server = ApiServer::new(ApiServerConfig::new(&dir), store)?;
+        let mut tries = 0;
+        while let Err(e) = server.bootstrap().await {
+            tries += 1;
+            if tries > 100 {
+                return Err(e).context("bootstrap");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        control::controllers::write_node_token(&dir)?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let pki = server.pki().context("secure mode")?.clone();
+        let stop = CancellationToken::new();
+        let mut tasks = tokio::task::JoinSet::new();
+        let s = stop.clone();
+        tasks.spawn(async move {
+            if let Err(e) = server.serve(listener, s).await {
+                tracing::error!(error = %e, "API server failed");
+            }
+        });
+        let url = format!("https://127.0.0.1:{}", addr.port());
+        let client = ApiClient::new(&url, Some(&pki.admin_token), Some(&pki.ca_pem))?;
+        let fleet = std::sync::Arc::new(Fleet {
+            client: client.clone(),
+            alive: Default::default(),
+            pods: Default::default(),
+            patches: tokio::sync::Semaphore::new(32),
+        });
+        progress(&format!("{tag}: registering {nodes} hollow nodes"));
+        let names: Vec<String> = (0..nodes).map(|i| format!("hollow-{i}")).collect();
+        let node_objs = names.iter().map(|n| {
+            json!({
+                "apiVersion": "v1", "kind": "Node",
+                "metadata": {"name": n, "labels": {"kubernetes.io/hostname": n,
+                    "kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64"},
+                    "annotations": {"flotilla.dev/runtime-classes": "wasm"}},
+                "status": {
+                    "capacity": {"cpu": "32", "memory": "256Gi", "pods": "110"},
+                    "allocatable": {"cpu": "32", "memory": "256Gi", "pods": "110"},
+                    "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady"}],
+                },
+            })
+        });
+        create_all(&client, "/api/v1/nodes", node_objs).await?;
+        let leases = names.iter().map(|n| {
+            json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                "metadata": {"name": n, "namespace": "kube-node-lease"},
+                "spec": {"holderIdentity": n, "leaseDurationSeconds": 40,
+                    "renewTime": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)}})
+        });
+        create_all(
+            &client,
+            "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases",
+            leases,
+        )
+        .await?;
+        fleet
+            .alive
+            .lock()
+            .expect("invariant: lock not poisoned")
+            .extend(names.iter().cloned());
+        for (i, n) in names.into_iter().enumerate() {
+            let (fleet, s) = (fleet.clone(), stop.clone());
+            // Spread the heartbeats over one interval, as independent kubelets would be.
+            let offset = heartbeat.mul_f64(i as f64 / nodes.max(1) as f64);
+            tasks.spawn(async move {
+                let path =
+                    format!("/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/{n}");
+                tokio::time::sleep(offset).await;
+                while fleet.is_alive(&n) {
+                    let now =
+                        chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+                    if let Err(e) = fleet
+                        .client
+                        .merge_patch(&path, &json!({"spec": {"renewTime": now}}))
+                        .await
+                    {
+                        tracing::debug!(error = %e, node = %n, "hollow heartbeat failed");
+                    }
+                    tokio::select! {
+                        _ = s.cancelled() => return,
+                        _ = tokio::time::sleep(heartbeat) => {}
+                    }
+                }
+            });
+        }
+        tasks.spawn(fleet_watch(fleet.clone(), stop.clone()));
+        let (c, s) = (client.clone(), stop.clone());
+        tasks.spawn(control::scheduler::run(c, SchedulerConfig::default(), s));
+        let (c, s) = (client.clone(), stop.clone());
+        tasks.spawn(control::controllers::run_all(c, controllers, s));
+        Ok(Cluster {
+            dir,
+            url,
+            client,
+            fleet,
+            stop,
+            tasks,
+            store: store_node,
+        })
+    }
+
+    /// Deployments totalling `pods` replicas (at most 10,000 each).
+    async fn deploy(&self, prefix: &str, pods: usize, extra_spec: &Value) -> anyhow::Result<()> {
+        let mut left = pods;
+        let mut i = 0;
+        while left > 0 {
+            let n = left.min(10_000);
+            left -= n;
+            let name = format!("{prefix}-{i}");
+            i += 1;
+            let mut spec = json!({"containers": [{"name": "c", "image": "/srv/hollow.wasm",
+                "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}}}]});
+            if let (Some(s), Some(extra)) = (spec.as_object_mut(), extra_spec.as_object()) {
+                s.extend(extra.clone());
+            }
+            let d = json!({"apiVersion": "apps/v1", "kind": "Deployment",
+                "metadata": {"name": name, "namespace": "default"},
+                "spec": {"replicas": n, "selector": {"matchLabels": {"app": name}},
+                    "template": {"metadata": {"labels": {"app": name}}, "spec": spec}}});
+            self.client
+                .create("/apis/apps/v1/namespaces/default/deployments", &d)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Waits until `want` pods are Running on live nodes; `Err` with the count on timeout.
+    async fn wait_running(&self, want: usize, timeout: Duration) -> Result<Duration, usize> {
+        let t0 = Instant::now();
+        let mut last = Instant::now();
+        loop {
+            let (total, bound, running) = self.fleet.running();
+            if running >= want {
+                return Ok(t0.elapsed());
+            }
+            if t0.elapsed() > timeout {
+                return Err(running);
+            }
+            if last.elapsed() >= Duration::from_secs(5) {
+                last = Instant::now();
+                progress(&format!(
+                    "  {:>6.1} s: {total} pods, {bound} bound, {running}/{want} Running, RSS {}",
+                    t0.elapsed().as_secs_f64(),
+                    mib(proc_kib("self", "VmRSS"))
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn shutdown(mut self) {
+        self.stop.cancel();
+        while self.tasks.join_next().await.is_some() {}
+        self.store.shutdown().await;
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Runs the real `flotilla agent` binary against `cluster`; its VmRSS once registered and settled.
+async fn agent_rss(cluster: &Cluster) -> anyhow::Result<Option<u64>> {
+    let exe = std::env::current_exe()?;
+    let data = cluster.dir.join("real-agent");
+    std::fs::create_dir_all(&data)?;
+    let mut child = tokio::process::Command::new(exe)
+        .args(["agent", "--server", &cluster.url, "--name", "real-agent"])
+        .arg("--token-file")
+        .arg(cluster.dir.join("node-token"))
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["--serving-port", "0"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting flotilla agent")?;
+    let pid = child.id().context("agent pid")?.to_string();
+    let t0 = Instant::now();
+    loop {
+        if cluster
+            .client
+            .get("/api/v1/nodes/real-agent")
+            .await?
+            .is_some()
+        {
+            break;
+        }
+        if t0.elapsed() > Duration::from_secs(60) {
+            anyhow::bail!("the agent did not register within 60 s");
+        }
+        if let Some(status) = child.try_wait()? {
+            anyhow::bail!("the agent exited: {status}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Settled: a couple of heartbeats and its pod watch established.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let rss = proc_kib(&pid, "VmRSS");
+    let _ = child.kill().await;
+    Ok(rss)
+}
+
+fn verdict(ok: bool) -> String {
+    if ok { "ok".into() } else { "MISSED".into() }
+}
+
+/// `flotilla bench cluster`: the placement, node-failure and RSS rows.
+pub(crate) fn run_cluster(args: BenchClusterArgs) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("failed to start the tokio runtime")?;
+    rt.block_on(cluster_bench(args))
+}
+
+async fn cluster_bench(args: BenchClusterArgs) -> anyhow::Result<()> {
+    let timeout = Duration::from_secs(args.timeout_secs);
+    let mut rows = Vec::new();
+    let phase = |p: &str| args.phases.iter().any(|x| x == p);
+    if phase("rss") {
+        let cfg = control::controllers::ControllerConfig::default();
+        let c = Cluster::start("rss", args.nodes, Duration::from_secs(10), cfg).await?;
+        progress(&format!(
+            "rss: {} pods on {} nodes",
+            args.rss_pods, args.nodes
+        ));
+        c.deploy("rss", args.rss_pods, &json!({})).await?;
+        match c.wait_running(args.rss_pods, timeout).await {
+            Ok(t) => {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                let rss = proc_kib("self", "VmRSS");
+                rows.push(Row {
+                    what: format!(
+                        "control-plane RSS, {} nodes + {} pods (whole bench process)",
+                        args.nodes, args.rss_pods
+                    ),
+                    measured: format!("{} (all Running in {:.1} s)", mib(rss), t.as_secs_f64()),
+                    target: "(report)".into(),
+                    verdict: "-".into(),
+                });
+            }
+            Err(n) => rows.push(Row {
+                what: format!(
+                    "control-plane RSS, {} nodes + {} pods",
+                    args.nodes, args.rss_pods
+                ),
+                measured: format!("only {n} Running after {} s", timeout.as_secs()),
+                target: "(report)".into(),
+                verdict: "DID NOT FINISH".into(),
+            }),
+        }
+        progress("rss: starting a real `flotilla agent` process");
+        let (measured, ok) = match agent_rss(&c).await {
+            Ok(Some(k)) => (mib(Some(k)), k <= 30 * 1024),
+            Ok(None) => ("n/a".into(), false),
+            Err(e) => (format!("failed: {e:#}"), false),
+        };
+        rows.push(Row {
+            what: "agent RSS, no pods (real `flotilla agent`, wasm runtime)".into(),
+            measured,
+            target: "<= 30 MiB".into(),
+            verdict: verdict(ok),
+        });
+        c.shutdown().await;
+    }
+    if phase("failure") {
+        let grace = Duration::from_secs(4);
+        let cfg = control::controllers::ControllerConfig {
+            node_monitor_period: Duration::from_secs(1),
+            node_monitor_grace_period: grace,
+            ..Default::default()
+        };
+        let c = Cluster::start("failure", args.failure_nodes, Duration::from_secs(1), cfg).await?;
+        let tol = json!({"tolerations": [
+            {"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 5},
+            {"key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 5}]});
+        c.deploy("fail", args.failure_pods, &tol).await?;
+        let what = format!(
+            "node failure -> replacements Running (tolerationSeconds 5, grace {} s, hb 1 s)",
+            grace.as_secs()
+        );
+        match c.wait_running(args.failure_pods, timeout).await {
+            Err(n) => rows.push(Row {
+                what,
+                measured: format!("setup: only {n} Running"),
+                target: "<= 15 s".into(),
+                verdict: "DID NOT FINISH".into(),
+            }),
+            Ok(_) => {
+                // The node with the most pods stops heartbeating (and reporting).
+                let victim = {
+                    let pods = c.fleet.pods.lock().expect("invariant: lock not poisoned");
+                    let mut count = std::collections::HashMap::<&str, usize>::new();
+                    for p in pods.values() {
+                        *count.entry(p.node.as_str()).or_default() += 1;
+                    }
+                    count
+                        .into_iter()
+                        .max_by_key(|(_, n)| *n)
+                        .map(|(n, k)| (n.to_string(), k))
+                        .unwrap_or_default()
+                };
+                progress(&format!(
+                    "failure: stopping {} ({} pods)",
+                    victim.0, victim.1
+                ));
+                c.fleet
+                    .alive
+                    .lock()
+                    .expect("invariant: lock not poisoned")
+                    .remove(&victim.0);
+                match c.wait_running(args.failure_pods, timeout).await {
+                    Ok(t) => rows.push(Row {
+                        what,
+                        measured: format!("{:.2} s for {} pods", t.as_secs_f64(), victim.1),
+                        target: "<= 15 s".into(),
+                        verdict: verdict(t <= Duration::from_secs(15)),
+                    }),
+                    Err(n) => rows.push(Row {
+                        what,
+                        measured: format!("only {n}/{} Running", args.failure_pods),
+                        target: "<= 15 s".into(),
+                        verdict: "MISSED".into(),
+                    }),
+                }
+            }
+        }
+        c.shutdown().await;
+    }
+    if phase("placement") {
+        let cfg = control::controllers::ControllerConfig::default();
+        let c = Cluster::start("placement", args.nodes, Duration::from_secs(10), cfg).await?;
+        progress(&format!(
+            "placement: {} pods on {} nodes",
+            args.pods, args.nodes
+        ));
+        let t0 = Instant::now();
+        c.deploy("big", args.pods, &json!({})).await?;
+        let what = format!(
+            "{} wasm pods placed + Running on {} hollow nodes",
+            args.pods, args.nodes
+        );
+        match c.wait_running(args.pods, timeout).await {
+            Ok(_) => {
+                let t = t0.elapsed();
+                rows.push(Row {
+                    what: what.clone(),
+                    measured: format!(
+                        "{:.1} s ({:.0} pods/s)",
+                        t.as_secs_f64(),
+                        args.pods as f64 / t.as_secs_f64()
+                    ),
+                    target: "(report)".into(),
+                    verdict: "-".into(),
+                });
+            }
+            Err(n) => rows.push(Row {
+                what: what.clone(),
+                measured: format!("only {n} Running after {} s", timeout.as_secs()),
+                target: "(report)".into(),
+                verdict: "DID NOT FINISH".into(),
+            }),
+        }
+        rows.push(Row {
+            what: "  peak RSS of the bench process (VmHWM, all phases so far)".into(),
+            measured: mib(proc_kib("self", "VmHWM")),
+            target: "(report)".into(),
+            verdict: "-".into(),
+        });
+        c.shutdown().await;
+    }
+    println!("| measurement | measured | target | verdict |");
+    println!("|---|---|---|---|");
+    for r in rows {
+        println!(
+            "| {} | {} | {} | {} |",
+            r.what, r.measured, r.target, r.verdict
+        );
+    }
+    Ok(())
+}

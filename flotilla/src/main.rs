@@ -51,6 +51,8 @@ enum BenchCommand {
     Scheduler(cmd_bench_cluster::BenchSchedulerArgs),
     /// End-to-end wasm pod start-up on a one-node cluster (create → Running seen by a watch).
     Startup(cmd_bench_cluster::BenchStartupArgs),
+    /// Whole cluster on hollow nodes: 100k pods placed + Running, node failure, control-plane and agent RSS.
+    Cluster(cmd_bench_cluster::BenchClusterArgs),
     /// Store vs etcd 3.4, side by side: puts, txns, ranges, watches, failover, CPU, RSS.
     Store(cmd_bench_store::BenchStoreArgs),
 }
@@ -73,6 +75,7 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Api(args)) => cmd_server::run_bench(args),
         Command::Bench(BenchCommand::Scheduler(args)) => cmd_bench_cluster::run(args),
         Command::Bench(BenchCommand::Startup(args)) => cmd_bench_cluster::run_startup(args),
+        Command::Bench(BenchCommand::Cluster(args)) => cmd_bench_cluster::run_cluster(args),
         Command::Bench(BenchCommand::Store(args)) => cmd_bench_store::run(args),
         Command::Chaos(args) => cmd_chaos::run(args),
     }
