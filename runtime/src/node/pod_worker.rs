@@ -311,6 +311,8 @@ impl<R: super::NodeRuntime> PodWorker<R> {
     /// Hard eviction (`node::eviction`): kill at once, report `Failed`/`Evicted`, never rerun.
     async fn evict(&mut self, pod: &Value, message: &str) {
         self.probes = None;
+        // As the kubelet's eviction manager: the event first, then the kill.
+        self.event(pod, "Warning", "Evicted", message).await;
         let mut st = None;
         if let Some(id) = self.sandbox.clone() {
             if let Err(e) = self.ctx.runtime.stop_pod(&id, Duration::ZERO).await {
@@ -330,7 +332,6 @@ impl<R: super::NodeRuntime> PodWorker<R> {
         status["reason"] = json!("Evicted");
         status["message"] = json!(message);
         self.write_status(pod, status).await;
-        self.event(pod, "Warning", "Evicted", message).await;
         self.remove_sandbox().await;
     }
 

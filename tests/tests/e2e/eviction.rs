@@ -178,13 +178,20 @@ async fn memory_pressure_evicts_best_effort_then_burstable_and_a_deployment_repl
     for name in ["burst", "guar"] {
         assert_eq!(tests::phase(&get_pod(&c, name).await?), "Running", "{name}");
     }
-    let events = c.admin.list("/api/v1/namespaces/default/events").await?.0;
-    assert!(
-        events
-            .iter()
-            .any(|e| e["reason"] == "Evicted" && e["involvedObject"]["name"] == "be"),
-        "no Evicted event for be: {events:?}"
-    );
+    eventually("an Evicted event for be", WAIT, || async {
+        let events = c.admin.list("/api/v1/namespaces/default/events").await?.0;
+        let found = events.iter().any(|e| {
+            e["reason"] == "Evicted"
+                && e["type"] == "Warning"
+                && e["involvedObject"]["name"] == "be"
+        });
+        Ok(if found {
+            Ok(())
+        } else {
+            Err(format!("{events:?}"))
+        })
+    })
+    .await?;
 
     // 950Mi used: the Burstable pod above its request goes; the Guaranteed one stays.
     fake.set_memory_usage("burst", 560 * MI);
