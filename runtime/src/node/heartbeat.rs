@@ -380,5 +380,40 @@ mod tests {
                 .any(|c| c["type"] == CRI_CONDITION)
         );
         assert_eq!(Advertised::fixed(&cfg, "wasm").classes, "wasm");
+        let memory = |adv: &Advertised| {
+            let status = node_status(&cfg, adv);
+            let c = status["conditions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["type"] == "MemoryPressure")
+                .cloned()
+                .unwrap();
+            (
+                c["status"].clone(),
+                c["reason"].clone(),
+                c["message"].clone(),
+            )
+        };
+        let pressed = Advertised {
+            memory_pressure: true,
+            ..adv.clone()
+        };
+        assert_eq!(
+            memory(&pressed),
+            (
+                json!("True"),
+                json!("KubeletHasInsufficientMemory"),
+                json!("kubelet has insufficient memory available")
+            )
+        );
+        assert_eq!(
+            memory(&adv),
+            (
+                json!("False"),
+                json!("KubeletHasSufficientMemory"),
+                json!("kubelet has sufficient memory available")
+            )
+        );
     }
 }
