@@ -208,10 +208,12 @@ pub async fn wait_no_leases(endpoint: &str, within: Duration) -> anyhow::Result<
     let mut leases = LeaseClient::new(channel(endpoint)?);
     let deadline = tokio::time::Instant::now() + within;
     loop {
-        let r = leases
-            .lease_leases(store::pb::etcdserverpb::LeaseLeasesRequest {})
-            .await;
-        if let Ok(r) = r
+        let r = tokio::time::timeout(
+            Duration::from_secs(1),
+            leases.lease_leases(store::pb::etcdserverpb::LeaseLeasesRequest {}),
+        )
+        .await;
+        if let Ok(Ok(r)) = r
             && r.into_inner().leases.is_empty()
         {
             return Ok(());

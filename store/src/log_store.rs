@@ -224,6 +224,7 @@ impl RaftLogStorage<TypeConfig> for SledLogStore {
         // openraft 0.9 purges a follower's log while its state machine worker may still be
         // installing the snapshot that covers it; a crash in between would leave a purged log
         // and an older snapshot (a hole openraft refuses to start with). Wait for the snapshot.
+        let give_up = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
         while self.gate_purge
             && self
                 .stats
@@ -231,6 +232,14 @@ impl RaftLogStorage<TypeConfig> for SledLogStore {
                 .load(std::sync::atomic::Ordering::SeqCst)
                 < log_id.index
         {
+            if tokio::time::Instant::now() > give_up {
+                // Never wedge Raft on this: purge as openraft asked (the pre-gate behaviour).
+                tracing::warn!(
+                    upto = log_id.index,
+                    "snapshot not durable after 5 s; purging the log anyway"
+                );
+                break;
+            }
             if self
                 .stats
                 .sm_failed

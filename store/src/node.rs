@@ -468,8 +468,11 @@ impl NodeHandle {
     pub async fn shutdown(&self) {
         self.inner.cancel.cancel();
         self.inner.tracker.close();
-        if let Err(e) = self.inner.raft.shutdown().await {
-            tracing::warn!(error = %e, "raft shutdown");
+        // Bounded: a Raft core stuck in a storage call must not wedge the caller.
+        match tokio::time::timeout(Duration::from_secs(10), self.inner.raft.shutdown()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "raft shutdown"),
+            Err(_) => tracing::error!("raft did not shut down within 10 s; abandoning it"),
         }
         if tokio::time::timeout(Duration::from_secs(5), self.inner.tracker.wait())
             .await
