@@ -1,9 +1,10 @@
 //! Issue 5's multi-process cluster, driven with the real kubectl: a three-member `flotilla store`
 //! cluster, three `flotilla server` processes on it (one PKI, so any server accepts any
 //! credential), three `flotilla agent` processes joined with `DATA_DIR/node-token`. A wasm
-//! Deployment is applied, spread, scaled, rolled (maxUnavailable checked while it rolls) and its
-//! logs read; an agent is kill -9'd and its pods come back elsewhere; the store leader and its
-//! server are kill -9'd and the API, through another server, stays writable with nothing lost.
+//! Deployment is applied, spread, scaled, rolled (maxSurge/maxUnavailable checked while it rolls)
+//! and its logs read; a node is drained; an agent is kill -9'd and its pods come back elsewhere;
+//! the store leader and its server are kill -9'd and the API, through another server, stays
+//! writable with nothing lost.
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -502,6 +503,18 @@ fn three_servers_three_agents_kubectl_scale_roll_and_survive_kills() {
         "[cluster] logs: {:?}",
         logs.lines().take(2).collect::<Vec<_>>()
     );
+
+    // kubectl drain (cordon + evictions) moves a node's pods to the others; then uncordon.
+    let per = wait_running(k, 5, "");
+    let drained = per
+        .iter()
+        .max_by_key(|(_, n)| **n)
+        .map(|(n, _)| n.clone())
+        .expect("a node");
+    k.ok(&["drain", &drained, "--ignore-daemonsets", "--timeout=60s"]);
+    let per = wait_running(k, 5, &drained);
+    eprintln!("[cluster] drained {drained}: {per:?}");
+    k.ok(&["uncordon", &drained]);
 
     // kill -9 the agent with the most pods: they are recreated on the other two nodes.
     let per = wait_running(k, 5, "");
