@@ -367,8 +367,9 @@ impl Fleet {
 
     /// Pods Running, not being deleted, on a live node.
     fn running(&self) -> (usize, usize, usize) {
-        let alive = self.alive.lock().expect("invariant: lock not poisoned");
+        // Lock order everywhere: `pods`, then `alive`.
         let pods = self.pods.lock().expect("invariant: lock not poisoned");
+        let alive = self.alive.lock().expect("invariant: lock not poisoned");
         let live = pods.values().filter(|p| !p.deleting);
         let (mut total, mut bound, mut running) = (0, 0, 0);
         for p in live {
