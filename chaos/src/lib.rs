@@ -230,11 +230,17 @@ impl Default for ScenarioConfig {
     }
 }
 
+/// Held by the running scenario (see [`run_scenario`]).
+static SCENARIO_SLOT: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Runs the workload, the `nemesis`, heals, and checks every invariant.
 pub async fn run_scenario<F>(name: &str, cfg: ScenarioConfig, nemesis: F) -> anyhow::Result<Report>
 where
     F: AsyncFnOnce(&mut Ctx) -> anyhow::Result<()>,
 {
+    // One in-process cluster at a time: sled 0.34 flushes on a process-wide thread pool, and two
+    // crash-heavy scenarios side by side were seen to wedge each other's flushes.
+    let _one_at_a_time = SCENARIO_SLOT.lock().await;
     let seed = seed();
     println!("scenario {name}: SEED={seed}");
     let cluster =
