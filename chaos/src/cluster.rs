@@ -138,6 +138,23 @@ pub fn fault_tunables() -> Tunables {
     }
 }
 
+/// A free loopback address for a member, below Linux's ephemeral range (32768+): a restarted
+/// member re-binds its address, and a port from that range may meanwhile be the local end of
+/// some outgoing connection, which makes the re-bind fail for as long as it lives.
+async fn member_port() -> anyhow::Result<SocketAddr> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let base = 20_000 + (std::process::id() % 40) * 300;
+    for _ in 0..12_000 {
+        let port = 20_000 + (base - 20_000 + NEXT.fetch_add(1, Ordering::Relaxed)) % 12_000;
+        let addr = SocketAddr::from(([127, 0, 0, 1], port as u16));
+        if TcpListener::bind(addr).await.is_ok() {
+            return Ok(addr);
+        }
+    }
+    anyhow::bail!("no free loopback port in 20000-31999")
+}
+
 async fn bind_retry(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     let mut last = None;
     for _ in 0..50 {
@@ -167,10 +184,7 @@ impl FaultCluster {
         let router = Router::new(seed);
         let mut addrs = Vec::new();
         for _ in 0..n {
-            // Bind then drop to learn free ports; re-bound immediately below.
-            let c = TcpListener::bind("127.0.0.1:0").await?;
-            let p = TcpListener::bind("127.0.0.1:0").await?;
-            addrs.push((c.local_addr()?, p.local_addr()?));
+            addrs.push((member_port().await?, member_port().await?));
         }
         let initial: Vec<(String, String)> = addrs
             .iter()
@@ -242,8 +256,7 @@ impl FaultCluster {
     pub async fn add_member(&mut self, via: usize) -> anyhow::Result<usize> {
         use store::pb::etcdserverpb::MemberAddRequest;
         use store::pb::etcdserverpb::cluster_client::ClusterClient;
-        let c = TcpListener::bind("127.0.0.1:0").await?.local_addr()?;
-        let p = TcpListener::bind("127.0.0.1:0").await?.local_addr()?;
+        let (c, p) = (member_port().await?, member_port().await?);
         let i = self.members.len();
         let template = self.members[0].config.clone();
         let mut initial: Vec<(String, String)> = self
