@@ -38,6 +38,18 @@ fn write_err(e: impl std::error::Error + 'static) -> StorageError<u64> {
     StorageIOError::write_logs(AnyError::new(&e)).into()
 }
 
+/// `Tree::flush`, run on Tokio's blocking pool. Not `flush_async`: that runs the blocking flush
+/// on sled 0.34's process-wide IO pool (7 threads, grown only when more than 7 tasks queue up),
+/// and the flush itself waits for buffer writes queued on that same pool, so 7 flushes in flight
+/// at once (easily reached with several members, or one member's log and apply flushes under
+/// load) took every pool thread and waited forever for writes no thread was left to run.
+pub(crate) async fn flush_tree(tree: &sled::Tree) -> sled::Result<usize> {
+    let tree = tree.clone();
+    tokio::task::spawn_blocking(move || tree.flush())
+        .await
+        .unwrap_or_else(|e| Err(sled::Error::ReportableBug(format!("flush task: {e}"))))
+}
+
 /// The Raft log (`raft_log` tree, big-endian index keys) and Raft metadata (`raft_meta`).
 #[derive(Clone, Debug)]
 pub struct SledLogStore {
@@ -95,7 +107,7 @@ impl SledLogStore {
     }
 
     async fn flush(&self) -> StorageResult<()> {
-        self.db.flush_async().await.map_err(write_err)?;
+        flush_tree(&self.db).await.map_err(write_err)?;
         Ok(())
     }
 }
@@ -186,7 +198,7 @@ impl RaftLogStorage<TypeConfig> for SledLogStore {
         self.crash(CrashPoint::BeforeLogFlush)?;
         // Durable before openraft may count this entry towards a quorum.
         let start = Instant::now();
-        let res = self.db.flush_async().await;
+        let res = flush_tree(&self.db).await;
         self.stats
             .log_flushes
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

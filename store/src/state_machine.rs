@@ -292,7 +292,9 @@ impl RaftSnapshotBuilder<TypeConfig> for SledStateMachine {
         // The snapshot is the persisted state machine: durable before openraft may purge the
         // log entries it covers. From now on the legacy per-entry records are stale.
         self.meta.remove(LAST_APPLIED).map_err(snap_err)?;
-        self.snapshot.flush_async().await.map_err(snap_err)?;
+        crate::log_store::flush_tree(&self.snapshot)
+            .await
+            .map_err(snap_err)?;
         self.stats
             .snapshot_durable_at(meta.last_log_id.map_or(0, |l| l.index));
         Ok(Snapshot {
@@ -329,7 +331,9 @@ impl RaftStateMachine<TypeConfig> for SledStateMachine {
                 .map_err(snap_err)?;
             if !self.hooks.ack_before_flush {
                 // (The planted bug flushes nothing on the write path, this included.)
-                self.raft_meta.flush_async().await.map_err(snap_err)?;
+                crate::log_store::flush_tree(&self.raft_meta)
+                    .await
+                    .map_err(snap_err)?;
             }
         }
         let mut responses = Vec::new();
@@ -420,7 +424,9 @@ impl SledStateMachine {
         self.snapshot.insert(CURRENT, stored).map_err(snap_err)?;
         self.crash(CrashPoint::SnapshotInstall)?;
         self.meta.remove(LAST_APPLIED).map_err(snap_err)?;
-        self.snapshot.flush_async().await.map_err(snap_err)?;
+        crate::log_store::flush_tree(&self.snapshot)
+            .await
+            .map_err(snap_err)?;
         self.stats
             .snapshot_durable_at(meta.last_log_id.map_or(0, |l| l.index));
         {
