@@ -5,6 +5,8 @@
 //! Its own crate because both the controllers (`control`) and the node agent (`runtime`) use it,
 //! `control` and `runtime` may not depend on each other, and `api` holds no IO.
 #![warn(missing_docs)]
+pub mod tls;
+
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -295,74 +295,6 @@ fn first_wait(pod: &Value, container: &str) -> Option<String> {
 // ---------------------------------------------------------------------------------------------
 // Talking to the agent
 
-/// Accepts exactly the certificate whose SHA-256 is pinned, with a valid handshake signature.
-#[derive(Debug)]
-struct PinnedCert {
-    sha256: Vec<u8>,
-    provider: Arc<rustls::crypto::CryptoProvider>,
-}
-
-impl rustls::client::danger::ServerCertVerifier for PinnedCert {
-    fn verify_server_cert(
-        &self,
-        end_entity: &rustls::pki_types::CertificateDer<'_>,
-        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
-        _server_name: &rustls::pki_types::ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        use sha2::Digest as _;
-        let got = sha2::Sha256::digest(end_entity.as_ref());
-        let same = got.len() == self.sha256.len()
-            && got
-                .iter()
-                .zip(&self.sha256)
-                .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-                == 0;
-        if same {
-            Ok(rustls::client::danger::ServerCertVerified::assertion())
-        } else {
-            Err(rustls::Error::General(
-                "the node's serving certificate does not match the one it published".into(),
-            ))
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
 /// One request to the agent of `t` (a fresh connection; these calls are rare).
 async fn call_agent(
     t: &Target,
@@ -381,16 +313,8 @@ async fn call_agent(
         )
     };
     let pin = hex::decode(&t.pin).map_err(|_| unreachable("malformed certificate pin".into()))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| unreachable(e.to_string()))?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(PinnedCert {
-            sha256: pin,
-            provider,
-        }))
-        .with_no_client_auth();
+    let mut cfg = apiclient::tls::client_config(apiclient::tls::ServerCheck::Pinned(pin))
+        .map_err(|e| unreachable(e.to_string()))?;
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     let server_name = rustls::pki_types::ServerName::try_from(t.host.clone())
         .map_err(|e| unreachable(e.to_string()))?;

@@ -367,56 +367,6 @@ fn resolve_port(c: &Container, p: &IntOrString) -> Result<u16, String> {
         .ok_or_else(|| format!("invalid port {n}"))
 }
 
-/// Accepts any server certificate (HTTPS probes, like the kubelet's, do not verify it) but
-/// still checks the handshake signatures.
-#[derive(Debug)]
-struct AnyCert(Arc<rustls::crypto::CryptoProvider>);
-
-impl rustls::client::danger::ServerCertVerifier for AnyCert {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &rustls::pki_types::CertificateDer<'_>,
-        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
-        _server_name: &rustls::pki_types::ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
 /// A minimal HTTP/1.1 GET (over TLS when `tls`); healthy when the status is 200..400
 /// (redirects are not followed).
 async fn http_get(
@@ -435,13 +385,9 @@ async fn http_get(
     if !tls {
         return http_exchange(tcp, &url, &addr, path, headers).await;
     }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| format!("Get \"{url}\": {e}"))?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AnyCert(provider)))
-        .with_no_client_auth();
+    // HTTPS probes, like the kubelet's, do not verify the certificate.
+    let cfg = apiclient::tls::client_config(apiclient::tls::ServerCheck::Any)
+        .map_err(|e| format!("Get \"{url}\": {e}"))?;
     let name = rustls::pki_types::ServerName::try_from(host.to_string())
         .map_err(|e| format!("Get \"{url}\": {e}"))?;
     let s = tokio_rustls::TlsConnector::from(Arc::new(cfg))
