@@ -230,17 +230,29 @@ impl Default for ScenarioConfig {
     }
 }
 
-/// Held by the running scenario (see [`run_scenario`]).
-static SCENARIO_SLOT: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+/// In-process scenarios running at once (`CHAOS_PARALLEL`, default 2). Not for correctness
+/// (sled's shared IO pool once wedged two clusters side by side; the store now flushes on
+/// Tokio's blocking pool): the bound keeps each scenario's timing (600 ms election timeouts)
+/// honest on a 2-core machine whatever `--test-threads` says.
+static SCENARIO_SLOTS: std::sync::LazyLock<tokio::sync::Semaphore> =
+    std::sync::LazyLock::new(|| {
+        let n = std::env::var("CHAOS_PARALLEL")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .filter(|n| *n > 0)
+            .unwrap_or(2);
+        tokio::sync::Semaphore::new(n)
+    });
 
 /// Runs the workload, the `nemesis`, heals, and checks every invariant.
 pub async fn run_scenario<F>(name: &str, cfg: ScenarioConfig, nemesis: F) -> anyhow::Result<Report>
 where
     F: AsyncFnOnce(&mut Ctx) -> anyhow::Result<()>,
 {
-    // One in-process cluster at a time: sled 0.34 flushes on a process-wide thread pool, and two
-    // crash-heavy scenarios side by side were seen to wedge each other's flushes.
-    let _one_at_a_time = SCENARIO_SLOT.lock().await;
+    let _slot = SCENARIO_SLOTS
+        .acquire()
+        .await
+        .expect("invariant: the scenario semaphore is never closed");
     let seed = seed();
     println!("scenario {name}: SEED={seed}");
     let cluster =

@@ -6,8 +6,8 @@
 //! member by failing the storage call, and later restarts the member from the captured copy.
 use std::time::Duration;
 
+use chaos::{Ctx, ScenarioConfig, run_scenario};
 use store::CrashPoint;
-use tests::faults::{Ctx, ScenarioConfig, run_scenario};
 
 async fn run(
     name: &str,

@@ -3,12 +3,12 @@
 //! lost writes, revisions, watches, leaders per term and convergence.
 use std::time::Duration;
 
+use chaos::net::NetFaults;
+use chaos::{Ctx, ScenarioConfig, run_scenario};
 use store::pb::etcdserverpb::kv_client::KvClient;
 use store::pb::etcdserverpb::watch_client::WatchClient;
 use store::pb::etcdserverpb::watch_request::RequestUnion;
 use store::pb::etcdserverpb::{RangeRequest, WatchCreateRequest, WatchRequest};
-use tests::faults::net::NetFaults;
-use tests::faults::{Ctx, ScenarioConfig, run_scenario};
 
 fn others(n: usize, i: usize) -> Vec<usize> {
     (0..n).filter(|j| *j != i).collect()
