@@ -23,6 +23,7 @@ mod admission_cache;
 mod auth;
 mod discovery;
 mod handlers;
+mod join;
 mod managed_fields;
 mod node_proxy;
 mod patch;
@@ -37,7 +38,8 @@ mod watch;
 mod watch_cache;
 
 pub use auth::Identity;
-pub use pki::{Pki, PkiError};
+pub use join::{JOIN_PATH, JoinAnswer, JoinError, StoreJoinInfo, fetch_join};
+pub use pki::{JoinBundle, Pki, PkiError, ServerToken, ca_hash};
 
 /// API server settings.
 #[derive(Debug, Clone)]
@@ -85,6 +87,8 @@ pub struct ApiServer<S: Store> {
     config: ApiServerConfig,
     /// Stops background tasks (watch-cache feeders) when serving ends.
     stop: CancellationToken,
+    /// The embedded store joining servers add their member to (`--join`).
+    store_join: Option<StoreJoinInfo>,
 }
 
 /// Namespaces every cluster has.
@@ -115,7 +119,13 @@ impl<S: Store> ApiServer<S> {
             pki,
             config,
             stop,
+            store_join: None,
         })
+    }
+
+    /// Offers the embedded store at `info` to servers joining with the server token.
+    pub fn set_store_join(&mut self, info: StoreJoinInfo) {
+        self.store_join = Some(info);
     }
 
     /// Certificates and tokens (`None` in insecure mode).
@@ -200,6 +210,11 @@ impl<S: Store> ApiServer<S> {
                 auth::authenticate,
             ))
             .layer(middleware::from_fn(log_layer))
+            // After the layers: the join route checks the server token itself.
+            .merge(join::routes(Arc::new(join::JoinState {
+                pki: self.pki.clone(),
+                store: self.store_join.clone(),
+            })))
     }
 
     /// Serves connections from `listener` until `shutdown` is cancelled.

@@ -83,6 +83,138 @@ pub struct Pki {
     pub readonly_token: String,
     /// Secret from which node tokens are derived.
     node_secret: String,
+    /// Secret of the server join token (`--join`).
+    server_secret: String,
+    /// PEM of the CA key, handed to joining servers; absent in data dirs created before join.
+    ca_key_pem: Option<String>,
+}
+
+/// The cluster CA's parameters; deterministic, so a server that received the CA key can sign
+/// certificates naming the same issuer.
+fn ca_params() -> Result<rcgen::CertificateParams, rcgen::Error> {
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "flotilla-ca");
+    ca_params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    ca_params.not_after = rcgen::date_time_ymd(2035, 1, 1);
+    Ok(ca_params)
+}
+
+/// Hex SHA-256 of the DER of the first certificate in `pem` (the cluster CA): what a server
+/// join token pins.
+pub fn ca_hash(pem: &str) -> Result<String, String> {
+    let der = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .next()
+        .ok_or_else(|| "no certificate in the CA PEM".to_string())?
+        .map_err(|e| e.to_string())?;
+    Ok(ca_hash_der(&der))
+}
+
+/// Hex SHA-256 of one DER certificate.
+pub fn ca_hash_der(der: &[u8]) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(der))
+}
+
+/// A server join token, k3s-style: `K10<sha256 of the CA certificate>::server:<secret>`. The
+/// hash lets a joining server trust the first server's CA before it has a copy of it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ServerToken {
+    /// Hex SHA-256 of the CA certificate (DER).
+    pub ca_hash: String,
+    /// The shared secret that authorizes joining.
+    pub secret: String,
+}
+
+impl std::fmt::Debug for ServerToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerToken")
+            .field("ca_hash", &self.ca_hash)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Display for ServerToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "K10{}::server:{}", self.ca_hash, self.secret)
+    }
+}
+
+impl ServerToken {
+    /// Parses `K10<64 hex>::server:<secret>` (surrounding whitespace ignored).
+    pub fn parse(text: &str) -> Result<ServerToken, String> {
+        const WANT: &str =
+            "want K10<ca-hash>::server:<secret>, as in a server's DATA_DIR/server-token";
+        let text = text.trim();
+        if text.starts_with("flotilla-node-token:") {
+            return Err(format!(
+                "this is a node join token (DATA_DIR/node-token, for agents), not a server token; {WANT}"
+            ));
+        }
+        let rest = text
+            .strip_prefix("K10")
+            .ok_or_else(|| format!("not a server join token; {WANT}"))?;
+        let (hash, secret) = rest
+            .split_once("::server:")
+            .ok_or_else(|| format!("not a server join token; {WANT}"))?;
+        if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!("the CA hash of the token is malformed; {WANT}"));
+        }
+        if secret.is_empty() || secret.contains(char::is_whitespace) {
+            return Err(format!("the secret of the token is malformed; {WANT}"));
+        }
+        Ok(ServerToken {
+            ca_hash: hash.to_ascii_lowercase(),
+            secret: secret.to_string(),
+        })
+    }
+}
+
+/// The shared credentials a joining server receives from `POST /v1-flotilla/join`.
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct JoinBundle {
+    /// Cluster CA certificate (PEM).
+    pub ca_cert: String,
+    /// Cluster CA key (PEM).
+    pub ca_key: String,
+    /// Admin bearer token (every server accepts the same kubeconfig).
+    pub admin_token: String,
+    /// Read-only bearer token.
+    pub readonly_token: String,
+    /// Node-token secret (every server accepts the same node tokens).
+    pub node_secret: String,
+    /// Server join token secret (any server can admit the next one).
+    pub server_secret: String,
+}
+
+impl std::fmt::Debug for JoinBundle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JoinBundle").finish_non_exhaustive()
+    }
+}
+
+impl JoinBundle {
+    /// Writes the material under `dir` (`pki/ca.*`, `auth/*`, mode 0600) so that
+    /// [`Pki::load_or_create`] then issues this server's own serving certificate from the CA.
+    pub fn install(&self, dir: &Path) -> Result<(), PkiError> {
+        let (pki, auth) = (dir.join("pki"), dir.join("auth"));
+        for stale in ["server.crt", "server.key", "server.sans"] {
+            let _ = std::fs::remove_file(pki.join(stale));
+        }
+        write_private(&pki.join("ca.key"), self.ca_key.as_bytes())?;
+        write_private(&pki.join("ca.crt"), self.ca_cert.as_bytes())?;
+        write_private(&auth.join("admin.token"), self.admin_token.as_bytes())?;
+        write_private(&auth.join("readonly.token"), self.readonly_token.as_bytes())?;
+        write_private(&auth.join("node.secret"), self.node_secret.as_bytes())?;
+        write_private(&auth.join("server.secret"), self.server_secret.as_bytes())
+    }
 }
 
 impl std::fmt::Debug for Pki {
@@ -96,28 +228,38 @@ impl Pki {
     /// `localhost`, `127.0.0.1`, `::1` and `extra_sans`).
     pub fn load_or_create(dir: &Path, extra_sans: &[String]) -> Result<Pki, PkiError> {
         let pki = dir.join("pki");
-        let (ca_crt, srv_crt, srv_key) = (
+        let (ca_crt, ca_key, srv_crt, srv_key, srv_sans) = (
             pki.join("ca.crt"),
+            pki.join("ca.key"),
             pki.join("server.crt"),
             pki.join("server.key"),
+            pki.join("server.sans"),
         );
-        if !(ca_crt.exists() && srv_crt.exists() && srv_key.exists()) {
-            let ca_key = rcgen::KeyPair::generate()?;
-            let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
-            ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-            ca_params
-                .distinguished_name
-                .push(rcgen::DnType::CommonName, "flotilla-ca");
-            ca_params.key_usages = vec![
-                rcgen::KeyUsagePurpose::KeyCertSign,
-                rcgen::KeyUsagePurpose::CrlSign,
-                rcgen::KeyUsagePurpose::DigitalSignature,
-            ];
-            ca_params.not_after = rcgen::date_time_ymd(2035, 1, 1);
-            let ca_cert = ca_params.self_signed(&ca_key)?;
-            let issuer = rcgen::Issuer::new(ca_params, ca_key);
-            let mut sans = vec!["localhost".to_string(), "127.0.0.1".into(), "::1".into()];
-            sans.extend(extra_sans.iter().cloned());
+        let mut sans = vec!["localhost".to_string(), "127.0.0.1".into(), "::1".into()];
+        for s in extra_sans {
+            if !sans.contains(s) {
+                sans.push(s.clone());
+            }
+        }
+        let sans_text = sans.join("\n");
+        let have_ca = ca_crt.exists() && ca_key.exists();
+        let have_serving = srv_crt.exists() && srv_key.exists();
+        if !have_ca && !(ca_crt.exists() && have_serving) {
+            // First start: a new cluster CA (its key is kept so that servers joining with
+            // `--join` receive it and sign their own serving certificates).
+            let key = rcgen::KeyPair::generate()?;
+            let cert = ca_params()?.self_signed(&key)?;
+            write_private(&ca_key, key.serialize_pem().as_bytes())?;
+            write_private(&ca_crt, cert.pem().as_bytes())?;
+            let _ = std::fs::remove_file(&srv_crt);
+        }
+        // A serving certificate for this server's names, issued when missing (first start, or a
+        // server that joined and received only the CA) or when the names changed.
+        let stale = std::fs::read_to_string(&srv_sans).map_or(true, |t| t != sans_text);
+        if ca_key.exists() && (!srv_crt.exists() || !srv_key.exists() || stale) {
+            let read = |p: &Path| std::fs::read_to_string(p).map_err(io(p));
+            let ca_key_pem = read(&ca_key)?;
+            let issuer = rcgen::Issuer::new(ca_params()?, rcgen::KeyPair::from_pem(&ca_key_pem)?);
             let mut params = rcgen::CertificateParams::new(sans)?;
             params
                 .distinguished_name
@@ -126,9 +268,9 @@ impl Pki {
             params.not_after = rcgen::date_time_ymd(2035, 1, 1);
             let key = rcgen::KeyPair::generate()?;
             let cert = params.signed_by(&key, &issuer)?;
-            write_private(&ca_crt, ca_cert.pem().as_bytes())?;
-            write_private(&srv_crt, cert.pem().as_bytes())?;
             write_private(&srv_key, key.serialize_pem().as_bytes())?;
+            write_private(&srv_crt, cert.pem().as_bytes())?;
+            write_private(&srv_sans, sans_text.as_bytes())?;
         }
         let read = |p: &Path| std::fs::read(p).map_err(io(p));
         let ca_pem = String::from_utf8_lossy(&read(&ca_crt)?).into_owned();
@@ -166,6 +308,55 @@ impl Pki {
             admin_token: token("admin.token")?,
             readonly_token: token("readonly.token")?,
             node_secret: token("node.secret")?,
+            server_secret: token("server.secret")?,
+            ca_key_pem: std::fs::read_to_string(&ca_key).ok(),
+        })
+    }
+
+    /// The server join token (`K10<ca-hash>::server:<secret>`) that `flotilla server --join`
+    /// presents to join this cluster.
+    pub fn server_token(&self) -> Result<ServerToken, PkiError> {
+        Ok(ServerToken {
+            ca_hash: ca_hash(&self.ca_pem).map_err(|message| PkiError::Pem {
+                path: PathBuf::from("pki/ca.crt"),
+                message,
+            })?,
+            secret: self.server_secret.clone(),
+        })
+    }
+
+    /// Writes `DATA_DIR/server-token` (mode 0600) unless it already holds this token; returns
+    /// its path.
+    pub fn write_server_token(&self, dir: &Path) -> Result<PathBuf, PkiError> {
+        let path = dir.join("server-token");
+        let text = format!("{}\n", self.server_token()?);
+        if std::fs::read_to_string(&path).is_ok_and(|t| t == text) {
+            return Ok(path);
+        }
+        write_private(&path, text.as_bytes())?;
+        Ok(path)
+    }
+
+    /// Whether `token` (the whole server token or its secret) is this cluster's server token.
+    pub(crate) fn is_server_token(&self, token: &str) -> bool {
+        let secret = match ServerToken::parse(token) {
+            Ok(t) => t.secret,
+            Err(_) => token.to_string(),
+        };
+        ct_eq(&secret, &self.server_secret)
+    }
+
+    /// What a joining server needs to accept the same credentials as this one: the CA with its
+    /// key and every token secret. `None` when the CA key is not on disk (a data dir created
+    /// before servers could join).
+    pub fn join_bundle(&self) -> Option<JoinBundle> {
+        Some(JoinBundle {
+            ca_cert: self.ca_pem.clone(),
+            ca_key: self.ca_key_pem.clone()?,
+            admin_token: self.admin_token.clone(),
+            readonly_token: self.readonly_token.clone(),
+            node_secret: self.node_secret.clone(),
+            server_secret: self.server_secret.clone(),
         })
     }
 
