@@ -3,7 +3,7 @@ use std::time::Duration;
 
 use crate::cri::CriRuntime;
 use crate::pod_runtime::{
-    ExecOutput, PodConfig, PodId, PodRuntime, PodStats, PodStatus, RuntimeError,
+    ExecOutput, PodConfig, PodId, PodRuntime, PodStats, PodStatus, RuntimeError, SessionIo,
 };
 #[cfg(any(test, feature = "test-util"))]
 use crate::testing::FakeRuntime;
@@ -72,5 +72,24 @@ impl PodRuntime for AnyRuntime {
         timeout: Duration,
     ) -> Result<ExecOutput, RuntimeError> {
         dispatch!(self, rt => rt.exec(id, container, command, timeout).await)
+    }
+
+    async fn exec_stream(
+        &self,
+        id: &PodId,
+        container: &str,
+        command: Vec<String>,
+        io: SessionIo,
+    ) -> Result<i32, RuntimeError> {
+        dispatch!(self, rt => rt.exec_stream(id, container, command, io).await)
+    }
+
+    async fn attach(
+        &self,
+        id: &PodId,
+        container: &str,
+        io: SessionIo,
+    ) -> Result<i32, RuntimeError> {
+        dispatch!(self, rt => rt.attach(id, container, io).await)
     }
 }

@@ -6,6 +6,7 @@
 //! - [`wasm`]: [`WasmRuntime`], pods as WASI preview 1 modules in wasmtime with CPU, memory and
 //!   fuel limits enforced inside the sandbox.
 //! - [`any`]: [`AnyRuntime`], `match` dispatch over the node's runtimes.
+//! - `websocket` (private): the WebSocket channel protocol of streaming exec and attach.
 //! - `testing` (feature `test-util`): `FakeRuntime` and the conformance suite
 //!   `testing::conformance::run_all` that every implementation passes.
 //!
@@ -34,6 +35,7 @@ pub mod pod_runtime;
 #[cfg(any(test, feature = "test-util"))]
 pub mod testing;
 pub mod wasm;
+mod websocket;
 
 /// The object-model crate, re-exported so callers can build pod specs without naming it.
 pub use api;
@@ -42,6 +44,6 @@ pub use any::AnyRuntime;
 pub use cri::CriRuntime;
 pub use pod_runtime::{
     ContainerStats, ContainerStatus, ExecOutput, PodConfig, PodId, PodRuntime, PodStats, PodStatus,
-    RuntimeError, SandboxState,
+    RuntimeError, SandboxState, SessionIo, SessionReader, SessionWriter, TerminalSize,
 };
 pub use wasm::{WasmRuntime, WasmRuntimeConfig};

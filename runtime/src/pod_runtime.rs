@@ -12,9 +12,13 @@
 //! | [`PodRuntime::list_pods`] | `ListPodSandbox` + `ListContainers` |
 //! | [`PodRuntime::logs`] | reading the container's CRI log file |
 //! | [`PodRuntime::stats`] | `ContainerStats` per container |
+//! | [`PodRuntime::exec`] | `ExecSync` (probes) |
+//! | [`PodRuntime::exec_stream`] | `Exec` + its streaming URL (`kubectl exec`) |
+//! | [`PodRuntime::attach`] | `Attach` + its streaming URL (`kubectl attach`) |
 use std::collections::BTreeMap;
 use std::fmt;
 use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 
 use api::pod::{ContainerState, PodSpec, QuantityError};
@@ -140,6 +144,47 @@ pub struct ExecOutput {
     pub stderr: Vec<u8>,
 }
 
+/// Size of a terminal, as sent on the resize channel (`{"Width":80,"Height":24}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TerminalSize {
+    /// Columns.
+    pub width: u16,
+    /// Rows.
+    pub height: u16,
+}
+
+/// A byte source of a session (the client's stdin).
+pub type SessionReader = Pin<Box<dyn tokio::io::AsyncRead + Send + Sync>>;
+/// A byte sink of a session (towards the client's stdout or stderr).
+pub type SessionWriter = Pin<Box<dyn tokio::io::AsyncWrite + Send + Sync>>;
+
+/// The client's side of a streaming exec or attach: what the process reads and where its
+/// output goes, each present only if the client asked for it.
+#[derive(Default)]
+pub struct SessionIo {
+    /// The client's stdin; end of file when the client closes it.
+    pub stdin: Option<SessionReader>,
+    /// Where stdout goes (with a TTY, stderr too).
+    pub stdout: Option<SessionWriter>,
+    /// Where stderr goes (never set with a TTY).
+    pub stderr: Option<SessionWriter>,
+    /// The client asked for a terminal.
+    pub tty: bool,
+    /// Terminal size changes, when `tty`.
+    pub resize: Option<tokio::sync::mpsc::Receiver<TerminalSize>>,
+}
+
+impl std::fmt::Debug for SessionIo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionIo")
+            .field("stdin", &self.stdin.is_some())
+            .field("stdout", &self.stdout.is_some())
+            .field("stderr", &self.stderr.is_some())
+            .field("tty", &self.tty)
+            .finish()
+    }
+}
+
 /// Why a runtime call failed. Variants say what the caller can do.
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
@@ -260,6 +305,54 @@ pub trait PodRuntime: Send + Sync + 'static {
         async {
             Err(RuntimeError::CantHandle(
                 "this runtime cannot exec into containers",
+            ))
+        }
+    }
+
+    /// Runs `command` inside a running container with its stdio wired to `io` as it runs
+    /// (`kubectl exec [-i] [-t]`) and returns its exit code. No timeout: the session ends it.
+    /// The default runs [`PodRuntime::exec`] to completion and then writes its output (no
+    /// stdin), for runtimes without a streaming path.
+    fn exec_stream(
+        &self,
+        id: &PodId,
+        container: &str,
+        command: Vec<String>,
+        io: SessionIo,
+    ) -> impl Future<Output = Result<i32, RuntimeError>> + Send {
+        async move {
+            use tokio::io::AsyncWriteExt as _;
+            let out = self.exec(id, container, command, Duration::ZERO).await?;
+            let mut io = io;
+            let tty = io.tty;
+            if let Some(w) = io.stdout.as_mut() {
+                let _ = w.write_all(&out.stdout).await;
+                if tty {
+                    let _ = w.write_all(&out.stderr).await;
+                }
+                let _ = w.flush().await;
+            }
+            if let Some(w) = io.stderr.as_mut() {
+                let _ = w.write_all(&out.stderr).await;
+                let _ = w.flush().await;
+            }
+            Ok(out.exit_code)
+        }
+    }
+
+    /// Attaches `io` to a running container's own stdio (`kubectl attach`): its output from
+    /// now on, and stdin if the container has `stdin: true`. Returns the container's exit code
+    /// when it ends; the caller ends a session the client left by dropping the future.
+    fn attach(
+        &self,
+        id: &PodId,
+        container: &str,
+        io: SessionIo,
+    ) -> impl Future<Output = Result<i32, RuntimeError>> + Send {
+        let _ = (id, container, io);
+        async {
+            Err(RuntimeError::CantHandle(
+                "this runtime cannot attach to containers",
             ))
         }
     }

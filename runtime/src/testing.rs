@@ -10,7 +10,7 @@ use api::pod::{ContainerState, ContainerStateRunning, ContainerStateTerminated};
 
 use crate::pod_runtime::{
     ContainerStats, ContainerStatus, ExecOutput, PodConfig, PodId, PodRuntime, PodStats, PodStatus,
-    RuntimeError, SandboxState,
+    RuntimeError, SandboxState, SessionIo,
 };
 
 pub mod conformance;
@@ -362,6 +362,77 @@ impl PodRuntime for FakeRuntime {
                 format!("fake: {other}: command not found\n"),
             ),
         })
+    }
+
+    /// Streaming commands on top of [`PodRuntime::exec`]'s: `cat` copies stdin to stdout until
+    /// end of file; `count N` prints `1`..`N`, one line every 300 ms; `size` prints the first
+    /// terminal size it is sent (`WxH`). Everything else runs as in `exec`, output at the end.
+    async fn exec_stream(
+        &self,
+        id: &PodId,
+        container: &str,
+        command: Vec<String>,
+        io: SessionIo,
+    ) -> Result<i32, RuntimeError> {
+        use tokio::io::AsyncWriteExt as _;
+        let mut io = io;
+        let program = command.first().cloned().unwrap_or_default();
+        let streaming = matches!(program.as_str(), "cat" | "count" | "size");
+        // The same checks (and the recorded call) as a plain exec.
+        let probe = if streaming {
+            vec!["true".to_string()]
+        } else {
+            command.clone()
+        };
+        let out = self.exec(id, container, probe, Duration::ZERO).await?;
+        let mut stdout = io.stdout.take();
+        match program.as_str() {
+            "cat" => {
+                if let (Some(mut r), Some(w)) = (io.stdin.take(), stdout.as_mut()) {
+                    let _ = tokio::io::copy(&mut r, w).await;
+                }
+                Ok(0)
+            }
+            "count" => {
+                let n: u32 = command.get(1).and_then(|n| n.parse().ok()).unwrap_or(3);
+                for i in 1..=n {
+                    if let Some(w) = stdout.as_mut() {
+                        let _ = w.write_all(format!("{i}\n").as_bytes()).await;
+                        let _ = w.flush().await;
+                    }
+                    if i < n {
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                    }
+                }
+                Ok(0)
+            }
+            "size" => {
+                let size = match io.resize.as_mut() {
+                    Some(rx) => rx.recv().await,
+                    None => None,
+                };
+                let text = size.map_or("no terminal\n".to_string(), |s| {
+                    format!("{}x{}\n", s.width, s.height)
+                });
+                if let Some(w) = stdout.as_mut() {
+                    let _ = w.write_all(text.as_bytes()).await;
+                }
+                Ok(0)
+            }
+            _ => {
+                let tty = io.tty;
+                if let Some(w) = stdout.as_mut() {
+                    let _ = w.write_all(&out.stdout).await;
+                    if tty {
+                        let _ = w.write_all(&out.stderr).await;
+                    }
+                }
+                if let Some(w) = io.stderr.as_mut() {
+                    let _ = w.write_all(&out.stderr).await;
+                }
+                Ok(out.exit_code)
+            }
+        }
     }
 }
 

@@ -1,4 +1,4 @@
-//! `pods/log` and `pods/exec`: the API server checks the caller, the pod and its container,
+//! `pods/log`, `pods/exec` and `pods/attach`: the API server checks the caller, the pod and its container,
 //! then reaches the pod's node agent (`runtime::node::server`) over HTTPS.
 //!
 //! # Trust between API server and agent
@@ -13,14 +13,14 @@
 //! - Who may ask: `get pods/log` and `create pods/exec` per the role model (`auth.rs`): admins
 //!   both, the read-only role logs only, node identities neither.
 //!
-//! # exec
+//! # exec and attach
 //!
 //! kubectl 1.37 asks for a WebSocket with subprotocol `v5.channel.k8s.io` (or `v4`). The API
-//! server terminates it: the command runs to completion on the node (`PodRuntime::exec`), then
-//! stdout goes out on channel 1, stderr on channel 2 and the final `Status` on channel 3
-//! (`Success`, or `Failure`/`NonZeroExitCode` with an `ExitCode` cause, from which kubectl
-//! takes its own exit code). Output is therefore delivered when the command ends, and stdin
-//! and TTYs are refused.
+//! server checks the request, opens the same upgrade to the agent's `/exec` or `/attach` (the
+//! client's key and offered subprotocols passed on), answers the client with the agent's
+//! `101`, and from then on copies bytes both ways: the agent speaks the channel protocol
+//! (stdin 0, stdout 1, stderr 2, the final `Status` 3, resize 4, v5's close signal 255), so
+//! output streams as it is produced and stdin and TTYs work where the runtime supports them.
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,8 +33,7 @@ use bytes::Bytes;
 use http::{HeaderValue, StatusCode, header};
 use http_body_util::{BodyExt as _, Full};
 use hyper_util::rt::TokioIo;
-use serde_json::{Value, json};
-use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use serde_json::Value;
 
 use super::auth::{Attributes, Decision, Identity, authorize};
 use super::handlers::{App, get_object};
@@ -49,9 +48,6 @@ const SERVING_CERT_ANNOTATION: &str = "flotilla.dev/kubelet-serving-cert-sha256"
 
 /// How long connecting to an agent may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Longest an exec may run (the agent bounds the command with it).
-const EXEC_TIMEOUT_SECONDS: u64 = 300;
 
 /// The credential for the agent of the node whose bearer token is `node_token` (the same
 /// derivation as `runtime::node::server::kubelet_token`).
@@ -92,28 +88,29 @@ pub(crate) fn routes<S: Store, T: Clone + Send + Sync + 'static>(
         )
         .route(
             "/api/v1/namespaces/{ns}/pods/{name}/exec",
-            get({
-                let p = p2.clone();
-                move |Path((ns, name)): Path<(String, String)>, req: Request| {
-                    let p = p.clone();
-                    async move {
-                        exec(p, &ns, &name, req)
-                            .await
-                            .unwrap_or_else(IntoResponse::into_response)
-                    }
-                }
-            })
-            .post(
-                move |Path((ns, name)): Path<(String, String)>, req: Request| {
-                    let p = p2.clone();
-                    async move {
-                        exec(p, &ns, &name, req)
-                            .await
-                            .unwrap_or_else(IntoResponse::into_response)
-                    }
-                },
-            ),
+            stream_route(p2.clone(), "exec"),
         )
+        .route(
+            "/api/v1/namespaces/{ns}/pods/{name}/attach",
+            stream_route(p2, "attach"),
+        )
+}
+
+/// GET (WebSocket, kubectl 1.37) and POST (the SPDY fallback, answered with a Status) of a
+/// streaming subresource.
+fn stream_route<S: Store, T: Clone + Send + Sync + 'static>(
+    p: Arc<NodeProxy<S>>,
+    sub: &'static str,
+) -> axum::routing::MethodRouter<T> {
+    let handler = move |Path((ns, name)): Path<(String, String)>, req: Request| {
+        let p = p.clone();
+        async move {
+            stream(p, sub, &ns, &name, req)
+                .await
+                .unwrap_or_else(IntoResponse::into_response)
+        }
+    };
+    get(handler.clone()).post(handler)
 }
 
 /// Every value of each query parameter, in order.
@@ -300,6 +297,7 @@ async fn call_agent(
     t: &Target,
     method: http::Method,
     path_and_query: &str,
+    headers: &[(&'static str, String)],
     body: Bytes,
 ) -> Result<http::Response<hyper::body::Incoming>, ApiError> {
     let unreachable = |why: String| {
@@ -340,7 +338,8 @@ async fn call_agent(
         .await
         .map_err(|e| unreachable(e.to_string()))?;
     tokio::spawn(async move {
-        let _ = conn.await;
+        // Upgrades: the exec/attach WebSocket continues on this connection.
+        let _ = conn.with_upgrades().await;
     });
     let mut req = http::Request::builder()
         .method(method)
@@ -348,6 +347,9 @@ async fn call_agent(
         .header(header::HOST, addr.as_str());
     if let Some(tok) = &t.token {
         req = req.header(header::AUTHORIZATION, format!("Bearer {tok}"));
+    }
+    for (k, v) in headers {
+        req = req.header(*k, v.as_str());
     }
     let req = req
         .header(header::CONTENT_TYPE, "application/json")
@@ -418,7 +420,7 @@ async fn log<S: Store>(
         s.finish()
     };
     let path = format!("/containerLogs/{ns}/{name}/{}?{agent_q}", t.container);
-    let resp = call_agent(&t, http::Method::GET, &path, Bytes::new()).await?;
+    let resp = call_agent(&t, http::Method::GET, &path, &[], Bytes::new()).await?;
     if resp.status() != StatusCode::OK {
         return Err(relay_error(resp).await);
     }
@@ -429,53 +431,31 @@ async fn log<S: Store>(
 }
 
 // ---------------------------------------------------------------------------------------------
-// Exec over WebSocket (RFC 6455) with the Kubernetes channel protocol
+// Exec and attach: a WebSocket passed through to the agent
 
-/// Subprotocols served, most preferred first (same framing; v5 adds a client close signal).
+/// Subprotocols passed on (the agent serves both; v5 adds the client's close signal).
 const PROTOCOLS: &[&str] = &["v5.channel.k8s.io", "v4.channel.k8s.io"];
 
-/// The WebSocket `Sec-WebSocket-Accept` for a client key.
-fn accept_key(key: &str) -> String {
-    use base64::Engine as _;
-    use sha1::Digest as _;
-    let mut h = sha1::Sha1::new();
-    h.update(key.trim().as_bytes());
-    h.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
-    base64::engine::general_purpose::STANDARD.encode(h.finalize())
-}
-
-/// The subprotocol to answer with, if the client offers one we serve.
-fn choose_protocol(offered: &str) -> Option<&'static str> {
-    let offered: Vec<&str> = offered.split(',').map(str::trim).collect();
-    PROTOCOLS.iter().copied().find(|p| offered.contains(p))
-}
-
-async fn exec<S: Store>(
+/// `pods/exec` and `pods/attach`: checks the caller, pod and container, opens the same
+/// WebSocket upgrade to the pod's agent, answers the client with the agent's `101` and then
+/// copies bytes both ways until either side closes.
+async fn stream<S: Store>(
     p: Arc<NodeProxy<S>>,
+    sub: &'static str,
     ns: &str,
     name: &str,
     mut req: Request,
 ) -> Result<Response, ApiError> {
     let q = query_pairs(&req);
     let id = identity(&req)?;
-    let (t, pod) = prepare(&p, &id, "create", "exec", ns, name, first(&q, "container")).await?;
-    let command: Vec<String> = q
+    let (t, pod) = prepare(&p, &id, "create", sub, ns, name, first(&q, "container")).await?;
+    let command: Vec<&str> = q
         .iter()
         .filter(|(k, _)| k == "command")
-        .map(|(_, v)| v.clone())
+        .map(|(_, v)| v.as_str())
         .collect();
-    if command.is_empty() {
+    if sub == "exec" && command.is_empty() {
         return Err(ApiError::bad_request("you must specify at least 1 command"));
-    }
-    if flag(&q, "tty") {
-        return Err(ApiError::bad_request(
-            "tty is not supported: Flotilla runs exec commands to completion (drop -t)",
-        ));
-    }
-    if flag(&q, "stdin") {
-        return Err(ApiError::bad_request(
-            "stdin is not supported: Flotilla runs exec commands to completion (drop -i)",
-        ));
     }
     if let Some(reason) = first_wait(&pod, &t.container) {
         return Err(ApiError::bad_request(format!(
@@ -492,266 +472,78 @@ async fn exec<S: Store>(
         .get("sec-websocket-key")
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
-    let proto = h
+    let offered: Vec<String> = h
         .get("sec-websocket-protocol")
         .and_then(|v| v.to_str().ok())
-        .and_then(choose_protocol);
-    let (true, Some(key), Some(proto)) = (is_ws, key, proto) else {
+        .unwrap_or_default()
+        .split(',')
+        .map(|p| p.trim().to_string())
+        .filter(|p| PROTOCOLS.contains(&p.as_str()))
+        .collect();
+    let (true, Some(key), false) = (is_ws, key, offered.is_empty()) else {
         return Err(ApiError::bad_request(format!(
-            "exec is served over a WebSocket with subprotocol {} (SPDY is not supported)",
+            "{sub} is served over a WebSocket with subprotocol {} (SPDY is not supported)",
             PROTOCOLS.join(" or ")
         )));
     };
-    let on_upgrade = hyper::upgrade::on(&mut req);
-    let (want_out, want_err) = (flag(&q, "stdout"), flag(&q, "stderr"));
-    let path = format!("/exec/{ns}/{name}/{}", t.container);
+    let agent_q = {
+        let mut s = form_urlencoded::Serializer::new(String::new());
+        for c in &command {
+            s.append_pair("command", c);
+        }
+        // Booleans are passed on normalised, whatever their spelling.
+        for k in ["stdin", "stdout", "stderr", "tty"] {
+            if flag(&q, k) {
+                s.append_pair(k, "true");
+            }
+        }
+        s.finish()
+    };
+    let path = format!("/{sub}/{ns}/{name}/{}?{agent_q}", t.container);
+    let headers = [
+        ("connection", "Upgrade".to_string()),
+        ("upgrade", "websocket".to_string()),
+        ("sec-websocket-version", "13".to_string()),
+        ("sec-websocket-key", key),
+        ("sec-websocket-protocol", offered.join(", ")),
+    ];
+    let resp = call_agent(&t, http::Method::GET, &path, &headers, Bytes::new()).await?;
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        return Err(relay_error(resp).await);
+    }
+    let mut out = Response::new(Body::empty());
+    *out.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    for k in [
+        header::UPGRADE,
+        header::CONNECTION,
+        header::SEC_WEBSOCKET_ACCEPT,
+        header::SEC_WEBSOCKET_PROTOCOL,
+    ] {
+        if let Some(v) = resp.headers().get(&k) {
+            out.headers_mut().insert(k, v.clone());
+        }
+    }
+    let client = hyper::upgrade::on(&mut req);
+    let agent = hyper::upgrade::on(resp);
     tokio::spawn(async move {
-        let upgraded = match on_upgrade.await {
-            Ok(u) => u,
-            Err(e) => {
-                tracing::debug!(error = %e, "exec upgrade failed");
+        let (client, agent) = match tokio::join!(client, agent) {
+            (Ok(c), Ok(a)) => (c, a),
+            (c, a) => {
+                tracing::debug!(client = ?c.err(), agent = ?a.err(), "{sub} upgrade failed");
                 return;
             }
         };
-        let frames = async move {
-            let outcome = run_on_agent(&t, &path, &command).await;
-            exec_frames(&command, outcome, want_out, want_err)
-        };
-        if let Err(e) = session(TokioIo::new(upgraded), frames).await {
-            tracing::debug!(error = %e, "exec session ended with an error");
+        let (mut client, mut agent) = (TokioIo::new(client), TokioIo::new(agent));
+        if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut agent).await {
+            tracing::debug!(error = %e, "{sub} session ended with an error");
         }
     });
-    let mut resp = Response::new(Body::empty());
-    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-    let hs = resp.headers_mut();
-    hs.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    hs.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    hs.insert(
-        "sec-websocket-accept",
-        HeaderValue::from_str(&accept_key(&key)).map_err(|e| ApiError::internal(e.to_string()))?,
-    );
-    hs.insert("sec-websocket-protocol", HeaderValue::from_static(proto));
-    Ok(resp)
-}
-
-/// What the command did: exit code and output, or why it could not run.
-#[derive(Debug, Clone, PartialEq)]
-struct ExecResult {
-    exit_code: i32,
-    stdout: Vec<u8>,
-    stderr: Vec<u8>,
-}
-
-async fn run_on_agent(t: &Target, path: &str, command: &[String]) -> Result<ExecResult, ApiError> {
-    let body = json!({"command": command, "timeoutSeconds": EXEC_TIMEOUT_SECONDS}).to_string();
-    let resp = call_agent(t, http::Method::POST, path, Bytes::from(body)).await?;
-    if resp.status() != StatusCode::OK {
-        return Err(relay_error(resp).await);
-    }
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| ApiError::internal(format!("reading the agent's answer: {e}")))?
-        .to_bytes();
-    let v: Value = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::internal(format!("the agent's answer is not JSON: {e}")))?;
-    let bytes = |k: &str| hex::decode(v[k].as_str().unwrap_or_default()).unwrap_or_default();
-    Ok(ExecResult {
-        exit_code: v["exitCode"]
-            .as_i64()
-            .and_then(|c| i32::try_from(c).ok())
-            .unwrap_or(-1),
-        stdout: bytes("stdout"),
-        stderr: bytes("stderr"),
-    })
-}
-
-/// The final `Status` sent on channel 3.
-fn exec_status(command: &[String], outcome: &Result<ExecResult, ApiError>) -> Value {
-    match outcome {
-        Ok(r) if r.exit_code == 0 => json!({"metadata": {}, "status": "Success"}),
-        Ok(r) => json!({
-            "metadata": {},
-            "status": "Failure",
-            "message": format!(
-                "command terminated with non-zero exit code: error executing command [{}], exit code {}",
-                command.join(" "), r.exit_code
-            ),
-            "reason": "NonZeroExitCode",
-            "details": {"causes": [{"reason": "ExitCode", "message": r.exit_code.to_string()}]},
-        }),
-        Err(e) => json!({
-            "metadata": {}, "status": "Failure", "message": e.message,
-            "reason": e.reason, "code": e.code,
-        }),
-    }
-}
-
-/// Channel-prefixed messages for the session: stdout (1), stderr (2), then the status (3).
-fn exec_frames(
-    command: &[String],
-    outcome: Result<ExecResult, ApiError>,
-    want_out: bool,
-    want_err: bool,
-) -> Vec<Vec<u8>> {
-    let mut msgs = Vec::new();
-    if let Ok(r) = &outcome {
-        // Chunked so no single WebSocket message gets large.
-        for (ch, data, wanted) in [(1u8, &r.stdout, want_out), (2u8, &r.stderr, want_err)] {
-            if wanted {
-                for chunk in data.chunks(32 * 1024) {
-                    msgs.push(channel_message(ch, chunk));
-                }
-            }
-        }
-    }
-    msgs.push(channel_message(
-        3,
-        exec_status(command, &outcome).to_string().as_bytes(),
-    ));
-    msgs
-}
-
-fn channel_message(channel: u8, data: &[u8]) -> Vec<u8> {
-    let mut m = Vec::with_capacity(data.len() + 1);
-    m.push(channel);
-    m.extend_from_slice(data);
-    m
-}
-
-const OP_CONT: u8 = 0x0;
-const OP_TEXT: u8 = 0x1;
-const OP_BINARY: u8 = 0x2;
-const OP_CLOSE: u8 = 0x8;
-const OP_PING: u8 = 0x9;
-const OP_PONG: u8 = 0xA;
-
-/// Largest client frame accepted (clients only send stdin, close signals and pings here).
-const MAX_CLIENT_FRAME: u64 = 1 << 20;
-
-/// One unmasked server frame with FIN set.
-fn encode_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
-    let mut f = Vec::with_capacity(payload.len() + 10);
-    f.push(0x80 | opcode);
-    match payload.len() {
-        n if n < 126 => f.push(u8::try_from(n).unwrap_or(0)),
-        n if n <= 0xFFFF => {
-            f.push(126);
-            f.extend_from_slice(&u16::try_from(n).unwrap_or(0).to_be_bytes());
-        }
-        n => {
-            f.push(127);
-            f.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    f.extend_from_slice(payload);
-    f
-}
-
-/// Reads one client frame: `(opcode, payload)` with the mask removed.
-async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> std::io::Result<(u8, Vec<u8>)> {
-    let mut head = [0u8; 2];
-    r.read_exact(&mut head).await?;
-    let opcode = head[0] & 0x0F;
-    let masked = head[1] & 0x80 != 0;
-    let len = match head[1] & 0x7F {
-        126 => {
-            let mut b = [0u8; 2];
-            r.read_exact(&mut b).await?;
-            u64::from(u16::from_be_bytes(b))
-        }
-        127 => {
-            let mut b = [0u8; 8];
-            r.read_exact(&mut b).await?;
-            u64::from_be_bytes(b)
-        }
-        n => u64::from(n),
-    };
-    if len > MAX_CLIENT_FRAME {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            "WebSocket frame too large",
-        ));
-    }
-    let mut mask = [0u8; 4];
-    if masked {
-        r.read_exact(&mut mask).await?;
-    }
-    let mut payload = vec![0u8; usize::try_from(len).unwrap_or(0)];
-    r.read_exact(&mut payload).await?;
-    if masked {
-        for (i, b) in payload.iter_mut().enumerate() {
-            *b ^= mask[i % 4];
-        }
-    }
-    Ok((opcode, payload))
-}
-
-/// Sends the messages `produce` yields as binary frames, then a normal close. Pings are
-/// answered from the start, while the command still runs (client-go gives up on a connection
-/// whose pings go unanswered for a few seconds); what else the client sends is ignored
-/// (stdin is not served).
-async fn session<IO, F>(io: IO, produce: F) -> std::io::Result<()>
-where
-    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    F: std::future::Future<Output = Vec<Vec<u8>>>,
-{
-    let (mut rd, wr) = tokio::io::split(io);
-    let wr = Arc::new(tokio::sync::Mutex::new(wr));
-    let reader = {
-        let wr = wr.clone();
-        tokio::spawn(async move {
-            loop {
-                match read_frame(&mut rd).await {
-                    Ok((OP_PING, data)) => {
-                        let mut w = wr.lock().await;
-                        if w.write_all(&encode_frame(OP_PONG, &data)).await.is_err() {
-                            return;
-                        }
-                        let _ = w.flush().await;
-                    }
-                    Ok((OP_CLOSE, _)) | Err(_) => return,
-                    Ok((OP_CONT | OP_TEXT | OP_BINARY | OP_PONG, _)) | Ok(_) => {}
-                }
-            }
-        })
-    };
-    let messages = produce.await;
-    {
-        let mut w = wr.lock().await;
-        for m in &messages {
-            w.write_all(&encode_frame(OP_BINARY, m)).await?;
-        }
-        // Close 1000 (normal closure).
-        w.write_all(&encode_frame(OP_CLOSE, &1000u16.to_be_bytes()))
-            .await?;
-        w.flush().await?;
-    }
-    // Give the client a moment to answer the close, then drop the connection.
-    let _ = tokio::time::timeout(Duration::from_secs(5), reader).await;
-    let mut w = wr.lock().await;
-    let _ = w.shutdown().await;
-    Ok(())
+    Ok(out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn websocket_accept_key_matches_rfc6455_example() {
-        // RFC 6455 §1.3.
-        assert_eq!(
-            accept_key("dGhlIHNhbXBsZSBub25jZQ=="),
-            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
-        );
-        assert_eq!(
-            choose_protocol("v4.channel.k8s.io, v5.channel.k8s.io"),
-            Some("v5.channel.k8s.io")
-        );
-        assert_eq!(choose_protocol("channel.k8s.io"), None);
-    }
 
     #[test]
     fn kubelet_token_matches_the_agent_derivation() {
@@ -760,105 +552,5 @@ mod tests {
             kubelet_token("node.n1.abc"),
             "a11ef30d975e5e09f9c89cee463c84f4d6435d315e471522122be3dc427b800e"
         );
-    }
-
-    #[tokio::test]
-    async fn frames_round_trip_through_a_masked_client_encoding() {
-        for len in [0usize, 5, 125, 126, 300, 70_000] {
-            let payload: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
-            let server = encode_frame(OP_BINARY, &payload);
-            // Re-encode as a client would: mask bit and key.
-            let mut client = server.clone();
-            client[1] |= 0x80;
-            let hdr = match len {
-                n if n < 126 => 2,
-                n if n <= 0xFFFF => 4,
-                _ => 10,
-            };
-            let key = [0x12, 0x34, 0x56, 0x78];
-            let mut masked: Vec<u8> = client[..hdr].to_vec();
-            masked.extend_from_slice(&key);
-            masked.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
-            let (op, got) = read_frame(&mut masked.as_slice()).await.expect("frame");
-            assert_eq!((op, got), (OP_BINARY, payload.clone()), "len {len}");
-            let (op, got) = read_frame(&mut server.as_slice()).await.expect("frame");
-            assert_eq!((op, got.len()), (OP_BINARY, len));
-        }
-    }
-
-    #[test]
-    fn exec_frames_carry_channels_and_the_exit_code_status() {
-        let cmd = vec!["sh".to_string(), "-c".into(), "exit 3".into()];
-        let ok = ExecResult {
-            exit_code: 3,
-            stdout: b"out".to_vec(),
-            stderr: b"err".to_vec(),
-        };
-        let msgs = exec_frames(&cmd, Ok(ok.clone()), true, true);
-        assert_eq!(msgs[0], b"\x01out");
-        assert_eq!(msgs[1], b"\x02err");
-        assert_eq!(msgs[2][0], 3);
-        let st: Value = serde_json::from_slice(&msgs[2][1..]).expect("status json");
-        assert_eq!(st["status"], "Failure");
-        assert_eq!(st["reason"], "NonZeroExitCode");
-        assert_eq!(st["details"]["causes"][0]["reason"], "ExitCode");
-        assert_eq!(st["details"]["causes"][0]["message"], "3");
-        // stderr not asked for: not sent.
-        let msgs = exec_frames(&cmd, Ok(ok), true, false);
-        assert_eq!(msgs.len(), 2);
-        let success = ExecResult {
-            exit_code: 0,
-            stdout: Vec::new(),
-            stderr: Vec::new(),
-        };
-        let msgs = exec_frames(&cmd, Ok(success), true, true);
-        assert_eq!(msgs.len(), 1);
-        let st: Value = serde_json::from_slice(&msgs[0][1..]).expect("status json");
-        assert_eq!(st, json!({"metadata": {}, "status": "Success"}));
-        let err = ApiError::new(404, "NotFound", "pod default/x is not running on this node");
-        let msgs = exec_frames(&cmd, Err(err), true, true);
-        let st: Value = serde_json::from_slice(&msgs[0][1..]).expect("status json");
-        assert_eq!(
-            (st["status"].as_str(), st["code"].as_i64()),
-            (Some("Failure"), Some(404))
-        );
-    }
-
-    #[tokio::test]
-    async fn session_answers_pings_while_waiting_then_sends_and_closes() {
-        let (server_io, mut client) = tokio::io::duplex(1 << 16);
-        let msgs = vec![channel_message(1, b"hi\n"), channel_message(3, b"{}")];
-        let (go, wait) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(session(server_io, async move {
-            let _ = wait.await;
-            msgs
-        }));
-        // A masked ping from the client is answered while the command still runs.
-        client
-            .write_all(&[0x80 | OP_PING, 0x80 | 2, 0, 0, 0, 0, b'p', b'!'])
-            .await
-            .expect("ping");
-        assert_eq!(
-            read_frame(&mut client).await.expect("pong"),
-            (OP_PONG, b"p!".to_vec())
-        );
-        go.send(()).expect("session waits");
-        let mut seen = Vec::new();
-        loop {
-            let (op, data) = read_frame(&mut client).await.expect("frame");
-            seen.push((op, data));
-            if op == OP_CLOSE {
-                break;
-            }
-        }
-        assert!(seen.contains(&(OP_BINARY, b"\x01hi\n".to_vec())));
-        assert!(seen.contains(&(OP_BINARY, b"\x03{}".to_vec())));
-        assert_eq!(seen.last(), Some(&(OP_CLOSE, vec![0x03, 0xE8])));
-        // Answer the close; the session then ends.
-        client
-            .write_all(&[0x80 | OP_CLOSE, 0x80, 0, 0, 0, 0])
-            .await
-            .expect("close");
-        task.await.expect("join").expect("session");
     }
 }

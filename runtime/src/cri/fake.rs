@@ -641,6 +641,25 @@ impl RuntimeService for RuntimeSvc {
         }))
     }
 
+    async fn exec(
+        &self,
+        _r: Request<pb::ExecRequest>,
+    ) -> Result<Response<pb::ExecResponse>, Status> {
+        // No streaming server here: the real-containerd tier covers streaming exec.
+        Err(Status::unimplemented(
+            "the fake CRI server has no streaming server",
+        ))
+    }
+
+    async fn attach(
+        &self,
+        _r: Request<pb::AttachRequest>,
+    ) -> Result<Response<pb::AttachResponse>, Status> {
+        Err(Status::unimplemented(
+            "the fake CRI server has no streaming server",
+        ))
+    }
+
     async fn exec_sync(
         &self,
         r: Request<pb::ExecSyncRequest>,

@@ -21,7 +21,7 @@ use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::pod_runtime::{
     ContainerStats, ContainerStatus, PodConfig, PodId, PodRuntime, PodStats, PodStatus,
-    RuntimeError, SandboxState,
+    RuntimeError, SandboxState, SessionIo,
 };
 
 pub mod convert;
@@ -526,6 +526,59 @@ impl CriRuntime {
         })
     }
 
+    /// `kubectl exec` through the CRI `Exec` RPC: the runtime's streaming server (containerd's,
+    /// over WebSocket `v4.channel.k8s.io`) is relayed to `io`.
+    pub async fn exec_streaming(
+        &self,
+        id: &PodId,
+        container: &str,
+        cmd: Vec<String>,
+        io: SessionIo,
+    ) -> Result<i32, RuntimeError> {
+        self.own_sandbox(id).await?;
+        let c = self.find_container(id, container).await?;
+        let url = self
+            .rt()
+            .exec(pb::ExecRequest {
+                container_id: c.id,
+                cmd,
+                tty: io.tty,
+                stdin: io.stdin.is_some(),
+                stdout: io.stdout.is_some(),
+                stderr: io.stderr.is_some() && !io.tty,
+            })
+            .await
+            .map_err(|s| rpc_err("Exec", &s))?
+            .into_inner()
+            .url;
+        crate::websocket::ChannelClient::relay(&url, io).await
+    }
+
+    /// `kubectl attach` through the CRI `Attach` RPC, relayed as [`CriRuntime::exec_streaming`].
+    pub async fn attach_streaming(
+        &self,
+        id: &PodId,
+        container: &str,
+        io: SessionIo,
+    ) -> Result<i32, RuntimeError> {
+        self.own_sandbox(id).await?;
+        let c = self.find_container(id, container).await?;
+        let url = self
+            .rt()
+            .attach(pb::AttachRequest {
+                container_id: c.id,
+                stdin: io.stdin.is_some(),
+                tty: io.tty,
+                stdout: io.stdout.is_some(),
+                stderr: io.stderr.is_some() && !io.tty,
+            })
+            .await
+            .map_err(|s| rpc_err("Attach", &s))?
+            .into_inner()
+            .url;
+        crate::websocket::ChannelClient::relay(&url, io).await
+    }
+
     async fn find_container(&self, id: &PodId, name: &str) -> Result<PodContainer, RuntimeError> {
         self.containers(id)
             .await?
@@ -844,6 +897,25 @@ impl PodRuntime for CriRuntime {
         timeout: Duration,
     ) -> Result<ExecOutput, RuntimeError> {
         self.exec_sync(id, container, command, timeout).await
+    }
+
+    async fn exec_stream(
+        &self,
+        id: &PodId,
+        container: &str,
+        command: Vec<String>,
+        io: SessionIo,
+    ) -> Result<i32, RuntimeError> {
+        self.exec_streaming(id, container, command, io).await
+    }
+
+    async fn attach(
+        &self,
+        id: &PodId,
+        container: &str,
+        io: SessionIo,
+    ) -> Result<i32, RuntimeError> {
+        self.attach_streaming(id, container, io).await
     }
 
     async fn run_pod(&self, pod: &PodConfig) -> Result<PodId, RuntimeError> {

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 pub use crate::cri::convert::ANNOTATION_RUNTIME_HANDLER;
 use crate::cri::{CriRuntime, CriRuntimeConfig};
 use crate::pod_runtime::{
-    ExecOutput, PodConfig, PodId, PodRuntime, PodStats, PodStatus, RuntimeError,
+    ExecOutput, PodConfig, PodId, PodRuntime, PodStats, PodStatus, RuntimeError, SessionIo,
 };
 use crate::wasm::WasmRuntime;
 
@@ -497,6 +497,38 @@ impl PodRuntime for NodeRuntimes {
         match self.split(id)? {
             Target::Wasm(i) => self.inner.wasm.exec(&i, container, command, timeout).await,
             Target::Cri(rt, i) => rt.exec(&i, container, command, timeout).await,
+        }
+        .map_err(|e| outer_err(id, e))
+    }
+
+    async fn exec_stream(
+        &self,
+        id: &PodId,
+        container: &str,
+        command: Vec<String>,
+        io: SessionIo,
+    ) -> Result<i32, RuntimeError> {
+        match self.split(id)? {
+            Target::Wasm(i) => {
+                self.inner
+                    .wasm
+                    .exec_stream(&i, container, command, io)
+                    .await
+            }
+            Target::Cri(rt, i) => rt.exec_stream(&i, container, command, io).await,
+        }
+        .map_err(|e| outer_err(id, e))
+    }
+
+    async fn attach(
+        &self,
+        id: &PodId,
+        container: &str,
+        io: SessionIo,
+    ) -> Result<i32, RuntimeError> {
+        match self.split(id)? {
+            Target::Wasm(i) => self.inner.wasm.attach(&i, container, io).await,
+            Target::Cri(rt, i) => rt.attach(&i, container, io).await,
         }
         .map_err(|e| outer_err(id, e))
     }

@@ -18,9 +18,13 @@
 //!   `sinceSeconds`, `sinceTime`, `timestamps`, `limitBytes`, `previous`: the container's log
 //!   as plain text (the CRI log format unwrapped); `follow` streams new lines until the
 //!   container ends; `previous` (and a pod between two instances) reads the [`LogArchive`].
-//! - `POST /exec/{namespace}/{pod}/{container}` with a JSON body
-//!   `{"command": [...], "timeoutSeconds": n}`: runs the command through
-//!   [`PodRuntime::exec`] and answers `{"exitCode": n, "stdout": hex, "stderr": hex}`.
+//! - `GET|POST /exec/{namespace}/{pod}/{container}?command=…&stdin=&stdout=&stderr=&tty=`, a
+//!   WebSocket upgrade with subprotocol `v5.channel.k8s.io` or `v4.channel.k8s.io` (what the
+//!   API server passes through from kubectl): runs the command through
+//!   [`PodRuntime::exec_stream`], relaying stdin, output and terminal resizes as they come,
+//!   then the exit status on channel 3 (see `crate::websocket`).
+//! - `GET|POST /attach/{namespace}/{pod}/{container}?stdin=&stdout=&stderr=&tty=`: the same
+//!   session over [`PodRuntime::attach`], the container's own stdio.
 //!
 //! Errors are Kubernetes `Status` objects (`404 NotFound` for an unknown pod or container,
 //! `400 BadRequest` for a container that is not running, `401`, `501` when the runtime cannot
@@ -36,7 +40,7 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt as _, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::TokioIo;
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -96,9 +100,6 @@ impl LogArchive {
         self.lock().retain(|(n, p, _), _| !(n == ns && p == pod));
     }
 }
-
-/// Largest exec request body accepted.
-const MAX_EXEC_BODY: usize = 64 * 1024;
 
 /// Most connections served at once; more wait in the accept queue.
 const MAX_CONNECTIONS: usize = 256;
@@ -233,7 +234,8 @@ impl<R: PodRuntime> NodeServer<R> {
                 let conn = hyper::server::conn::http1::Builder::new()
                     .timer(hyper_util::rt::TokioTimer::new())
                     .header_read_timeout(HEADER_READ_TIMEOUT)
-                    .serve_connection(TokioIo::new(s), svc);
+                    .serve_connection(TokioIo::new(s), svc)
+                    .with_upgrades();
                 tokio::select! {
                     r = conn => if let Err(e) = r {
                         tracing::debug!(%peer, error = %e, "agent server connection ended");
@@ -352,16 +354,14 @@ async fn handle<R: PodRuntime>(state: Arc<State<R>>, req: Request<Incoming>) -> 
                 Err(msg) => status(400, "BadRequest", &msg),
             }
         }
-        (&Method::POST, ["exec", ns, pod, container]) => {
-            let (ns, pod, container) = (ns.to_string(), pod.to_string(), container.to_string());
-            let body = match http_body_util::Limited::new(req.into_body(), MAX_EXEC_BODY)
-                .collect()
-                .await
-            {
-                Ok(b) => b.to_bytes(),
-                Err(_) => return status(413, "RequestEntityTooLarge", "exec request too large"),
+        (&Method::GET | &Method::POST, [verb @ ("exec" | "attach"), ns, pod, container]) => {
+            let kind = if *verb == "exec" {
+                Session::Exec
+            } else {
+                Session::Attach
             };
-            exec(state, &ns, &pod, &container, &body).await
+            let (ns, pod, container) = (ns.to_string(), pod.to_string(), container.to_string());
+            stream_session(state, kind, &ns, &pod, &container, &query, req).await
         }
         _ => status(
             404,
@@ -721,40 +721,73 @@ fn runtime_error(e: &RuntimeError, pod: &str, container: &str) -> Response<Body>
 }
 
 // ---------------------------------------------------------------------------------------------
-// Exec
+// Exec and attach over WebSocket
 
-/// Default bound of an exec when the request names none.
-const DEFAULT_EXEC_TIMEOUT: Duration = Duration::from_secs(300);
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Session {
+    Exec,
+    Attach,
+}
 
-async fn exec<R: PodRuntime>(
+async fn stream_session<R: PodRuntime>(
     state: Arc<State<R>>,
+    kind: Session,
     ns: &str,
     pod: &str,
     container: &str,
-    body: &[u8],
+    query: &[(String, String)],
+    mut req: Request<Incoming>,
 ) -> Response<Body> {
-    let req: Value = match serde_json::from_slice(body) {
-        Ok(v) => v,
-        Err(e) => return status(400, "BadRequest", &format!("invalid exec request: {e}")),
+    let flag = |k: &str| {
+        query
+            .iter()
+            .any(|(key, v)| key == k && matches!(v.as_str(), "true" | "1" | "True"))
     };
-    let command: Vec<String> = req
-        .get("command")
-        .and_then(Value::as_array)
-        .map(|a| {
-            a.iter()
-                .filter_map(|s| s.as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default();
-    if command.is_empty() {
+    let want = crate::websocket::Wanted {
+        stdin: flag("stdin"),
+        stdout: flag("stdout"),
+        stderr: flag("stderr"),
+        tty: flag("tty"),
+    };
+    let command: Vec<String> = query
+        .iter()
+        .filter(|(k, _)| k == "command")
+        .map(|(_, v)| v.clone())
+        .collect();
+    if kind == Session::Exec && command.is_empty() {
         return status(400, "BadRequest", "you must specify at least 1 command");
     }
-    let timeout = req
-        .get("timeoutSeconds")
-        .and_then(Value::as_u64)
-        .filter(|s| *s > 0)
-        .map_or(DEFAULT_EXEC_TIMEOUT, Duration::from_secs);
-    let rt = &state.runtime;
+    if !(want.stdin || want.stdout || want.stderr) {
+        return status(
+            400,
+            "BadRequest",
+            "you must specify at least one of stdin, stdout, stderr",
+        );
+    }
+    let h = req.headers();
+    let is_ws = h
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    let key = h
+        .get("sec-websocket-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let proto = h
+        .get("sec-websocket-protocol")
+        .and_then(|v| v.to_str().ok())
+        .and_then(crate::websocket::choose_protocol);
+    let (true, Some(key), Some((proto, version))) = (is_ws, key, proto) else {
+        return status(
+            400,
+            "BadRequest",
+            &format!(
+                "exec and attach are served over a WebSocket with subprotocol {} (SPDY is not supported)",
+                crate::websocket::PROTOCOLS.join(" or ")
+            ),
+        );
+    };
+    let rt = state.runtime.clone();
     let p = match find_pod(rt.as_ref(), ns, pod).await {
         Ok(p) => p,
         Err(r) => return r,
@@ -776,22 +809,44 @@ async fn exec<R: PodRuntime>(
         }
         Some(_) => {}
     }
-    match rt.exec(&p.id, container, command, timeout).await {
-        Ok(out) => {
-            let body = json!({
-                "exitCode": out.exit_code,
-                "stdout": hex::encode(&out.stdout),
-                "stderr": hex::encode(&out.stderr),
-            });
-            let mut r = Response::new(full(body.to_string()));
-            r.headers_mut().insert(
-                header::CONTENT_TYPE,
-                http::HeaderValue::from_static("application/json"),
-            );
-            r
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let (id, container) = (p.id.clone(), container.to_string());
+    tokio::spawn(async move {
+        let upgraded = match on_upgrade.await {
+            Ok(u) => TokioIo::new(u),
+            Err(e) => {
+                tracing::debug!(error = %e, "session upgrade failed");
+                return;
+            }
+        };
+        let label = command.clone();
+        let r = crate::websocket::serve_session(upgraded, version, want, label, |io| async {
+            match kind {
+                Session::Exec => rt.exec_stream(&id, &container, command, io).await,
+                Session::Attach => rt.attach(&id, &container, io).await,
+            }
+        })
+        .await;
+        if let Err(e) = r {
+            tracing::debug!(error = %e, "exec/attach session ended with an error");
         }
-        Err(e) => runtime_error(&e, pod, container),
+    });
+    let mut resp = Response::new(full(Bytes::new()));
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let hs = resp.headers_mut();
+    hs.insert(header::UPGRADE, http::HeaderValue::from_static("websocket"));
+    hs.insert(
+        header::CONNECTION,
+        http::HeaderValue::from_static("Upgrade"),
+    );
+    if let Ok(v) = http::HeaderValue::from_str(&crate::websocket::accept_key(&key)) {
+        hs.insert("sec-websocket-accept", v);
     }
+    hs.insert(
+        "sec-websocket-protocol",
+        http::HeaderValue::from_static(proto),
+    );
+    resp
 }
 
 #[cfg(test)]

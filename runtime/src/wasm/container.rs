@@ -14,6 +14,9 @@ use tokio::sync::Notify;
 use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;
 use wasmtime::{InstancePre, ResourceLimiter, Store, Trap, UpdateDeadline};
+use wasmtime_wasi::cli::{
+    AsyncStdinStream, AsyncStdoutStream, IsTerminal, StdinStream, StdoutStream,
+};
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::pipe::{MemoryInputPipe, MemoryOutputPipe};
 use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder};
@@ -343,6 +346,48 @@ pub(crate) enum Stdio {
     Log,
     /// In-memory buffers (exec), each holding at most its capacity: past it, writes fail.
     Capture(MemoryOutputPipe, MemoryOutputPipe),
+    /// A streaming exec session: each stream only if the client asked for it.
+    Stream {
+        stdin: Option<Shared<AsyncStdinStream>>,
+        stdout: Option<Shared<AsyncStdoutStream>>,
+        stderr: Option<Shared<AsyncStdoutStream>>,
+    },
+}
+
+/// A clonable handle to a WASI stdio stream (the async stream types are not `Clone`, a
+/// [`Launch`] is); every clone is the same stream.
+pub(crate) struct Shared<T>(pub(crate) Arc<T>);
+
+impl<T> Clone for Shared<T> {
+    fn clone(&self) -> Self {
+        Shared(self.0.clone())
+    }
+}
+
+impl<T: IsTerminal> IsTerminal for Shared<T> {
+    fn is_terminal(&self) -> bool {
+        self.0.is_terminal()
+    }
+}
+
+impl<T: StdinStream + Sync> StdinStream for Shared<T> {
+    fn p2_stream(&self) -> Box<dyn wasmtime_wasi::p2::InputStream> {
+        self.0.p2_stream()
+    }
+
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncRead + Send + Sync> {
+        self.0.async_stream()
+    }
+}
+
+impl<T: StdoutStream + Sync> StdoutStream for Shared<T> {
+    fn p2_stream(&self) -> Box<dyn wasmtime_wasi::p2::OutputStream> {
+        self.0.p2_stream()
+    }
+
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        self.0.async_stream()
+    }
 }
 
 /// What a guest instance runs.
@@ -363,6 +408,9 @@ pub(crate) struct Launch {
     pub(crate) argv: Vec<String>,
     /// Bytes the guest reads from stdin, then end of file; `None` is an empty stdin.
     pub(crate) stdin: Option<bytes::Bytes>,
+    /// A container with `stdin: true` and no stdin data: its stdin stays open and is fed by
+    /// `kubectl attach -i` (the writer end is the pod's attach point).
+    pub(crate) live_stdin: Option<Shared<AsyncStdinStream>>,
     pub(crate) stdio: Stdio,
     pub(crate) env: Vec<(String, String)>,
     pub(crate) cwd: Option<String>,
@@ -475,11 +523,32 @@ async fn run_guest(l: Launch, shared: Arc<ContainerShared>) -> End {
     let mut b = WasiCtxBuilder::new();
     b.args(&l.argv).envs(&l.env);
     match &l.stdio {
-        Stdio::Log => b.stdout(shared.log.stdout()).stderr(shared.log.stderr()),
-        Stdio::Capture(out, err) => b.stdout(out.clone()).stderr(err.clone()),
-    };
+        Stdio::Log => {
+            b.stdout(shared.log.stdout()).stderr(shared.log.stderr());
+        }
+        Stdio::Capture(out, err) => {
+            b.stdout(out.clone()).stderr(err.clone());
+        }
+        Stdio::Stream {
+            stdin,
+            stdout,
+            stderr,
+        } => {
+            if let Some(s) = stdin {
+                b.stdin(s.clone());
+            }
+            if let Some(s) = stdout {
+                b.stdout(s.clone());
+            }
+            if let Some(s) = stderr {
+                b.stderr(s.clone());
+            }
+        }
+    }
     if let Some(input) = &l.stdin {
         b.stdin(MemoryInputPipe::new(input.clone()));
+    } else if let Some(live) = &l.live_stdin {
+        b.stdin(live.clone());
     }
     // Never block the executor thread: file IO goes to the blocking pool, and sleeps (which
     // this flag would turn into thread::sleep) stay timers.

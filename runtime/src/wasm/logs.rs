@@ -41,6 +41,8 @@ pub(crate) struct LogSink {
     path: PathBuf,
     policy: LogPolicy,
     state: Mutex<SinkState>,
+    /// Raw output as written, `(0 stdout | 1 stderr, bytes)`, for `kubectl attach` sessions.
+    tap: tokio::sync::broadcast::Sender<(u8, Bytes)>,
 }
 
 #[derive(Clone, Copy)]
@@ -69,7 +71,13 @@ impl LogSink {
                 partial: [Vec::new(), Vec::new()],
                 write_errors: 0,
             }),
+            tap: tokio::sync::broadcast::channel(256).0,
         })
+    }
+
+    /// The container's output from now on, as written (attach).
+    pub(crate) fn subscribe(&self) -> tokio::sync::broadcast::Receiver<(u8, Bytes)> {
+        self.tap.subscribe()
     }
 
     pub(crate) fn stdout(self: &Arc<Self>) -> CriStream {
@@ -93,6 +101,9 @@ impl LogSink {
     }
 
     fn write(&self, stream: Stream, bytes: &[u8]) {
+        if self.tap.receiver_count() > 0 {
+            let _ = self.tap.send((stream as u8, Bytes::copy_from_slice(bytes)));
+        }
         let mut st = self.lock();
         let ts = rfc3339_nanos(SystemTime::now());
         let mut out = Vec::new();

@@ -38,11 +38,12 @@ use std::time::{Duration, Instant};
 use api::pod::{Container, PodSpec};
 use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 use wasmtime_wasi::FsPerms;
+use wasmtime_wasi::cli::{AsyncStdinStream, AsyncStdoutStream};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 
 use crate::pod_runtime::{
     ContainerStats, ContainerStatus, ExecOutput, PodConfig, PodId, PodRuntime, PodStats, PodStatus,
-    RuntimeError, SandboxState,
+    RuntimeError, SandboxState, SessionIo,
 };
 
 mod container;
@@ -63,7 +64,7 @@ pub(crate) fn temp_suffix() -> String {
     )
 }
 
-use container::{ContainerShared, Launch};
+use container::{ContainerShared, Launch, Shared};
 
 /// Annotation: fuel (executed wasm instructions) budget for every container of the pod.
 pub const FUEL_LIMIT_ANNOTATION: &str = "flotilla.dev/fuel-limit";
@@ -136,6 +137,9 @@ pub struct StartBreakdown {
     pub on_caller: bool,
 }
 
+/// The writer end of a container's open stdin.
+type AttachStdin = Arc<tokio::sync::Mutex<Option<tokio::io::DuplexStream>>>;
+
 struct WasmPod {
     id: PodId,
     name: String,
@@ -144,6 +148,10 @@ struct WasmPod {
     containers: Vec<Arc<ContainerShared>>,
     /// How each container was launched, the template of an exec in it.
     launches: Vec<Launch>,
+    /// Per container with an open stdin (`stdin: true`, no stdin data): the writer end,
+    /// which an `attach` session writes to. The end of the attached input closes it, as
+    /// Kubernetes' `stdinOnce: true` (`kubectl run -i`) does; `None` inside once closed.
+    attach_stdin: Vec<Option<AttachStdin>>,
 }
 
 struct Inner {
@@ -477,6 +485,7 @@ impl WasmRuntime {
             entry: container::Entry::Start,
             argv,
             stdin,
+            live_stdin: None,
             stdio: container::Stdio::Log,
             env,
             cwd: c.working_dir.clone(),
@@ -582,9 +591,18 @@ impl PodRuntime for WasmRuntime {
         let id = PodId(format!("wasm-{n}"));
         let pod_dir = self.inner.config.root_dir.join("pods").join(&id.0);
         let mut launches = Vec::with_capacity(pod.spec.containers.len());
+        let mut attach_stdin = Vec::with_capacity(pod.spec.containers.len());
         for c in &pod.spec.containers {
             let pre = self.prepare(&c.image).await?;
-            launches.push(self.launch(pod, c, pre, &pod_dir)?);
+            let mut launch = self.launch(pod, c, pre, &pod_dir)?;
+            if c.stdin && launch.stdin.is_none() {
+                let (w, r) = tokio::io::duplex(64 * 1024);
+                launch.live_stdin = Some(Shared(Arc::new(AsyncStdinStream::new(r))));
+                attach_stdin.push(Some(Arc::new(tokio::sync::Mutex::new(Some(w)))));
+            } else {
+                attach_stdin.push(None);
+            }
+            launches.push(launch);
         }
         let want = launches.len();
         let cap = self.inner.config.max_pods as usize;
@@ -638,6 +656,7 @@ impl PodRuntime for WasmRuntime {
             dir: pod_dir,
             containers: shared.clone(),
             launches: launches.clone(),
+            attach_stdin,
         });
         self.inner
             .pods
@@ -745,6 +764,25 @@ impl PodRuntime for WasmRuntime {
         self.exec_instance(id, container, command, timeout).await
     }
 
+    async fn exec_stream(
+        &self,
+        id: &PodId,
+        container: &str,
+        command: Vec<String>,
+        io: SessionIo,
+    ) -> Result<i32, RuntimeError> {
+        self.exec_streaming(id, container, command, io).await
+    }
+
+    async fn attach(
+        &self,
+        id: &PodId,
+        container: &str,
+        io: SessionIo,
+    ) -> Result<i32, RuntimeError> {
+        self.attach_container(id, container, io).await
+    }
+
     async fn stats(&self, id: &PodId) -> Result<PodStats, RuntimeError> {
         let pod = self
             .pod(id)
@@ -765,7 +803,176 @@ impl PodRuntime for WasmRuntime {
     }
 }
 
+/// Stops an exec instance whose session went away (its future dropped).
+struct StopOnDrop(Option<Arc<ContainerShared>>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.take() {
+            c.request_stop();
+        }
+    }
+}
+
 impl WasmRuntime {
+    /// The pod and the index of its container `container`.
+    fn container_of(
+        &self,
+        id: &PodId,
+        container: &str,
+    ) -> Result<(Arc<WasmPod>, usize), RuntimeError> {
+        let pod = self
+            .pod(id)
+            .ok_or_else(|| RuntimeError::NotFound(id.clone()))?;
+        let index = pod
+            .containers
+            .iter()
+            .position(|c| c.name == container)
+            .ok_or_else(|| RuntimeError::ContainerNotFound {
+                pod: id.clone(),
+                container: container.to_owned(),
+            })?;
+        if pod.containers[index].is_terminated() {
+            return Err(RuntimeError::InvalidSpec(format!(
+                "container {container:?} of pod {id} is not running"
+            )));
+        }
+        Ok((pod, index))
+    }
+
+    /// [`PodRuntime::exec_stream`]: a fresh instance of the container's module, as
+    /// [`PodRuntime::exec`], with WASI stdin, stdout and stderr wired to the session. WASI has
+    /// no terminals: with a TTY stderr joins stdout and resizes are ignored.
+    async fn exec_streaming(
+        &self,
+        id: &PodId,
+        container: &str,
+        command: Vec<String>,
+        io: SessionIo,
+    ) -> Result<i32, RuntimeError> {
+        let requested_at = Instant::now();
+        let (pod, index) = self.container_of(id, container)?;
+        let parent = &pod.containers[index];
+        if command.is_empty() {
+            return Err(RuntimeError::InvalidSpec("exec needs a command".into()));
+        }
+        let mut launch = pod.launches[index].clone();
+        launch.entry = exec_entry(&launch.pre, &command[0]);
+        launch.argv = command;
+        launch.stdin = None;
+        launch.live_stdin = None;
+        // Small write budgets: output leaves as soon as the guest writes it.
+        let out = |w| Shared(Arc::new(AsyncStdoutStream::new(8 * 1024, w)));
+        let stdout = io.stdout.map(out);
+        let stderr = match (io.tty, io.stderr) {
+            (true, _) => stdout.clone(),
+            (false, Some(w)) => Some(out(w)),
+            (false, None) => None,
+        };
+        launch.stdio = container::Stdio::Stream {
+            stdin: io.stdin.map(|r| Shared(Arc::new(AsyncStdinStream::new(r)))),
+            stdout,
+            stderr,
+        };
+        let cap = self.inner.config.max_pods as usize;
+        if let Err(live) =
+            self.inner
+                .live
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |live| {
+                    (live < cap).then_some(live + 1)
+                })
+        {
+            return Err(RuntimeError::AtCapacity(format!(
+                "{live} of {cap} wasm instances are running (max_pods); exec needs one more"
+            )));
+        }
+        let exec = parent.exec_child(requested_at);
+        let worker = self.inner.executors.place(launch.request_millis);
+        container::spawn(launch, exec.clone(), worker, self.inner.live.clone());
+        let mut guard = StopOnDrop(Some(exec.clone()));
+        let far = tokio::time::Instant::now() + Duration::from_secs(365 * 24 * 3600);
+        while !exec.wait_terminated(far).await {}
+        guard.0 = None;
+        parent
+            .cpu_ns
+            .fetch_add(exec.cpu_ns.load(Ordering::Relaxed), Ordering::Relaxed);
+        parent
+            .fuel_used
+            .fetch_add(exec.fuel_used.load(Ordering::Relaxed), Ordering::Relaxed);
+        let Some(t) = exec.state().terminated().cloned() else {
+            return Err(RuntimeError::Internal("exec ended without a state".into()));
+        };
+        Ok(t.exit_code)
+    }
+
+    /// [`PodRuntime::attach`]: the container's output from now on (tapped from its log
+    /// sink), and its open stdin if it has one (`stdin: true` without stdin data).
+    async fn attach_container(
+        &self,
+        id: &PodId,
+        container: &str,
+        io: SessionIo,
+    ) -> Result<i32, RuntimeError> {
+        use tokio::io::AsyncWriteExt as _;
+        let (pod, index) = self.container_of(id, container)?;
+        let c = pod.containers[index].clone();
+        let mut taps = c.log.subscribe();
+        let SessionIo {
+            stdin,
+            mut stdout,
+            mut stderr,
+            tty,
+            resize: _,
+        } = io;
+        let feeder = match (stdin, pod.attach_stdin[index].clone()) {
+            (Some(mut input), Some(sink)) => Some(tokio::spawn(async move {
+                // One attached writer at a time.
+                let mut w = sink.lock().await;
+                if let Some(pipe) = w.as_mut()
+                    && tokio::io::copy(&mut input, pipe).await.is_ok()
+                {
+                    // End of the attached input: end of file for the container.
+                    if let Some(mut pipe) = w.take() {
+                        let _ = pipe.shutdown().await;
+                    }
+                }
+            })),
+            _ => None,
+        };
+        let _feeder = AbortOnDrop(feeder);
+        let far = tokio::time::Instant::now() + Duration::from_secs(365 * 24 * 3600);
+        let ended = c.wait_terminated(far);
+        tokio::pin!(ended);
+        loop {
+            tokio::select! {
+                m = taps.recv() => match m {
+                    Ok((stream, bytes)) => {
+                        let w = if stream == 0 || tty { stdout.as_mut() } else { stderr.as_mut() };
+                        if let Some(w) = w {
+                            let _ = w.write_all(&bytes).await;
+                            let _ = w.flush().await;
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                },
+                done = &mut ended => if done { break },
+            }
+        }
+        // Output written just before the end.
+        while let Ok((stream, bytes)) = taps.try_recv() {
+            let w = if stream == 0 || tty {
+                stdout.as_mut()
+            } else {
+                stderr.as_mut()
+            };
+            if let Some(w) = w {
+                let _ = w.write_all(&bytes).await;
+            }
+        }
+        Ok(c.state().terminated().map_or(0, |t| t.exit_code))
+    }
+
     /// [`PodRuntime::exec`]: a fresh instance of the container's module in the same sandbox.
     async fn exec_instance(
         &self,
@@ -799,6 +1006,7 @@ impl WasmRuntime {
         launch.entry = exec_entry(&launch.pre, &command[0]);
         launch.argv = command;
         launch.stdin = None;
+        launch.live_stdin = None;
         let (out, err) = (
             MemoryOutputPipe::new(EXEC_OUTPUT_LIMIT),
             MemoryOutputPipe::new(EXEC_OUTPUT_LIMIT),
@@ -865,6 +1073,17 @@ impl WasmRuntime {
             stdout: out.contents().to_vec(),
             stderr,
         })
+    }
+}
+
+/// Aborts a helper task when the session using it ends.
+struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(t) = self.0.take() {
+            t.abort();
+        }
     }
 }
 

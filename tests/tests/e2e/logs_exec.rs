@@ -641,3 +641,180 @@ async fn wasm_exec_probes_call_exported_functions() -> anyhow::Result<()> {
     c.stop().await;
     Ok(())
 }
+
+/// kubectl with `input` piped to its stdin.
+fn kubectl_in(c: &Cluster, args: &[&str], input: &str) -> anyhow::Result<Out> {
+    use std::io::Write as _;
+    let bin = tests::kubectl().context("kubectl missing")?;
+    tokio::task::block_in_place(|| {
+        let mut child = Command::new(bin)
+            .arg("--kubeconfig")
+            .arg(c.kubeconfig())
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        if let Some(mut si) = child.stdin.take() {
+            si.write_all(input.as_bytes())?;
+        }
+        let out = child.wait_with_output()?;
+        Ok(Out {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        })
+    })
+}
+
+/// Runs kubectl with `args`, returns the first stdout line and how long it took, and the
+/// time until kubectl exited (killed after `kill_after` if it still runs).
+fn first_line_then_end(
+    c: &Cluster,
+    args: &[&str],
+    kill_after: Option<Duration>,
+) -> anyhow::Result<(String, Duration, Duration, i32)> {
+    use std::io::BufRead as _;
+    let bin = tests::kubectl().context("kubectl missing")?;
+    tokio::task::block_in_place(|| {
+        let start = std::time::Instant::now();
+        let mut child = Command::new(bin)
+            .arg("--kubeconfig")
+            .arg(c.kubeconfig())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let mut out = std::io::BufReader::new(child.stdout.take().context("stdout")?);
+        let mut line = String::new();
+        out.read_line(&mut line)?;
+        let first = start.elapsed();
+        if let Some(k) = kill_after {
+            std::thread::sleep(k);
+            let _ = child.kill();
+        }
+        let status = child.wait()?;
+        Ok((line, first, start.elapsed(), status.code().unwrap_or(-1)))
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_exec_streams_stdin_tty_and_attach() -> anyhow::Result<()> {
+    init_tracing();
+    if tests::kubectl().is_none() {
+        eprintln!("SKIPPED: kubectl not installed (run scripts/kubectl)");
+        return Ok(());
+    }
+    let mut c = Cluster::start(ClusterOptions::default()).await?;
+    c.add_agent("node-wasm", |_| {}).await?;
+    let stop = CancellationToken::new();
+    let (_rt, fake_task) = fake_agent(&c, "node-fake", &stop).await?;
+
+    // --- the fake runtime's streaming commands ---
+    let shell = on_node(
+        json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "shell", "namespace": "default"},
+               "spec": {"containers": [{"name": "main", "image": "forever"}]}}),
+        "node-fake",
+    );
+    c.create("/api/v1/namespaces/default/pods", &shell).await?;
+    wait_running(&c, "shell").await?;
+    // stdin reaches the process, and its end (v5 close signal) ends `cat`.
+    let o = kubectl_in(&c, &["exec", "-i", "shell", "--", "cat"], "hello\nworld\n")?;
+    assert_eq!(
+        (o.code, o.stdout.as_str()),
+        (0, "hello\nworld\n"),
+        "{}",
+        o.stderr
+    );
+    // Output streams as produced: the first line of `count 4` (lines 300 ms apart) comes
+    // well before the command ends.
+    let (line, first, end, code) =
+        first_line_then_end(&c, &["exec", "shell", "--", "count", "4"], None)?;
+    assert_eq!((line.as_str(), code), ("1\n", 0));
+    assert!(
+        end.saturating_sub(first) >= Duration::from_millis(700),
+        "first line at {first:?}, end at {end:?}"
+    );
+    // Exit codes still propagate through the stream.
+    let o = kubectl_in(&c, &["exec", "-i", "shell", "--", "exit", "6"], "")?;
+    assert_eq!(o.code, 6, "{}{}", o.stdout, o.stderr);
+    // A TTY under a pseudo-terminal: kubectl sends the terminal size on the resize channel.
+    let kubectl_bin = tests::kubectl().context("kubectl")?;
+    let line = format!(
+        "stty cols 101 rows 33; {} --kubeconfig {} exec -it shell -- size",
+        kubectl_bin.display(),
+        c.kubeconfig().display()
+    );
+    let out = tokio::task::block_in_place(|| {
+        Command::new("script")
+            .args(["-qec", &line, "/dev/null"])
+            .stdin(Stdio::null())
+            .output()
+    });
+    match out {
+        Ok(out) => {
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            assert!(
+                out.status.success() && text.contains("101x33"),
+                "exec -it under script: {text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Err(e) => eprintln!("SKIPPED the TTY check: no `script` ({e})"),
+    }
+
+    // --- wasm: a fresh instance with WASI stdio wired to the session ---
+    let upper = on_node(
+        json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "upper", "namespace": "default"},
+               "spec": {"restartPolicy": "Never",
+                        "containers": [{"name": "main", "image": tests::guest("upper"), "stdin": true}]}}),
+        "node-wasm",
+    );
+    c.create("/api/v1/namespaces/default/pods", &upper).await?;
+    // Its own stdin stays open (nothing attached yet), so it runs.
+    wait_running(&c, "upper").await?;
+    let o = kubectl_in(&c, &["exec", "-i", "upper", "--", "upper"], "abc\n")?;
+    assert_eq!((o.code, o.stdout.as_str()), (0, "ABC\n"), "{}", o.stderr);
+    let tb = on_node(
+        super::pod("toolbox", "toolbox", &["serve", "1000"], "Always"),
+        "node-wasm",
+    );
+    c.create("/api/v1/namespaces/default/pods", &tb).await?;
+    wait_running(&c, "toolbox").await?;
+    // A guest that never ends: its first tick arrives while it runs (then kubectl is stopped).
+    let (line, first, _, _) = first_line_then_end(
+        &c,
+        &["exec", "toolbox", "--", "serve", "200"],
+        Some(Duration::from_millis(100)),
+    )?;
+    assert_eq!(line, "tick 1\n");
+    assert!(first < Duration::from_secs(20), "{first:?}");
+
+    // --- attach: the running container's stdin and output ---
+    let o = kubectl_in(&c, &["attach", "-i", "upper"], "attached\n")?;
+    assert_eq!(
+        (o.code, o.stdout.as_str()),
+        (0, "ATTACHED\n"),
+        "{}",
+        o.stderr
+    );
+    eventually("upper Succeeded", WAIT, || async {
+        let p = c
+            .admin
+            .get("/api/v1/namespaces/default/pods/upper")
+            .await?
+            .context("pod")?;
+        Ok(if tests::phase(&p) == "Succeeded" {
+            Ok(())
+        } else {
+            Err(p.to_string())
+        })
+    })
+    .await?;
+
+    stop.cancel();
+    let _ = fake_task.await;
+    c.stop().await;
+    Ok(())
+}
