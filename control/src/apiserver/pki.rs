@@ -244,7 +244,9 @@ impl Pki {
         let sans_text = sans.join("\n");
         let have_ca = ca_crt.exists() && ca_key.exists();
         let have_serving = srv_crt.exists() && srv_key.exists();
-        if !have_ca && !(ca_crt.exists() && have_serving) {
+        // A data dir from before the CA key was kept: CA and serving certificate, no key.
+        let keyless = ca_crt.exists() && have_serving;
+        if !(have_ca || keyless) {
             // First start: a new cluster CA (its key is kept so that servers joining with
             // `--join` receive it and sign their own serving certificates).
             let key = rcgen::KeyPair::generate()?;

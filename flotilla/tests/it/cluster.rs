@@ -1,12 +1,16 @@
-//! Issue 5's multi-process cluster, driven with the real kubectl: a three-member `flotilla store`
-//! cluster, three `flotilla server` processes on it (one PKI, so any server accepts any
-//! credential), three `flotilla agent` processes joined with `DATA_DIR/node-token`. A wasm
-//! Deployment is applied, spread, scaled, rolled (maxSurge/maxUnavailable checked while it rolls)
-//! and its logs read; a node is drained; an agent is kill -9'd and its pods come back elsewhere;
-//! the store leader and its server are kill -9'd and the API, through another server, stays
-//! writable with nothing lost.
+//! Issue 5's multi-process cluster, driven with the real kubectl: three `flotilla server`
+//! processes forming an HA control plane (the first creates the cluster; the others join it
+//! with `--join` and its `DATA_DIR/server-token`, each adding its embedded store member, so
+//! one CA and one set of tokens serve the cluster), three `flotilla agent` processes joined
+//! with each server's `DATA_DIR/node-token`. A wasm Deployment is applied, spread, scaled,
+//! rolled (maxSurge/maxUnavailable checked while it rolls) and its logs read; a node is
+//! drained; an agent is kill -9'd and its pods come back elsewhere; the server holding the
+//! store leader is kill -9'd and the API, through another server, stays writable with nothing
+//! lost; the killed server restarts from its data dir. A second test checks that `--join`
+//! refuses bad tokens with clear errors.
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write as _;
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -256,13 +260,6 @@ spec:
     )
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).expect("mkdir");
-    for e in std::fs::read_dir(from).expect("read dir").flatten() {
-        std::fs::copy(e.path(), to.join(e.file_name())).expect("copy");
-    }
-}
-
 #[test]
 fn three_servers_three_agents_kubectl_scale_roll_and_survive_kills() {
     let Some(bin) = kubectl_bin() else {
@@ -282,64 +279,33 @@ fn three_servers_three_agents_kubectl_scale_roll_and_survive_kills() {
         logs,
     };
 
-    // The store: three members.
-    let stores: Vec<(String, String)> = (0..3)
-        .map(|_| {
-            (
-                format!("http://127.0.0.1:{}", free_port()),
-                format!("http://127.0.0.1:{}", free_port()),
-            )
-        })
-        .collect();
-    let initial = stores
-        .iter()
-        .enumerate()
-        .map(|(i, (_, peer))| format!("s{i}={peer}"))
-        .collect::<Vec<_>>()
-        .join(",");
-    for (i, (client, peer)) in stores.iter().enumerate() {
-        let dir = tmp.path().join(format!("s{i}"));
-        procs.spawn(
-            &format!("store{i}"),
-            &[
-                "store".into(),
-                format!("--name=s{i}"),
-                format!("--data-dir={}", dir.display()),
-                format!("--listen-client-urls={client}"),
-                format!("--listen-peer-urls={peer}"),
-                format!("--initial-cluster={initial}"),
-                "--heartbeat-interval=100".into(),
-                "--election-timeout=1000".into(),
-            ],
-        );
-    }
-    let store_urls: Vec<String> = stores.iter().map(|(c, _)| c.clone()).collect();
-    let leader = store_leader(&store_urls);
-    eprintln!(
-        "[cluster] store: 3 members, leader s{leader} ({:.1?})",
-        t0.elapsed()
-    );
-
-    // Three API servers, server i talking to store member i first. The first creates the PKI;
-    // the others start from a copy of it, so one CA and one node secret serve the cluster.
+    // Three servers, each with an embedded store member: server0 starts the cluster, servers
+    // 1 and 2 join it with its server token (no shared directory, no external store).
     let server_dirs: Vec<PathBuf> = (0..3)
         .map(|i| tmp.path().join(format!("server{i}")))
         .collect();
     let server_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    let start_server = |procs: &mut Procs, i: usize| {
-        let mut endpoints = store_urls.clone();
-        endpoints.rotate_left(i);
-        procs.spawn(
-            &format!("server{i}"),
-            &[
-                "server".into(),
-                format!("--data-dir={}", server_dirs[i].display()),
-                format!("--listen=127.0.0.1:{}", server_ports[i]),
-                format!("--store-endpoints={}", endpoints.join(",")),
-                "--node-monitor-period-ms=1000".into(),
-                format!("--node-monitor-grace-period-ms={GRACE_MS}"),
-            ],
-        );
+    let store_ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+    let store_urls: Vec<String> = store_ports
+        .iter()
+        .map(|(c, _)| format!("http://127.0.0.1:{c}"))
+        .collect();
+    let server_token = server_dirs[0].join("server-token");
+    let server_args = |i: usize| -> Vec<String> {
+        let mut a = vec![
+            "server".into(),
+            format!("--data-dir={}", server_dirs[i].display()),
+            format!("--listen=127.0.0.1:{}", server_ports[i]),
+            format!("--embedded-store-client=127.0.0.1:{}", store_ports[i].0),
+            format!("--embedded-store-peer=127.0.0.1:{}", store_ports[i].1),
+            "--node-monitor-period-ms=1000".into(),
+            format!("--node-monitor-grace-period-ms={GRACE_MS}"),
+        ];
+        if i > 0 {
+            a.push(format!("--join=https://127.0.0.1:{}", server_ports[0]));
+            a.push(format!("--token-file={}", server_token.display()));
+        }
+        a
     };
     let kubectls: Vec<Kubectl> = server_dirs
         .iter()
@@ -348,26 +314,50 @@ fn three_servers_three_agents_kubectl_scale_roll_and_survive_kills() {
             kubeconfig: d.join("kubeconfig.yaml"),
         })
         .collect();
-    start_server(&mut procs, 0);
-    eventually("server0 up and its node token written", STEP, || {
-        if !server_dirs[0].join("node-token").exists() {
-            return Err("no node-token yet".into());
+    procs.spawn("server0", &server_args(0));
+    eventually("server0 up and its tokens written", STEP, || {
+        for f in ["node-token", "server-token"] {
+            if !server_dirs[0].join(f).exists() {
+                return Err(format!("no {f} yet"));
+            }
         }
         kubectls[0].run(&["get", "namespaces"], None).map(drop)
     });
-    for i in 1..3 {
-        for sub in ["pki", "auth"] {
-            copy_dir(&server_dirs[0].join(sub), &server_dirs[i].join(sub));
-        }
-        start_server(&mut procs, i);
-    }
+    let mode = std::fs::metadata(&server_token)
+        .expect("server-token")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "server-token mode");
     for (i, k) in kubectls.iter().enumerate().skip(1) {
-        eventually(&format!("server{i} up"), STEP, || {
+        procs.spawn(&format!("server{i}"), &server_args(i));
+        eventually(&format!("server{i} joined and up"), STEP, || {
             k.run(&["get", "namespaces"], None).map(drop)
         });
     }
+    // One cluster: the same CA and tokens on every server, three store members, one leader.
+    for f in [
+        "pki/ca.crt",
+        "auth/admin.token",
+        "auth/node.secret",
+        "server-token",
+    ] {
+        let first = std::fs::read(server_dirs[0].join(f)).expect("read");
+        for d in &server_dirs[1..] {
+            assert_eq!(std::fs::read(d.join(f)).expect("read"), first, "{f} shared");
+        }
+    }
+    assert_ne!(
+        std::fs::read(server_dirs[0].join("pki/server.crt")).expect("read"),
+        std::fs::read(server_dirs[1].join("pki/server.crt")).expect("read"),
+        "each server issues its own serving certificate"
+    );
+    let leader = store_leader(&store_urls);
+    eprintln!(
+        "[cluster] 3 servers, store leader in server{leader} ({:.1?})",
+        t0.elapsed()
+    );
 
-    // Three agents, agent i joined through server i with the first server's node token.
+    // Three agents, agent i joined through server i with server i's node token.
     let nodes = ["node-a", "node-b", "node-c"];
     for (i, name) in nodes.iter().enumerate() {
         procs.spawn(
@@ -377,7 +367,7 @@ fn three_servers_three_agents_kubectl_scale_roll_and_survive_kills() {
                 format!("--server=https://127.0.0.1:{}", server_ports[i]),
                 format!(
                     "--token-file={}",
-                    server_dirs[0].join("node-token").display()
+                    server_dirs[i].join("node-token").display()
                 ),
                 format!("--name={name}"),
                 format!("--data-dir={}", tmp.path().join(name).display()),
@@ -565,8 +555,8 @@ fn three_servers_three_agents_kubectl_scale_roll_and_survive_kills() {
     };
     let before = inventory(k).unwrap_or_else(|e| panic!("{e}"));
     let leader = store_leader(&store_urls);
-    eprintln!("[cluster] kill -9 store leader s{leader} and server{leader}");
-    procs.kill(&format!("store{leader}"));
+    eprintln!("[cluster] kill -9 server{leader}, which holds the store leader");
+    let killed = Instant::now();
     procs.kill(&format!("server{leader}"));
     let other = (leader + 1) % 3;
     let k = &kubectls[other];
@@ -577,6 +567,12 @@ fn three_servers_three_agents_kubectl_scale_roll_and_survive_kills() {
             k.run(&["create", "configmap", "after-leader-kill"], None)
                 .map(drop)
         },
+    );
+    let writable_after = killed.elapsed();
+    eprintln!("[cluster] writable again {writable_after:.1?} after the kill");
+    assert!(
+        writable_after < Duration::from_secs(30),
+        "the API took {writable_after:.1?} to accept a write after the store leader died"
     );
     let after = inventory(k).unwrap_or_else(|e| panic!("{e}"));
     let lost: Vec<&String> = before.difference(&after).collect();
@@ -607,9 +603,150 @@ fn three_servers_three_agents_kubectl_scale_roll_and_survive_kills() {
         }
     });
     eprintln!("[cluster] after the leader kill, pods run on {per:?}");
+
+    // The killed server restarts from its data dir with the same command line: no new join,
+    // its store member catches up and the cluster again has three members agreeing on a leader.
+    procs.spawn(&format!("server{leader}"), &server_args(leader));
+    eventually(&format!("server{leader} back"), STEP, || {
+        let out = kubectls[leader].run(&["get", "configmap", "after-leader-kill"], None)?;
+        out.contains("after-leader-kill").then_some(()).ok_or(out)
+    });
+    let new_leader = store_leader(&store_urls);
+    eprintln!("[cluster] server{leader} rejoined; store leader now in server{new_leader}");
     eprintln!(
         "[cluster] {} objects all kept; done in {:.1?}",
         before.len(),
         t0.elapsed()
     );
+}
+
+/// Runs `flotilla ARGS` to its end (at most `limit`); returns (success, stderr).
+fn run_to_end(args: &[String], limit: Duration) -> (bool, String) {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn flotilla");
+    let start = Instant::now();
+    loop {
+        if child.try_wait().expect("wait").is_some() {
+            let out = child.wait_with_output().expect("output");
+            return (
+                out.status.success(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            );
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("output");
+            panic!(
+                "flotilla {args:?} still running after {limit:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn join_refuses_bad_tokens_with_clear_errors() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let logs = tmp.path().join("logs");
+    std::fs::create_dir_all(&logs).expect("mkdir");
+    let mut procs = Procs {
+        children: BTreeMap::new(),
+        logs,
+    };
+    let first = tmp.path().join("first");
+    let port = free_port();
+    procs.spawn(
+        "first",
+        &[
+            "server".into(),
+            format!("--data-dir={}", first.display()),
+            format!("--listen=127.0.0.1:{port}"),
+            format!("--embedded-store-client=127.0.0.1:{}", free_port()),
+            format!("--embedded-store-peer=127.0.0.1:{}", free_port()),
+        ],
+    );
+    let token = eventually("the first server's server-token", STEP, || {
+        std::fs::read_to_string(first.join("server-token")).map_err(|e| e.to_string())
+    });
+    let (hash, secret) = token
+        .trim()
+        .strip_prefix("K10")
+        .and_then(|r| r.split_once("::server:"))
+        .expect("K10<ca-hash>::server:<secret>");
+    assert_eq!(hash.len(), 64, "sha256 hex of the CA");
+    eventually("the first server serving", STEP, || {
+        std::net::TcpStream::connect(("127.0.0.1", port))
+            .map(drop)
+            .map_err(|e| e.to_string())
+    });
+
+    let joiner = tmp.path().join("joiner");
+    let url = format!("https://127.0.0.1:{port}");
+    let join_with = |token: &str, url: &str| -> (bool, String) {
+        let file = tmp.path().join("token");
+        std::fs::write(&file, token).expect("write token");
+        run_to_end(
+            &[
+                "server".into(),
+                format!("--data-dir={}", joiner.display()),
+                format!("--listen=127.0.0.1:{}", free_port()),
+                format!("--embedded-store-client=127.0.0.1:{}", free_port()),
+                format!("--embedded-store-peer=127.0.0.1:{}", free_port()),
+                format!("--join={url}"),
+                format!("--token-file={}", file.display()),
+            ],
+            STEP,
+        )
+    };
+    let cases = [
+        (
+            format!("K10{hash}::server:not-the-secret"),
+            url.clone(),
+            "refused the join token (401",
+        ),
+        (
+            format!("K10{}::server:{secret}", "0".repeat(64)),
+            url.clone(),
+            "presented a CA whose hash is not the token's",
+        ),
+        (
+            std::fs::read_to_string(first.join("node-token")).expect("node-token"),
+            url.clone(),
+            "node join token",
+        ),
+        (
+            "garbage".to_string(),
+            url.clone(),
+            "not a server join token",
+        ),
+    ];
+    for (token, url, want) in &cases {
+        let (ok, err) = join_with(token, url);
+        assert!(!ok, "joined with a bad token: {err}");
+        assert!(err.contains(want), "want {want:?} in: {err}");
+        assert!(
+            !joiner.join("store").exists(),
+            "a refused join left a store"
+        );
+        assert!(
+            !joiner.join("pki").exists(),
+            "a refused join left credentials"
+        );
+        eprintln!("[join] refused: {}", err.lines().next().unwrap_or(""));
+    }
+    // Nothing listens there: the error names the URL and the fix.
+    let closed = format!("https://127.0.0.1:{}", free_port());
+    let (ok, err) = join_with(token.trim(), &closed);
+    assert!(!ok, "joined a server that does not run: {err}");
+    assert!(
+        err.contains(&format!("cannot reach the server at {closed}")) && err.contains("--listen"),
+        "{err}"
+    );
+    eprintln!("[join] unreachable: {}", err.lines().next().unwrap_or(""));
 }
