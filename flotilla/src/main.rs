@@ -28,7 +28,8 @@ struct Cli {
 enum Command {
     /// Run a member of the Raft-replicated store (etcd v3 API; flags named like etcd's).
     Store(cmd_store::StoreArgs),
-    /// Run the Kubernetes-compatible API server.
+    /// Run a control-plane server: store member, Kubernetes API server, scheduler, controllers
+    /// (`--join URL --token-file F` adds it to another server's cluster: an HA control plane).
     Server(cmd_server::ServerArgs),
     /// Run a node agent: join a cluster with the server's node token and run its pods.
     Agent(cmd_agent::AgentArgs),

@@ -466,4 +466,29 @@ mod tests {
         let mode = std::fs::metadata(&path).expect("stat").permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
     }
+
+    #[test]
+    fn serving_certificate_follows_its_names_and_keyless_dirs_still_load() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let read = |p: &str| std::fs::read(dir.path().join(p)).expect("read");
+        let a = Pki::load_or_create(dir.path(), &[]).expect("create");
+        let (ca, crt) = (read("pki/ca.crt"), read("pki/server.crt"));
+        Pki::load_or_create(dir.path(), &[]).expect("reload");
+        assert_eq!(read("pki/server.crt"), crt, "same names: same certificate");
+        let b = Pki::load_or_create(dir.path(), &["10.1.2.3".into()]).expect("new name");
+        assert_ne!(
+            read("pki/server.crt"),
+            crt,
+            "a new name re-issues the certificate"
+        );
+        assert_eq!(read("pki/ca.crt"), ca, "from the same CA");
+        assert_eq!(a.server_token().expect("a"), b.server_token().expect("b"));
+        assert!(b.server_config().is_ok());
+        // A data dir from before the CA key was kept: loads as it is, cannot admit servers.
+        std::fs::remove_file(dir.path().join("pki/ca.key")).expect("rm");
+        let c = Pki::load_or_create(dir.path(), &["10.9.9.9".into()]).expect("keyless");
+        assert_eq!(read("pki/ca.crt"), ca);
+        assert!(c.join_bundle().is_none());
+        assert!(b.join_bundle().is_some());
+    }
 }

@@ -351,6 +351,20 @@ fn three_servers_three_agents_kubectl_scale_roll_and_survive_kills() {
         std::fs::read(server_dirs[1].join("pki/server.crt")).expect("read"),
         "each server issues its own serving certificate"
     );
+    store_leader(&store_urls);
+    // A joined server restarts from its data dir with the same command line (`--join` and
+    // all): it does not join again, and its store member is the same one.
+    let record = std::fs::read(server_dirs[2].join("join.json")).expect("join.json");
+    procs.kill("server2");
+    procs.spawn("server2", &server_args(2));
+    eventually("server2 restarted", STEP, || {
+        kubectls[2].run(&["get", "namespaces"], None).map(drop)
+    });
+    assert_eq!(
+        std::fs::read(server_dirs[2].join("join.json")).expect("join.json"),
+        record,
+        "the restart did not join again"
+    );
     let leader = store_leader(&store_urls);
     eprintln!(
         "[cluster] 3 servers, store leader in server{leader} ({:.1?})",
