@@ -26,6 +26,8 @@ pub struct Member {
     pub removed: bool,
     /// Crash points armed for this member.
     pub crash: CrashSwitch,
+    /// Raft id, known once the member first started (0 before).
+    pub id: u64,
 }
 
 #[derive(Debug, Default)]
@@ -36,6 +38,10 @@ struct CrashState {
     /// The data dir image taken at the moment of the crash.
     image: Option<PathBuf>,
     images: u32,
+    /// Copy sled's `db` file at every `BeforeLogFlush` while armed (F8).
+    capture: bool,
+    /// That copy, as of the last `BeforeLogFlush`.
+    captured: Option<Vec<u8>>,
 }
 
 /// Arms a member to crash at a [`CrashPoint`]: when storage reaches it, the data dir is copied
@@ -58,6 +64,15 @@ impl CrashSwitch {
         s.armed = Some(point);
         s.dead = false;
         s.image = None;
+        s.capture = false;
+        s.captured = None;
+    }
+
+    /// Arms `point` and, until it is reached, keeps a copy of sled's `db` file as it was at the
+    /// last `BeforeLogFlush` (so the write of the flush that crashes can be told apart).
+    pub fn arm_capturing(&self, point: CrashPoint) {
+        self.arm(point);
+        self.lock().capture = true;
     }
 
     /// Disarms without crashing.
@@ -72,8 +87,18 @@ impl CrashSwitch {
             if s.dead {
                 return true;
             }
+            if s.capture && s.armed.is_some() && point == CrashPoint::BeforeLogFlush {
+                s.captured = std::fs::read(data_dir.join("db")).ok();
+            }
             if s.armed != Some(point) {
                 return false;
+            }
+            if s.capture {
+                // Crash only after a flush that wrote something (there is a write to tear).
+                let now = std::fs::read(data_dir.join("db")).ok();
+                if s.captured.is_none() || now == s.captured {
+                    return false;
+                }
             }
             s.images += 1;
             let image = image_path(&data_dir, s.images);
@@ -111,6 +136,78 @@ fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// How [`FaultCluster::crash_and_tear`] damages the tail of a crash image (F8).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tear {
+    /// The latest write landed only half (its second half, at most 1 KiB, keeps the old bytes).
+    TornWrite,
+    /// One bit flipped in the latest write.
+    BitFlip,
+    /// The latest write cut short (at most 1 KiB): the file is truncated inside it when it
+    /// extended the file, else (sled preallocates segments) the lost part reads as zeros.
+    Truncate,
+}
+
+/// The byte range `[start, end)` where `new` last differs from `old` (small equal gaps inside
+/// one write are bridged), or `None` when they are equal.
+fn last_write(old: &[u8], new: &[u8]) -> Option<(usize, usize)> {
+    let differs = |i: usize| old.get(i) != new.get(i);
+    let mut end = old.len().max(new.len());
+    while end > 0 && !differs(end - 1) {
+        end -= 1;
+    }
+    if end == 0 {
+        return None;
+    }
+    let mut start = end - 1;
+    let mut gap = 0;
+    while start > 0 && gap < 64 {
+        if differs(start - 1) {
+            gap = 0;
+        } else {
+            gap += 1;
+        }
+        start -= 1;
+    }
+    Some((start + gap, end.min(new.len())))
+}
+
+/// Damages `image` (a copy of sled's `db` file) per `tear`, given the file as it was shortly
+/// before the crash; says what it did.
+fn tear_file(before: &[u8], image: &Path, tear: Tear) -> anyhow::Result<String> {
+    let mut bytes = std::fs::read(image)?;
+    let len = bytes.len();
+    let what = match tear {
+        Tear::TornWrite | Tear::BitFlip | Tear::Truncate => {
+            let (a, b) = last_write(before, &bytes).context("no write to tear")?;
+            if tear == Tear::Truncate && b == len && len > before.len() {
+                let to = (a + (b - a) / 2)
+                    .max(b.saturating_sub(1024))
+                    .max(before.len());
+                bytes.truncate(to);
+                format!("file cut from {len} to {to} bytes, inside the latest write [{a}, {b})")
+            } else if tear == Tear::Truncate {
+                // sled writes into a preallocated segment: a cut-short write reads as zeros.
+                let from = (a + (b - a) / 2).max(b.saturating_sub(1024));
+                bytes[from..b].fill(0);
+                format!("latest write [{a}, {b}) cut short: [{from}, {b}) zeroed")
+            } else if tear == Tear::BitFlip {
+                let at = a + (b - a) / 2;
+                bytes[at] ^= 0x10;
+                format!("flipped a bit at offset {at} in the latest write [{a}, {b})")
+            } else {
+                let from = (a + (b - a) / 2).max(b.saturating_sub(1024));
+                for (i, byte) in bytes.iter_mut().enumerate().take(b).skip(from) {
+                    *byte = before.get(i).copied().unwrap_or(0);
+                }
+                format!("latest write [{a}, {b}) torn: [{from}, {b}) reverted")
+            }
+        }
+    };
+    std::fs::write(image, bytes)?;
+    Ok(what)
 }
 
 /// A cluster under test.
@@ -209,6 +306,7 @@ impl FaultCluster {
                 disk: DiskFaults::default(),
                 removed: false,
                 crash: CrashSwitch::default(),
+                id: 0,
             });
         }
         let mut cluster = Self {
@@ -247,6 +345,7 @@ impl FaultCluster {
             .await
             .with_context(|| format!("start member {i}"))?;
         self.router.register(handle.id(), i);
+        m.id = handle.id();
         m.handle = Some(handle);
         Ok(())
     }
@@ -292,6 +391,7 @@ impl FaultCluster {
             disk: DiskFaults::default(),
             removed: false,
             crash: CrashSwitch::default(),
+            id: 0,
         });
         self.start_member(i).await?;
         Ok(i)
@@ -312,6 +412,22 @@ impl FaultCluster {
             .context("member remove")?;
         self.members[i].removed = true;
         self.stop_member(i).await;
+        Ok(())
+    }
+
+    /// Removes member `i`, which is stopped (e.g. it refused to start), through `MemberRemove`
+    /// sent to member `via`; it stays stopped.
+    pub async fn remove_stopped_member(&mut self, i: usize, via: usize) -> anyhow::Result<()> {
+        use store::pb::etcdserverpb::MemberRemoveRequest;
+        use store::pb::etcdserverpb::cluster_client::ClusterClient;
+        anyhow::ensure!(self.members[i].id != 0, "member {i} never started");
+        let mut cc = ClusterClient::connect(self.endpoints()[via].clone()).await?;
+        cc.member_remove(MemberRemoveRequest {
+            id: self.members[i].id,
+        })
+        .await
+        .context("member remove")?;
+        self.members[i].removed = true;
         Ok(())
     }
 
@@ -350,6 +466,61 @@ impl FaultCluster {
         s.dead = false;
         s.image = None;
         Ok(true)
+    }
+
+    /// F8: crashes member `i` right after a log flush, before openraft learns of it, and
+    /// damages the image it restarts from per `tear`, within the bytes that flush wrote (found
+    /// by comparing with the file as it was just before the flush): a crash in the middle of
+    /// that write. Those entries were never acknowledged. Returns what was done; the member
+    /// stays stopped.
+    pub async fn crash_and_tear(&mut self, i: usize, tear: Tear) -> anyhow::Result<String> {
+        for _ in 0..20 {
+            self.members[i]
+                .crash
+                .arm_capturing(CrashPoint::AfterLogFlush);
+            anyhow::ensure!(
+                self.await_crash(i, Duration::from_secs(10)).await?,
+                "member {i} never flushed its log"
+            );
+            let before = self.members[i].crash.lock().captured.take();
+            let db = self.members[i].config.data_dir.join("db");
+            let after = std::fs::read(&db)?;
+            match before {
+                Some(before) if before != after => {
+                    return tear_file(&before, &db, tear);
+                }
+                // The flush wrote nothing new to the file: restart from the intact image and
+                // try a later one.
+                _ => {
+                    self.start_member(i).await?;
+                    self.wait_caught_up(i, Duration::from_secs(20)).await?;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        anyhow::bail!("member {i}: 20 flushes in a row wrote nothing to tear")
+    }
+
+    /// Waits until member `i` has applied what the leader had applied when this was called.
+    pub async fn wait_caught_up(&self, i: usize, timeout: Duration) -> anyhow::Result<()> {
+        let l = self.wait_leader(timeout).await?;
+        let applied = |i: usize| {
+            self.members[i]
+                .handle
+                .as_ref()
+                .map_or(0, |h| h.metrics().last_applied)
+        };
+        let target = applied(l);
+        let deadline = tokio::time::Instant::now() + timeout;
+        while applied(i) < target {
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "member {i} stuck at applied {} < {target}",
+                applied(i)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
     }
 
     /// Crashes every running member at once (a power cut of the whole cluster): links are

@@ -108,6 +108,26 @@ impl Ctx {
         self.log(format!("partition {a:?} | {b:?}"));
     }
 
+    /// Pauses member `i` (F14, a SIGSTOP in-process): its Raft messages both ways are held
+    /// and its disk stops; its timers keep running, as a paused process's would fire at once
+    /// on resume.
+    pub fn pause(&mut self, i: usize) {
+        self.cluster.router.update(|f| {
+            f.paused.insert(i);
+        });
+        self.cluster.members[i].disk.set_paused(true);
+        self.log(format!("pause member {i}"));
+    }
+
+    /// Resumes member `i`: held messages are delivered (late), its disk writes again.
+    pub fn resume(&mut self, i: usize) {
+        self.cluster.router.update(|f| {
+            f.paused.remove(&i);
+        });
+        self.cluster.members[i].disk.set_paused(false);
+        self.log(format!("resume member {i}"));
+    }
+
     /// Heals the network and the disks.
     pub fn heal(&mut self) {
         let (delivered, lost, duplicated) = self.cluster.router.counters();
@@ -128,6 +148,7 @@ impl Ctx {
         self.cluster.router.heal();
         for m in &self.cluster.members {
             m.disk.set_delay(Duration::ZERO);
+            m.disk.set_paused(false);
         }
         self.log("heal network and disks");
     }
@@ -148,6 +169,10 @@ pub struct Report {
     pub ops: usize,
     /// Where the history was written.
     pub history_file: Option<std::path::PathBuf>,
+    /// The recorded history (scenarios assert on what their nemesis provoked).
+    pub history: Vec<Operation>,
+    /// Wall time of the whole scenario.
+    pub elapsed: Duration,
 }
 
 impl Report {
@@ -177,7 +202,13 @@ impl Report {
 
     /// One line per invariant.
     pub fn summary(&self) -> String {
-        let mut s = format!("{} seed={} ops={}\n", self.name, self.seed, self.ops);
+        let mut s = format!(
+            "{} seed={} ops={} time={:.1}s\n",
+            self.name,
+            self.seed,
+            self.ops,
+            self.elapsed.as_secs_f64()
+        );
         for line in &self.schedule {
             s.push_str(&format!("  | {line}\n"));
         }
@@ -253,6 +284,7 @@ where
         .acquire()
         .await
         .expect("invariant: the scenario semaphore is never closed");
+    let started = tokio::time::Instant::now();
     let seed = seed();
     println!("scenario {name}: SEED={seed}");
     let cluster =
@@ -410,6 +442,8 @@ where
         checks,
         ops: history.len(),
         history_file,
+        history,
+        elapsed: started.elapsed(),
     };
     println!("{}", report.summary());
     ctx.cluster.shutdown().await;

@@ -37,6 +37,12 @@ pub struct NetFaults {
     pub delay: Option<(Duration, Duration)>,
     /// Probability of delivering a request twice.
     pub duplicate: f64,
+    /// Probability that the answer to a client request a follower forwarded to the leader is
+    /// lost after the leader executed it (the client sees an unknown outcome; F18).
+    pub lose_forward_response: f64,
+    /// Paused members (F14, a SIGSTOP): messages from or to them are held, not lost, and
+    /// delivered late once they resume; requests they forward hang.
+    pub paused: HashSet<usize>,
 }
 
 #[derive(Debug)]
@@ -100,16 +106,23 @@ impl Router {
     }
 
     /// The forwarding filter of member `from`: a cut link loses the request (or, cut only on
-    /// the way back, the response). Random drops and delays apply to Raft messages only, so
-    /// client requests are not turned into timeouts wholesale.
+    /// the way back, the response); `lose_forward_response` loses answers at random. Random
+    /// drops and delays apply to Raft messages only, so client requests are not turned into
+    /// timeouts wholesale.
     pub fn forward_filter(&self, from: usize) -> store::ForwardFilter {
         let router = self.clone();
         std::sync::Arc::new(move |url: &str| {
-            let s = router.lock();
+            let mut s = router.lock();
             let to = s.urls.get(url).copied().unwrap_or(usize::MAX);
-            if s.faults.cut.contains(&(from, to)) {
+            let lose = s.faults.lose_forward_response;
+            if s.faults.cut.contains(&(from, to))
+                || s.faults.paused.contains(&from)
+                || s.faults.paused.contains(&to)
+            {
                 store::LinkFate::LoseRequest
-            } else if s.faults.cut.contains(&(to, from)) {
+            } else if s.faults.cut.contains(&(to, from))
+                || (lose > 0.0 && s.rng.random_bool(lose.min(1.0)))
+            {
                 store::LinkFate::LoseResponse
             } else {
                 store::LinkFate::Deliver
@@ -136,6 +149,14 @@ impl Router {
     pub fn counters(&self) -> (u64, u64, u64) {
         let s = self.lock();
         (s.delivered, s.lost, s.duplicated)
+    }
+
+    /// Whether a message from member `from` to Raft id `target` must be held (either end
+    /// paused).
+    fn held(&self, from: usize, target: u64) -> bool {
+        let s = self.lock();
+        let to = s.ids.get(&target).copied().unwrap_or(usize::MAX);
+        s.faults.paused.contains(&from) || s.faults.paused.contains(&to)
     }
 
     fn plan(&self, from: usize, target: u64) -> Plan {
@@ -220,6 +241,9 @@ fn unreachable<T, E: std::error::Error>(what: &'static str) -> RpcResult<T, E> {
 impl FaultyConnection {
     /// Delays per the plan; `None` when the request is lost.
     async fn before(&self) -> Option<Plan> {
+        while self.router.held(self.from, self.target) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let plan = self.router.plan(self.from, self.target);
         if !plan.delay.is_zero() {
             tokio::time::sleep(plan.delay).await;
@@ -280,6 +304,7 @@ impl RaftNetwork<TypeConfig> for FaultyConnection {
 #[derive(Debug, Clone, Default)]
 pub struct DiskFaults {
     delay_ms: Arc<std::sync::atomic::AtomicU64>,
+    paused: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl DiskFaults {
@@ -289,6 +314,16 @@ impl DiskFaults {
             u64::try_from(d.as_millis()).unwrap_or(u64::MAX),
             std::sync::atomic::Ordering::Relaxed,
         );
+    }
+
+    /// While paused, appends and vote saves wait (a stopped process writes nothing).
+    pub fn set_paused(&self, paused: bool) {
+        self.paused
+            .store(paused, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn paused(&self) -> bool {
+        self.paused.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn delay(&self) -> Duration {
@@ -310,6 +345,9 @@ impl SlowLog {
     }
 
     async fn stall(&self) {
+        while self.faults.paused() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let d = self.faults.delay();
         if !d.is_zero() {
             tokio::time::sleep(d).await;

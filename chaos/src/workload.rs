@@ -33,6 +33,9 @@ pub struct WorkloadConfig {
     pub think: Duration,
     /// Per-request deadline; a write that misses it has an unknown outcome.
     pub timeout: Duration,
+    /// Retry a write whose outcome is unknown once, unchanged, on the next member (F18: what a
+    /// client library's retry does; both attempts are recorded).
+    pub retry_unknown_writes: bool,
 }
 
 impl Default for WorkloadConfig {
@@ -42,6 +45,7 @@ impl Default for WorkloadConfig {
             keys: 6,
             think: Duration::from_millis(15),
             timeout: Duration::from_millis(1500),
+            retry_unknown_writes: false,
         }
     }
 }
@@ -94,31 +98,40 @@ pub async fn client(
                 serializable: roll >= 85,
             }
         };
-        let call = rec.now();
-        let res = tokio::time::timeout(cfg.timeout, execute(&mut kv, &input)).await;
-        let output = match res {
-            Ok(Ok(o)) => o,
-            Ok(Err(e)) => Output::Unknown {
-                error: e.to_string(),
-            },
-            Err(_) => Output::Unknown {
-                error: format!("timed out after {:?}", cfg.timeout),
-            },
+        let mut attempts = if cfg.retry_unknown_writes && input.written().is_some() {
+            2
+        } else {
+            1
         };
-        let ret = rec.now();
-        if let Output::Get { value, .. } = &output {
-            seen.insert(input.key().to_owned(), value.clone());
-        }
-        let failed = matches!(output, Output::Unknown { .. });
-        rec.record(Operation {
-            client: id,
-            member,
-            call,
-            ret,
-            input,
-            output,
-        });
-        if failed {
+        while attempts > 0 {
+            attempts -= 1;
+            let call = rec.now();
+            let res = tokio::time::timeout(cfg.timeout, execute(&mut kv, &input)).await;
+            let output = match res {
+                Ok(Ok(o)) => o,
+                Ok(Err(e)) => Output::Unknown {
+                    error: e.to_string(),
+                },
+                Err(_) => Output::Unknown {
+                    error: format!("timed out after {:?}", cfg.timeout),
+                },
+            };
+            let ret = rec.now();
+            if let Output::Get { value, .. } = &output {
+                seen.insert(input.key().to_owned(), value.clone());
+            }
+            let failed = matches!(output, Output::Unknown { .. });
+            rec.record(Operation {
+                client: id,
+                member,
+                call,
+                ret,
+                input: input.clone(),
+                output,
+            });
+            if !failed {
+                break;
+            }
             member = (member + 1) % endpoints.len();
             kv = KvClient::new(channel(&endpoints[member])?);
             tokio::time::sleep(Duration::from_millis(50)).await;

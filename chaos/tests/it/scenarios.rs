@@ -5,10 +5,11 @@ use std::time::Duration;
 
 use chaos::net::NetFaults;
 use chaos::{Ctx, ScenarioConfig, run_scenario};
+use rand::Rng;
 use store::pb::etcdserverpb::kv_client::KvClient;
 use store::pb::etcdserverpb::watch_client::WatchClient;
 use store::pb::etcdserverpb::watch_request::RequestUnion;
-use store::pb::etcdserverpb::{RangeRequest, WatchCreateRequest, WatchRequest};
+use store::pb::etcdserverpb::{PutRequest, RangeRequest, WatchCreateRequest, WatchRequest};
 
 fn others(n: usize, i: usize) -> Vec<usize> {
     (0..n).filter(|j| *j != i).collect()
@@ -18,7 +19,7 @@ async fn run(
     name: &str,
     cfg: ScenarioConfig,
     nemesis: impl AsyncFnOnce(&mut Ctx) -> anyhow::Result<()>,
-) {
+) -> chaos::Report {
     let report = run_scenario(name, cfg, nemesis)
         .await
         .unwrap_or_else(|e| panic!("scenario {name}: {e:#}"));
@@ -28,6 +29,7 @@ async fn run(
         report.ops
     );
     report.assert_ok();
+    report
 }
 
 /// F1: isolate the leader for 3 s (several election timeouts), then heal.
@@ -408,4 +410,131 @@ async fn compacted_revision_is_refused(ctx: &mut Ctx) -> anyhow::Result<()> {
         resp.compact_revision
     ));
     Ok(())
+}
+
+/// F14: the leader is paused (its Raft messages both ways held, its disk stopped) for 2.5 s,
+/// four election timeouts, and then resumes with the held messages delivered late. While it
+/// sleeps, a write is acknowledged by the new leader and a linearizable read of that key is
+/// sent to the paused one: whenever that read answers, it must see the write (no stale read
+/// from a deposed leader, etcd#20418); the workload's writes and reads on it are checked too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f14_pause_leader() {
+    run(
+        "f14_pause_leader",
+        ScenarioConfig::default(),
+        async |ctx: &mut Ctx| {
+            let old = ctx.leader().await?;
+            ctx.pause(old);
+            let old_id = ctx.cluster.members[old]
+                .handle
+                .as_ref()
+                .map_or(0, |h| h.id());
+            // The others elect a leader among themselves.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+            let new = loop {
+                ctx.sleep(Duration::from_millis(100)).await;
+                let views: Vec<Option<u64>> = others(ctx.cluster.len(), old)
+                    .iter()
+                    .filter_map(|i| ctx.cluster.members[*i].handle.as_ref())
+                    .map(|h| h.metrics().leader)
+                    .collect();
+                if let Some(Some(l)) = views.first()
+                    && *l != old_id
+                    && views.iter().all(|v| *v == Some(*l))
+                    && let Some(i) = ctx
+                        .cluster
+                        .members
+                        .iter()
+                        .position(|m| m.handle.as_ref().is_some_and(|h| h.id() == *l))
+                {
+                    break i;
+                }
+                anyhow::ensure!(
+                    tokio::time::Instant::now() < deadline,
+                    "no new leader while member {old} was paused"
+                );
+            };
+            ctx.log(format!("new leader {new} while {old} is paused"));
+            let endpoints = ctx.cluster.endpoints();
+            let mut kv = KvClient::connect(endpoints[new].clone()).await?;
+            let probe = format!("stale-probe-{}", ctx.rng.random::<u32>());
+            kv.put(PutRequest {
+                key: b"f14/probe".to_vec(),
+                value: probe.clone().into_bytes(),
+                ..Default::default()
+            })
+            .await?;
+            ctx.log("probe write acknowledged by the new leader");
+            let stale = tokio::spawn(async move {
+                let mut kv = KvClient::connect(endpoints[old].clone()).await?;
+                let r = tokio::time::timeout(
+                    Duration::from_secs(15),
+                    kv.range(RangeRequest {
+                        key: b"f14/probe".to_vec(),
+                        ..Default::default()
+                    }),
+                )
+                .await;
+                anyhow::Ok(match r {
+                    Ok(Ok(r)) => Some(
+                        r.into_inner()
+                            .kvs
+                            .first()
+                            .map(|kv| String::from_utf8_lossy(&kv.value).into_owned()),
+                    ),
+                    // An error or no answer is allowed; a stale answer is not.
+                    _ => None,
+                })
+            });
+            ctx.sleep(Duration::from_millis(2500)).await;
+            ctx.resume(old);
+            let seen = stale.await??;
+            ctx.log(format!("linearizable read on the resumed member: {seen:?}"));
+            if let Some(v) = seen {
+                anyhow::ensure!(
+                    v.as_deref() == Some(probe.as_str()),
+                    "stale read from the paused ex-leader {old}: {v:?}, expected {probe:?}"
+                );
+            }
+            ctx.sleep(Duration::from_millis(1000)).await;
+            Ok(())
+        },
+    )
+    .await;
+}
+
+/// F18: answers to client requests a follower forwarded to the leader are lost at random after
+/// the leader executed them, and clients retry each write whose outcome is unknown once,
+/// unchanged, on another member. A retried put may apply twice and a retried create-if-absent
+/// must then fail: the checker has to accept exactly those outcomes (the history records both
+/// attempts, the first with an unknown outcome).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f18_retry_timed_out_writes() {
+    let mut cfg = ScenarioConfig::default();
+    cfg.workload.retry_unknown_writes = true;
+    let report = run("f18_retry_timed_out_writes", cfg, async |ctx: &mut Ctx| {
+        ctx.cluster.router.set(NetFaults {
+            lose_forward_response: 0.3,
+            ..NetFaults::default()
+        });
+        ctx.log("lose 30% of forwarded answers; clients retry writes with unknown outcomes");
+        ctx.sleep(Duration::from_millis(3000)).await;
+        Ok(())
+    })
+    .await;
+    // Per client: a write with an unknown outcome directly followed by the same input.
+    let mut last: std::collections::HashMap<u64, &chaos::history::Operation> =
+        std::collections::HashMap::new();
+    let mut retried = 0;
+    for op in &report.history {
+        if let Some(prev) = last.insert(op.client, op)
+            && matches!(prev.output, chaos::history::Output::Unknown { .. })
+            && prev.input.written().is_some()
+            && prev.input == op.input
+        {
+            retried += 1;
+        }
+    }
+    assert!(retried > 0, "no write was retried after an unknown outcome");
+    println!("f18: {retried} writes retried after an unknown outcome");
 }
