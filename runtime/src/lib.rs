@@ -7,6 +7,7 @@
 //!   fuel limits enforced inside the sandbox.
 //! - [`any`]: [`AnyRuntime`], `match` dispatch over the node's runtimes.
 //! - `websocket` (private): the WebSocket channel protocol of streaming exec and attach.
+//! - `spdy` (private): the SPDY/3.1 subset of `kubectl port-forward`'s WebSocket tunnel.
 //! - `testing` (feature `test-util`): `FakeRuntime` and the conformance suite
 //!   `testing::conformance::run_all` that every implementation passes.
 //!
@@ -34,6 +35,7 @@ pub mod node;
 pub mod pod_runtime;
 #[cfg(any(test, feature = "test-util"))]
 pub mod testing;
+mod spdy;
 pub mod wasm;
 mod websocket;
 

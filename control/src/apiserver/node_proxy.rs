@@ -1,4 +1,4 @@
-//! `pods/log`, `pods/exec` and `pods/attach`: the API server checks the caller, the pod and its container,
+//! `pods/log`, `pods/exec`, `pods/attach` and `pods/portforward`: the API server checks the caller, the pod and its container,
 //! then reaches the pod's node agent (`runtime::node::server`) over HTTPS.
 //!
 //! # Trust between API server and agent
@@ -21,6 +21,12 @@
 //! `101`, and from then on copies bytes both ways: the agent speaks the channel protocol
 //! (stdin 0, stdout 1, stderr 2, the final `Status` 3, resize 4, v5's close signal 255), so
 //! output streams as it is produced and stdin and TTYs work where the runtime supports them.
+//!
+//! # port-forward
+//!
+//! kubectl 1.37 asks for a WebSocket with subprotocol `SPDY/3.1+portforward.k8s.io` (SPDY/3.1
+//! frames inside binary messages). It is passed through the same way to the agent's
+//! `/portForward`, with the pod's `status.podIP` for the agent to dial.
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -92,7 +98,11 @@ pub(crate) fn routes<S: Store, T: Clone + Send + Sync + 'static>(
         )
         .route(
             "/api/v1/namespaces/{ns}/pods/{name}/attach",
-            stream_route(p2, "attach"),
+            stream_route(p2.clone(), "attach"),
+        )
+        .route(
+            "/api/v1/namespaces/{ns}/pods/{name}/portforward",
+            stream_route(p2, "portforward"),
         )
 }
 
@@ -204,7 +214,10 @@ async fn prepare<S: Store>(
                 "container {c} is not valid for pod {name}"
             )));
         }
-        None if names.len() == 1 => names[0].to_string(),
+        None if names.len() == 1 || (sub == "portforward" && !names.is_empty()) => {
+            // Port-forward targets the pod, not a container.
+            names[0].to_string()
+        }
         None => {
             return Err(ApiError::bad_request(format!(
                 "a container name must be specified for pod {name}, choose one of: [{}]",
@@ -436,6 +449,9 @@ async fn log<S: Store>(
 /// Subprotocols passed on (the agent serves both; v5 adds the client's close signal).
 const PROTOCOLS: &[&str] = &["v5.channel.k8s.io", "v4.channel.k8s.io"];
 
+/// `kubectl port-forward`'s subprotocol: SPDY/3.1 tunnelled in the WebSocket.
+const PORT_FORWARD_PROTOCOL: &str = "SPDY/3.1+portforward.k8s.io";
+
 /// `pods/exec` and `pods/attach`: checks the caller, pod and container, opens the same
 /// WebSocket upgrade to the pod's agent, answers the client with the agent's `101` and then
 /// copies bytes both ways until either side closes.
@@ -457,12 +473,27 @@ async fn stream<S: Store>(
     if sub == "exec" && command.is_empty() {
         return Err(ApiError::bad_request("you must specify at least 1 command"));
     }
-    if let Some(reason) = first_wait(&pod, &t.container) {
+    let forward = sub == "portforward";
+    if forward {
+        if pod.pointer("/status/phase").and_then(Value::as_str) != Some("Running") {
+            return Err(ApiError::bad_request(format!(
+                "unable to forward port because pod is not running. Current status={}",
+                pod.pointer("/status/phase")
+                    .and_then(Value::as_str)
+                    .unwrap_or("Unknown")
+            )));
+        }
+    } else if let Some(reason) = first_wait(&pod, &t.container) {
         return Err(ApiError::bad_request(format!(
             "container \"{}\" in pod \"{name}\" is waiting to start: {reason}",
             t.container
         )));
     }
+    let served: &[&str] = if forward {
+        &[PORT_FORWARD_PROTOCOL]
+    } else {
+        PROTOCOLS
+    };
     let h = req.headers();
     let is_ws = h
         .get(header::UPGRADE)
@@ -478,12 +509,12 @@ async fn stream<S: Store>(
         .unwrap_or_default()
         .split(',')
         .map(|p| p.trim().to_string())
-        .filter(|p| PROTOCOLS.contains(&p.as_str()))
+        .filter(|p| served.contains(&p.as_str()))
         .collect();
     let (true, Some(key), false) = (is_ws, key, offered.is_empty()) else {
         return Err(ApiError::bad_request(format!(
-            "{sub} is served over a WebSocket with subprotocol {} (SPDY is not supported)",
-            PROTOCOLS.join(" or ")
+            "{sub} is served over a WebSocket with subprotocol {} (plain SPDY is not supported)",
+            served.join(" or ")
         )));
     };
     let agent_q = {
@@ -499,7 +530,19 @@ async fn stream<S: Store>(
         }
         s.finish()
     };
-    let path = format!("/{sub}/{ns}/{name}/{}?{agent_q}", t.container);
+    let path = if forward {
+        // The agent dials the pod's address (its CNI IP, or the node's for pods sharing it).
+        let ip = pod
+            .pointer("/status/podIP")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        let q = form_urlencoded::Serializer::new(String::new())
+            .append_pair("ip", ip)
+            .finish();
+        format!("/portForward/{ns}/{name}?{q}")
+    } else {
+        format!("/{sub}/{ns}/{name}/{}?{agent_q}", t.container)
+    };
     let headers = [
         ("connection", "Upgrade".to_string()),
         ("upgrade", "websocket".to_string()),

@@ -25,6 +25,10 @@
 //!   then the exit status on channel 3 (see `crate::websocket`).
 //! - `GET|POST /attach/{namespace}/{pod}/{container}?stdin=&stdout=&stderr=&tty=`: the same
 //!   session over [`PodRuntime::attach`], the container's own stdio.
+//! - `GET /portForward/{namespace}/{pod}?ip=…`, a WebSocket upgrade with subprotocol
+//!   `SPDY/3.1+portforward.k8s.io` (kubectl's tunnel): each forwarded connection is dialled
+//!   to `ip` (the pod's address as the API server knows it; the node itself by default) and
+//!   the port kubectl names (see `crate::spdy`).
 //!
 //! Errors are Kubernetes `Status` objects (`404 NotFound` for an unknown pod or container,
 //! `400 BadRequest` for a container that is not running, `401`, `501` when the runtime cannot
@@ -353,6 +357,10 @@ async fn handle<R: PodRuntime>(state: Arc<State<R>>, req: Request<Incoming>) -> 
                 Ok(opts) => logs(state, &ns, &pod, &container, opts).await,
                 Err(msg) => status(400, "BadRequest", &msg),
             }
+        }
+        (&Method::GET | &Method::POST, ["portForward", ns, pod]) => {
+            let (ns, pod) = (ns.to_string(), pod.to_string());
+            port_forward(state, &ns, &pod, &query, req).await
         }
         (&Method::GET | &Method::POST, [verb @ ("exec" | "attach"), ns, pod, container]) => {
             let kind = if *verb == "exec" {
@@ -845,6 +853,80 @@ async fn stream_session<R: PodRuntime>(
     hs.insert(
         "sec-websocket-protocol",
         http::HeaderValue::from_static(proto),
+    );
+    resp
+}
+
+/// `kubectl port-forward` through the SPDY-in-WebSocket tunnel.
+async fn port_forward<R: PodRuntime>(
+    state: Arc<State<R>>,
+    ns: &str,
+    pod: &str,
+    query: &[(String, String)],
+    mut req: Request<Incoming>,
+) -> Response<Body> {
+    let h = req.headers();
+    let is_ws = h
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    let key = h
+        .get("sec-websocket-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let tunnel = h
+        .get("sec-websocket-protocol")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(',')
+                .any(|p| p.trim() == crate::spdy::TUNNEL_PROTOCOL)
+        });
+    let (true, Some(key), true) = (is_ws, key, tunnel) else {
+        return status(
+            400,
+            "BadRequest",
+            &format!(
+                "port-forward is served over a WebSocket with subprotocol {} (plain SPDY is not supported)",
+                crate::spdy::TUNNEL_PROTOCOL
+            ),
+        );
+    };
+    let p = match find_pod(state.runtime.as_ref(), ns, pod).await {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    if p.state != SandboxState::Ready {
+        return status(400, "BadRequest", &format!("pod {pod} is not running"));
+    }
+    let host = query
+        .iter()
+        .find(|(k, v)| k == "ip" && !v.is_empty())
+        .map_or_else(|| "127.0.0.1".to_string(), |(_, v)| v.clone());
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(u) => {
+                if let Err(e) = crate::spdy::serve_tunnel(TokioIo::new(u), host).await {
+                    tracing::debug!(error = %e, "port-forward session ended with an error");
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "port-forward upgrade failed"),
+        }
+    });
+    let mut resp = Response::new(full(Bytes::new()));
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let hs = resp.headers_mut();
+    hs.insert(header::UPGRADE, http::HeaderValue::from_static("websocket"));
+    hs.insert(
+        header::CONNECTION,
+        http::HeaderValue::from_static("Upgrade"),
+    );
+    if let Ok(v) = http::HeaderValue::from_str(&crate::websocket::accept_key(&key)) {
+        hs.insert("sec-websocket-accept", v);
+    }
+    hs.insert(
+        "sec-websocket-protocol",
+        http::HeaderValue::from_static(crate::spdy::TUNNEL_PROTOCOL),
     );
     resp
 }

@@ -813,8 +813,74 @@ async fn kubectl_exec_streams_stdin_tty_and_attach() -> anyhow::Result<()> {
     })
     .await?;
 
+    // --- port-forward: SPDY in the WebSocket, dialled by the agent to the pod's address
+    // (the fake node's pods share its 127.0.0.1, where an echo server listens) ---
+    port_forward_echoes(&c).await?;
+
     stop.cancel();
     let _ = fake_task.await;
     c.stop().await;
     Ok(())
+}
+
+/// `kubectl port-forward pod/shell :PORT` to an echo server: two connections, each echoed.
+async fn port_forward_echoes(c: &Cluster) -> anyhow::Result<()> {
+    use std::io::{BufRead as _, Read as _, Write as _};
+    let echo = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = echo.local_addr()?.port();
+    let server = tokio::spawn(async move {
+        while let Ok((mut s, _)) = echo.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    let bin = tests::kubectl().context("kubectl")?;
+    let kubeconfig = c.kubeconfig();
+    let result = tokio::task::block_in_place(|| -> anyhow::Result<()> {
+        let mut child = Command::new(bin)
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .args(["port-forward", "pod/shell", &format!(":{port}")])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let mut out = std::io::BufReader::new(child.stdout.take().context("stdout")?);
+        let mut line = String::new();
+        out.read_line(&mut line)?;
+        // "Forwarding from 127.0.0.1:LOCAL -> PORT"
+        let local: u16 = line
+            .split_whitespace()
+            .nth(2)
+            .and_then(|a| a.rsplit(':').next())
+            .and_then(|p| p.parse().ok())
+            .with_context(|| format!("kubectl said {line:?}"))?;
+        let checked = (|| -> anyhow::Result<()> {
+            for msg in ["ping one\n", "ping two, a second connection\n"] {
+                let mut s = std::net::TcpStream::connect(("127.0.0.1", local))?;
+                s.set_read_timeout(Some(Duration::from_secs(20)))?;
+                s.write_all(msg.as_bytes())?;
+                let mut got = vec![0u8; msg.len()];
+                s.read_exact(&mut got)?;
+                anyhow::ensure!(
+                    got == msg.as_bytes(),
+                    "echoed {:?}",
+                    String::from_utf8_lossy(&got)
+                );
+            }
+            Ok(())
+        })();
+        let _ = child.kill();
+        let output = child.wait_with_output()?;
+        checked.with_context(|| {
+            format!(
+                "port-forward stderr: {}",
+                String::from_utf8_lossy(&output.stderr)
+            )
+        })
+    });
+    server.abort();
+    result
 }
