@@ -114,6 +114,15 @@ async fn serve(args: ServerArgs) -> anyhow::Result<()> {
     sans.extend(args.advertise_address.clone());
     config.extra_sans = sans;
 
+    // Bound before anything joins: a server that cannot serve must not become a store member.
+    let listener = match args.print_node_token {
+        Some(_) => None,
+        None => Some(
+            tokio::net::TcpListener::bind(args.listen)
+                .await
+                .with_context(|| format!("failed to listen on {}", args.listen))?,
+        ),
+    };
     let record = read_join_record(&args.data_dir)?;
     let joining = match (&record, &args.join) {
         (Some(r), Some(url)) => {
@@ -145,13 +154,13 @@ async fn serve(args: ServerArgs) -> anyhow::Result<()> {
         }
         let store =
             RemoteStore::connect(&args.store_endpoints).context("invalid --store-endpoints")?;
-        return serve_on(args, config, store, None).await;
+        return serve_on(args, listener, config, store, None).await;
     }
     match args.store.as_deref() {
         Some("mem") if joining.is_some() || record.is_some() => {
             anyhow::bail!("--store=mem cannot be shared with other servers; drop --join")
         }
-        Some("mem") => serve_on(args, config, MemStore::new(), None).await,
+        Some("mem") => serve_on(args, listener, config, MemStore::new(), None).await,
         Some("embedded") | None => {
             let join_store = match (&joining, &answer) {
                 (Some(url), Some(a)) => Some((
@@ -178,7 +187,7 @@ async fn serve(args: ServerArgs) -> anyhow::Result<()> {
                 client_urls: vec![client_url],
                 cluster_token,
             };
-            let result = serve_on(args, config, store, Some(join_info)).await;
+            let result = serve_on(args, listener, config, store, Some(join_info)).await;
             node.shutdown().await;
             result
         }
@@ -464,6 +473,7 @@ async fn member_add(url: &str, info: &StoreJoinInfo, peer_url: &str) -> anyhow::
 
 async fn serve_on<S: Store>(
     args: ServerArgs,
+    listener: Option<tokio::net::TcpListener>,
     config: ApiServerConfig,
     store: S,
     store_join: Option<StoreJoinInfo>,
@@ -499,9 +509,8 @@ async fn serve_on<S: Store>(
             Err(e) => return Err(e).context("failed to create the system namespaces"),
         }
     }
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("failed to listen on {}", args.listen))?;
+    let listener =
+        listener.context("invariant: the listener is bound unless --print-node-token")?;
     let addr = listener.local_addr()?;
     let kubeconfig = server
         .write_kubeconfig(addr)
