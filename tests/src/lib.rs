@@ -16,7 +16,7 @@ use control::apiserver::{ApiServer, ApiServerConfig};
 use control::controllers::{ApiClient, ControllerConfig};
 use control::scheduler::SchedulerConfig;
 use control::storage::MemStore;
-use runtime::node::{Agent, AgentConfig, JoinToken, NodeCapacity};
+use runtime::node::{Agent, AgentConfig, JoinToken, NodeCapacity, NodeRuntime};
 use runtime::{AnyRuntime, WasmRuntime, WasmRuntimeConfig};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
@@ -143,13 +143,10 @@ impl Cluster {
         self.dir.path().join("kubeconfig.yaml")
     }
 
-    /// Joins a node with the server's node token and the wasm runtime; `tweak` adjusts its
-    /// config (capacity, labels, taints, timings).
-    pub async fn add_agent(
-        &mut self,
-        name: &str,
-        tweak: impl FnOnce(&mut AgentConfig),
-    ) -> anyhow::Result<()> {
+    /// The agent configuration every e2e agent starts from: joined with the server's node
+    /// token and CA, 4 CPUs, 8 GiB and 110 pods, a heartbeat every 500 ms and pod polls every
+    /// 100 ms. Callers adjust the rest (back-off, labels, runtime classes, eviction).
+    pub fn agent_config(&self, name: &str) -> anyhow::Result<AgentConfig> {
         let token_text = std::fs::read_to_string(self.dir.path().join("node-token"))?;
         let join = JoinToken::parse(&token_text).context("node-token parses")?;
         let mut cfg = AgentConfig::new(name, &self.server);
@@ -162,6 +159,17 @@ impl Cluster {
         };
         cfg.heartbeat_interval = Duration::from_millis(500);
         cfg.poll_interval = Duration::from_millis(100);
+        Ok(cfg)
+    }
+
+    /// Joins a node with the server's node token and the wasm runtime; `tweak` adjusts its
+    /// config (capacity, labels, taints, timings).
+    pub async fn add_agent(
+        &mut self,
+        name: &str,
+        tweak: impl FnOnce(&mut AgentConfig),
+    ) -> anyhow::Result<()> {
+        let mut cfg = self.agent_config(name)?;
         cfg.backoff_initial = Duration::from_secs(1);
         cfg.backoff_max = Duration::from_secs(8);
         cfg.labels = BTreeMap::new();
@@ -172,16 +180,8 @@ impl Cluster {
         rcfg.max_pods = 128;
         rcfg.executor_threads = 1;
         let rt = AnyRuntime::Wasm(WasmRuntime::new(rcfg)?);
-        let agent = Agent::new(cfg, rt)?;
-        let runtime = agent.runtime();
         let stop = self.shutdown.child_token();
-        let s = stop.clone();
-        let n = name.to_string();
-        let task = tokio::spawn(async move {
-            if let Err(e) = agent.run(s).await {
-                tracing::error!(node = %n, error = %e, "agent failed");
-            }
-        });
+        let (runtime, task) = spawn_agent(cfg, rt, &stop)?;
         self.agents.push(AgentHandle {
             name: name.to_string(),
             runtime,
@@ -222,6 +222,24 @@ impl Cluster {
     pub async fn create(&self, path: &str, obj: &Value) -> anyhow::Result<Value> {
         Ok(self.admin.create(path, obj).await?)
     }
+}
+
+/// Runs an agent over `runtime` until `stop`: its runtime (to inspect what runs) and task.
+pub fn spawn_agent<R: NodeRuntime>(
+    cfg: AgentConfig,
+    runtime: R,
+    stop: &CancellationToken,
+) -> anyhow::Result<(std::sync::Arc<R>, tokio::task::JoinHandle<()>)> {
+    let name = cfg.node_name.clone();
+    let agent = Agent::new(cfg, runtime)?;
+    let rt = agent.runtime();
+    let s = stop.clone();
+    let task = tokio::spawn(async move {
+        if let Err(e) = agent.run(s).await {
+            tracing::error!(node = %name, error = %e, "agent failed");
+        }
+    });
+    Ok((rt, task))
 }
 
 /// Polls `f` until it returns `Some`, or fails after `timeout` with the last observation.

@@ -19,10 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use runtime::PodRuntime;
 use runtime::cri::{CriRuntime, CriRuntimeConfig};
-use runtime::node::{
-    Agent, AgentConfig, CRI_CONDITION, CriSettings, JoinToken, NodeCapacity, NodeRuntimes,
-    RUNTIME_CLASSES_ANNOTATION,
-};
+use runtime::node::{CRI_CONDITION, CriSettings, NodeRuntimes, RUNTIME_CLASSES_ANNOTATION};
 use runtime::{WasmRuntime, WasmRuntimeConfig};
 use serde_json::Value;
 use tests::{Cluster, ClusterOptions, eventually};
@@ -131,19 +128,11 @@ async fn start_agent_with(
     token: Option<String>,
     host_network: bool,
 ) -> anyhow::Result<CriAgent> {
-    let join = JoinToken::parse(&std::fs::read_to_string(c.dir.path().join("node-token"))?)
-        .context("node-token parses")?;
-    let mut cfg = AgentConfig::new(name, &c.server);
-    cfg.token = Some(token.unwrap_or_else(|| join.node_token(name)));
-    cfg.ca_pem = join.ca_pem.clone();
-    cfg.capacity = NodeCapacity {
-        cpu_millis: 4000,
-        memory_bytes: 8 << 30,
-        pods: 110,
-    };
-    cfg.heartbeat_interval = Duration::from_millis(500);
+    let mut cfg = c.agent_config(name)?;
+    if token.is_some() {
+        cfg.token = token;
+    }
     cfg.status_every_heartbeats = 2;
-    cfg.poll_interval = Duration::from_millis(100);
     cfg.backoff_initial = Duration::from_secs(1);
     cfg.backoff_max = Duration::from_secs(4);
     cfg.volume_dir = root.join("volumes");
@@ -156,15 +145,7 @@ async fn start_agent_with(
     let mut settings = CriSettings::new(config);
     settings.recheck = Duration::from_millis(200);
     let rts = NodeRuntimes::start(WasmRuntime::new(wcfg)?, Some(settings), stop.clone()).await;
-    let agent = Agent::new(cfg, rts)?;
-    let runtime = agent.runtime();
-    let s = stop.clone();
-    let n = name.to_owned();
-    let task = tokio::spawn(async move {
-        if let Err(e) = agent.run(s).await {
-            tracing::error!(node = %n, error = %e, "agent failed");
-        }
-    });
+    let (runtime, task) = tests::spawn_agent(cfg, rts, &stop)?;
     Ok(CriAgent {
         runtime,
         stop,

@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use runtime::AnyRuntime;
-use runtime::node::{Agent, AgentConfig, JoinToken, NodeCapacity};
 use runtime::testing::{FakeBehavior, FakeRuntime};
 use serde_json::{Value, json};
 use tests::{Cluster, ClusterOptions, eventually};
@@ -24,18 +23,8 @@ async fn fake_agent(
     name: &str,
     stop: &CancellationToken,
 ) -> anyhow::Result<(Arc<AnyRuntime>, tokio::task::JoinHandle<()>)> {
-    let token_text = std::fs::read_to_string(c.dir.path().join("node-token"))?;
-    let join = JoinToken::parse(&token_text).context("node-token parses")?;
-    let mut cfg = AgentConfig::new(name, &c.server);
-    cfg.token = Some(join.node_token(name));
-    cfg.ca_pem = join.ca_pem.clone();
-    cfg.capacity = NodeCapacity {
-        cpu_millis: 4000,
-        memory_bytes: 1024 * MI,
-        pods: 110,
-    };
-    cfg.heartbeat_interval = Duration::from_millis(500);
-    cfg.poll_interval = Duration::from_millis(100);
+    let mut cfg = c.agent_config(name)?;
+    cfg.capacity.memory_bytes = 1024 * MI;
     cfg.eviction_memory_available =
         runtime::node::eviction::parse_eviction_hard("memory.available<100Mi", 1024 * MI)?;
     cfg.eviction_interval = Duration::from_millis(200);
@@ -44,15 +33,7 @@ async fn fake_agent(
     let fake = FakeRuntime::new();
     fake.script("forever", FakeBehavior::RunForever);
     fake.script(tests::guest("sleeper"), FakeBehavior::RunForever);
-    let agent = Agent::new(cfg, AnyRuntime::Fake(fake))?;
-    let rt = agent.runtime();
-    let s = stop.clone();
-    let task = tokio::spawn(async move {
-        if let Err(e) = agent.run(s).await {
-            tracing::error!(error = %e, "fake agent failed");
-        }
-    });
-    Ok((rt, task))
+    tests::spawn_agent(cfg, AnyRuntime::Fake(fake), stop)
 }
 
 fn fake(rt: &AnyRuntime) -> &FakeRuntime {

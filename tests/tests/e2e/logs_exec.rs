@@ -12,7 +12,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use runtime::node::{Agent, AgentConfig, JoinToken, NodeCapacity};
 use runtime::testing::{FakeBehavior, FakeRuntime};
 use runtime::{AnyRuntime, ExecOutput};
 use serde_json::{Value, json};
@@ -66,18 +65,7 @@ async fn fake_agent(
     name: &str,
     stop: &CancellationToken,
 ) -> anyhow::Result<(Arc<AnyRuntime>, tokio::task::JoinHandle<()>)> {
-    let token_text = std::fs::read_to_string(c.dir.path().join("node-token"))?;
-    let join = JoinToken::parse(&token_text).context("node-token parses")?;
-    let mut cfg = AgentConfig::new(name, &c.server);
-    cfg.token = Some(join.node_token(name));
-    cfg.ca_pem = join.ca_pem.clone();
-    cfg.capacity = NodeCapacity {
-        cpu_millis: 4000,
-        memory_bytes: 8 << 30,
-        pods: 110,
-    };
-    cfg.heartbeat_interval = Duration::from_millis(500);
-    cfg.poll_interval = Duration::from_millis(100);
+    let mut cfg = c.agent_config(name)?;
     cfg.backoff_initial = Duration::from_millis(500);
     cfg.backoff_max = Duration::from_secs(4);
     cfg.labels = BTreeMap::new();
@@ -85,15 +73,7 @@ async fn fake_agent(
     cfg.runtime_classes = vec!["wasm".into(), runtime::api::pod::OCI_RUNTIME_CLASS.into()];
     let fake = FakeRuntime::new();
     fake.script("forever", FakeBehavior::RunForever);
-    let agent = Agent::new(cfg, AnyRuntime::Fake(fake))?;
-    let rt = agent.runtime();
-    let s = stop.clone();
-    let task = tokio::spawn(async move {
-        if let Err(e) = agent.run(s).await {
-            tracing::error!(error = %e, "fake agent failed");
-        }
-    });
-    Ok((rt, task))
+    tests::spawn_agent(cfg, AnyRuntime::Fake(fake), stop)
 }
 
 fn fake(rt: &AnyRuntime) -> &FakeRuntime {
