@@ -20,6 +20,7 @@ use super::selector::{FieldSelector, LabelSelector};
 use super::status::{ApiError, Cause};
 use super::table;
 use super::watch;
+use crate::bench::phases::mark;
 use crate::storage::{Guard, Revision, Store, StoreError, TxnOp, Versioned};
 
 /// Largest request body accepted (Kubernetes' limit is 3 MiB).
@@ -387,9 +388,16 @@ fn route(path: &str, accept: &str, app_addr: &str) -> Result<Route> {
 
 /// The catch-all handler.
 pub(crate) async fn dispatch<S: Store>(State(app): State<Arc<App<S>>>, req: Request) -> Response {
-    match dispatch_inner(app, req).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(),
+    let answer = async move {
+        match dispatch_inner(app, req).await {
+            Ok(r) => r,
+            Err(e) => e.into_response(),
+        }
+    };
+    if crate::bench::phases::enabled() {
+        crate::bench::phases::traced(answer).await
+    } else {
+        answer.await
     }
 }
 
@@ -600,7 +608,9 @@ async fn dispatch_inner<S: Store>(app: Arc<App<S>>, req: Request) -> Result<Resp
             "container logs are not available: this API server has no node log proxy yet",
         )),
         ("create", None) => {
+            mark("route");
             let body = read_body(req).await?;
+            mark("body");
             let mut obj = parse_body(&body, &content_type)?;
             if let Some(want) = created_name_check
                 && meta_str(&obj, "name") != Some(want.as_str())
@@ -613,6 +623,7 @@ async fn dispatch_inner<S: Store>(app: Arc<App<S>>, req: Request) -> Result<Resp
             } else {
                 strip_unknown(t.res, &mut obj, &query)?
             };
+            mark("decode");
             let (created, admission_warnings) = create(
                 &app,
                 t.res,
@@ -1148,7 +1159,9 @@ pub(crate) async fn create<S: Store>(
     } else {
         None
     };
+    mark("admission");
     require_namespace(app, res, ns).await?;
+    mark("namespace");
     let generate = meta_str(&obj, "name")
         .is_none()
         .then(|| meta_str(&obj, "generateName").map(str::to_string))
@@ -1200,15 +1213,18 @@ pub(crate) async fn create<S: Store>(
         let mut quota_charges = Vec::new();
         if let Some(ns) = ns {
             warnings = super::policy::pod_security(app, res, ns, &obj).await?;
+            mark("admission");
             if !dry_run {
                 quota_charges =
                     super::policy::resource_quota(app, res, ns, &obj, attempt > 0).await?;
             }
+            mark("quota");
         }
         if dry_run {
             return Ok((obj, warnings));
         }
         let key = res.key(ns, &name);
+        mark("admission");
         let written = if allocations.is_empty() && quota_charges.is_empty() {
             app.store.create(&key, encode(&obj)).await
         } else {
@@ -1251,6 +1267,7 @@ pub(crate) async fn create<S: Store>(
                 other => other,
             }
         };
+        mark("store");
         match written {
             Ok(rev) => {
                 app.admission_cache.invalidate(res.plural);
