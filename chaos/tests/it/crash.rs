@@ -8,41 +8,11 @@ use std::time::Duration;
 
 use chaos::cluster::Tear;
 use chaos::{Ctx, ScenarioConfig, run_scenario};
+
+use super::{
+    busy, crash_and_restart, metric, others, power_cut, run, wait_purged_past, wait_snapshot_past,
+};
 use store::CrashPoint;
-
-async fn run(
-    name: &str,
-    cfg: ScenarioConfig,
-    nemesis: impl AsyncFnOnce(&mut Ctx) -> anyhow::Result<()>,
-) {
-    let report = run_scenario(name, cfg, nemesis)
-        .await
-        .unwrap_or_else(|e| panic!("scenario {name}: {e:#}"));
-    assert!(
-        report.ops > 50,
-        "{name}: workload made too little progress ({} ops)",
-        report.ops
-    );
-    report.assert_ok();
-}
-
-/// Crashes member `i` at `point` (within `within`), keeps it down for `down`, restarts it
-/// from the image.
-async fn crash_and_restart(
-    ctx: &mut Ctx,
-    i: usize,
-    point: CrashPoint,
-    within: Duration,
-    down: Duration,
-) -> anyhow::Result<()> {
-    let hit = ctx.cluster.crash_at(i, point, within).await?;
-    anyhow::ensure!(hit, "member {i} never reached {point:?} within {within:?}");
-    ctx.log(format!("member {i} crashed at {point:?}"));
-    ctx.sleep(down).await;
-    ctx.cluster.start_member(i).await?;
-    ctx.log(format!("member {i} restarted from its crash image"));
-    Ok(())
-}
 
 /// F7: the leader dies with log entries written but not flushed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -104,12 +74,9 @@ async fn f7_crash_follower_after_log_flush() {
 /// F7: the leader dies while building a snapshot (after storing it, before using it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn f7_crash_during_snapshot_build() {
-    let mut cfg = ScenarioConfig::default();
-    cfg.workload.clients = 6;
-    cfg.workload.think = Duration::from_millis(3);
     run(
         "f7_crash_during_snapshot_build",
-        cfg,
+        busy(),
         async |ctx: &mut Ctx| {
             let l = ctx.leader().await?;
             crash_and_restart(
@@ -131,46 +98,16 @@ async fn f7_crash_during_snapshot_build() {
 /// the snapshot it was sent; on restart it finishes the installation and catches up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn f7_crash_during_snapshot_install() {
-    let mut cfg = ScenarioConfig::default();
-    cfg.workload.clients = 6;
-    cfg.workload.think = Duration::from_millis(3);
     run(
         "f7_crash_during_snapshot_install",
-        cfg,
+        busy(),
         async |ctx: &mut Ctx| {
             let l = ctx.leader().await?;
             let n = ctx.cluster.len();
             let f = (l + 1) % n;
-            let rest: Vec<usize> = (0..n).filter(|j| *j != f).collect();
-            ctx.partition(&[f], &rest);
-            let behind = ctx.cluster.members[f]
-                .handle
-                .as_ref()
-                .map_or(0, |h| h.metrics().last_applied);
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
-            loop {
-                ctx.sleep(Duration::from_millis(200)).await;
-                let purged = ctx
-                    .cluster
-                    .members
-                    .iter()
-                    .filter_map(|m| m.handle.as_ref())
-                    .map(|h| h.metrics())
-                    .filter(|m| m.leader == Some(m.id))
-                    .map(|m| m.purged)
-                    .max()
-                    .unwrap_or(0);
-                if purged > behind {
-                    ctx.log(format!(
-                        "leader purged to {purged}, past follower {f} at {behind}"
-                    ));
-                    break;
-                }
-                anyhow::ensure!(
-                    tokio::time::Instant::now() < deadline,
-                    "leader never purged past the isolated follower"
-                );
-            }
+            ctx.partition(&[f], &others(n, f));
+            let behind = metric(ctx, f, |m| m.last_applied);
+            wait_purged_past(ctx, f, behind).await?;
             ctx.cluster.members[f]
                 .crash
                 .arm(CrashPoint::SnapshotInstall);
@@ -183,25 +120,7 @@ async fn f7_crash_during_snapshot_install() {
             ctx.sleep(Duration::from_millis(500)).await;
             ctx.cluster.start_member(f).await?;
             ctx.log(format!("follower {f} restarted from its crash image"));
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-            loop {
-                ctx.sleep(Duration::from_millis(200)).await;
-                let snap = ctx.cluster.members[f]
-                    .handle
-                    .as_ref()
-                    .map_or(0, |h| h.metrics().snapshot);
-                if snap > behind {
-                    ctx.log(format!(
-                        "follower {f} has snapshot {snap} after the restart"
-                    ));
-                    break;
-                }
-                anyhow::ensure!(
-                    tokio::time::Instant::now() < deadline,
-                    "follower {f} has no snapshot past {behind} after restarting"
-                );
-            }
-            Ok(())
+            wait_snapshot_past(ctx, f, behind).await
         },
     )
     .await;
@@ -241,14 +160,7 @@ async fn f9_power_cut_all_members() {
     cfg.workload.keys = 12;
     run("f9_power_cut_all_members", cfg, async |ctx: &mut Ctx| {
         ctx.sleep(Duration::from_millis(800)).await;
-        ctx.cluster.crash_all().await?;
-        ctx.log("power cut: every member crashed");
-        ctx.heal();
-        for i in 0..ctx.cluster.len() {
-            ctx.cluster.start_member(i).await?;
-        }
-        ctx.log("every member restarted from its crash image");
-        let l = ctx.leader().await?;
+        let l = power_cut(ctx).await?;
         ctx.log(format!("leader {l}"));
         ctx.sleep(Duration::from_millis(800)).await;
         Ok(())
@@ -267,14 +179,7 @@ async fn planted_ack_before_flush_is_caught() {
     };
     let report = run_scenario("planted_ack_before_flush", cfg, async |ctx: &mut Ctx| {
         ctx.sleep(Duration::from_millis(1200)).await;
-        ctx.cluster.crash_all().await?;
-        ctx.log("power cut: every member crashed");
-        ctx.heal();
-        for i in 0..ctx.cluster.len() {
-            ctx.cluster.start_member(i).await?;
-        }
-        ctx.log("every member restarted from its crash image");
-        ctx.leader().await?;
+        power_cut(ctx).await?;
         ctx.sleep(Duration::from_millis(500)).await;
         Ok(())
     })

@@ -4,33 +4,14 @@
 use std::time::Duration;
 
 use chaos::net::NetFaults;
-use chaos::{Ctx, ScenarioConfig, run_scenario};
+use chaos::{Ctx, ScenarioConfig};
+
+use super::{busy, metric, others, run, wait_purged_past, wait_snapshot_past};
 use rand::Rng;
 use store::pb::etcdserverpb::kv_client::KvClient;
 use store::pb::etcdserverpb::watch_client::WatchClient;
 use store::pb::etcdserverpb::watch_request::RequestUnion;
 use store::pb::etcdserverpb::{PutRequest, RangeRequest, WatchCreateRequest, WatchRequest};
-
-fn others(n: usize, i: usize) -> Vec<usize> {
-    (0..n).filter(|j| *j != i).collect()
-}
-
-async fn run(
-    name: &str,
-    cfg: ScenarioConfig,
-    nemesis: impl AsyncFnOnce(&mut Ctx) -> anyhow::Result<()>,
-) -> chaos::Report {
-    let report = run_scenario(name, cfg, nemesis)
-        .await
-        .unwrap_or_else(|e| panic!("scenario {name}: {e:#}"));
-    assert!(
-        report.ops > 50,
-        "{name}: workload made too little progress ({} ops)",
-        report.ops
-    );
-    report.assert_ok();
-    report
-}
 
 /// F1: isolate the leader for 3 s (several election timeouts), then heal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -77,62 +58,21 @@ async fn f2_one_way_partition() {
 /// follower must catch up by snapshot install).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn f3_partition_until_snapshot() {
-    let mut cfg = ScenarioConfig::default();
-    cfg.workload.clients = 6;
-    cfg.workload.think = Duration::from_millis(3);
-    run("f3_partition_until_snapshot", cfg, async |ctx: &mut Ctx| {
-        let l = ctx.leader().await?;
-        let n = ctx.cluster.len();
-        let f = (l + 1) % n;
-        ctx.partition(&[f], &others(n, f));
-        let follower_applied = ctx.cluster.members[f]
-            .handle
-            .as_ref()
-            .map_or(0, |h| h.metrics().last_applied);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
-        loop {
-            ctx.sleep(Duration::from_millis(200)).await;
-            let l = ctx
-                .cluster
-                .members
-                .iter()
-                .filter_map(|m| m.handle.as_ref())
-                .map(|h| h.metrics())
-                .filter(|m| m.leader == Some(m.id))
-                .map(|m| m.purged)
-                .max()
-                .unwrap_or(0);
-            if l > follower_applied {
-                ctx.log(format!(
-                    "leader purged its log to {l}, past follower {f} at {follower_applied}"
-                ));
-                break;
-            }
-            anyhow::ensure!(
-                tokio::time::Instant::now() < deadline,
-                "leader never purged past the isolated follower within 40 s"
-            );
-        }
-        ctx.heal();
-        // The follower must have installed a snapshot to catch up.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            ctx.sleep(Duration::from_millis(200)).await;
-            let snap = ctx.cluster.members[f]
-                .handle
-                .as_ref()
-                .map_or(0, |h| h.metrics().snapshot);
-            if snap > follower_applied {
-                ctx.log(format!("follower {f} installed a snapshot at {snap}"));
-                break;
-            }
-            anyhow::ensure!(
-                tokio::time::Instant::now() < deadline,
-                "follower {f} did not install a snapshot within 30 s"
-            );
-        }
-        Ok(())
-    })
+    run(
+        "f3_partition_until_snapshot",
+        busy(),
+        async |ctx: &mut Ctx| {
+            let l = ctx.leader().await?;
+            let n = ctx.cluster.len();
+            let f = (l + 1) % n;
+            ctx.partition(&[f], &others(n, f));
+            let follower_applied = metric(ctx, f, |m| m.last_applied);
+            wait_purged_past(ctx, f, follower_applied).await?;
+            ctx.heal();
+            // The follower must have installed a snapshot to catch up.
+            wait_snapshot_past(ctx, f, follower_applied).await
+        },
+    )
     .await;
 }
 
