@@ -9,6 +9,50 @@ use super::workload::WatchLog;
 /// A key as dumped from a member: `(key, value, mod_revision, create_revision, version)`.
 pub type KvRow = (String, String, i64, i64, i64);
 
+/// Everything a run observed, ready to be checked (shared by [`crate::run_scenario`] and
+/// `flotilla chaos`).
+#[derive(Debug)]
+pub struct Observed<'a> {
+    /// The client history, final reads included.
+    pub history: &'a [Operation],
+    /// Every member's keys after the heal (the first one gives the final state).
+    pub dumps: &'a [Vec<KvRow>],
+    /// What each watcher saw.
+    pub logs: &'a [WatchLog],
+    /// The revision the watchers had to reach.
+    pub final_rev: i64,
+    /// `(member, term, leader)` views.
+    pub samples: &'a [(usize, u64, Option<u64>)],
+    /// Lease lives, when the run had lease clients.
+    pub leases: Option<&'a [LeaseLife]>,
+}
+
+/// Every invariant check over what a run observed, in report order.
+pub fn check_all(o: &Observed<'_>) -> Vec<Check> {
+    let final_kv: Vec<(String, String, i64)> = o
+        .dumps
+        .first()
+        .map(|d| {
+            d.iter()
+                .filter(|(k, ..)| k.starts_with(super::workload::PREFIX))
+                .map(|(k, v, r, _, _)| (k.clone(), v.clone(), *r))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut checks = vec![
+        linearizable(o.history),
+        no_lost_writes(o.history, &final_kv),
+        monotonic_revisions(o.history),
+        watch_guarantees(o.history, o.logs, o.final_rev),
+        single_leader_per_term(o.samples),
+        converged(o.dumps),
+    ];
+    if let Some(l) = o.leases {
+        checks.push(lease_safety(l));
+    }
+    checks
+}
+
 /// Result of one invariant.
 #[derive(Debug, Clone)]
 pub struct Check {

@@ -155,6 +155,12 @@ impl Recorder {
     }
 }
 
+/// Writes the history to `path` as JSON lines.
+pub fn write_file(ops: &[Operation], path: &std::path::Path) -> std::io::Result<()> {
+    let f = std::fs::File::create(path)?;
+    write_jsonl(ops, std::io::BufWriter::new(f))
+}
+
 /// Writes a history as JSON lines.
 pub fn write_jsonl(ops: &[Operation], mut w: impl Write) -> std::io::Result<()> {
     for op in ops {

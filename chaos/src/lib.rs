@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use self::checks::Check;
 use self::cluster::{FaultCluster, fault_tunables};
-use self::history::{Input, Operation, Recorder};
+use self::history::{Operation, Recorder};
 use self::workload::{WatchLog, WorkloadConfig};
 
 /// The seed from `SEED`, or a fresh one.
@@ -371,22 +371,7 @@ where
     let mut kv = store::pb::etcdserverpb::kv_client::KvClient::new(workload::channel(
         &ctx.cluster.endpoints()[leader],
     )?);
-    for k in 0..cfg.workload.keys {
-        let input = Input::Get {
-            key: format!("{}{k}", workload::PREFIX),
-            serializable: false,
-        };
-        let call = rec.now();
-        let output = workload::execute(&mut kv, &input).await?;
-        rec.record(Operation {
-            client: u64::MAX,
-            member: leader,
-            call,
-            ret: rec.now(),
-            input,
-            output,
-        });
-    }
+    workload::final_reads(&mut kv, leader, cfg.workload.keys, &rec).await?;
     let final_rev = ctx.cluster.members[leader]
         .handle
         .as_ref()
@@ -407,32 +392,21 @@ where
         }
     }
     let history = rec.snapshot();
-    let final_kv: Vec<(String, String, i64)> = dumps
-        .first()
-        .map(|d| {
-            d.iter()
-                .filter(|(k, ..)| k.starts_with(workload::PREFIX))
-                .map(|(k, v, r, _, _)| (k.clone(), v.clone(), *r))
-                .collect()
-        })
-        .unwrap_or_default();
     let logs: Vec<WatchLog> = logs
         .iter()
         .map(|l| l.lock().unwrap_or_else(|p| p.into_inner()).clone())
         .collect();
-    let samples = ctx.samples.clone();
-    let checks = vec![
-        checks::linearizable(&history),
-        checks::no_lost_writes(&history, &final_kv),
-        checks::monotonic_revisions(&history),
-        checks::watch_guarantees(&history, &logs, final_rev),
-        checks::single_leader_per_term(&samples),
-        checks::converged(&dumps),
-        checks::lease_safety(&lease_log.lock().unwrap_or_else(|p| p.into_inner())),
-    ];
+    let lease_log = lease_log.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let checks = checks::check_all(&checks::Observed {
+        history: &history,
+        dumps: &dumps,
+        logs: &logs,
+        final_rev,
+        samples: &ctx.samples,
+        leases: Some(&lease_log),
+    });
     let history_file = std::env::temp_dir().join(format!("flotilla-faults-{name}-{seed}.jsonl"));
-    let history_file = std::fs::File::create(&history_file)
-        .and_then(|f| history::write_jsonl(&history, std::io::BufWriter::new(f)))
+    let history_file = history::write_file(&history, &history_file)
         .ok()
         .map(|()| history_file);
     let report = Report {

@@ -141,6 +141,33 @@ pub async fn client(
     Ok(())
 }
 
+/// Reads every workload key linearizably through `kv` (connected to member `member`) and
+/// records the reads, so the final state joins the history.
+pub async fn final_reads(
+    kv: &mut KvClient<Channel>,
+    member: usize,
+    keys: usize,
+    rec: &Recorder,
+) -> Result<(), tonic::Status> {
+    for k in 0..keys {
+        let input = Input::Get {
+            key: key(k),
+            serializable: false,
+        };
+        let call = rec.now();
+        let output = execute(kv, &input).await?;
+        rec.record(Operation {
+            client: u64::MAX,
+            member,
+            call,
+            ret: rec.now(),
+            input,
+            output,
+        });
+    }
+    Ok(())
+}
+
 /// Sends one operation.
 pub async fn execute(kv: &mut KvClient<Channel>, input: &Input) -> Result<Output, tonic::Status> {
     match input {

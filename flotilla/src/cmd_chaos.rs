@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use chaos::checks::{self, KvRow};
-use chaos::history::{self, Input, Operation, Recorder};
+use chaos::history::{self, Recorder};
 use chaos::workload::{self, WatchLog, WorkloadConfig};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -272,22 +272,7 @@ async fn chaos(args: ChaosArgs) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let mut kv = KvClient::new(channel(&endpoints[leader], Duration::from_secs(5))?);
-    for k in 0..cfg.keys {
-        let input = Input::Get {
-            key: format!("{}{k}", workload::PREFIX),
-            serializable: false,
-        };
-        let call = rec.now();
-        let output = workload::execute(&mut kv, &input).await?;
-        rec.record(Operation {
-            client: u64::MAX,
-            member: leader,
-            call,
-            ret: rec.now(),
-            input,
-            output,
-        });
-    }
+    workload::final_reads(&mut kv, leader, cfg.keys, &rec).await?;
     let final_rev = kv
         .range(RangeRequest {
             key: b"x".to_vec(),
@@ -312,17 +297,8 @@ async fn chaos(args: ChaosArgs) -> anyhow::Result<()> {
         dumps.push(dump(u).await?);
     }
     let history = rec.snapshot();
-    let f = std::fs::File::create(&args.history)
-        .with_context(|| format!("create {}", args.history.display()))?;
-    history::write_jsonl(&history, std::io::BufWriter::new(f))?;
-    let final_kv: Vec<(String, String, i64)> = dumps
-        .first()
-        .map(|d| {
-            d.iter()
-                .map(|(k, v, r, _, _)| (k.clone(), v.clone(), *r))
-                .collect()
-        })
-        .unwrap_or_default();
+    history::write_file(&history, &args.history)
+        .with_context(|| format!("write {}", args.history.display()))?;
     let logs: Vec<WatchLog> = logs
         .iter()
         .map(|l| l.lock().unwrap_or_else(|p| p.into_inner()).clone())
@@ -335,19 +311,15 @@ async fn chaos(args: ChaosArgs) -> anyhow::Result<()> {
             .collect()
     };
     let dumps: Vec<Vec<KvRow>> = dumps.iter().map(ours).collect();
-    let final_kv: Vec<_> = final_kv
-        .into_iter()
-        .filter(|r| r.0.starts_with(workload::PREFIX))
-        .collect();
     let samples = samples.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    let results = vec![
-        checks::linearizable(&history),
-        checks::no_lost_writes(&history, &final_kv),
-        checks::monotonic_revisions(&history),
-        checks::watch_guarantees(&history, &logs, final_rev),
-        checks::single_leader_per_term(&samples),
-        checks::converged(&dumps),
-    ];
+    let results = checks::check_all(&checks::Observed {
+        history: &history,
+        dumps: &dumps,
+        logs: &logs,
+        final_rev,
+        samples: &samples,
+        leases: None,
+    });
     let mut out = std::io::stdout().lock();
     writeln!(out, "\n{:<30} {:<7} detail", "invariant", "verdict")?;
     let mut failed = 0;
