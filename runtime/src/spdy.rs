@@ -566,6 +566,196 @@ async fn forward(
     let _ = out.send((OP_BINARY, data_frame(err_id, true, &[]))).await;
 }
 
+impl Codec {
+    /// A `SYN_STREAM` opening stream `id` with `headers`.
+    pub(crate) fn syn_stream(&mut self, id: u32, headers: &[(&str, &str)]) -> Vec<u8> {
+        let block = self.encode_headers(headers);
+        let mut body = id.to_be_bytes().to_vec();
+        // No associated stream, priority 0, slot 0.
+        body.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+        body.extend_from_slice(&block);
+        control(TYPE_SYN_STREAM, 0, &body)
+    }
+}
+
+/// Client side of a CRI streaming server's exec or attach over SPDY/3.1 (containerd 1.6's
+/// server speaks `v4.channel.k8s.io` over SPDY as well as WebSocket; only SPDY can carry the
+/// end of stdin, as a `FIN` on the stdin stream). Gives `io` back if the server refuses the
+/// SPDY upgrade (the caller falls back to the WebSocket).
+pub(crate) async fn stream_client(
+    url: &str,
+    io: crate::pod_runtime::SessionIo,
+) -> Result<Result<i32, crate::pod_runtime::SessionIo>, crate::pod_runtime::RuntimeError> {
+    use crate::pod_runtime::RuntimeError;
+    let err = |why: String| RuntimeError::Transient(format!("streaming server {url}: {why}"));
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| err("only http:// streaming URLs are supported".into()))?;
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let tcp = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::net::TcpStream::connect(authority),
+    )
+    .await
+    .map_err(|_| err("connect timed out".into()))?
+    .map_err(|e| err(e.to_string()))?;
+    let _ = tcp.set_nodelay(true);
+    let mut s = tokio::io::BufReader::new(tcp);
+    let req = format!(
+        "POST {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\nX-Stream-Protocol-Version: v4.channel.k8s.io\r\nContent-Length: 0\r\n\r\n"
+    );
+    s.get_mut()
+        .write_all(req.as_bytes())
+        .await
+        .map_err(|e| err(e.to_string()))?;
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        if head.len() > 16 * 1024 {
+            return Err(err("response headers too large".into()));
+        }
+        let b = tokio::time::timeout(Duration::from_secs(10), s.read_u8())
+            .await
+            .map_err(|_| err("no answer to the upgrade".into()))?
+            .map_err(|e| err(e.to_string()))?;
+        head.push(b);
+    }
+    let head = String::from_utf8_lossy(&head);
+    if head.split_whitespace().nth(1) != Some("101") {
+        return Ok(Err(io));
+    }
+    let crate::pod_runtime::SessionIo {
+        stdin,
+        mut stdout,
+        mut stderr,
+        tty,
+        resize,
+    } = io;
+    let mut codec = Codec::new();
+    let (mut rd, wr) = tokio::io::split(s);
+    let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(64);
+    let writer = tokio::spawn(async move {
+        let mut wr = wr;
+        while let Some(f) = out_rx.recv().await {
+            if wr.write_all(&f).await.is_err() {
+                return;
+            }
+            let _ = wr.flush().await;
+        }
+    });
+    // Streams as client-go opens them: error first, then the ones asked for.
+    let mut next = 1u32;
+    let mut open = |codec: &mut Codec, kind: &str| {
+        let id = next;
+        next += 2;
+        (id, codec.syn_stream(id, &[("streamtype", kind)]))
+    };
+    let (error_id, f) = open(&mut codec, "error");
+    let mut frames = vec![f];
+    let stdin_id = stdin.is_some().then(|| {
+        let (id, f) = open(&mut codec, "stdin");
+        frames.push(f);
+        id
+    });
+    let stdout_id = stdout.is_some().then(|| {
+        let (id, f) = open(&mut codec, "stdout");
+        frames.push(f);
+        id
+    });
+    let stderr_id = (stderr.is_some() && !tty).then(|| {
+        let (id, f) = open(&mut codec, "stderr");
+        frames.push(f);
+        id
+    });
+    let resize_id = tty.then(|| {
+        let (id, f) = open(&mut codec, "resize");
+        frames.push(f);
+        id
+    });
+    for f in frames {
+        let _ = out_tx.send(f).await;
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    if let (Some(id), Some(mut input)) = (stdin_id, stdin) {
+        let out = out_tx.clone();
+        tasks.spawn(async move {
+            let mut b = vec![0u8; CHUNK];
+            loop {
+                match input.read(&mut b).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if out.send(data_frame(id, false, &b[..n])).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+            // The end of the client's stdin, passed on.
+            let _ = out.send(data_frame(id, true, &[])).await;
+        });
+    }
+    if let (Some(id), Some(mut resize)) = (resize_id, resize) {
+        let out = out_tx.clone();
+        tasks.spawn(async move {
+            while let Some(sz) = resize.recv().await {
+                let body = serde_json::json!({"Width": sz.width, "Height": sz.height}).to_string();
+                if out
+                    .send(data_frame(id, false, body.as_bytes()))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+    }
+    let mut buf = Vec::new();
+    let mut status = Vec::new();
+    let mut chunk = vec![0u8; CHUNK];
+    'read: loop {
+        let n = match rd.read(&mut chunk).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        buf.extend_from_slice(&chunk[..n]);
+        loop {
+            match codec.parse(&mut buf) {
+                Ok(Some(Frame::Data { id, data, .. })) => {
+                    let w = if Some(id) == stdout_id {
+                        stdout.as_mut()
+                    } else if Some(id) == stderr_id {
+                        stderr.as_mut()
+                    } else {
+                        if id == error_id {
+                            status.extend_from_slice(&data);
+                        }
+                        None
+                    };
+                    if let Some(w) = w {
+                        let _ = w.write_all(&data).await;
+                        let _ = w.flush().await;
+                    }
+                }
+                Ok(Some(Frame::Ping(n))) => {
+                    let _ = out_tx.send(ping_frame(n)).await;
+                }
+                Ok(Some(Frame::GoAway)) => break 'read,
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(e) => return Err(err(e.to_string())),
+            }
+        }
+    }
+    tasks.abort_all();
+    drop(out_tx);
+    writer.abort();
+    if status.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Ok(0));
+    }
+    let st: serde_json::Value = serde_json::from_slice(&status)
+        .map_err(|_| err(String::from_utf8_lossy(&status).into_owned()))?;
+    crate::websocket::code_of_status(&st).map(Ok)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -527,7 +527,7 @@ impl CriRuntime {
     }
 
     /// `kubectl exec` through the CRI `Exec` RPC: the runtime's streaming server (containerd's,
-    /// over WebSocket `v4.channel.k8s.io`) is relayed to `io`.
+    /// `v4.channel.k8s.io` over SPDY/3.1, else over a WebSocket) is relayed to `io`.
     pub async fn exec_streaming(
         &self,
         id: &PodId,
@@ -551,7 +551,7 @@ impl CriRuntime {
             .map_err(|s| rpc_err("Exec", &s))?
             .into_inner()
             .url;
-        crate::websocket::ChannelClient::relay(&url, io).await
+        relay(&url, io).await
     }
 
     /// `kubectl attach` through the CRI `Attach` RPC, relayed as [`CriRuntime::exec_streaming`].
@@ -576,7 +576,7 @@ impl CriRuntime {
             .map_err(|s| rpc_err("Attach", &s))?
             .into_inner()
             .url;
-        crate::websocket::ChannelClient::relay(&url, io).await
+        relay(&url, io).await
     }
 
     async fn find_container(&self, id: &PodId, name: &str) -> Result<PodContainer, RuntimeError> {
@@ -881,6 +881,15 @@ impl CriRuntime {
             // Filters are a runtime's promise; check the labels ourselves too.
             .filter(|s| self.is_ours(&s.labels))
             .collect())
+    }
+}
+
+/// Relays a session to a CRI streaming URL: SPDY (which carries the end of stdin) if the
+/// server takes it, else the WebSocket channel protocol (v4, no end of stdin).
+async fn relay(url: &str, io: SessionIo) -> Result<i32, RuntimeError> {
+    match crate::spdy::stream_client(url, io).await? {
+        Ok(code) => Ok(code),
+        Err(io) => crate::websocket::ChannelClient::relay(url, io).await,
     }
 }
 

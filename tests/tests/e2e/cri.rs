@@ -79,6 +79,45 @@ fn kubectl(kc: &Path, c: &Cluster, args: &[&str], stdin: Option<&str>) -> anyhow
     Ok(text)
 }
 
+/// `kubectl port-forward POD :PORT`, then an HTTP GET of `path` through it: the response.
+fn port_forward_get(
+    kc: &Path,
+    c: &Cluster,
+    pod: &str,
+    port: u16,
+    path: &str,
+) -> anyhow::Result<String> {
+    use std::io::{BufRead as _, Read as _, Write as _};
+    // `kc` is the kubectl binary here, as in `kubectl` above.
+    let mut child = Command::new(kc)
+        .arg("--kubeconfig")
+        .arg(c.kubeconfig())
+        .args(["port-forward", pod, &format!(":{port}")])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let mut out = std::io::BufReader::new(child.stdout.take().context("stdout")?);
+    let mut line = String::new();
+    out.read_line(&mut line)?;
+    let got = (|| -> anyhow::Result<String> {
+        let local: u16 = line
+            .split_whitespace()
+            .nth(2)
+            .and_then(|a| a.rsplit(':').next())
+            .and_then(|p| p.parse().ok())
+            .with_context(|| format!("kubectl said {line:?}"))?;
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", local))?;
+        s.set_read_timeout(Some(Duration::from_secs(20)))?;
+        write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n")?;
+        let mut body = String::new();
+        s.read_to_string(&mut body)?;
+        Ok(body)
+    })();
+    let _ = child.kill();
+    let output = child.wait_with_output()?;
+    got.with_context(|| format!("port-forward: {}", String::from_utf8_lossy(&output.stderr)))
+}
+
 /// Runs kubectl off the async threads.
 async fn k(kc: &Path, c: &Cluster, args: &[&str]) -> anyhow::Result<String> {
     tokio::task::block_in_place(|| kubectl(kc, c, args, None))
@@ -1240,6 +1279,33 @@ async fn a_cni_pod_reports_its_own_ip() -> anyhow::Result<()> {
         out.starts_with("netpod\n") && out.contains(&format!("inet {ip}/")),
         "{out}"
     );
+    // Streaming exec over containerd's streaming server: stdin reaches the container and its
+    // end (SPDY FIN) ends `cat`.
+    let echoed = tokio::task::block_in_place(|| {
+        kubectl(
+            kc,
+            &c,
+            &["exec", "-i", "netpod", "--", "cat"],
+            Some("from stdin\n"),
+        )
+    })?;
+    assert_eq!(echoed, "from stdin\n");
+    // port-forward to the pod IP: busybox httpd started in the pod, fetched through kubectl.
+    k(
+        kc,
+        &c,
+        &[
+            "exec",
+            "netpod",
+            "--",
+            "/bin/sh",
+            "-c",
+            "echo forwarded > /tmp/f.txt; httpd -p 8080 -h /tmp",
+        ],
+    )
+    .await?;
+    let body = tokio::task::block_in_place(|| port_forward_get(kc, &c, "netpod", 8080, "/f.txt"))?;
+    assert!(body.ends_with("forwarded\n"), "{body}");
     k(kc, &c, &["delete", "pod", "netpod"]).await?;
     eventually("nothing left in containerd", WAIT, || async {
         let (s, ctrs) = cri.inventory().await?;
