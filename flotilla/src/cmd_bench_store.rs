@@ -63,10 +63,22 @@ pub(crate) struct ProcCluster {
     log_dir: PathBuf,
 }
 
+/// A free loopback port, never the same one twice in this process, below Linux's ephemeral
+/// range (32768+; the chaos harness uses 20000-31999): port 0 may hand out a port just
+/// released (two members got the same one), and a member restarted after a kill must be able
+/// to re-bind a port that meanwhile may be the local end of an outgoing connection.
 fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    use std::sync::atomic::AtomicU32;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let base = std::process::id() % 40 * 250;
+    for _ in 0..10_000 {
+        let port = 10_000 + (base + NEXT.fetch_add(1, Ordering::Relaxed)) % 10_000;
+        let port = u16::try_from(port).expect("invariant: below 20000");
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    anyhow::bail!("no free loopback port in 10000-19999")
 }
 
 /// A lazily connecting channel with a request deadline.
@@ -168,6 +180,15 @@ impl ProcCluster {
         agreed_leader(&urls, Duration::from_secs(30))
             .await
             .with_context(|| format!("{} cluster did not elect a leader", kind.label()))?;
+        // The leader check ignores members that do not answer: every one must.
+        for (i, u) in urls.iter().enumerate() {
+            anyhow::ensure!(
+                status(u).await.is_some(),
+                "{} member {i} ({u}) is not serving; see its log in {}",
+                kind.label(),
+                c.log_dir.display()
+            );
+        }
         Ok(c)
     }
 
@@ -394,6 +415,53 @@ where
     Ok((all.len() as u64, all))
 }
 
+/// `clients` clients together sending `rate` puts per second on a fixed schedule for `dur`.
+/// Latency counts from the scheduled send time, so a stall also delays (and is charged to)
+/// the requests queued behind it.
+async fn paced(
+    urls: &[String],
+    clients: usize,
+    rate: u64,
+    dur: Duration,
+) -> anyhow::Result<(u64, Vec<Duration>)> {
+    let conns: Vec<Channel> = (0..urls.len() * 4)
+        .map(|i| channel(&urls[i % urls.len()], Duration::from_secs(5)))
+        .collect::<anyhow::Result<_>>()?;
+    let interval = Duration::from_secs(clients as u64) / u32::try_from(rate.max(1))?;
+    let start = tokio::time::Instant::now() + Duration::from_millis(100);
+    let n_each = (dur.as_secs_f64() / interval.as_secs_f64()) as u32;
+    let errors = Arc::new(AtomicU64::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    for c in 0..clients {
+        let mut kv = KvClient::new(conns[c % conns.len()].clone());
+        let errors = errors.clone();
+        let offset = interval * u32::try_from(c)? / u32::try_from(clients)?;
+        tasks.spawn(async move {
+            let mut lat = Vec::new();
+            for i in 0..n_each {
+                let due = start + offset + interval * i;
+                tokio::time::sleep_until(due).await;
+                match kv.put(put_req(format!("paced/{c}/{i}"))).await {
+                    Ok(_) => lat.push(due.elapsed()),
+                    Err(_) => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            lat
+        });
+    }
+    let mut all = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        all.extend(r?);
+    }
+    let e = errors.load(Ordering::Relaxed);
+    if e > 0 {
+        eprintln!("    ({e} failed requests)");
+    }
+    Ok((all.len() as u64, all))
+}
+
 fn put_req(key: String) -> PutRequest {
     PutRequest {
         key: key.into_bytes(),
@@ -454,12 +522,14 @@ async fn measure(c: &mut ProcCluster, quick: bool) -> anyhow::Result<Vec<Row>> {
     let cpu0 = cpu(&pids(c));
     let mut ops_total = 0u64;
     for clients in [16usize, 64] {
+        let put_cpu0 = cpu(&pids(c));
         let (ops, mut lat) = closed_loop(&urls, clients, dur, move |mut kv, n| async move {
             kv.put(put_req(format!("put{clients}/{n}")))
                 .await
                 .map(|_| ())
         })
         .await?;
+        let put_cpu = cpu(&pids(c)) - put_cpu0;
         ops_total += ops;
         row(
             &format!("put/s, {clients} clients"),
@@ -473,7 +543,34 @@ async fn measure(c: &mut ProcCluster, quick: bool) -> anyhow::Result<Vec<Row>> {
             "ms",
             pct(&mut lat, 0.99),
         );
+        row(
+            &format!("server CPU per put, {clients} clients"),
+            false,
+            "µs",
+            put_cpu / ops.max(1) as f64 * 1e6,
+        );
     }
+    // Moderate paced load (an API server's write pattern): tail latency shows stalls.
+    let (ops, mut lat) = paced(&urls, 100, 500, dur * 2).await?;
+    ops_total += ops;
+    row(
+        "paced put 500/s, 100 clients, p50",
+        false,
+        "ms",
+        pct(&mut lat, 0.5),
+    );
+    row(
+        "paced put 500/s, 100 clients, p99",
+        false,
+        "ms",
+        pct(&mut lat, 0.99),
+    );
+    row(
+        "paced put 500/s, 100 clients, max",
+        false,
+        "ms",
+        pct(&mut lat, 1.0),
+    );
     let (ops, mut lat) = closed_loop(&urls, 16, dur, |mut kv, n| async move {
         let key = format!("txn/{n}").into_bytes();
         kv.txn(TxnRequest {

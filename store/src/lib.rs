@@ -11,7 +11,8 @@
 //! - `config`: [`StoreConfig`] and [`Tunables`] (validated before start).
 //! - `node`: [`Node::start`] and the [`NodeHandle`] of a running member.
 //! - `types`: openraft type configuration and the replicated commands.
-//! - `log_store` / `state_machine`: sled-backed openraft storage; `mvcc` is the etcd data model.
+//! - `log_store` / `state_machine`: openraft storage (the log in sled, the state machine in
+//!   memory, persisted as `snapshot` files); `mvcc` is the etcd data model.
 //! - `network`: the Raft transport over tonic, behind openraft's `RaftNetworkFactory`.
 //! - `batcher` / `read_index` / `lessor`: group commit, batched ReadIndex, leader-side leases.
 //! - `service/*`: one tonic service per etcd service, plus the internal peer service.
@@ -32,6 +33,7 @@ mod batcher;
 mod config;
 mod error;
 mod faults;
+mod forwarder;
 mod lessor;
 mod log_store;
 mod mvcc;
@@ -39,9 +41,11 @@ mod network;
 mod node;
 mod read_index;
 mod service;
+mod snapshot;
 mod state_machine;
 mod stats;
 mod types;
+mod wal;
 
 pub use config::{ClusterState, ConfigError, StoreConfig, Tunables, member_id};
 pub use error::StoreError;

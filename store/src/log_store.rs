@@ -1,7 +1,9 @@
-//! Raft log and vote in sled (openraft storage-v2 `RaftLogStorage`).
+//! The Raft log (openraft storage-v2 `RaftLogStorage`): entries in the [`Wal`] (segment files
+//! under `raftlog/` in the data dir), vote, commit index and purge point in sled.
 //!
-//! Durability: `append` flushes sled before it reports the write complete to openraft, and
-//! `save_vote` flushes before returning; a flush covers every tree of the database.
+//! Durability: `append` syncs the entries before it reports the write complete to openraft;
+//! `save_vote` syncs the log and sled before returning; the purge point is durable before any
+//! entry file is deleted.
 #![allow(
     clippy::result_large_err,
     reason = "openraft's StorageError is the error type its storage traits require"
@@ -14,21 +16,23 @@ use openraft::{
     AnyError, Entry, LogId, OptionalSend, RaftLogReader, StorageError, StorageIOError, Vote,
 };
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
 use crate::faults::{CrashPoint, FaultHooks, InjectedCrash};
 use crate::stats::Stats;
 use crate::types::{TypeConfig, decode, encode};
+use crate::wal::Wal;
 
 type StorageResult<T> = Result<T, StorageError<u64>>;
 
 const VOTE: &[u8] = b"vote";
 const COMMITTED: &[u8] = b"committed";
 const LAST_PURGED: &[u8] = b"last_purged";
-/// Written (and flushed) by the state machine before it makes entries visible: entries up to
-/// here are committed, so a restart re-applies at least everything readers saw.
-pub(crate) const APPLIED_UPTO: &[u8] = b"applied_upto";
+/// Written by older versions of the state machine (entries up to here were committed); still
+/// read so their data dirs re-apply as far as they did.
+const APPLIED_UPTO: &[u8] = b"applied_upto";
 
 fn read_err(e: impl std::error::Error + 'static) -> StorageError<u64> {
     StorageIOError::read_logs(AnyError::new(&e)).into()
@@ -50,11 +54,13 @@ pub(crate) async fn flush_tree(tree: &sled::Tree) -> sled::Result<usize> {
         .unwrap_or_else(|e| Err(sled::Error::ReportableBug(format!("flush task: {e}"))))
 }
 
-/// The Raft log (`raft_log` tree, big-endian index keys) and Raft metadata (`raft_meta`).
+/// The Raft log: entries in the [`Wal`], Raft metadata in the sled tree `raft_meta`. (The sled
+/// tree `raft_log`, big-endian index keys, held the entries in older data dirs; they are moved
+/// into the log on open.)
 #[derive(Clone, Debug)]
 pub struct SledLogStore {
     db: sled::Db,
-    log: sled::Tree,
+    wal: Arc<Wal>,
     meta: sled::Tree,
     stats: Arc<Stats>,
     hooks: FaultHooks,
@@ -62,17 +68,60 @@ pub struct SledLogStore {
     gate_purge: bool,
 }
 
+fn io_err(e: std::io::Error) -> sled::Error {
+    sled::Error::Io(e)
+}
+
 impl SledLogStore {
-    /// Opens the log trees of `db`.
-    pub fn new(db: &sled::Db) -> Result<Self, sled::Error> {
-        Ok(Self {
+    /// Opens the log of the data dir `dir`, whose sled database is `db`.
+    pub fn new(db: &sled::Db, dir: &Path) -> Result<Self, sled::Error> {
+        let index_of = |payload: &[u8]| -> std::io::Result<u64> {
+            let entry: Entry<TypeConfig> = decode(payload).map_err(std::io::Error::other)?;
+            Ok(entry.log_id.index)
+        };
+        let wal = Wal::open(&dir.join("raftlog"), index_of).map_err(io_err)?;
+        let store = Self {
             db: db.clone(),
-            log: db.open_tree("raft_log")?,
+            wal: Arc::new(wal),
             meta: db.open_tree("raft_meta")?,
             stats: Arc::default(),
             hooks: FaultHooks::default(),
             gate_purge: false,
-        })
+        };
+        store.import_legacy_log()?;
+        let purged: Option<LogId<u64>> = match store.meta.get(LAST_PURGED)? {
+            Some(v) => decode(&v).map_err(|e| io_err(std::io::Error::other(e)))?,
+            None => None,
+        };
+        if let Some(p) = purged {
+            store.wal.purge(p.index).map_err(io_err)?;
+        }
+        Ok(store)
+    }
+
+    /// Moves entries an older version kept in the sled tree `raft_log` into the log.
+    fn import_legacy_log(&self) -> Result<(), sled::Error> {
+        let legacy = self.db.open_tree("raft_log")?;
+        if legacy.is_empty() {
+            return Ok(());
+        }
+        // A crash during an earlier import left a partial copy: start over.
+        if let Some((first, _)) = self.wal.bounds() {
+            self.wal.truncate(first).map_err(io_err)?;
+        }
+        for item in legacy.iter() {
+            let (k, v) = item?;
+            let idx = u64::from_be_bytes(
+                k.as_ref()
+                    .try_into()
+                    .map_err(|_| io_err(std::io::Error::other("bad legacy log key")))?,
+            );
+            self.wal.append(idx, &v).map_err(io_err)?;
+        }
+        self.wal.flush().map_err(io_err)?;
+        legacy.clear()?;
+        self.db.flush()?;
+        Ok(())
     }
 
     /// Shares the member's counters and fault hooks.
@@ -81,6 +130,17 @@ impl SledLogStore {
         self.hooks = hooks;
         self.gate_purge = true;
         self
+    }
+
+    /// Runs a blocking log operation off the async runtime.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Wal) -> std::io::Result<T> + Send + 'static,
+    ) -> std::io::Result<T> {
+        let wal = self.wal.clone();
+        tokio::task::spawn_blocking(move || f(&wal))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(format!("log task: {e}"))))
     }
 
     fn crash(&self, point: CrashPoint) -> StorageResult<()> {
@@ -117,21 +177,24 @@ impl RaftLogReader<TypeConfig> for SledLogStore {
         &mut self,
         range: RB,
     ) -> StorageResult<Vec<Entry<TypeConfig>>> {
+        let Some((first, last)) = self.wal.bounds() else {
+            return Ok(Vec::new());
+        };
         let start = match range.start_bound() {
             Bound::Included(i) => *i,
             Bound::Excluded(i) => i.saturating_add(1),
             Bound::Unbounded => 0,
-        };
+        }
+        .max(first);
         let mut out = Vec::new();
-        for item in self.log.range(start.to_be_bytes()..) {
-            let (k, v) = item.map_err(read_err)?;
-            let idx = u64::from_be_bytes(k.as_ref().try_into().map_err(|_| {
-                StorageError::from(StorageIOError::read_logs(AnyError::error("bad log key")))
-            })?);
+        for idx in self.wal.indexes(start, last) {
             if !range.contains(&idx) {
                 break;
             }
-            out.push(decode(&v).map_err(read_err)?);
+            let Some(bytes) = self.wal.read(idx).map_err(read_err)? else {
+                break;
+            };
+            out.push(decode(&bytes).map_err(read_err)?);
         }
         Ok(out)
     }
@@ -142,13 +205,16 @@ impl RaftLogStorage<TypeConfig> for SledLogStore {
 
     async fn get_log_state(&mut self) -> StorageResult<LogState<TypeConfig>> {
         let last_purged_log_id: Option<LogId<u64>> = self.get_meta(LAST_PURGED)?;
-        let last = match self.log.last().map_err(read_err)? {
+        let last = match self.wal.bounds() {
             None => None,
-            Some((_, v)) => Some(decode::<Entry<TypeConfig>>(&v).map_err(read_err)?.log_id),
+            Some((_, last)) => match self.wal.read(last).map_err(read_err)? {
+                None => None,
+                Some(v) => Some(decode::<Entry<TypeConfig>>(&v).map_err(read_err)?.log_id),
+            },
         };
         Ok(LogState {
             last_purged_log_id,
-            last_log_id: last.or(last_purged_log_id),
+            last_log_id: last.max(last_purged_log_id),
         })
     }
 
@@ -158,6 +224,9 @@ impl RaftLogStorage<TypeConfig> for SledLogStore {
 
     async fn save_vote(&mut self, vote: &Vote<u64>) -> StorageResult<()> {
         self.put_meta(VOTE, vote)?;
+        // Entries before the vote, as a flush of one sled database covered both (only the
+        // planted bug leaves any unflushed).
+        self.blocking(|w| w.flush()).await.map_err(write_err)?;
         self.flush().await
     }
 
@@ -173,7 +242,15 @@ impl RaftLogStorage<TypeConfig> for SledLogStore {
     async fn read_committed(&mut self) -> StorageResult<Option<LogId<u64>>> {
         let committed = self.get_meta::<Option<LogId<u64>>>(COMMITTED)?.flatten();
         let applied = self.get_meta::<Option<LogId<u64>>>(APPLIED_UPTO)?.flatten();
-        Ok(committed.max(applied))
+        let committed = committed.max(applied);
+        // Never past the log: the two live in different files, and an entry is flushed before
+        // it can be committed, but only the planted bug's unflushed entries could be missing.
+        let state = self.get_log_state().await?;
+        Ok(match (committed, state.last_log_id) {
+            (Some(c), Some(last)) if c.index > last.index => Some(last),
+            (Some(_), None) => None,
+            (c, _) => c,
+        })
     }
 
     async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> StorageResult<()>
@@ -181,13 +258,10 @@ impl RaftLogStorage<TypeConfig> for SledLogStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        // Plain inserts, not a `Batch`: sled writes and syncs its log buffers for every atomic
-        // batch, and the flush below makes all of them durable anyway. A crash before the
-        // flush leaves a prefix of these entries (sled recovers its log in order): no holes.
         for entry in entries {
             let bytes = encode(&entry).map_err(write_err)?;
-            self.log
-                .insert(entry.log_id.index.to_be_bytes(), bytes)
+            self.wal
+                .append(entry.log_id.index, &bytes)
                 .map_err(write_err)?;
         }
         if self.hooks.ack_before_flush {
@@ -198,7 +272,7 @@ impl RaftLogStorage<TypeConfig> for SledLogStore {
         self.crash(CrashPoint::BeforeLogFlush)?;
         // Durable before openraft may count this entry towards a quorum.
         let start = Instant::now();
-        let res = flush_tree(&self.db).await;
+        let res = self.blocking(|w| w.flush()).await;
         self.stats
             .log_flushes
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -223,13 +297,10 @@ impl RaftLogStorage<TypeConfig> for SledLogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId<u64>) -> StorageResult<()> {
-        let mut batch = sled::Batch::default();
-        for item in self.log.range(log_id.index.to_be_bytes()..) {
-            let (k, _) = item.map_err(write_err)?;
-            batch.remove(k);
-        }
-        self.log.apply_batch(batch).map_err(write_err)?;
-        self.flush().await
+        let index = log_id.index;
+        self.blocking(move |w| w.truncate(index))
+            .await
+            .map_err(write_err)
     }
 
     async fn purge(&mut self, log_id: LogId<u64>) -> StorageResult<()> {
@@ -264,14 +335,15 @@ impl RaftLogStorage<TypeConfig> for SledLogStore {
             let changed = self.stats.snapshot_durable_changed.notified();
             let _ = tokio::time::timeout(std::time::Duration::from_millis(50), changed).await;
         }
-        // Record the purge point first: a crash in between leaves extra entries, never a hole.
+        // The purge point is durable before entry files go: a crash in between leaves extra
+        // entries, never a hole. (Unflushed entries, which only the planted bug leaves, are
+        // flushed too, as a flush of the one sled database holding everything used to.)
         self.put_meta(LAST_PURGED, &log_id)?;
-        let mut batch = sled::Batch::default();
-        for item in self.log.range(..=log_id.index.to_be_bytes()) {
-            let (k, _) = item.map_err(write_err)?;
-            batch.remove(k);
-        }
-        self.log.apply_batch(batch).map_err(write_err)?;
-        Ok(())
+        self.blocking(|w| w.flush()).await.map_err(write_err)?;
+        self.flush().await?;
+        let index = log_id.index;
+        self.blocking(move |w| w.purge(index))
+            .await
+            .map_err(write_err)
     }
 }

@@ -1,10 +1,17 @@
 //! The etcd v3 data model in memory: per-key version history, one revision per write request,
 //! compaction, leases and the event history watches replay from.
 //!
-//! This type is pure (no IO). The state machine persists every [`Change`] it reports in the same
-//! sled transaction as `last_applied`, and rebuilds the model from those records on start.
-use std::collections::{BTreeMap, BTreeSet};
+//! This type is pure (no IO). The state machine persists it only as snapshots
+//! ([`Mvcc::visit_versions`] / [`Mvcc::from_versions`]); a snapshot is built while writes go
+//! on, so compaction defers dropping versions while one is being built
+//! ([`Mvcc::hold_compaction`]).
+//!
+//! Memory layout (one key costs its bytes once): the index maps each key (an `Arc<[u8]>` shared
+//! with the event history and lease key sets) to its versions, each holding only the fields a
+//! `KeyValue` needs besides the key; `KeyValue`s are built when read.
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::ops::Bound;
+use std::sync::Arc;
 
 use crate::error::EtcdError;
 use crate::pb::etcdserverpb::{
@@ -13,43 +20,74 @@ use crate::pb::etcdserverpb::{
 };
 use crate::pb::mvccpb::{Event, KeyValue, event::EventType};
 
+/// A key, shared by the index, the event history and lease key sets.
+pub(crate) type Key = Arc<[u8]>;
+
 /// One version of a key: the value written at `(rev, sub)`, or a tombstone.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Version {
+    /// Revision of the write (`mod_revision`).
     pub(crate) rev: i64,
+    /// Position of the write within its revision.
     pub(crate) sub: u32,
+    pub(crate) create_revision: i64,
+    pub(crate) version: i64,
+    pub(crate) lease: i64,
     /// `None` = deleted at `rev`.
-    pub(crate) kv: Option<KeyValue>,
+    pub(crate) value: Option<Box<[u8]>>,
+}
+
+impl Version {
+    /// The `KeyValue` this version describes (`None` for a tombstone).
+    pub(crate) fn kv(&self, key: &[u8]) -> Option<KeyValue> {
+        let value = self.value.as_ref()?;
+        Some(KeyValue {
+            key: key.to_vec(),
+            create_revision: self.create_revision,
+            mod_revision: self.rev,
+            version: self.version,
+            value: value.to_vec(),
+            lease: self.lease,
+        })
+    }
+
+    /// The event that wrote this version, without `prev_kv`.
+    fn event(&self, key: &[u8]) -> Event {
+        match self.kv(key) {
+            Some(kv) => Event {
+                r#type: EventType::Put as i32,
+                kv: Some(kv),
+                prev_kv: None,
+            },
+            None => Event {
+                r#type: EventType::Delete as i32,
+                kv: Some(tombstone(key, self.rev)),
+                prev_kv: None,
+            },
+        }
+    }
+
+    fn weight(&self, key: &[u8]) -> u64 {
+        let v = self.value.as_ref().map_or(0, |v| v.len());
+        (key.len() + v + 48) as u64
+    }
+}
+
+/// Index of the first version compaction at `compact` keeps: the newest version at or below
+/// it survives unless it is a tombstone; older ones go.
+fn retained_from(versions: &[Version], compact: i64) -> usize {
+    match versions.iter().rposition(|v| v.rev <= compact) {
+        None => 0,
+        Some(i) if versions[i].value.is_none() => i + 1,
+        Some(i) => i,
+    }
 }
 
 /// A granted lease as replicated (expiry timing is leader-local, see `lessor`).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub(crate) struct LeaseInfo {
     pub(crate) ttl: i64,
-    pub(crate) keys: BTreeSet<Vec<u8>>,
-}
-
-/// A persistent effect of applying an op, in order.
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) enum Change {
-    /// New version record: the event without `prev_kv`.
-    Record {
-        rev: i64,
-        sub: u32,
-        event: Event,
-    },
-    /// A version dropped by compaction.
-    RemoveRecord {
-        rev: i64,
-        sub: u32,
-    },
-    LeasePut {
-        id: i64,
-        ttl: i64,
-    },
-    LeaseDelete {
-        id: i64,
-    },
+    pub(crate) keys: BTreeSet<Key>,
 }
 
 /// Events of one revision (all share it), `prev_kv` always filled when known.
@@ -59,11 +97,12 @@ pub(crate) struct RevEvents {
     pub(crate) events: Vec<Event>,
 }
 
-/// Output of applying ops: what to persist and what to publish to watchers.
+/// Output of applying ops: the events to publish to watchers.
 #[derive(Debug, Default)]
 pub(crate) struct ApplyOutput {
-    pub(crate) changes: Vec<Change>,
     pub(crate) events: Vec<RevEvents>,
+    /// Nobody watches: do not build events (they copy every written value).
+    pub(crate) skip_events: bool,
 }
 
 /// The multi-version key-value model.
@@ -71,9 +110,14 @@ pub(crate) struct ApplyOutput {
 pub(crate) struct Mvcc {
     revision: i64,
     compact_revision: i64,
-    keys: BTreeMap<Vec<u8>, Vec<Version>>,
-    /// Revision -> keys changed at it, in sub order (for watch replay).
-    history: BTreeMap<i64, Vec<Vec<u8>>>,
+    /// Versions compaction dropped are physically gone up to here (`<= compact_revision`;
+    /// lower while a snapshot build holds compaction).
+    compacted_upto: i64,
+    /// Snapshot builds in progress (see [`Mvcc::hold_compaction`]).
+    compaction_holds: u32,
+    keys: BTreeMap<Key, Vec<Version>>,
+    /// `(rev, sub, key)` of every write at or above `compact_revision`, in order (watch replay).
+    history: VecDeque<(i64, u32, Key)>,
     leases: BTreeMap<i64, LeaseInfo>,
     /// Approximate logical size in bytes (for the space quota and `Status`).
     size: u64,
@@ -85,8 +129,10 @@ impl Default for Mvcc {
         Self {
             revision: 1,
             compact_revision: 0,
+            compacted_upto: 0,
+            compaction_holds: 0,
             keys: BTreeMap::new(),
-            history: BTreeMap::new(),
+            history: VecDeque::new(),
             leases: BTreeMap::new(),
             size: 0,
         }
@@ -94,23 +140,20 @@ impl Default for Mvcc {
 }
 
 /// A key range as `BTreeMap::range` bounds.
-pub(crate) type KeyBounds = (Bound<Vec<u8>>, Bound<Vec<u8>>);
+pub(crate) type KeyBounds<'a> = (Bound<&'a [u8]>, Bound<&'a [u8]>);
 
 /// Key bounds of etcd's `[key, range_end)` convention.
-pub(crate) fn bounds(key: &[u8], range_end: &[u8]) -> Option<KeyBounds> {
+pub(crate) fn bounds<'a>(key: &'a [u8], range_end: &'a [u8]) -> Option<KeyBounds<'a>> {
     if range_end.is_empty() {
-        return Some((Bound::Included(key.to_vec()), Bound::Included(key.to_vec())));
+        return Some((Bound::Included(key), Bound::Included(key)));
     }
     if range_end == [0] {
-        return Some((Bound::Included(key.to_vec()), Bound::Unbounded));
+        return Some((Bound::Included(key), Bound::Unbounded));
     }
     if range_end <= key {
         return None;
     }
-    Some((
-        Bound::Included(key.to_vec()),
-        Bound::Excluded(range_end.to_vec()),
-    ))
+    Some((Bound::Included(key), Bound::Excluded(range_end)))
 }
 
 /// Whether `k` lies in `[key, range_end)` (etcd conventions).
@@ -122,11 +165,6 @@ pub(crate) fn in_range(k: &[u8], key: &[u8], range_end: &[u8]) -> bool {
         return k >= key;
     }
     k >= key && k < range_end
-}
-
-fn version_weight(kv: &Option<KeyValue>, key: &[u8]) -> u64 {
-    let v = kv.as_ref().map_or(0, |kv| kv.value.len());
-    (key.len() + v + 48) as u64
 }
 
 fn tombstone(key: &[u8], rev: i64) -> KeyValue {
@@ -145,6 +183,14 @@ struct Writer<'a> {
     events: Vec<Event>,
 }
 
+/// What a snapshot captures besides the versions (taken at one applied index).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SnapshotPoint {
+    pub(crate) revision: i64,
+    pub(crate) compact_revision: i64,
+    pub(crate) leases: Vec<(i64, i64)>,
+}
+
 impl Mvcc {
     /// Current store revision.
     pub(crate) fn revision(&self) -> i64 {
@@ -161,22 +207,22 @@ impl Mvcc {
         self.size
     }
 
-    fn latest(&self, key: &[u8]) -> Option<&KeyValue> {
-        self.keys.get(key)?.last()?.kv.as_ref()
+    fn latest(&self, key: &[u8]) -> Option<&Version> {
+        self.keys.get(key)?.last().filter(|v| v.value.is_some())
     }
 
-    /// Live kvs in a range at the latest revision.
+    /// Live keys in a range at the latest revision, with their latest version.
     fn live_range<'a>(
         &'a self,
-        key: &[u8],
-        range_end: &[u8],
-    ) -> Box<dyn Iterator<Item = &'a KeyValue> + 'a> {
+        key: &'a [u8],
+        range_end: &'a [u8],
+    ) -> Box<dyn Iterator<Item = (&'a Key, &'a Version)> + 'a> {
         match bounds(key, range_end) {
             None => Box::new(std::iter::empty()),
             Some(b) => Box::new(
                 self.keys
-                    .range::<Vec<u8>, _>(b)
-                    .filter_map(|(_, vs)| vs.last().and_then(|v| v.kv.as_ref())),
+                    .range::<[u8], _>(b)
+                    .filter_map(|(k, vs)| vs.last().filter(|v| v.value.is_some()).map(|v| (k, v))),
             ),
         }
     }
@@ -197,39 +243,50 @@ impl Mvcc {
         } else {
             Some(r.revision)
         };
-        let mut kvs: Vec<KeyValue> = Vec::new();
+        let mut found: Vec<(&Key, &Version)> = Vec::new();
         if let Some(b) = bounds(&r.key, &r.range_end) {
-            for (_, versions) in self.keys.range::<Vec<u8>, _>(b) {
+            for (k, versions) in self.keys.range::<[u8], _>(b) {
                 let v = match at {
                     None => versions.last(),
                     Some(at) => versions.iter().rev().find(|v| v.rev <= at),
                 };
-                if let Some(kv) = v.and_then(|v| v.kv.as_ref()) {
-                    kvs.push(kv.clone());
+                if let Some(v) = v.filter(|v| v.value.is_some()) {
+                    found.push((k, v));
                 }
             }
         }
-        let count = kvs.len() as i64;
-        kvs.retain(|kv| {
-            (r.min_mod_revision == 0 || kv.mod_revision >= r.min_mod_revision)
-                && (r.max_mod_revision == 0 || kv.mod_revision <= r.max_mod_revision)
-                && (r.min_create_revision == 0 || kv.create_revision >= r.min_create_revision)
-                && (r.max_create_revision == 0 || kv.create_revision <= r.max_create_revision)
+        let count = found.len() as i64;
+        found.retain(|(_, v)| {
+            (r.min_mod_revision == 0 || v.rev >= r.min_mod_revision)
+                && (r.max_mod_revision == 0 || v.rev <= r.max_mod_revision)
+                && (r.min_create_revision == 0 || v.create_revision >= r.min_create_revision)
+                && (r.max_create_revision == 0 || v.create_revision <= r.max_create_revision)
         });
-        sort_kvs(&mut kvs, r);
+        sort_found(&mut found, r);
         let mut more = false;
-        if r.limit > 0 && kvs.len() as i64 > r.limit {
-            kvs.truncate(r.limit as usize);
+        if r.limit > 0 && found.len() as i64 > r.limit {
+            found.truncate(r.limit as usize);
             more = true;
         }
-        if r.keys_only {
-            for kv in &mut kvs {
-                kv.value.clear();
-            }
-        }
-        if r.count_only {
-            kvs.clear();
-        }
+        let kvs = if r.count_only {
+            Vec::new()
+        } else {
+            found
+                .iter()
+                .map(|(k, v)| KeyValue {
+                    key: k.to_vec(),
+                    create_revision: v.create_revision,
+                    mod_revision: v.rev,
+                    version: v.version,
+                    value: if r.keys_only {
+                        Vec::new()
+                    } else {
+                        v.value.as_deref().unwrap_or_default().to_vec()
+                    },
+                    lease: v.lease,
+                })
+                .collect()
+        };
         Ok(RangeResponse {
             header: None,
             kvs,
@@ -247,38 +304,36 @@ impl Mvcc {
         key: &[u8],
         range_end: &[u8],
     ) -> Vec<RevEvents> {
-        let mut out = Vec::new();
+        let mut out: Vec<RevEvents> = Vec::new();
         if from > to {
             return out;
         }
-        for (&rev, keys) in self.history.range(from..=to) {
-            let mut events = Vec::new();
-            for k in keys {
-                if !in_range(k, key, range_end) {
-                    continue;
-                }
-                let Some(versions) = self.keys.get(k) else {
-                    continue;
-                };
-                let Ok(i) = versions.binary_search_by_key(&rev, |v| v.rev) else {
-                    continue;
-                };
-                let prev = i.checked_sub(1).and_then(|j| versions[j].kv.clone());
-                let (ty, kv) = match &versions[i].kv {
-                    Some(kv) => (EventType::Put, kv.clone()),
-                    None => (EventType::Delete, tombstone(k, rev)),
-                };
-                events.push(Event {
-                    r#type: ty as i32,
-                    kv: Some(kv),
-                    prev_kv: prev,
-                });
+        let start = self.history.partition_point(|(rev, _, _)| *rev < from);
+        for (rev, _, k) in self.history.range(start..) {
+            let rev = *rev;
+            if rev > to {
+                break;
             }
-            if !events.is_empty() {
-                out.push(RevEvents {
+            if !in_range(k, key, range_end) {
+                continue;
+            }
+            let Some(versions) = self.keys.get(k) else {
+                continue;
+            };
+            let Ok(i) = versions.binary_search_by_key(&rev, |v| v.rev) else {
+                continue;
+            };
+            let mut event = versions[i].event(k);
+            // The previous version is gone after a compaction at or above this write.
+            if rev > self.compact_revision {
+                event.prev_kv = i.checked_sub(1).and_then(|j| versions[j].kv(k));
+            }
+            match out.last_mut() {
+                Some(last) if last.revision == rev => last.events.push(event),
+                _ => out.push(RevEvents {
                     revision: rev,
-                    events,
-                });
+                    events: vec![event],
+                }),
             }
         }
         out
@@ -320,15 +375,26 @@ impl Mvcc {
     }
 
     fn compare(&self, c: &Compare) -> bool {
-        let kvs: Vec<&KeyValue> = self.live_range(&c.key, &c.range_end).collect();
-        let target = c.target();
-        if kvs.is_empty() {
-            if target == compare::CompareTarget::Value {
+        let mut any = false;
+        let all = self.live_range(&c.key, &c.range_end).all(|(_, v)| {
+            any = true;
+            compare_fields(
+                c,
+                v.create_revision,
+                v.rev,
+                v.version,
+                v.lease,
+                v.value.as_deref().unwrap_or_default(),
+            )
+        });
+        if !any {
+            // A missing key has every field zero; it has no value to compare.
+            if c.target() == compare::CompareTarget::Value {
                 return false;
             }
-            return compare_kv(c, &KeyValue::default());
+            return compare_fields(c, 0, 0, 0, 0, &[]);
         }
-        kvs.iter().all(|kv| compare_kv(c, kv))
+        all
     }
 
     // ----- writes -----
@@ -347,7 +413,7 @@ impl Mvcc {
                 let r = PutRequest::decode(b.as_slice()).map_err(decode_err)?;
                 self.check_put(&r)?;
                 let mut w = self.writer(out);
-                let resp = self.put(&mut w, &r);
+                let resp = self.put(&mut w, r);
                 self.finish(w);
                 Ok(OpReply::Put(resp.encode_to_vec()))
             }
@@ -364,8 +430,8 @@ impl Mvcc {
             WriteOp::Txn(b) => {
                 let r = TxnRequest::decode(b.as_slice()).map_err(decode_err)?;
                 let succeeded = r.compare.iter().all(|c| self.compare(c));
-                let branch = if succeeded { &r.success } else { &r.failure };
-                self.check_ops(branch)?;
+                let branch = if succeeded { r.success } else { r.failure };
+                self.check_ops(&branch)?;
                 let mut w = self.writer(out);
                 let responses = self.exec_ops(&mut w, branch)?;
                 self.finish(w);
@@ -379,7 +445,7 @@ impl Mvcc {
                 ))
             }
             WriteOp::Compact(rev) => {
-                self.compact(*rev, out)?;
+                self.compact(*rev)?;
                 Ok(OpReply::Compact)
             }
             WriteOp::LeaseGrant { id, ttl } => {
@@ -393,7 +459,6 @@ impl Mvcc {
                         keys: BTreeSet::new(),
                     },
                 );
-                out.changes.push(Change::LeasePut { id: *id, ttl: *ttl });
                 Ok(OpReply::LeaseGrant)
             }
             WriteOp::LeaseRevoke { id } => {
@@ -405,7 +470,6 @@ impl Mvcc {
                     self.delete_key(&mut w, key);
                 }
                 self.finish(w);
-                out.changes.push(Change::LeaseDelete { id: *id });
                 Ok(OpReply::LeaseRevoke)
             }
         }
@@ -424,10 +488,12 @@ impl Mvcc {
     fn finish(&mut self, w: Writer<'_>) {
         if w.sub > 0 {
             self.revision = w.rev;
-            w.out.events.push(RevEvents {
-                revision: w.rev,
-                events: w.events,
-            });
+            if !w.out.skip_events {
+                w.out.events.push(RevEvents {
+                    revision: w.rev,
+                    events: w.events,
+                });
+            }
         }
     }
 
@@ -450,7 +516,6 @@ impl Mvcc {
         }
         Ok(())
     }
-
     /// Validates the ops of the chosen Txn branch (recursively) before anything is written.
     fn check_ops(&self, ops: &[RequestOp]) -> Result<(), EtcdError> {
         for op in ops {
@@ -486,23 +551,23 @@ impl Mvcc {
     fn exec_ops(
         &mut self,
         w: &mut Writer<'_>,
-        ops: &[RequestOp],
+        ops: Vec<RequestOp>,
     ) -> Result<Vec<ResponseOp>, EtcdError> {
         let mut responses = Vec::with_capacity(ops.len());
         for op in ops {
-            let resp = match &op.request {
+            let resp = match op.request {
                 Some(request_op::Request::RequestRange(r)) => {
-                    Some(response_op::Response::ResponseRange(self.range(r)?))
+                    Some(response_op::Response::ResponseRange(self.range(&r)?))
                 }
                 Some(request_op::Request::RequestPut(p)) => {
                     Some(response_op::Response::ResponsePut(self.put(w, p)))
                 }
                 Some(request_op::Request::RequestDeleteRange(d)) => Some(
-                    response_op::Response::ResponseDeleteRange(self.delete_range(w, d)),
+                    response_op::Response::ResponseDeleteRange(self.delete_range(w, &d)),
                 ),
                 Some(request_op::Request::RequestTxn(t)) => {
                     let succeeded = t.compare.iter().all(|c| self.compare(c));
-                    let branch = if succeeded { &t.success } else { &t.failure };
+                    let branch = if succeeded { t.success } else { t.failure };
                     let responses = self.exec_ops(w, branch)?;
                     Some(response_op::Response::ResponseTxn(pb::TxnResponse {
                         header: None,
@@ -517,89 +582,100 @@ impl Mvcc {
         Ok(responses)
     }
 
-    fn push_version(&mut self, w: &mut Writer<'_>, key: &[u8], kv: Option<KeyValue>) {
-        let sub = w.sub;
-        w.sub += 1;
-        let versions = self.keys.entry(key.to_vec()).or_default();
-        let prev = versions.last().and_then(|v| v.kv.clone());
-        self.size += version_weight(&kv, key);
-        let (ty, ev_kv) = match &kv {
-            Some(kv) => (EventType::Put, kv.clone()),
-            None => (EventType::Delete, tombstone(key, w.rev)),
-        };
-        versions.push(Version {
-            rev: w.rev,
-            sub,
-            kv,
-        });
-        self.history.entry(w.rev).or_default().push(key.to_vec());
-        let event = Event {
-            r#type: ty as i32,
-            kv: Some(ev_kv),
-            prev_kv: None,
-        };
-        w.out.changes.push(Change::Record {
-            rev: w.rev,
-            sub,
-            event: event.clone(),
-        });
-        w.events.push(Event {
-            prev_kv: prev,
-            ..event
-        });
+    /// The shared key for `key` (the index's own when the key is known).
+    fn key_of(&self, key: &[u8]) -> Key {
+        match self.keys.get_key_value(key) {
+            Some((k, _)) => k.clone(),
+            None => Key::from(key),
+        }
     }
 
-    fn put(&mut self, w: &mut Writer<'_>, r: &PutRequest) -> pb::PutResponse {
-        let existing = self.latest(&r.key).cloned();
-        let lease = if r.ignore_lease {
-            existing.as_ref().map_or(0, |kv| kv.lease)
+    fn push_version(&mut self, w: &mut Writer<'_>, key: Key, mut version: Version) {
+        version.rev = w.rev;
+        version.sub = w.sub;
+        w.sub += 1;
+        self.size += version.weight(&key);
+        let event = (!w.out.skip_events).then(|| {
+            let prev = self
+                .keys
+                .get(&key)
+                .and_then(|vs| vs.last())
+                .and_then(|v| v.kv(&key));
+            Event {
+                prev_kv: prev,
+                ..version.event(&key)
+            }
+        });
+        self.history
+            .push_back((version.rev, version.sub, key.clone()));
+        self.keys
+            .entry(key)
+            .or_insert_with(|| Vec::with_capacity(1))
+            .push(version);
+        if let Some(e) = event {
+            w.events.push(e);
+        }
+    }
+
+    fn put(&mut self, w: &mut Writer<'_>, r: PutRequest) -> pb::PutResponse {
+        let key = self.key_of(&r.key);
+        let existing = self.latest(&key);
+        let old_lease = existing.map_or(0, |v| v.lease);
+        let prev_kv = if r.prev_kv {
+            existing.and_then(|v| v.kv(&key))
         } else {
-            r.lease
+            None
         };
-        let value = if r.ignore_value {
-            existing
-                .as_ref()
-                .map(|kv| kv.value.clone())
-                .unwrap_or_default()
+        let lease = if r.ignore_lease { old_lease } else { r.lease };
+        let value: Box<[u8]> = if r.ignore_value {
+            existing.and_then(|v| v.value.clone()).unwrap_or_default()
         } else {
-            r.value.clone()
+            r.value.into_boxed_slice()
         };
-        let kv = KeyValue {
-            key: r.key.clone(),
-            create_revision: existing.as_ref().map_or(w.rev, |kv| kv.create_revision),
-            mod_revision: w.rev,
-            version: existing.as_ref().map_or(1, |kv| kv.version + 1),
-            value,
+        let version = Version {
+            rev: 0,
+            sub: 0,
+            create_revision: existing.map_or(w.rev, |v| v.create_revision),
+            version: existing.map_or(1, |v| v.version + 1),
             lease,
+            value: Some(value),
         };
-        if let Some(old) = &existing
-            && old.lease != 0
-            && old.lease != lease
-            && let Some(l) = self.leases.get_mut(&old.lease)
+        if old_lease != 0
+            && old_lease != lease
+            && let Some(l) = self.leases.get_mut(&old_lease)
         {
-            l.keys.remove(&r.key);
+            l.keys.remove(&key);
         }
         if lease != 0
             && let Some(l) = self.leases.get_mut(&lease)
         {
-            l.keys.insert(r.key.clone());
+            l.keys.insert(key.clone());
         }
-        self.push_version(w, &r.key, Some(kv));
+        self.push_version(w, key, version);
         pb::PutResponse {
             header: None,
-            prev_kv: if r.prev_kv { existing } else { None },
+            prev_kv,
         }
     }
 
-    fn delete_key(&mut self, w: &mut Writer<'_>, key: &[u8]) -> Option<KeyValue> {
-        let old = self.latest(key).cloned()?;
-        if old.lease != 0
-            && let Some(l) = self.leases.get_mut(&old.lease)
+    fn delete_key(&mut self, w: &mut Writer<'_>, key: &Key) -> Option<KeyValue> {
+        let old = self.latest(key)?;
+        let (old_lease, old_kv) = (old.lease, old.kv(key));
+        if old_lease != 0
+            && let Some(l) = self.leases.get_mut(&old_lease)
         {
             l.keys.remove(key);
         }
-        self.push_version(w, key, None);
-        Some(old)
+        let version = Version {
+            rev: 0,
+            sub: 0,
+            create_revision: 0,
+            version: 0,
+            lease: 0,
+            value: None,
+        };
+        self.push_version(w, key.clone(), version);
+        old_kv
     }
 
     fn delete_range(
@@ -607,9 +683,9 @@ impl Mvcc {
         w: &mut Writer<'_>,
         r: &DeleteRangeRequest,
     ) -> pb::DeleteRangeResponse {
-        let keys: Vec<Vec<u8>> = self
+        let keys: Vec<Key> = self
             .live_range(&r.key, &r.range_end)
-            .map(|kv| kv.key.clone())
+            .map(|(k, _)| k.clone())
             .collect();
         let mut prev_kvs = Vec::new();
         for k in &keys {
@@ -626,38 +702,50 @@ impl Mvcc {
         }
     }
 
-    /// Drops history below `rev`: per key, versions older than the newest one at or below
-    /// `rev` go; that newest one goes too when it is a tombstone.
-    fn compact(&mut self, rev: i64, out: &mut ApplyOutput) -> Result<(), EtcdError> {
+    /// Compacts history below `rev`: per key, versions older than the newest one at or below
+    /// `rev` go; that newest one goes too when it is a tombstone. Readers see the effect at
+    /// once; the versions are dropped now, or when the last snapshot build in progress ends.
+    fn compact(&mut self, rev: i64) -> Result<(), EtcdError> {
         if rev <= self.compact_revision {
             return Err(EtcdError::Compacted);
         }
         if rev > self.revision {
             return Err(EtcdError::FutureRev);
         }
+        self.compact_revision = rev;
+        while self.history.front().is_some_and(|(r, _, _)| *r < rev) {
+            self.history.pop_front();
+        }
+        if self.compaction_holds == 0 {
+            self.drop_compacted();
+        }
+        Ok(())
+    }
+
+    fn drop_compacted(&mut self) {
+        if self.compacted_upto >= self.compact_revision {
+            return;
+        }
+        let rev = self.compact_revision;
         let mut emptied = Vec::new();
         for (key, versions) in self.keys.iter_mut() {
-            let Some(i) = versions.iter().rposition(|v| v.rev <= rev) else {
+            let drop_to = retained_from(versions, rev);
+            if drop_to == 0 {
                 continue;
-            };
-            let drop_to = if versions[i].kv.is_none() { i + 1 } else { i };
+            }
             for v in versions.drain(..drop_to) {
-                self.size = self.size.saturating_sub(version_weight(&v.kv, key));
-                out.changes.push(Change::RemoveRecord {
-                    rev: v.rev,
-                    sub: v.sub,
-                });
+                self.size = self.size.saturating_sub(v.weight(key));
             }
             if versions.is_empty() {
                 emptied.push(key.clone());
+            } else {
+                versions.shrink_to_fit();
             }
         }
         for k in emptied {
             self.keys.remove(&k);
         }
-        self.history = self.history.split_off(&rev);
-        self.compact_revision = rev;
-        Ok(())
+        self.compacted_upto = rev;
     }
 
     /// CRC-32 of every retained version at or below `rev` (0 = all), with the compaction
@@ -673,19 +761,20 @@ impl Mvcc {
         let mut h = crc32fast::Hasher::new();
         h.update(&self.compact_revision.to_be_bytes());
         for (key, versions) in &self.keys {
-            for v in versions.iter().filter(|v| v.rev <= upto) {
+            let from = retained_from(versions, self.compact_revision);
+            for v in versions[from..].iter().filter(|v| v.rev <= upto) {
                 h.update(&(key.len() as u64).to_be_bytes());
                 h.update(key);
                 h.update(&v.rev.to_be_bytes());
                 h.update(&v.sub.to_be_bytes());
-                match &v.kv {
-                    Some(kv) => {
+                match &v.value {
+                    Some(value) => {
                         h.update(&[1]);
-                        h.update(&kv.create_revision.to_be_bytes());
-                        h.update(&kv.version.to_be_bytes());
-                        h.update(&kv.lease.to_be_bytes());
-                        h.update(&(kv.value.len() as u64).to_be_bytes());
-                        h.update(&kv.value);
+                        h.update(&v.create_revision.to_be_bytes());
+                        h.update(&v.version.to_be_bytes());
+                        h.update(&v.lease.to_be_bytes());
+                        h.update(&(value.len() as u64).to_be_bytes());
+                        h.update(value);
                     }
                     None => h.update(&[0]),
                 }
@@ -696,16 +785,70 @@ impl Mvcc {
 
     // ----- persistence support -----
 
-    /// Rebuilds the model from persisted records (ordered by `(rev, sub)`).
-    pub(crate) fn from_records(
+    /// Starts a snapshot of the current state: returns what it captures besides the versions
+    /// and defers dropping compacted versions until [`Mvcc::release_compaction`], so that
+    /// [`Mvcc::visit_versions`] sees this state while later writes go on.
+    pub(crate) fn hold_compaction(&mut self) -> SnapshotPoint {
+        self.compaction_holds += 1;
+        SnapshotPoint {
+            revision: self.revision,
+            compact_revision: self.compact_revision,
+            leases: self.leases().collect(),
+        }
+    }
+
+    /// Ends a snapshot build started with [`Mvcc::hold_compaction`].
+    pub(crate) fn release_compaction(&mut self) {
+        self.compaction_holds = self.compaction_holds.saturating_sub(1);
+        if self.compaction_holds == 0 {
+            self.drop_compacted();
+        }
+    }
+
+    /// Calls `f` for every version of the state at `point`, for at most `limit` keys after
+    /// `after` (in key order, each key's versions in revision order). Returns the last key
+    /// visited, `None` at the end.
+    pub(crate) fn visit_versions(
+        &self,
+        point: &SnapshotPoint,
+        after: Option<&Key>,
+        limit: usize,
+        mut f: impl FnMut(&[u8], &Version),
+    ) -> Option<Key> {
+        let lower = match after {
+            Some(k) => Bound::Excluded(&k[..]),
+            None => Bound::Unbounded,
+        };
+        let mut last = None;
+        for (key, versions) in self
+            .keys
+            .range::<[u8], _>((lower, Bound::Unbounded))
+            .take(limit)
+        {
+            let from = retained_from(versions, point.compact_revision);
+            for v in versions[from..]
+                .iter()
+                .take_while(|v| v.rev <= point.revision)
+            {
+                f(key, v);
+            }
+            last = Some(key.clone());
+        }
+        last
+    }
+
+    /// Rebuilds the model from persisted versions (each key's in revision order; keys in any
+    /// order).
+    pub(crate) fn from_versions(
         revision: i64,
         compact_revision: i64,
-        records: impl IntoIterator<Item = (i64, u32, Event)>,
+        versions: impl IntoIterator<Item = (Vec<u8>, Version)>,
         leases: impl IntoIterator<Item = (i64, i64)>,
     ) -> Self {
         let mut m = Mvcc {
             revision: revision.max(1),
             compact_revision,
+            compacted_upto: compact_revision,
             ..Mvcc::default()
         };
         for (id, ttl) in leases {
@@ -717,23 +860,29 @@ impl Mvcc {
                 },
             );
         }
-        for (rev, sub, ev) in records {
-            let Some(kv) = ev.kv else { continue };
-            let key = kv.key.clone();
-            let kv = (ev.r#type == EventType::Put as i32).then_some(kv);
-            m.size += version_weight(&kv, &key);
+        let mut history = Vec::new();
+        let mut last: Option<Key> = None;
+        for (key, v) in versions {
+            let key = match &last {
+                Some(k) if k[..] == key[..] => k.clone(),
+                _ => m.key_of(&key),
+            };
+            m.size += v.weight(&key);
+            if v.rev >= compact_revision {
+                history.push((v.rev, v.sub, key.clone()));
+            }
             m.keys
                 .entry(key.clone())
-                .or_default()
-                .push(Version { rev, sub, kv });
-            if rev >= compact_revision {
-                m.history.entry(rev).or_default().push(key);
-            }
+                .or_insert_with(|| Vec::with_capacity(1))
+                .push(v);
+            last = Some(key);
         }
+        history.sort_unstable_by_key(|(rev, sub, _)| (*rev, *sub));
+        m.history = history.into();
         for (key, versions) in &m.keys {
-            if let Some(kv) = versions.last().and_then(|v| v.kv.as_ref())
-                && kv.lease != 0
-                && let Some(l) = m.leases.get_mut(&kv.lease)
+            if let Some(v) = versions.last().filter(|v| v.value.is_some())
+                && v.lease != 0
+                && let Some(l) = m.leases.get_mut(&v.lease)
             {
                 l.keys.insert(key.clone());
             }
@@ -741,32 +890,34 @@ impl Mvcc {
         m
     }
 
-    /// Every retained version as a persistable record, in `(rev, sub)` order.
-    pub(crate) fn records(&self) -> Vec<(i64, u32, Event)> {
-        let mut out: Vec<(i64, u32, Event)> = Vec::new();
-        for (key, versions) in &self.keys {
-            for v in versions {
-                let (ty, kv) = match &v.kv {
-                    Some(kv) => (EventType::Put, kv.clone()),
-                    None => (EventType::Delete, tombstone(key, v.rev)),
-                };
-                out.push((
-                    v.rev,
-                    v.sub,
-                    Event {
-                        r#type: ty as i32,
-                        kv: Some(kv),
-                        prev_kv: None,
-                    },
-                ));
-            }
-        }
-        out.sort_by_key(|(rev, sub, _)| (*rev, *sub));
-        out
+    /// Rebuilds the model from `(rev, sub, event)` records (the older snapshot layout).
+    pub(crate) fn from_records(
+        revision: i64,
+        compact_revision: i64,
+        records: impl IntoIterator<Item = (i64, u32, Event)>,
+        leases: impl IntoIterator<Item = (i64, i64)>,
+    ) -> Self {
+        let versions = records.into_iter().filter_map(|(rev, sub, ev)| {
+            let kv = ev.kv?;
+            let live = ev.r#type == EventType::Put as i32;
+            Some((
+                kv.key,
+                Version {
+                    rev,
+                    sub,
+                    create_revision: if live { kv.create_revision } else { 0 },
+                    version: if live { kv.version } else { 0 },
+                    lease: if live { kv.lease } else { 0 },
+                    value: live.then(|| kv.value.into_boxed_slice()),
+                },
+            ))
+        });
+        Self::from_versions(revision, compact_revision, versions, leases)
     }
 }
 
-fn sort_kvs(kvs: &mut [KeyValue], r: &RangeRequest) {
+/// Sorts Range results as requested (they come in key order).
+fn sort_found(found: &mut [(&Key, &Version)], r: &RangeRequest) {
     use range_request::{SortOrder, SortTarget};
     let mut order = r.sort_order();
     let target = r.sort_target();
@@ -776,12 +927,12 @@ fn sort_kvs(kvs: &mut [KeyValue], r: &RangeRequest) {
     if order == SortOrder::None || (order == SortOrder::Ascend && target == SortTarget::Key) {
         return; // already in key order
     }
-    kvs.sort_by(|a, b| {
+    found.sort_by(|(ka, a), (kb, b)| {
         let o = match target {
-            SortTarget::Key => a.key.cmp(&b.key),
+            SortTarget::Key => ka.cmp(kb),
             SortTarget::Version => a.version.cmp(&b.version),
             SortTarget::Create => a.create_revision.cmp(&b.create_revision),
-            SortTarget::Mod => a.mod_revision.cmp(&b.mod_revision),
+            SortTarget::Mod => a.rev.cmp(&b.rev),
             SortTarget::Value => a.value.cmp(&b.value),
         };
         if order == SortOrder::Descend {
@@ -792,7 +943,14 @@ fn sort_kvs(kvs: &mut [KeyValue], r: &RangeRequest) {
     });
 }
 
-fn compare_kv(c: &Compare, kv: &KeyValue) -> bool {
+fn compare_fields(
+    c: &Compare,
+    create_revision: i64,
+    mod_revision: i64,
+    version: i64,
+    lease: i64,
+    value: &[u8],
+) -> bool {
     use compare::{CompareResult, CompareTarget, TargetUnion};
     use std::cmp::Ordering;
     let want_int = match &c.target_union {
@@ -805,16 +963,16 @@ fn compare_kv(c: &Compare, kv: &KeyValue) -> bool {
         _ => 0,
     };
     let ord: Ordering = match c.target() {
-        CompareTarget::Version => kv.version.cmp(&want_int),
-        CompareTarget::Create => kv.create_revision.cmp(&want_int),
-        CompareTarget::Mod => kv.mod_revision.cmp(&want_int),
-        CompareTarget::Lease => kv.lease.cmp(&want_int),
+        CompareTarget::Version => version.cmp(&want_int),
+        CompareTarget::Create => create_revision.cmp(&want_int),
+        CompareTarget::Mod => mod_revision.cmp(&want_int),
+        CompareTarget::Lease => lease.cmp(&want_int),
         CompareTarget::Value => {
             let want: &[u8] = match &c.target_union {
                 Some(TargetUnion::Value(v)) => v,
                 _ => &[],
             };
-            kv.value.as_slice().cmp(want)
+            value.cmp(want)
         }
     };
     match c.result() {

@@ -18,6 +18,7 @@ use crate::batcher::{BatchCounters, Batcher};
 use crate::config::{ClusterState, StoreConfig, Tunables, cluster_id, member_id};
 use crate::error::{EtcdError, StoreError};
 use crate::faults::{FaultHooks, LinkFate};
+use crate::forwarder::{self, ForwardQueue};
 use crate::lessor::Lessor;
 use crate::log_store::SledLogStore;
 use crate::network::{TonicNetworkFactory, peer_channel};
@@ -48,6 +49,8 @@ pub(crate) enum ForwardRequest {
         name: String,
         client_url: String,
     },
+    /// Writes a follower batched (see `forwarder`).
+    Writes(Vec<WriteOp>),
 }
 
 /// Leader answers to [`ForwardRequest`]s.
@@ -59,6 +62,8 @@ pub(crate) enum ForwardResponse {
     Ttl(i64),
     MemberAdded(u64),
     Done,
+    /// One result per write of [`ForwardRequest::Writes`], in order.
+    Writes(Vec<Result<Reply, EtcdError>>),
 }
 
 /// Entry point for starting a member.
@@ -110,6 +115,8 @@ pub(crate) struct Inner {
     pub(crate) cancel: CancellationToken,
     pub(crate) tracker: TaskTracker,
     batcher: Batcher,
+    /// Writes this member forwards to the leader (batched).
+    forward_queue: ForwardQueue,
     batch_counters: Arc<BatchCounters>,
     reads: Reads,
     read_rounds: std::sync::atomic::AtomicU64,
@@ -118,6 +125,8 @@ pub(crate) struct Inner {
     peers: Mutex<HashMap<String, RaftPeerClient<tonic::transport::Channel>>>,
     pub(crate) stats: Arc<Stats>,
     fault_hooks: FaultHooks,
+    /// Set once a ReadIndex round has completed since start (see [`Inner::local_read_barrier`]).
+    local_reads_ready: AtomicBool,
 }
 
 impl std::fmt::Debug for Inner {
@@ -292,13 +301,13 @@ impl Node {
         let db = open_db(&config.data_dir, !hooks.ack_before_flush).await?;
         check_identity(&db, &config)?;
         let stats = Arc::new(Stats::default());
-        let mut log = SledLogStore::new(&db)
+        let mut log = SledLogStore::new(&db, &config.data_dir)
             .map_err(|source| StoreError::Open {
                 path: config.data_dir.clone(),
                 source,
             })?
             .with(stats.clone(), hooks.clone());
-        let sm = SledStateMachine::open(&db)?.with(stats.clone(), hooks);
+        let sm = SledStateMachine::open(&db, &config.data_dir)?.with(stats.clone(), hooks);
         let raft_err = |e: &dyn std::fmt::Display| StoreError::Raft(e.to_string());
         let fresh = {
             let state = log.get_log_state().await.map_err(|e| raft_err(&e))?;
@@ -357,6 +366,7 @@ impl Node {
             batch_counters.clone(),
             stats.clone(),
         );
+        let (forward_queue, forward_rx) = forwarder::queue();
         let inner = Arc::new(Inner {
             id,
             name: config.name.clone(),
@@ -373,6 +383,7 @@ impl Node {
             cancel: cancel.clone(),
             tracker: tracker.clone(),
             batcher,
+            forward_queue,
             batch_counters,
             reads: Arc::new(ReadQueue::default()),
             read_rounds: Default::default(),
@@ -381,6 +392,7 @@ impl Node {
             peers: Mutex::new(HashMap::new()),
             stats,
             fault_hooks,
+            local_reads_ready: AtomicBool::new(false),
         });
 
         service::serve(inner.clone(), client, peer);
@@ -413,6 +425,7 @@ impl Node {
             tracing::info!(member = %config.name, id = format_args!("{id:x}"), "restarting from {}", config.data_dir.display());
         }
 
+        tracker.spawn(forwarder::run(inner.clone(), forward_rx));
         tracker.spawn(read_loop(inner.clone()));
         tracker.spawn(leader_loop(inner.clone()));
         tracker.spawn(log_leadership(inner.clone()));
@@ -521,7 +534,7 @@ impl Inner {
         let deadline = tokio::time::Instant::now() + self.tunables.request_timeout;
         let idempotent = !matches!(
             req,
-            ForwardRequest::Write(_) | ForwardRequest::MemberAdd { .. }
+            ForwardRequest::Write(_) | ForwardRequest::Writes(_) | ForwardRequest::MemberAdd { .. }
         );
         let mut last_err = EtcdError::Timeout;
         while tokio::time::Instant::now() < deadline {
@@ -533,10 +546,18 @@ impl Inner {
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             };
-            let res = if leader == self.id {
-                self.handle_as_leader(req.clone()).await
-            } else {
-                self.forward(&node.peer_url, &req, idempotent).await
+            let res = match &req {
+                _ if leader == self.id => self.handle_as_leader(req.clone()).await,
+                ForwardRequest::Write(op) => {
+                    // Bounded here too: a batch may wait for RPCs to a leader that stopped
+                    // answering. The outcome is then unknown (not retried).
+                    let submit = forwarder::submit(&self.forward_queue, &node.peer_url, op.clone());
+                    tokio::time::timeout_at(deadline, submit)
+                        .await
+                        .unwrap_or(Err(EtcdError::Timeout))
+                        .map(ForwardResponse::Write)
+                }
+                _ => self.forward(&node.peer_url, &req, idempotent).await,
             };
             match res {
                 Err(EtcdError::NotLeader) | Err(EtcdError::NoLeader) => {
@@ -552,7 +573,7 @@ impl Inner {
         })
     }
 
-    async fn forward(
+    pub(crate) async fn forward(
         &self,
         peer_url: &str,
         req: &ForwardRequest,
@@ -627,6 +648,13 @@ impl Inner {
             ForwardRequest::Write(op) => {
                 return Ok(ForwardResponse::Write(self.batcher.submit(op).await?));
             }
+            ForwardRequest::Writes(ops) => {
+                // Submitted together, so they share Raft entries.
+                let replies =
+                    futures::future::join_all(ops.into_iter().map(|op| self.batcher.submit(op)))
+                        .await;
+                return Ok(ForwardResponse::Writes(replies));
+            }
             ForwardRequest::ReadIndex => {
                 let (read, _applied) = self
                     .raft
@@ -640,7 +668,7 @@ impl Inner {
         let m = self.raft.metrics().borrow().clone();
         let membership = m.membership_config.membership().clone();
         match req {
-            ForwardRequest::Write(_) | ForwardRequest::ReadIndex => {
+            ForwardRequest::Write(_) | ForwardRequest::Writes(_) | ForwardRequest::ReadIndex => {
                 Err(EtcdError::Internal("handled above".to_owned()))
             }
             ForwardRequest::LeaseKeepAlive(id) => {
@@ -775,6 +803,20 @@ impl Inner {
     /// (ReadIndex, batched across concurrent reads).
     pub(crate) async fn linearizable_barrier(&self) -> Result<(), EtcdError> {
         self.reads.barrier().await
+    }
+
+    /// Waits, once per start, until this member has applied everything committed before the
+    /// start, so that what it serves from local state (serializable reads, watches) never goes
+    /// back behind what it served before a crash. Applying persists nothing: after a crash
+    /// openraft re-applies only up to the last durably recorded commit index, which may be
+    /// below what was visible, until the leader tells it more.
+    pub(crate) async fn local_read_barrier(&self) -> Result<(), EtcdError> {
+        if self.local_reads_ready.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        self.linearizable_barrier().await?;
+        self.local_reads_ready.store(true, Ordering::Release);
+        Ok(())
     }
 
     /// Lease keep-alive on the leader; returns the TTL.

@@ -31,6 +31,20 @@ fn del(m: &mut Mvcc, k: &str, end: &str) -> (i64, ApplyOutput) {
     (m.revision(), out)
 }
 
+/// Every version a snapshot of `m` would hold, in key order.
+fn versions(m: &Mvcc) -> Vec<(Vec<u8>, Version)> {
+    let point = SnapshotPoint {
+        revision: m.revision(),
+        compact_revision: m.compact_revision(),
+        leases: Vec::new(),
+    };
+    let mut out = Vec::new();
+    m.visit_versions(&point, None, usize::MAX, |k, v| {
+        out.push((k.to_vec(), v.clone()))
+    });
+    out
+}
+
 fn get_at(m: &Mvcc, k: &str, rev: i64) -> Result<Option<KeyValue>, EtcdError> {
     Ok(m.range(&RangeRequest {
         key: k.into(),
@@ -132,15 +146,8 @@ fn compaction_keeps_latest_and_drops_tombstones() {
     assert_eq!(get_at(&m, "a", 5).unwrap().unwrap().value, b"2");
     assert_eq!(get_at(&m, "b", 5).unwrap(), None);
     // a@2, b@4 and b's tombstone@5 were removed.
-    let removed: Vec<i64> = out
-        .changes
-        .iter()
-        .filter_map(|c| match c {
-            Change::RemoveRecord { rev, .. } => Some(*rev),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(removed, vec![2, 4, 5]);
+    let revs: Vec<i64> = versions(&m).iter().map(|(_, v)| v.rev).collect();
+    assert_eq!(revs, vec![3, 6]);
     assert_eq!(
         m.apply(&WriteOp::Compact(5), &mut out),
         Err(EtcdError::Compacted)
@@ -169,9 +176,10 @@ fn events_replay_with_prev_kv_and_rebuild_from_records() {
     assert_eq!(del_ev.r#type, EventType::Delete as i32);
     assert_eq!(del_ev.kv.as_ref().unwrap().mod_revision, 5);
 
-    let rebuilt = Mvcc::from_records(m.revision(), m.compact_revision(), m.records(), m.leases());
+    let rebuilt = Mvcc::from_versions(m.revision(), m.compact_revision(), versions(&m), m.leases());
     assert_eq!(rebuilt.revision(), m.revision());
-    assert_eq!(rebuilt.records(), m.records());
+    assert_eq!(versions(&rebuilt), versions(&m));
+    assert_eq!(rebuilt.hash_kv(0), m.hash_kv(0));
     assert_eq!(
         rebuilt.events_between(1, 5, b"p/", b"p0"),
         m.events_between(1, 5, b"p/", b"p0")
@@ -264,4 +272,56 @@ fn txn_static_checks() {
         ..Default::default()
     };
     assert_eq!(check_txn(&many, 2), Err(EtcdError::TooManyOps));
+}
+
+#[test]
+fn compaction_waits_for_snapshot_builds_but_reads_see_it_at_once() {
+    let mut m = Mvcc::default();
+    put(&mut m, "a", "1"); // 2
+    put(&mut m, "a", "2"); // 3
+    put(&mut m, "b", "1"); // 4
+    del(&mut m, "b", ""); // 5
+    let hash_before = m.hash_kv(0).unwrap();
+    let point = m.hold_compaction();
+    let mut out = ApplyOutput::default();
+    m.apply(&WriteOp::Compact(5), &mut out).unwrap();
+    put(&mut m, "c", "1"); // 6
+    // Readers see the compaction already ...
+    assert_eq!(get_at(&m, "a", 4), Err(EtcdError::Compacted));
+    assert_eq!(get_at(&m, "a", 5).unwrap().unwrap().value, b"2");
+    // ... while the snapshot still sees the state at its point, in chunks.
+    let mut seen = Vec::new();
+    let mut after = None;
+    while let Some(last) = m.visit_versions(&point, after.as_ref(), 1, |k, v| {
+        seen.push((k.to_vec(), v.rev));
+    }) {
+        after = Some(last);
+    }
+    assert_eq!(
+        seen,
+        vec![
+            (b"a".to_vec(), 2),
+            (b"a".to_vec(), 3),
+            (b"b".to_vec(), 4),
+            (b"b".to_vec(), 5)
+        ]
+    );
+    let held = m.hash_kv(0).unwrap();
+    m.release_compaction();
+    assert_eq!(
+        versions(&m).iter().map(|(_, v)| v.rev).collect::<Vec<_>>(),
+        vec![3, 6]
+    );
+    // The hash counts what is retained, dropped or not.
+    assert_eq!(m.hash_kv(0).unwrap(), held);
+    assert_ne!(held, hash_before);
+    // A member that never held compaction agrees.
+    let mut n = Mvcc::default();
+    put(&mut n, "a", "1");
+    put(&mut n, "a", "2");
+    put(&mut n, "b", "1");
+    del(&mut n, "b", "");
+    n.apply(&WriteOp::Compact(5), &mut out).unwrap();
+    put(&mut n, "c", "1");
+    assert_eq!(n.hash_kv(0).unwrap(), held);
 }

@@ -101,7 +101,9 @@ impl Kv for KvService {
         if r.key.is_empty() {
             return Err(EtcdError::EmptyKey.into());
         }
-        if !r.serializable {
+        if r.serializable {
+            self.inner.local_read_barrier().await?;
+        } else {
             self.inner.linearizable_barrier().await?;
         }
         let st = self.inner.sm.read();
@@ -165,7 +167,9 @@ impl Kv for KvService {
             let serializable = txn_all_serializable(&r.success)
                 && txn_all_serializable(&r.failure)
                 && (!r.success.is_empty() || !r.failure.is_empty());
-            if !serializable {
+            if serializable {
+                self.inner.local_read_barrier().await?;
+            } else {
                 self.inner.linearizable_barrier().await?;
             }
             let st = self.inner.sm.read();

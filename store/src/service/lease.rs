@@ -145,7 +145,7 @@ impl Lease for LeaseService {
             Some(l) => (
                 l.ttl,
                 if r.keys {
-                    l.keys.iter().cloned().collect()
+                    l.keys.iter().map(|k| k.to_vec()).collect()
                 } else {
                     Vec::new()
                 },

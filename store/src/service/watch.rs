@@ -56,6 +56,8 @@ impl Watch for WatchService {
             .metadata()
             .get("hasleader")
             .is_some_and(|v| v.as_bytes() == b"true");
+        // Events and header revisions come from local state.
+        self.inner.local_read_barrier().await?;
         let input = request.into_inner();
         let (tx, rx) = mpsc::channel(256);
         let inner = self.inner.clone();

@@ -10,8 +10,8 @@ impl StoreBuilder<TypeConfig, SledLogStore, SledStateMachine, tempfile::TempDir>
     ) -> Result<(tempfile::TempDir, SledLogStore, SledStateMachine), StorageError<u64>> {
         let dir = tempfile::tempdir().expect("tempdir");
         let db = sled::open(dir.path()).expect("open sled");
-        let log = SledLogStore::new(&db).expect("log store");
-        let sm = SledStateMachine::open(&db)
+        let log = SledLogStore::new(&db, dir.path()).expect("log store");
+        let sm = SledStateMachine::open(&db, dir.path())
             .map_err(|e| StorageError::from(StorageIOError::read(AnyError::error(e))))?;
         Ok((dir, log, sm))
     }

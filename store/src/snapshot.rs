@@ -1,0 +1,285 @@
+//! The persisted state machine: the latest snapshot, as one file in the data dir.
+//!
+//! Not a sled value: a snapshot holds the whole model (tens of MB), and in sled it was copied
+//! into sled's cache and flushed through the same log as the Raft entries, so every snapshot
+//! stalled the log flushes behind it. A file is written beside (`.tmp`, fsync, rename, fsync
+//! of the directory), so a crash leaves the previous snapshot or the new one, whole.
+//!
+//! File: `FILE_MAGIC`, meta length (u32 LE), postcard `SnapshotMeta`, body. The body is also
+//! what openraft sends to followers: `BODY_MAGIC`, revision, compact revision (i64 LE), lease
+//! count (u32 LE) and `(id, ttl)` pairs (i64 LE), then one record per version in key order:
+//! rev, sub, create revision, version, lease, a tombstone flag, the key and the value
+//! (lengths u32 LE). Bodies of the previous layout (postcard [`LegacyBody`]) are still read.
+use std::fs::File;
+use std::io::{self, Read as _, Write as _};
+use std::path::{Path, PathBuf};
+
+use openraft::SnapshotMeta;
+use prost::Message as _;
+use serde::{Deserialize, Serialize};
+
+use crate::mvcc::{Mvcc, SnapshotPoint, Version};
+use crate::pb::mvccpb::Event;
+use crate::types::{Member, decode, encode};
+
+/// File name of the current snapshot in the data dir.
+const FILE: &str = "flotilla-snapshot";
+/// Where a snapshot is written before it replaces the current one.
+const TMP: &str = "flotilla-snapshot.tmp";
+const FILE_MAGIC: &[u8; 8] = b"FLSNAPF1";
+/// Never the start of a legacy body (a postcard varint of that length would need a revision
+/// above 2^56).
+const BODY_MAGIC: &[u8; 8] = b"\xFF\xFFflsnp2";
+
+fn invalid(what: impl std::fmt::Display) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, format!("snapshot: {what}"))
+}
+
+/// Snapshot body of the previous layout.
+#[derive(Serialize, Deserialize)]
+pub(crate) struct LegacyBody {
+    revision: i64,
+    compact_revision: i64,
+    /// `(rev, sub, prost-encoded mvccpb.Event)`.
+    records: Vec<(i64, u32, Vec<u8>)>,
+    leases: Vec<(i64, i64)>,
+}
+
+/// A snapshot as stored: meta and body.
+pub(crate) type Stored = (SnapshotMeta<u64, Member>, Vec<u8>);
+
+/// Encodes a body record by record (the model is visited in chunks, see `Mvcc::visit_versions`).
+pub(crate) struct BodyWriter {
+    buf: Vec<u8>,
+}
+
+impl BodyWriter {
+    /// Starts a body for the state at `point`; `capacity` is a size estimate (one allocation
+    /// of the right size is returned to the OS when freed, a doubling one may stay resident).
+    pub(crate) fn new(point: &SnapshotPoint, capacity: usize) -> Self {
+        let mut buf = Vec::with_capacity(capacity);
+        buf.extend_from_slice(BODY_MAGIC);
+        buf.extend_from_slice(&point.revision.to_le_bytes());
+        buf.extend_from_slice(&point.compact_revision.to_le_bytes());
+        let n = u32::try_from(point.leases.len()).unwrap_or(u32::MAX);
+        buf.extend_from_slice(&n.to_le_bytes());
+        for (id, ttl) in point.leases.iter().take(n as usize) {
+            buf.extend_from_slice(&id.to_le_bytes());
+            buf.extend_from_slice(&ttl.to_le_bytes());
+        }
+        Self { buf }
+    }
+
+    /// Appends one version of `key`.
+    pub(crate) fn record(&mut self, key: &[u8], v: &Version) {
+        let b = &mut self.buf;
+        b.extend_from_slice(&v.rev.to_le_bytes());
+        b.extend_from_slice(&v.sub.to_le_bytes());
+        b.extend_from_slice(&v.create_revision.to_le_bytes());
+        b.extend_from_slice(&v.version.to_le_bytes());
+        b.extend_from_slice(&v.lease.to_le_bytes());
+        b.push(u8::from(v.value.is_none()));
+        // Keys and values are bounded by the request size limit, far below 4 GiB.
+        b.extend_from_slice(&(key.len() as u32).to_le_bytes());
+        b.extend_from_slice(key);
+        if let Some(value) = &v.value {
+            b.extend_from_slice(&(value.len() as u32).to_le_bytes());
+            b.extend_from_slice(value);
+        }
+    }
+
+    /// The encoded body.
+    pub(crate) fn finish(self) -> Vec<u8> {
+        self.buf
+    }
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> io::Result<&'a [u8]> {
+        if self.0.len() < n {
+            return Err(invalid("truncated"));
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
+    fn i64(&mut self) -> io::Result<i64> {
+        let b = self.take(8)?;
+        Ok(i64::from_le_bytes(b.try_into().map_err(invalid)?))
+    }
+    fn u32(&mut self) -> io::Result<u32> {
+        let b = self.take(4)?;
+        Ok(u32::from_le_bytes(b.try_into().map_err(invalid)?))
+    }
+}
+
+/// The model a body describes (either layout).
+pub(crate) fn decode_body(data: &[u8]) -> io::Result<Mvcc> {
+    let Some(rest) = data.strip_prefix(BODY_MAGIC) else {
+        let body: LegacyBody = decode(data).map_err(invalid)?;
+        let mut records = Vec::with_capacity(body.records.len());
+        for (rev, sub, ev) in &body.records {
+            records.push((*rev, *sub, Event::decode(ev.as_slice()).map_err(invalid)?));
+        }
+        return Ok(Mvcc::from_records(
+            body.revision,
+            body.compact_revision,
+            records,
+            body.leases,
+        ));
+    };
+    let mut r = Reader(rest);
+    let revision = r.i64()?;
+    let compact_revision = r.i64()?;
+    let n = r.u32()?;
+    let mut leases = Vec::with_capacity(n as usize);
+    for _ in 0..n {
+        leases.push((r.i64()?, r.i64()?));
+    }
+    let mut versions = Vec::new();
+    while !r.0.is_empty() {
+        let rev = r.i64()?;
+        let sub = r.u32()?;
+        let create_revision = r.i64()?;
+        let version = r.i64()?;
+        let lease = r.i64()?;
+        let tombstone = r.take(1)?[0] != 0;
+        let klen = r.u32()? as usize;
+        let key = r.take(klen)?.to_vec();
+        let value = if tombstone {
+            None
+        } else {
+            let vlen = r.u32()? as usize;
+            Some(Box::<[u8]>::from(r.take(vlen)?))
+        };
+        versions.push((
+            key,
+            Version {
+                rev,
+                sub,
+                create_revision,
+                version,
+                lease,
+                value,
+            },
+        ));
+    }
+    Ok(Mvcc::from_versions(
+        revision,
+        compact_revision,
+        versions,
+        leases,
+    ))
+}
+
+/// Writes `meta` and `body` as the current snapshot of `dir`. `crash` runs once the new
+/// snapshot is durable under its temporary name (a crash point): `true` stops there and
+/// returns `Ok(false)`.
+pub(crate) fn write_file(
+    dir: &Path,
+    meta: &SnapshotMeta<u64, Member>,
+    body: &[u8],
+    crash: impl FnOnce() -> bool,
+) -> io::Result<bool> {
+    let meta = encode(meta).map_err(invalid)?;
+    let tmp = dir.join(TMP);
+    let mut f = File::create(&tmp)?;
+    f.write_all(FILE_MAGIC)?;
+    f.write_all(&u32::try_from(meta.len()).map_err(invalid)?.to_le_bytes())?;
+    f.write_all(&meta)?;
+    f.write_all(body)?;
+    f.sync_all()?;
+    drop(f);
+    if crash() {
+        return Ok(false);
+    }
+    std::fs::rename(&tmp, dir.join(FILE))?;
+    File::open(dir)?.sync_all()?;
+    Ok(true)
+}
+
+/// The current snapshot of `dir`: meta and body.
+pub(crate) fn read_file(dir: &Path) -> io::Result<Option<Stored>> {
+    let mut f = match File::open(dir.join(FILE)) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let mut data = Vec::with_capacity(f.metadata().map_or(0, |m| m.len() as usize));
+    f.read_to_end(&mut data)?;
+    let mut r = Reader(&data);
+    if r.take(8)? != FILE_MAGIC {
+        return Err(invalid("not a snapshot file"));
+    }
+    let n = r.u32()? as usize;
+    let meta = decode(r.take(n)?).map_err(invalid)?;
+    // The body stays in the same allocation.
+    data.drain(..12 + n);
+    Ok(Some((meta, data)))
+}
+
+/// Removes a snapshot left half written by a crash.
+pub(crate) fn remove_leftover(dir: &Path) {
+    let tmp: PathBuf = dir.join(TMP);
+    if let Err(e) = std::fs::remove_file(&tmp)
+        && e.kind() != io::ErrorKind::NotFound
+    {
+        tracing::warn!(path = %tmp.display(), error = %e, "could not remove a leftover snapshot");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mvcc::ApplyOutput;
+    use crate::pb::etcdserverpb::PutRequest;
+    use crate::types::WriteOp;
+
+    #[test]
+    fn body_round_trips_and_file_replaces_atomically() {
+        let mut m = Mvcc::default();
+        let mut out = ApplyOutput::default();
+        for (k, v) in [("a", "1"), ("b", "2"), ("a", "3")] {
+            let op = WriteOp::Put(
+                PutRequest {
+                    key: k.into(),
+                    value: v.into(),
+                    ..Default::default()
+                }
+                .encode_to_vec(),
+            );
+            m.apply(&op, &mut out).expect("put");
+        }
+        m.apply(&WriteOp::LeaseGrant { id: 9, ttl: 30 }, &mut out)
+            .expect("grant");
+        let point = m.hold_compaction();
+        let mut w = BodyWriter::new(&point, 0);
+        let mut after = None;
+        while let Some(k) = m.visit_versions(&point, after.as_ref(), 1, |k, v| w.record(k, v)) {
+            after = Some(k);
+        }
+        m.release_compaction();
+        let body = w.finish();
+        let back = decode_body(&body).expect("decode");
+        assert_eq!(back.revision(), m.revision());
+        assert_eq!(back.hash_kv(0), m.hash_kv(0));
+        assert_eq!(back.leases().collect::<Vec<_>>(), vec![(9, 30)]);
+        assert!(decode_body(&body[..body.len() - 1]).is_err());
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert!(read_file(dir.path()).expect("read").is_none());
+        let meta = SnapshotMeta::default();
+        assert!(!write_file(dir.path(), &meta, &body, || true).expect("write"));
+        assert!(
+            read_file(dir.path()).expect("read").is_none(),
+            "crash before rename"
+        );
+        remove_leftover(dir.path());
+        assert!(write_file(dir.path(), &meta, &body, || false).expect("write"));
+        let (m2, b2) = read_file(dir.path()).expect("read").expect("present");
+        assert_eq!(m2, meta);
+        assert_eq!(b2, body);
+    }
+}
