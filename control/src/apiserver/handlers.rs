@@ -31,7 +31,7 @@ pub(crate) struct App<S> {
     pub store: S,
     /// Address advertised in legacy discovery.
     pub server_address: String,
-    /// Per-request background tasks (watch pumps) and watch-cache feeders.
+    /// Background tasks: the watch-cache feeders (watches themselves are response bodies).
     pub tasks: tokio_util::task::TaskTracker,
     /// Shared watch caches, one store watch per resource type.
     pub watch_cache: Arc<super::watch_cache::WatchCache<S>>,

@@ -415,3 +415,113 @@ impl Source {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tokio_util::sync::CancellationToken;
+    use tokio_util::task::TaskTracker;
+
+    use super::*;
+    use crate::apiserver::resources::find;
+    use crate::storage::MemStore;
+
+    fn pump(
+        store: &MemStore,
+        cache: &Arc<WatchCache<MemStore>>,
+        start: Revision,
+    ) -> Pump<MemStore> {
+        let res = find("", "v1", "pods").expect("pods");
+        Pump {
+            res,
+            filter: Filter {
+                res,
+                labels: LabelSelector::parse("w=1").expect("selector"),
+                fields: FieldSelector::parse("", "pods").expect("selector"),
+            },
+            enc: Encoder {
+                res,
+                table: false,
+                columns_sent: false,
+            },
+            prefix: res.list_prefix(Some("default")),
+            start,
+            last: start,
+            bookmarks: false,
+            initial: VecDeque::new(),
+            initial_bookmark: false,
+            source: None,
+            done: false,
+            store: store.clone(),
+            cache: cache.clone(),
+            deadline: Box::pin(tokio::time::sleep(Duration::from_secs(30))),
+            tick: tokio::time::interval(BOOKMARK_EVERY),
+        }
+    }
+
+    async fn put(store: &MemStore, name: &str, w: &str) -> Revision {
+        let res = find("", "v1", "pods").expect("pods");
+        let v = json!({"metadata": {"name": name, "namespace": "default", "labels": {"w": w}}});
+        store
+            .create(&res.key(Some("default"), name), Bytes::from(v.to_string()))
+            .await
+            .expect("create")
+    }
+
+    /// Events already waiting go out as one chunk, filtered by the watcher's selector; a
+    /// single event is the cache's shared line itself.
+    #[tokio::test]
+    async fn waiting_events_are_sent_together_and_filtered() {
+        let store = MemStore::new();
+        let cache = Arc::new(WatchCache::new(
+            store.clone(),
+            TaskTracker::new(),
+            CancellationToken::new(),
+        ));
+        let res = find("", "v1", "pods").expect("pods");
+        let (_, start) = store.list("/").await.expect("list");
+        // The shared cache starts before the writes and has seen them all before the watch
+        // asks: they are replayed from its history in one go.
+        assert!(cache.subscribe(res, start).await.is_some());
+        let mut p = pump(&store, &cache, start);
+        put(&store, "a", "1").await;
+        put(&store, "b", "2").await;
+        let last = put(&store, "c", "1").await;
+        let prefix = res.list_prefix(Some("default"));
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while cache.snapshot(res, &prefix).await.map(|(_, r)| r) < Some(last) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the cache catches up");
+        let chunk = tokio::time::timeout(Duration::from_secs(10), p.next_chunk())
+            .await
+            .expect("in time")
+            .expect("a chunk");
+        let lines: Vec<Value> = std::str::from_utf8(&chunk)
+            .expect("utf-8")
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("json line"))
+            .collect();
+        let names: Vec<&str> = lines
+            .iter()
+            .map(|l| l["object"]["metadata"]["name"].as_str().unwrap_or_default())
+            .collect();
+        assert_eq!(names, ["a", "c"], "{lines:?}");
+        assert!(lines.iter().all(|l| l["type"] == "ADDED"));
+
+        // One live event: exactly one line.
+        let rev = put(&store, "d", "1").await;
+        let chunk = tokio::time::timeout(Duration::from_secs(10), p.next_chunk())
+            .await
+            .expect("in time")
+            .expect("a chunk");
+        let text = std::str::from_utf8(&chunk).expect("utf-8");
+        assert_eq!(text.lines().count(), 1, "{text}");
+        let line: Value = serde_json::from_str(text.trim_end()).expect("json");
+        assert_eq!(
+            line["object"]["metadata"]["resourceVersion"],
+            json!(rev.to_string())
+        );
+    }
+}
