@@ -38,10 +38,10 @@ struct CrashState {
     /// The data dir image taken at the moment of the crash.
     image: Option<PathBuf>,
     images: u32,
-    /// Copy sled's `db` file at every `BeforeLogFlush` while armed (F8).
+    /// Read the data dir at every `BeforeLogFlush` while armed (F8).
     capture: bool,
-    /// That copy, as of the last `BeforeLogFlush`.
-    captured: Option<Vec<u8>>,
+    /// Its files as of the last `BeforeLogFlush`.
+    captured: Option<Files>,
 }
 
 /// Arms a member to crash at a [`CrashPoint`]: when storage reaches it, the data dir is copied
@@ -68,7 +68,7 @@ impl CrashSwitch {
         s.captured = None;
     }
 
-    /// Arms `point` and, until it is reached, keeps a copy of sled's `db` file as it was at the
+    /// Arms `point` and, until it is reached, keeps the data dir's contents as they were at the
     /// last `BeforeLogFlush` (so the write of the flush that crashes can be told apart).
     pub fn arm_capturing(&self, point: CrashPoint) {
         self.arm(point);
@@ -88,14 +88,14 @@ impl CrashSwitch {
                 return true;
             }
             if s.capture && s.armed.is_some() && point == CrashPoint::BeforeLogFlush {
-                s.captured = std::fs::read(data_dir.join("db")).ok();
+                s.captured = read_files(&data_dir).ok();
             }
             if s.armed != Some(point) {
                 return false;
             }
             if s.capture {
                 // Crash only after a flush that wrote something (there is a write to tear).
-                let now = std::fs::read(data_dir.join("db")).ok();
+                let now = read_files(&data_dir).ok();
                 if s.captured.is_none() || now == s.captured {
                     return false;
                 }
@@ -114,6 +114,28 @@ impl CrashSwitch {
             true
         })
     }
+}
+
+/// Every file under a data dir (relative path → contents).
+type Files = std::collections::BTreeMap<PathBuf, Vec<u8>>;
+
+fn read_files(dir: &Path) -> std::io::Result<Files> {
+    fn walk(root: &Path, dir: &Path, out: &mut Files) -> std::io::Result<()> {
+        for entry in std::fs::read_dir(dir)? {
+            let entry = entry?;
+            let path = entry.path();
+            if entry.file_type()?.is_dir() {
+                walk(root, &path, out)?;
+            } else {
+                let rel = path.strip_prefix(root).unwrap_or(&path).to_path_buf();
+                out.insert(rel, std::fs::read(&path)?);
+            }
+        }
+        Ok(())
+    }
+    let mut out = Files::new();
+    walk(dir, dir, &mut out)?;
+    Ok(out)
 }
 
 fn image_path(data_dir: &Path, n: u32) -> PathBuf {
@@ -146,7 +168,7 @@ pub enum Tear {
     /// One bit flipped in the latest write.
     BitFlip,
     /// The latest write cut short (at most 1 KiB): the file is truncated inside it when it
-    /// extended the file, else (sled preallocates segments) the lost part reads as zeros.
+    /// extended the file, else (segments may be preallocated) the lost part reads as zeros.
     Truncate,
 }
 
@@ -174,8 +196,8 @@ fn last_write(old: &[u8], new: &[u8]) -> Option<(usize, usize)> {
     Some((start + gap, end.min(new.len())))
 }
 
-/// Damages `image` (a copy of sled's `db` file) per `tear`, given the file as it was shortly
-/// before the crash; says what it did.
+/// Damages the file `image` (in a crash image) per `tear`, given its contents just before the
+/// flush that crashed; says what it did.
 fn tear_file(before: &[u8], image: &Path, tear: Tear) -> anyhow::Result<String> {
     let mut bytes = std::fs::read(image)?;
     let len = bytes.len();
@@ -189,7 +211,7 @@ fn tear_file(before: &[u8], image: &Path, tear: Tear) -> anyhow::Result<String> 
                 bytes.truncate(to);
                 format!("file cut from {len} to {to} bytes, inside the latest write [{a}, {b})")
             } else if tear == Tear::Truncate {
-                // sled writes into a preallocated segment: a cut-short write reads as zeros.
+                // Writes into a preallocated segment: a cut-short write reads as zeros.
                 let from = (a + (b - a) / 2).max(b.saturating_sub(1024));
                 bytes[from..b].fill(0);
                 format!("latest write [{a}, {b}) cut short: [{from}, {b}) zeroed")
@@ -470,8 +492,8 @@ impl FaultCluster {
 
     /// F8: crashes member `i` right after a log flush, before openraft learns of it, and
     /// damages the image it restarts from per `tear`, within the bytes that flush wrote (found
-    /// by comparing with the file as it was just before the flush): a crash in the middle of
-    /// that write. Those entries were never acknowledged. Returns what was done; the member
+    /// by comparing with the data dir as it was just before the flush; whatever file the log
+    /// lives in): a crash in the middle of that write. Those entries were never acknowledged. Returns what was done; the member
     /// stays stopped.
     pub async fn crash_and_tear(&mut self, i: usize, tear: Tear) -> anyhow::Result<String> {
         for _ in 0..20 {
@@ -483,14 +505,22 @@ impl FaultCluster {
                 "member {i} never flushed its log"
             );
             let before = self.members[i].crash.lock().captured.take();
-            let db = self.members[i].config.data_dir.join("db");
-            let after = std::fs::read(&db)?;
-            match before {
-                Some(before) if before != after => {
-                    return tear_file(&before, &db, tear);
+            let image = self.members[i].config.data_dir.clone();
+            let after = read_files(&image)?;
+            // The flush's write: the one file that changed (another writer in the same instant
+            // would blur which write is the latest; then try again).
+            let changed: Vec<&PathBuf> = after
+                .keys()
+                .filter(|f| before.as_ref().is_some_and(|b| b.get(*f) != after.get(*f)))
+                .collect();
+            match (&before, changed.as_slice()) {
+                (Some(before), [file]) => {
+                    let old = before.get(*file).map_or(&[][..], Vec::as_slice);
+                    let what = tear_file(old, &image.join(file), tear)?;
+                    return Ok(format!("{}: {what}", file.display()));
                 }
-                // The flush wrote nothing new to the file: restart from the intact image and
-                // try a later one.
+                // Not exactly one file written: restart from the intact image and try a later
+                // flush.
                 _ => {
                     self.start_member(i).await?;
                     self.wait_caught_up(i, Duration::from_secs(20)).await?;
@@ -498,7 +528,7 @@ impl FaultCluster {
             }
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
-        anyhow::bail!("member {i}: 20 flushes in a row wrote nothing to tear")
+        anyhow::bail!("member {i}: no flush in 20 wrote exactly one file to tear")
     }
 
     /// Waits until member `i` has applied what the leader had applied when this was called.
