@@ -191,8 +191,10 @@ async fn planted_ack_before_flush_is_caught() {
         .filter(|c| c.result.is_err())
         .map(|c| c.name)
         .collect();
+    // The lost acknowledged writes show in the final state unless a later write to the same
+    // key replaced them; then the reads that saw them before the cut break linearizability.
     assert!(
-        caught.contains(&"no lost acknowledged writes"),
+        caught.contains(&"no lost acknowledged writes") || caught.contains(&"linearizability"),
         "the checker missed the planted ack-before-flush bug (violations: {caught:?}); \
          summary:\n{}",
         report.summary()
