@@ -37,6 +37,8 @@ pub(crate) struct App<S> {
     pub watch_cache: Arc<super::watch_cache::WatchCache<S>>,
     /// Namespaces, LimitRanges and ResourceQuotas as admission reads them.
     pub admission_cache: super::admission_cache::AdmissionCache,
+    /// Binds coalesced into shared store transactions.
+    pub binds: Arc<super::bind_batch::BindBatcher<S>>,
 }
 
 /// A cached namespace object, shared rather than copied (admission reads it on every create).
@@ -2137,9 +2139,10 @@ async fn bind<S: Store>(
         }
         let mut new = old.clone();
         new["spec"]["nodeName"] = json!(node);
+        // Many binds per store transaction (see bind_batch).
         match app
-            .store
-            .update(&kv.key, encode(&new), kv.mod_revision)
+            .binds
+            .update(kv.key, encode(&new), kv.mod_revision)
             .await
         {
             Ok(_) => {

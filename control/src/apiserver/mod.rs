@@ -21,7 +21,9 @@ use crate::storage::Store;
 mod admission;
 mod admission_cache;
 mod auth;
+mod bind_batch;
 mod discovery;
+pub mod endpoint_reconciler;
 mod handlers;
 mod join;
 mod managed_fields;
@@ -111,6 +113,7 @@ impl<S: Store> ApiServer<S> {
                     tasks.clone(),
                     stop.clone(),
                 )),
+                binds: bind_batch::BindBatcher::new(store.clone()),
                 store,
                 admission_cache: admission_cache::AdmissionCache::default(),
                 server_address: "127.0.0.1".into(),
@@ -230,6 +233,12 @@ impl<S: Store> ApiServer<S> {
         };
         let conns = tokio_util::task::TaskTracker::new();
         let conn_cancel = shutdown.child_token();
+        // The store's history is compacted as kube-apiserver does (every 5 minutes).
+        self.app.tasks.spawn(crate::storage::compactor::run(
+            self.app.store.clone(),
+            crate::storage::compactor::DEFAULT_INTERVAL,
+            shutdown.clone(),
+        ));
         loop {
             let (stream, peer) = tokio::select! {
                 _ = shutdown.cancelled() => break,

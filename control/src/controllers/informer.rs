@@ -1,6 +1,6 @@
 //! A list+watch cache of one resource (client-go's reflector + store + informer, minimal):
 //! objects by key, and a broadcast of changes for controllers to map onto their queues.
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -42,10 +42,66 @@ pub fn key_of(obj: &Value) -> String {
     }
 }
 
+/// Computes an object's index value (e.g. its managing controller's uid), if it has one.
+pub type IndexFn = fn(&Value) -> Option<String>;
+
+/// The cached objects and, if the informer has an [`IndexFn`], their keys by index value.
+#[derive(Default)]
+struct Objects {
+    by_key: HashMap<String, Arc<Value>>,
+    by_index: HashMap<String, HashSet<String>>,
+}
+
+impl Objects {
+    fn insert(
+        &mut self,
+        index: Option<IndexFn>,
+        key: String,
+        obj: Arc<Value>,
+    ) -> Option<Arc<Value>> {
+        if let Some(v) = index.and_then(|f| f(&obj)) {
+            self.by_index.entry(v).or_default().insert(key.clone());
+        }
+        let old = self.by_key.insert(key.clone(), obj.clone());
+        self.unindex(index, &key, old.as_deref(), Some(&obj));
+        old
+    }
+
+    fn remove(&mut self, index: Option<IndexFn>, key: &str) -> Option<Arc<Value>> {
+        let old = self.by_key.remove(key);
+        self.unindex(index, key, old.as_deref(), None);
+        old
+    }
+
+    /// Drops `key` from `old`'s index entry unless `new` has the same index value.
+    fn unindex(
+        &mut self,
+        index: Option<IndexFn>,
+        key: &str,
+        old: Option<&Value>,
+        new: Option<&Value>,
+    ) {
+        let (Some(f), Some(old)) = (index, old) else {
+            return;
+        };
+        let Some(v) = f(old) else { return };
+        if new.and_then(f).as_ref() == Some(&v) {
+            return;
+        }
+        if let Some(keys) = self.by_index.get_mut(&v) {
+            keys.remove(key);
+            if keys.is_empty() {
+                self.by_index.remove(&v);
+            }
+        }
+    }
+}
+
 struct Inner {
     client: ApiClient,
     path: String,
-    objects: RwLock<HashMap<String, Arc<Value>>>,
+    objects: RwLock<Objects>,
+    index: Option<IndexFn>,
     tx: broadcast::Sender<Change>,
     synced: watch::Sender<bool>,
 }
@@ -59,13 +115,24 @@ pub struct Informer {
 impl Informer {
     /// A cache of the collection at `path` (e.g. `/api/v1/pods`).
     pub fn new(client: ApiClient, path: impl Into<String>) -> Informer {
+        Self::build(client, path.into(), None)
+    }
+
+    /// A cache that also keeps its objects' keys by `index` value (client-go's indexers):
+    /// [`Informer::by_index`] then finds, say, one controller's pods without a scan of all.
+    pub fn with_index(client: ApiClient, path: impl Into<String>, index: IndexFn) -> Informer {
+        Self::build(client, path.into(), Some(index))
+    }
+
+    fn build(client: ApiClient, path: String, index: Option<IndexFn>) -> Informer {
         let (tx, _) = broadcast::channel(4096);
         let (synced, _) = watch::channel(false);
         Informer {
             inner: Arc::new(Inner {
                 client,
-                path: path.into(),
-                objects: RwLock::new(HashMap::new()),
+                path,
+                objects: RwLock::new(Objects::default()),
+                index,
                 tx,
                 synced,
             }),
@@ -74,22 +141,36 @@ impl Informer {
 
     /// The cached object with this key.
     pub fn get(&self, key: &str) -> Option<Arc<Value>> {
-        self.read().get(key).cloned()
+        self.read().by_key.get(key).cloned()
     }
 
     /// Every cached object.
     pub fn list(&self) -> Vec<Arc<Value>> {
-        self.read().values().cloned().collect()
+        self.read().by_key.values().cloned().collect()
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<Value>>> {
+    /// The cached objects whose index value is `value` (none if the informer has no index).
+    pub fn by_index(&self, value: &str) -> Vec<Arc<Value>> {
+        let objects = self.read();
+        objects
+            .by_index
+            .get(value)
+            .map(|keys| {
+                keys.iter()
+                    .filter_map(|k| objects.by_key.get(k).cloned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Objects> {
         self.inner
             .objects
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Arc<Value>>> {
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Objects> {
         self.inner
             .objects
             .write()
@@ -132,10 +213,11 @@ impl Informer {
             };
             delay = Duration::from_millis(100);
             {
-                let fresh: HashMap<String, Arc<Value>> = items
-                    .into_iter()
-                    .map(|o| (key_of(&o), Arc::new(o)))
-                    .collect();
+                let index = self.inner.index;
+                let mut fresh = Objects::default();
+                for o in items {
+                    fresh.insert(index, key_of(&o), Arc::new(o));
+                }
                 *self.write() = fresh;
             }
             self.inner.synced.send_replace(true);
@@ -172,12 +254,12 @@ impl Informer {
                     "ADDED" | "MODIFIED" => {
                         let key = key_of(&ev.object);
                         let new = Arc::new(ev.object);
-                        let old = self.write().insert(key, new.clone());
+                        let old = self.write().insert(self.inner.index, key, new.clone());
                         let _ = self.inner.tx.send(Change::Upsert { old, new });
                     }
                     "DELETED" => {
                         let key = key_of(&ev.object);
-                        let removed = self.write().remove(&key);
+                        let removed = self.write().remove(self.inner.index, &key);
                         let old = removed.unwrap_or_else(|| Arc::new(ev.object));
                         let _ = self.inner.tx.send(Change::Delete { old });
                     }
@@ -186,5 +268,49 @@ impl Informer {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::controllers::labels::{orphans_in, owner_index};
+    use serde_json::json;
+
+    fn pod(name: &str, owner: Option<&str>) -> Arc<Value> {
+        let mut p = json!({"metadata": {"name": name, "namespace": "ns"}});
+        if let Some(uid) = owner {
+            p["metadata"]["ownerReferences"] =
+                json!([{"kind": "ReplicaSet", "name": "rs", "uid": uid, "controller": true}]);
+        }
+        Arc::new(p)
+    }
+
+    fn keys(o: &Objects, v: &str) -> Vec<String> {
+        let mut k: Vec<String> = o.by_index.get(v).into_iter().flatten().cloned().collect();
+        k.sort();
+        k
+    }
+
+    #[test]
+    fn index_follows_inserts_owner_changes_and_removals() {
+        let ix = Some(owner_index as IndexFn);
+        let mut o = Objects::default();
+        o.insert(ix, "ns/a".into(), pod("a", Some("u1")));
+        o.insert(ix, "ns/b".into(), pod("b", Some("u1")));
+        o.insert(ix, "ns/c".into(), pod("c", None));
+        assert_eq!(keys(&o, "u1"), ["ns/a", "ns/b"]);
+        assert_eq!(keys(&o, &orphans_in("ns")), ["ns/c"]);
+        // Same owner again: still indexed once.
+        o.insert(ix, "ns/a".into(), pod("a", Some("u1")));
+        assert_eq!(keys(&o, "u1"), ["ns/a", "ns/b"]);
+        // Adopted: moves from the orphans to its new owner.
+        o.insert(ix, "ns/c".into(), pod("c", Some("u2")));
+        assert!(keys(&o, &orphans_in("ns")).is_empty());
+        assert_eq!(keys(&o, "u2"), ["ns/c"]);
+        o.remove(ix, "ns/a");
+        o.remove(ix, "ns/b");
+        assert!(!o.by_index.contains_key("u1"), "empty entries are dropped");
+        assert_eq!(o.by_key.len(), 1);
     }
 }

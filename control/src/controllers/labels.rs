@@ -80,6 +80,26 @@ pub fn controller_of(obj: &Value) -> Option<&Value> {
         .find(|r| r.get("controller").and_then(Value::as_bool) == Some(true))
 }
 
+/// The pod informer's index: the managing controller's uid, or [`orphans_in`] of the
+/// namespace for objects without any owner (the ones a controller may adopt).
+pub fn owner_index(obj: &Value) -> Option<String> {
+    match controller_of(obj)
+        .and_then(|r| r.get("uid"))
+        .and_then(Value::as_str)
+    {
+        Some(uid) => Some(uid.to_string()),
+        None if obj.pointer("/metadata/ownerReferences").is_none() => {
+            Some(orphans_in(namespace_of(obj)))
+        }
+        None => None,
+    }
+}
+
+/// The [`owner_index`] value of the objects in `ns` that have no owner.
+pub fn orphans_in(ns: &str) -> String {
+    format!("orphans/{ns}")
+}
+
 /// An owner reference to `owner` marking it as the managing controller.
 pub fn controller_ref(owner: &Value, api_version: &str, kind: &str) -> Value {
     serde_json::json!({

@@ -179,7 +179,7 @@ impl Context {
     /// Builds the caches (not yet running) over `client`.
     pub fn new(client: ApiClient, config: ControllerConfig) -> Context {
         Context {
-            pods: Informer::new(client.clone(), "/api/v1/pods"),
+            pods: Informer::with_index(client.clone(), "/api/v1/pods", labels::owner_index),
             nodes: Informer::new(client.clone(), "/api/v1/nodes"),
             leases: Informer::new(
                 client.clone(),

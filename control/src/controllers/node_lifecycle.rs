@@ -83,7 +83,8 @@ pub(crate) async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
 async fn monitor(ctx: &Context, seen: &mut HashMap<String, Seen>) {
     let grace = ctx.config.node_monitor_grace_period;
     let nodes = ctx.nodes.list();
-    seen.retain(|n, _| nodes.iter().any(|x| name_of(x) == n));
+    let names: std::collections::HashSet<&str> = nodes.iter().map(|x| name_of(x)).collect();
+    seen.retain(|n, _| names.contains(n.as_str()));
     for node in nodes {
         let name = name_of(&node).to_string();
         let renew = ctx

@@ -25,6 +25,11 @@ use super::{Context, pod_is_ready, pod_is_terminal};
 /// watch event delays a ReplicaSet, never blocks it.
 pub const EXPECTATIONS_TTL: Duration = Duration::from_secs(300);
 
+/// Most pods one sync of a ReplicaSet creates (kube-controller-manager's `burstReplicas`):
+/// 10,000 replicas are created 500 at a time, each round once the cache shows the last, rather
+/// than as 10,000 requests at once.
+pub const BURST_REPLICAS: i64 = 500;
+
 #[derive(Debug)]
 struct Expected {
     adds: i64,
@@ -218,7 +223,14 @@ impl Reconciler for ReplicaSetController {
         let uid = uid_of(&rs).to_string();
         let selector = rs.pointer("/spec/selector");
         let mut owned = Vec::new();
-        for p in self.ctx.pods.list() {
+        // Ours and the adoptable ones, from the index rather than a scan of every pod.
+        let candidates = self
+            .ctx
+            .pods
+            .by_index(&uid)
+            .into_iter()
+            .chain(self.ctx.pods.by_index(&super::labels::orphans_in(ns)));
+        for p in candidates {
             if super::labels::namespace_of(&p) != ns {
                 continue;
             }
@@ -275,14 +287,34 @@ impl Reconciler for ReplicaSetController {
                 pod["metadata"]["annotations"] = a.clone();
             }
             let path = format!("/api/v1/namespaces/{ns}/pods");
-            self.expectations.expect(key, want - have, []);
-            let creates = (0..want - have).map(|_| client.create(&path, &pod));
-            for r in futures::future::join_all(creates).await {
-                if let Err(e) = r {
-                    // Never to be seen in the cache.
-                    self.expectations.creation_observed(key);
-                    result = Err(ReconcileError::from(e));
+            // At most BURST_REPLICAS per sync; the next sync runs once these are observed.
+            let n = (want - have).min(BURST_REPLICAS);
+            self.expectations.expect(key, n, []);
+            let mut sent = 0;
+            let mut batch = 1;
+            // Slow start (Kubernetes' slowStartBatch): 1, 2, 4, ... at once, stopping at the
+            // first failure, so a rejected template costs one request, not hundreds.
+            while sent < n {
+                let size = batch.min(n - sent);
+                let creates = (0..size).map(|_| client.create(&path, &pod));
+                let mut failed = false;
+                for r in futures::future::join_all(creates).await {
+                    if let Err(e) = r {
+                        // Never to be seen in the cache.
+                        self.expectations.creation_observed(key);
+                        result = Err(ReconcileError::from(e));
+                        failed = true;
+                    }
                 }
+                sent += size;
+                if failed {
+                    // The ones never sent will never be seen either.
+                    for _ in sent..n {
+                        self.expectations.creation_observed(key);
+                    }
+                    break;
+                }
+                batch *= 2;
             }
         } else if want < have {
             active.sort_by_key(|p| victim_rank(p));

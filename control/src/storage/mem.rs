@@ -255,6 +255,18 @@ impl Store for MemStore {
         Ok(revision)
     }
 
+    async fn compact(&self, revision: Revision) -> Result<(), StoreError> {
+        let mut inner = self.lock()?;
+        while inner
+            .history
+            .front()
+            .is_some_and(|e| e.revision() <= revision)
+        {
+            inner.history.pop_front();
+        }
+        Ok(())
+    }
+
     async fn watch(&self, prefix: &str, after: Revision) -> Result<WatchStream, StoreError> {
         let inner = self.lock()?;
         if after < inner.oldest() {

@@ -9,6 +9,7 @@ use std::pin::Pin;
 use bytes::Bytes;
 use futures::Stream;
 
+pub mod compactor;
 pub mod embedded;
 mod mem;
 mod remote;
@@ -185,6 +186,10 @@ pub trait Store: Clone + Send + Sync + 'static {
         prefix: &str,
         after: Revision,
     ) -> impl Future<Output = Result<WatchStream, StoreError>> + Send;
+    /// Drops the history up to `revision` (an etcd `Compact`): watches can no longer start
+    /// at or before it; current values are kept. Compacting to a revision already compacted
+    /// is not an error.
+    fn compact(&self, revision: Revision) -> impl Future<Output = Result<(), StoreError>> + Send;
     /// Whether the store answers (for `/readyz`).
     fn ready(&self) -> impl Future<Output = bool> + Send;
 }

@@ -11,10 +11,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::StreamExt;
 use store::pb::etcdserverpb::{
-    Compare, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp, StatusRequest, TxnRequest,
-    TxnResponse, WatchCreateRequest, WatchRequest, compare, kv_client::KvClient,
-    maintenance_client::MaintenanceClient, request_op, response_op, watch_client::WatchClient,
-    watch_request,
+    CompactionRequest, Compare, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp,
+    StatusRequest, TxnRequest, TxnResponse, WatchCreateRequest, WatchRequest, compare,
+    kv_client::KvClient, maintenance_client::MaintenanceClient, request_op, response_op,
+    watch_client::WatchClient, watch_request,
 };
 use store::pb::mvccpb;
 use tokio::sync::mpsc;
@@ -442,6 +442,22 @@ impl Store for RemoteStore {
             return Err(StoreError::Conflict { current: None });
         }
         revision_of(&resp)
+    }
+
+    async fn compact(&self, revision: Revision) -> Result<(), StoreError> {
+        let req = CompactionRequest {
+            revision,
+            physical: false,
+        };
+        match self
+            .kv_call(|mut kv| async move { kv.compact(req).await })
+            .await
+        {
+            Ok(_) => Ok(()),
+            // etcd: "mvcc: required revision has been compacted" (already done).
+            Err(StoreError::Internal(m)) if m.contains("compacted") => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     async fn watch(&self, prefix: &str, after: Revision) -> Result<WatchStream, StoreError> {
