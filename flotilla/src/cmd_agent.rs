@@ -12,7 +12,9 @@ use tokio_util::sync::CancellationToken;
 /// Arguments of `flotilla agent`.
 #[derive(clap::Args)]
 pub(crate) struct AgentArgs {
-    /// API server URL, e.g. `https://10.0.0.1:6443`.
+    /// API server URL, e.g. `https://10.0.0.1:6443`, or several, comma-separated. The agent
+    /// also learns every server of an HA control plane from the cluster and, when the one in
+    /// use stops answering, moves to the next.
     #[arg(long, env = "FLOTILLA_SERVER")]
     server: String,
     /// The server's `DATA_DIR/node-token` (join secret + cluster CA), or a file holding a

@@ -41,8 +41,9 @@ pub(crate) struct ServerArgs {
     )]
     token: Option<String>,
     /// Address other servers reach this one's embedded store at (the host of its advertised
-    /// peer and client URLs; also added to the serving certificate). Default: the store's listen
-    /// address, or 127.0.0.1 when that is 0.0.0.0.
+    /// peer and client URLs; also added to the serving certificate), and agents reach its API at
+    /// (published in the `default/kubernetes` Endpoints). Default: the listen address, or
+    /// 127.0.0.1 when that is 0.0.0.0.
     #[arg(long, value_name = "IP")]
     advertise_address: Option<String>,
     /// Store to use without `--store-endpoints`: `embedded` (default) runs a Flotilla store
@@ -555,11 +556,42 @@ async fn serve_on<S: Store>(
             .await
         })
     });
+    // This server's address in `default/kubernetes`, where agents learn every server.
+    let publisher = server.pki().cloned().map(|pki| {
+        let ip = match &args.advertise_address {
+            Some(ip) => ip.clone(),
+            None if addr.ip().is_unspecified() => "127.0.0.1".into(),
+            None => addr.ip().to_string(),
+        };
+        let local = if addr.ip().is_unspecified() || addr.ip().is_loopback() {
+            format!("https://127.0.0.1:{}", addr.port())
+        } else {
+            format!("https://{addr}")
+        };
+        let cfg =
+            control::apiserver::endpoint_reconciler::EndpointReconcilerConfig::new(ip, addr.port());
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            match control::controllers::ApiClient::new(
+                &local,
+                Some(&pki.admin_token),
+                Some(&pki.ca_pem),
+            ) {
+                Ok(client) => {
+                    control::apiserver::endpoint_reconciler::run(client, cfg, stop).await;
+                }
+                Err(e) => tracing::error!(error = %e, "cannot publish the API server address"),
+            }
+        })
+    });
     if control_loops.is_none() {
         tracing::warn!("no scheduler or controllers without authentication (insecure mode)");
     }
     let served = server.serve(listener, shutdown.clone()).await;
     shutdown.cancel();
+    if let Some(task) = publisher {
+        let _ = task.await;
+    }
     if let Some(task) = control_loops
         && let Ok(Err(e)) = task.await
     {

@@ -104,6 +104,14 @@ fn node_rules(node: &str, a: &Attributes<'_>) -> Decision {
         },
         ("", "events") if matches!(a.verb, "create" | "update" | "patch") => Decision::Allow,
         ("node.k8s.io", "runtimeclasses") if READ.contains(&a.verb) => Decision::Allow,
+        // The API servers' addresses, for the agent to fail over between them.
+        ("", "endpoints")
+            if a.verb == "get"
+                && a.namespace == Some("default")
+                && a.name == Some("kubernetes") =>
+        {
+            Decision::Allow
+        }
         ("", "configmaps" | "secrets") if a.verb == "get" && a.subresource.is_none() => {
             Decision::ReferencedByPodOn(node.to_string())
         }

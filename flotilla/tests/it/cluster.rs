@@ -6,7 +6,9 @@
 //! rolled (maxSurge/maxUnavailable checked while it rolls) and its logs read; a node is
 //! drained; an agent is kill -9'd and its pods come back elsewhere; the server holding the
 //! store leader is kill -9'd and the API, through another server, stays writable with nothing
-//! lost; the killed server restarts from its data dir. A second test checks that `--join`
+//! lost, while the agent joined through that server fails over to another one (learned from
+//! the `default/kubernetes` Endpoints) and keeps its node Ready and its pods; the killed server
+//! restarts from its data dir. A second test checks that `--join`
 //! refuses bad tokens with clear errors.
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write as _;
@@ -569,6 +571,17 @@ fn three_servers_three_agents_kubectl_scale_roll_and_survive_kills() {
     };
     let before = inventory(k).unwrap_or_else(|e| panic!("{e}"));
     let leader = store_leader(&store_urls);
+    // The agent joined through that server: it must fail over to another one and keep its
+    // node Ready and its pods (unless it is the agent killed above).
+    let orphaned = nodes[leader];
+    let orphan_alive = orphaned != victim;
+    let pods_on_orphan: BTreeSet<String> = k
+        .live_pods()
+        .unwrap_or_else(|e| panic!("{e}"))
+        .iter()
+        .filter(|p| node(p) == orphaned)
+        .map(|p| p["metadata"]["name"].as_str().unwrap_or("").to_string())
+        .collect();
     eprintln!("[cluster] kill -9 server{leader}, which holds the store leader");
     let killed = Instant::now();
     procs.kill(&format!("server{leader}"));
@@ -594,14 +607,13 @@ fn three_servers_three_agents_kubectl_scale_roll_and_survive_kills() {
     assert!(after.contains("configmaps/after-leader-kill"));
     k.ok(&["scale", "deployment/web", "--replicas=6"]);
     // The controllers (their leader may have died with the server) still act: the new pod
-    // runs, and the pods of the agent whose server died are evicted and replaced too, on the
-    // one node left that has both its agent and its server.
-    let orphaned = nodes[leader];
-    let per = eventually("6 pods Running on the surviving node", STEP, || {
+    // runs; the agent whose server died moved to another server (it learned them all from the
+    // `default/kubernetes` Endpoints), so its node stays Ready and its pods stay where they are.
+    let per = eventually("6 pods Running on the live nodes", STEP, || {
         let pods = k.live_pods()?;
         let good: Vec<&Value> = pods
             .iter()
-            .filter(|p| ready(p) && node(p) != victim && node(p) != orphaned)
+            .filter(|p| ready(p) && node(p) != victim)
             .collect();
         if pods.len() == 6 && good.len() == 6 {
             Ok(good
@@ -616,6 +628,50 @@ fn three_servers_three_agents_kubectl_scale_roll_and_survive_kills() {
             ))
         }
     });
+    if orphan_alive {
+        let log = procs.logs.join(format!("agent-{orphaned}.log"));
+        let lost = format!("lost https://127.0.0.1:{}", server_ports[leader]);
+        eventually(&format!("agent {orphaned} failed over"), STEP, || {
+            let text = std::fs::read_to_string(&log).map_err(|e| e.to_string())?;
+            text.lines()
+                .any(|l| l.contains(&lost) && l.contains("using https://127.0.0.1:"))
+                .then_some(())
+                .ok_or_else(|| format!("no failover logged in {}", log.display()))
+        });
+        // Long enough for an orphaned node to go NotReady and lose its pods: grace period,
+        // node monitor period and tolerationSeconds, with room to spare.
+        std::thread::sleep(Duration::from_millis(
+            GRACE_MS + 1_000 + TOLERATION_S * 1_000 + 3_000,
+        ));
+        let nodes_now = k.json(&["get", "nodes"]).unwrap_or_else(|e| panic!("{e}"));
+        let orphan_ready = nodes_now["items"].as_array().is_some_and(|ns| {
+            ns.iter().any(|n| {
+                n["metadata"]["name"] == orphaned
+                    && n.pointer("/status/conditions")
+                        .and_then(Value::as_array)
+                        .is_some_and(|cs| {
+                            cs.iter()
+                                .any(|c| c["type"] == "Ready" && c["status"] == "True")
+                        })
+            })
+        });
+        assert!(
+            orphan_ready,
+            "node {orphaned} lost its server and went NotReady"
+        );
+        let still: BTreeSet<String> = k
+            .live_pods()
+            .unwrap_or_else(|e| panic!("{e}"))
+            .iter()
+            .filter(|p| node(p) == orphaned && ready(p))
+            .map(|p| p["metadata"]["name"].as_str().unwrap_or("").to_string())
+            .collect();
+        let evicted: Vec<&String> = pods_on_orphan.difference(&still).collect();
+        assert!(
+            evicted.is_empty(),
+            "pods of {orphaned} were evicted after its server died: {evicted:?}"
+        );
+    }
     eprintln!("[cluster] after the leader kill, pods run on {per:?}");
 
     // The killed server restarts from its data dir with the same command line: no new join,

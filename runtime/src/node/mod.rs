@@ -94,7 +94,9 @@ impl NodeCapacity {
 pub struct AgentConfig {
     /// Node name (also `kubernetes.io/hostname`).
     pub node_name: String,
-    /// API server URL (`https://host:port`).
+    /// API server URL (`https://host:port`), or several servers of one control plane,
+    /// comma-separated; the agent also learns the others from the cluster and fails over
+    /// between them (see [`ApiClient`]).
     pub server: String,
     /// The node's bearer token (see [`JoinToken::node_token`]).
     pub token: Option<String>,
@@ -270,6 +272,8 @@ impl<R: NodeRuntime> Agent<R> {
             }
         }
         tracing::info!(node = %cfg.node_name, server = %self.client.server(), "node registered");
+        // Every server of the control plane, to fail over to if this one goes.
+        refresh_servers(&self.client).await;
         let mut tasks = JoinSet::new();
         let (pressure, pressure_rx) = watch::channel(false);
         {
@@ -401,13 +405,13 @@ impl<R: NodeRuntime> Agent<R> {
                     let _ = self.runtime.remove_pod(&id).await;
                 }
             }
-            let mut watch = match self
-                .client
-                .watch(&format!(
+            let mut rv = rv;
+            let watch_path = |rv: &str| {
+                format!(
                     "/api/v1/pods?watch=true&allowWatchBookmarks=true&resourceVersion={rv}&fieldSelector={selector}"
-                ))
-                .await
-            {
+                )
+            };
+            let mut watch = match self.client.watch(&watch_path(&rv)).await {
                 Ok(w) => w,
                 Err(e) => {
                     tracing::warn!(error = %e, "watching pods failed; re-listing");
@@ -431,8 +435,29 @@ impl<R: NodeRuntime> Agent<R> {
                     }
                 };
                 let Some(Ok(ev)) = ev else {
-                    continue 'relist;
+                    // The stream ended (its server may have died): resume from the last
+                    // resourceVersion seen, on whichever server answers now; re-list only if
+                    // that fails (410 Gone comes back as an ERROR event, handled below).
+                    match self.client.watch(&watch_path(&rv)).await {
+                        Ok(w) => {
+                            watch = w;
+                            continue;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "resuming the pod watch failed; re-listing");
+                            continue 'relist;
+                        }
+                    }
                 };
+                if let Some(v) = ev
+                    .object
+                    .pointer("/metadata/resourceVersion")
+                    .and_then(Value::as_str)
+                    .filter(|v| !v.is_empty())
+                    && ev.kind != "ERROR"
+                {
+                    rv = v.to_string();
+                }
                 match ev.kind.as_str() {
                     "ADDED" | "MODIFIED" => {
                         self.dispatch(
@@ -536,6 +561,15 @@ async fn pressure_changed(rx: &mut Option<watch::Receiver<bool>>) -> bool {
     }
 }
 
+/// Learns the API servers from the `default/kubernetes` Endpoints (see
+/// [`ApiClient::refresh_servers`]); a failure keeps the servers known.
+async fn refresh_servers(client: &ApiClient) {
+    match client.refresh_servers().await {
+        Ok(servers) => tracing::debug!(?servers, "API servers"),
+        Err(e) => tracing::debug!(error = %e, "learning the API servers failed"),
+    }
+}
+
 fn pod_uid(pod: &Value) -> String {
     pod.pointer("/metadata/uid")
         .and_then(Value::as_str)
@@ -587,6 +621,7 @@ impl Heartbeat {
                 && n.is_multiple_of(self.cfg.status_every_heartbeats)
             {
                 self.post().await;
+                refresh_servers(&self.client).await;
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return,
