@@ -411,31 +411,47 @@ impl Fleet {
             return;
         }
         e.patched = true;
+        let node = e.node.clone();
         let fleet = self.clone();
         let path = format!("/api/v1/namespaces/{ns}/pods/{name}/status");
         tokio::spawn(async move {
-            let Ok(_permit) = fleet.patches.acquire().await else {
-                return;
-            };
-            let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
-            let patch = json!({"status": {
-                "phase": "Running", "startTime": now,
-                "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": now}],
-                "containerStatuses": [{"name": "c", "ready": true, "restartCount": 0,
-                    "image": "hollow.wasm", "imageID": "", "started": true,
-                    "state": {"running": {"startedAt": now}}}],
-            }});
-            if let Err(e) = fleet.client.merge_patch(&path, &patch).await {
-                tracing::debug!(error = %e, %path, "hollow status patch failed");
-                // Let the next event for this pod try again.
-                if let Some(p) = fleet
-                    .pods
-                    .lock()
-                    .expect("invariant: lock not poisoned")
-                    .get_mut(&key)
-                {
-                    p.patched = false;
+            // A failed write is retried here: nothing else changes a bound pod, so waiting
+            // for its next watch event would leave it Pending for good.
+            let mut delay = Duration::from_millis(500);
+            for _ in 0..20 {
+                let r = {
+                    let Ok(_permit) = fleet.patches.acquire().await else {
+                        return;
+                    };
+                    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+                    let patch = json!({"status": {
+                        "phase": "Running", "startTime": now,
+                        "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": now}],
+                        "containerStatuses": [{"name": "c", "ready": true, "restartCount": 0,
+                            "image": "hollow.wasm", "imageID": "", "started": true,
+                            "state": {"running": {"startedAt": now}}}],
+                    }});
+                    fleet.client.merge_patch(&path, &patch).await
+                };
+                match r {
+                    Ok(_) => return,
+                    Err(e) if e.is_not_found() => break,
+                    Err(e) => tracing::debug!(error = %e, %path, "hollow status patch failed"),
                 }
+                if !fleet.is_alive(&node) {
+                    break;
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+            // Given up: the next event for this pod tries again.
+            if let Some(p) = fleet
+                .pods
+                .lock()
+                .expect("invariant: lock not poisoned")
+                .get_mut(&key)
+            {
+                p.patched = false;
             }
         });
     }
