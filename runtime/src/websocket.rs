@@ -393,9 +393,17 @@ where
         ),
     )
     .await?;
-    // Close 1000 (normal closure); give the client a moment to answer, then hang up.
-    send(&wr, &encode_frame(OP_CLOSE, &1000u16.to_be_bytes(), None)).await?;
-    let _ = tokio::time::timeout(Duration::from_secs(5), reader).await;
+    // kubectl closes the connection itself once it has the status; closing first races its
+    // last terminal-size write ("Encoding terminal size failed"). So wait a little for that,
+    // then close 1000 (normal closure) and give the client a moment to answer.
+    let mut reader = reader;
+    if tokio::time::timeout(Duration::from_millis(500), &mut reader)
+        .await
+        .is_err()
+    {
+        send(&wr, &encode_frame(OP_CLOSE, &1000u16.to_be_bytes(), None)).await?;
+        let _ = tokio::time::timeout(Duration::from_secs(5), reader).await;
+    }
     let _ = wr.lock().await.shutdown().await;
     Ok(())
 }

@@ -863,7 +863,11 @@ impl WasmRuntime {
         launch.live_stdin = None;
         // Small write budgets: output leaves as soon as the guest writes it.
         let out = |w| Shared(Arc::new(AsyncStdoutStream::new(8 * 1024, w)));
-        let stdout = io.stdout.map(out);
+        // No terminal driver here: a TTY client (raw mode) needs "\r\n" line ends.
+        let stdout = io
+            .stdout
+            .map(|w| if io.tty { onlcr(w) } else { w })
+            .map(out);
         let stderr = match (io.tty, io.stderr) {
             (true, _) => stdout.clone(),
             (false, Some(w)) => Some(out(w)),
@@ -1076,6 +1080,35 @@ impl WasmRuntime {
     }
 }
 
+/// A writer that turns each `\n` into `\r\n` on its way to `w`, as a terminal's ONLCR does.
+fn onlcr(w: crate::pod_runtime::SessionWriter) -> crate::pod_runtime::SessionWriter {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let (tx, mut rx) = tokio::io::duplex(8 * 1024);
+    tokio::spawn(async move {
+        let mut w = w;
+        let mut b = vec![0u8; 8 * 1024];
+        let mut out = Vec::with_capacity(16 * 1024);
+        loop {
+            let n = match rx.read(&mut b).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            out.clear();
+            for &c in &b[..n] {
+                if c == b'\n' {
+                    out.push(b'\r');
+                }
+                out.push(c);
+            }
+            if w.write_all(&out).await.is_err() || w.flush().await.is_err() {
+                break;
+            }
+        }
+        // Dropping `w` ends the session's output once everything is through.
+    });
+    Box::pin(tx)
+}
+
 /// Aborts a helper task when the session using it ends.
 struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
 
@@ -1136,6 +1169,22 @@ fn status_of(pod: &WasmPod) -> PodStatus {
             SandboxState::NotReady
         },
         containers,
+    }
+}
+
+#[cfg(test)]
+mod onlcr_tests {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    #[tokio::test]
+    async fn newlines_become_crlf_and_the_end_passes_through() {
+        let (w, mut r) = tokio::io::duplex(1024);
+        let mut t = super::onlcr(Box::pin(w));
+        t.write_all(b"a\nb\n\nc").await.expect("write");
+        drop(t);
+        let mut got = Vec::new();
+        r.read_to_end(&mut got).await.expect("read");
+        assert_eq!(got, b"a\r\nb\r\n\r\nc");
     }
 }
 

@@ -762,6 +762,23 @@ async fn kubectl_exec_streams_stdin_tty_and_attach() -> anyhow::Result<()> {
     );
     c.create("/api/v1/namespaces/default/pods", &tb).await?;
     wait_running(&c, "toolbox").await?;
+    // With -t the wasm session ends lines as a terminal would (no terminal driver there).
+    let line = format!(
+        "{} --kubeconfig {} exec -it toolbox -- echo from tty",
+        kubectl_bin.display(),
+        c.kubeconfig().display()
+    );
+    if let Ok(out) = tokio::task::block_in_place(|| {
+        Command::new("script")
+            .args(["-qec", &line, "/dev/null"])
+            .stdin(Stdio::null())
+            .output()
+    }) {
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(text.contains("from tty\r\n"), "exec -it on wasm: {text:?}");
+        // kubectl closes first, so its last resize write does not hit a closed socket.
+        assert!(!text.contains("failed"), "exec -it on wasm: {text:?}");
+    }
     // A guest that never ends: its first tick arrives while it runs (then kubectl is stopped).
     let (line, first, _, _) = first_line_then_end(
         &c,
