@@ -90,7 +90,7 @@ impl SledLogStore {
         };
         store.import_legacy_log()?;
         let purged: Option<LogId<u64>> = match store.meta.get(LAST_PURGED)? {
-            Some(v) => decode(&v).map_err(|e| io_err(std::io::Error::other(e)))?,
+            Some(v) => Some(decode(&v).map_err(|e| io_err(std::io::Error::other(e)))?),
             None => None,
         };
         if let Some(p) = purged {
@@ -345,5 +345,44 @@ impl RaftLogStorage<TypeConfig> for SledLogStore {
         self.blocking(move |w| w.purge(index))
             .await
             .map_err(write_err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::{CommittedLeaderId, EntryPayload};
+
+    #[tokio::test]
+    async fn reopens_after_a_purge() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log_id = |i| LogId::new(CommittedLeaderId::new(1, 1), i);
+        {
+            let db = sled::open(dir.path().join("db")).expect("sled");
+            let store = SledLogStore::new(&db, dir.path()).expect("open");
+            for i in 1..=5 {
+                let e: Entry<TypeConfig> = Entry {
+                    log_id: log_id(i),
+                    payload: EntryPayload::Blank,
+                };
+                store
+                    .wal
+                    .append(i, &encode(&e).expect("encode"))
+                    .expect("append");
+            }
+            store.wal.flush().expect("flush");
+            store
+                .put_meta(LAST_PURGED, &log_id(3))
+                .expect("purge point");
+            store.wal.purge(3).expect("purge");
+            db.flush().expect("flush");
+        }
+        let db = sled::open(dir.path().join("db")).expect("sled");
+        let mut store = SledLogStore::new(&db, dir.path()).expect("reopen");
+        let state = store.get_log_state().await.expect("state");
+        assert_eq!(state.last_purged_log_id, Some(log_id(3)));
+        assert_eq!(state.last_log_id, Some(log_id(5)));
+        let entries = store.try_get_log_entries(4..=5).await.expect("read");
+        assert_eq!(entries.len(), 2);
     }
 }
