@@ -61,8 +61,9 @@ pub struct Container {
     /// Volumes mounted into this container.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volume_mounts: Vec<VolumeMount>,
-    /// Whether the container reads a stdin stream; wasm pods take its bytes from the
-    /// `flotilla.dev/stdin` annotation. Without it, stdin reads end of file at once.
+    /// Whether the container reads a stdin stream. Wasm pods take its bytes from the
+    /// `flotilla.dev/stdin` annotation; without one, stdin stays open for `kubectl attach -i`
+    /// and closes when the attached input ends (Kubernetes' `stdinOnce`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub stdin: bool,
     /// Ports the container listens on (named ports are what probes may refer to).
