@@ -33,9 +33,9 @@ pub mod any;
 pub mod cri;
 pub mod node;
 pub mod pod_runtime;
+mod spdy;
 #[cfg(any(test, feature = "test-util"))]
 pub mod testing;
-mod spdy;
 pub mod wasm;
 mod websocket;
 
