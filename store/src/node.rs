@@ -127,6 +127,15 @@ pub(crate) struct Inner {
     fault_hooks: FaultHooks,
     /// Set once a ReadIndex round has completed since start (see [`Inner::local_read_barrier`]).
     local_reads_ready: AtomicBool,
+    /// The vote's term and the last log index on disk when this member started.
+    restored: RestoredLog,
+}
+
+/// What a member found on disk at start (see [`Inner::restored`]).
+#[derive(Debug, Clone, Copy)]
+struct RestoredLog {
+    term: u64,
+    last_index: u64,
 }
 
 impl std::fmt::Debug for Inner {
@@ -309,10 +318,14 @@ impl Node {
             .with(stats.clone(), hooks.clone());
         let sm = SledStateMachine::open(&db, &config.data_dir)?.with(stats.clone(), hooks);
         let raft_err = |e: &dyn std::fmt::Display| StoreError::Raft(e.to_string());
-        let fresh = {
+        let (fresh, restored) = {
             let state = log.get_log_state().await.map_err(|e| raft_err(&e))?;
             let vote = log.read_vote().await.map_err(|e| raft_err(&e))?;
-            state.last_log_id.is_none() && vote.is_none()
+            let restored = RestoredLog {
+                term: vote.map_or(0, |v| v.leader_id().term),
+                last_index: state.last_log_id.map_or(0, |l| l.index),
+            };
+            (state.last_log_id.is_none() && vote.is_none(), restored)
         };
 
         // The id must match the one `initialize` (or `member add`) derives from the listed URL,
@@ -393,6 +406,7 @@ impl Node {
             stats,
             fault_hooks,
             local_reads_ready: AtomicBool::new(false),
+            restored,
         });
 
         service::serve(inner.clone(), client, peer);
@@ -661,7 +675,18 @@ impl Inner {
                     .get_read_log_id()
                     .await
                     .map_err(|_| EtcdError::NotLeader)?;
-                return Ok(ForwardResponse::ReadIndex(read.map_or(0, |l| l.index)));
+                let mut index = read.map_or(0, |l| l.index);
+                // openraft 0.9 restarts a member that was leader as leader of the same term,
+                // with no new blank entry, and its commit index starts from the last durably
+                // recorded one, which may be behind what was acknowledged before a crash
+                // (chaos f9, power cut). Such a leader's read index must cover its whole log
+                // as found at start: a leader never truncates its own log, so all of it
+                // commits while it stays leader. A leader elected after start campaigned in a
+                // higher term and has its own blank entry.
+                if self.raft.metrics().borrow().current_term == self.restored.term {
+                    index = index.max(self.restored.last_index);
+                }
+                return Ok(ForwardResponse::ReadIndex(index));
             }
             other => other,
         };
