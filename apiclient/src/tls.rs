@@ -1,8 +1,9 @@
 //! TLS client configurations for peers that are not checked against a CA: a node agent's
 //! self-signed serving certificate, pinned by its SHA-256 (the API server calling the agent),
-//! and any certificate at all (HTTPS probes, which the kubelet does not verify either).
-//! Handshake signatures are verified in both cases.
-use std::sync::Arc;
+//! and any certificate at all (HTTPS probes, which the kubelet does not verify either; and the
+//! first handshake of a joining server, which records the chain to check it against its token).
+//! Handshake signatures are verified in every case.
+use std::sync::{Arc, Mutex};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
@@ -20,19 +21,40 @@ pub enum ServerCheck {
 /// A client configuration (ring provider, safe protocol versions, no client certificate)
 /// checking the server with `check`.
 pub fn client_config(check: ServerCheck) -> Result<rustls::ClientConfig, rustls::Error> {
+    config(check, None)
+}
+
+/// The certificate chains a [`capturing_client_config`] was shown, in handshake order.
+pub type CapturedChain = Arc<Mutex<Vec<CertificateDer<'static>>>>;
+
+/// A client configuration that accepts any certificate and records every chain it is shown,
+/// for a caller that checks the chain itself before sending anything over the connection.
+pub fn capturing_client_config() -> Result<(rustls::ClientConfig, CapturedChain), rustls::Error> {
+    let chain = CapturedChain::default();
+    Ok((config(ServerCheck::Any, Some(chain.clone()))?, chain))
+}
+
+fn config(
+    check: ServerCheck,
+    capture: Option<CapturedChain>,
+) -> Result<rustls::ClientConfig, rustls::Error> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    Ok(
-        rustls::ClientConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()?
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(Verifier { check, provider }))
-            .with_no_client_auth(),
-    )
+    let verifier = Verifier {
+        check,
+        capture,
+        provider: provider.clone(),
+    };
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth())
 }
 
 #[derive(Debug)]
 struct Verifier {
     check: ServerCheck,
+    capture: Option<CapturedChain>,
     provider: Arc<rustls::crypto::CryptoProvider>,
 }
 
@@ -40,11 +62,16 @@ impl ServerCertVerifier for Verifier {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
+        intermediates: &[CertificateDer<'_>],
         _server_name: &ServerName<'_>,
         _ocsp_response: &[u8],
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
+        if let Some(capture) = &self.capture {
+            let mut chain = capture.lock().unwrap_or_else(|p| p.into_inner());
+            chain.push(end_entity.clone().into_owned());
+            chain.extend(intermediates.iter().map(|c| c.clone().into_owned()));
+        }
         let ServerCheck::Pinned(pin) = &self.check else {
             return Ok(ServerCertVerified::assertion());
         };

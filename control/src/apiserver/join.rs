@@ -13,16 +13,14 @@
 //! The route sits outside the authentication layer: only the server token may call it (401
 //! without a known credential, 403 for any other credential), and no other route accepts it.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
+use rustls::pki_types::ServerName;
 use serde_json::json;
 
 use super::pki::{JoinBundle, Pki, ServerToken, ca_hash_der};
@@ -221,17 +219,8 @@ async fn pinned_ca(url: &str, host: &str, port: u16, want: &str) -> Result<Strin
         url: url.to_string(),
         message,
     };
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let capture = Arc::new(CaptureChain {
-        provider: provider.clone(),
-        chain: Mutex::new(Vec::new()),
-    });
-    let cfg = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| unreachable(e.to_string()))?
-        .dangerous()
-        .with_custom_certificate_verifier(capture.clone())
-        .with_no_client_auth();
+    let (cfg, captured) =
+        apiclient::tls::capturing_client_config().map_err(|e| unreachable(e.to_string()))?;
     let tcp = tokio::time::timeout(
         std::time::Duration::from_secs(10),
         tokio::net::TcpStream::connect((host, port)),
@@ -249,8 +238,7 @@ async fn pinned_ca(url: &str, host: &str, port: u16, want: &str) -> Result<Strin
         .map_err(|_| unreachable("TLS handshake timed out".into()))?
         .map_err(|e| unreachable(format!("TLS: {e}")))?;
     drop(stream);
-    let chain = capture
-        .chain
+    let chain = captured
         .lock()
         .map_err(|_| unreachable("poisoned".into()))?
         .clone();
@@ -279,65 +267,6 @@ fn der_to_pem(der: &[u8]) -> String {
     }
     out.push_str("-----END CERTIFICATE-----\n");
     out
-}
-
-/// Accepts any chain and records it: used only for the handshake that fetches the CA, which
-/// is then checked against the token's hash before anything is sent.
-#[derive(Debug)]
-struct CaptureChain {
-    provider: Arc<rustls::crypto::CryptoProvider>,
-    chain: Mutex<Vec<CertificateDer<'static>>>,
-}
-
-impl ServerCertVerifier for CaptureChain {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        if let Ok(mut chain) = self.chain.lock() {
-            chain.push(end_entity.clone().into_owned());
-            chain.extend(intermediates.iter().map(|c| c.clone().into_owned()));
-        }
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
 }
 
 #[cfg(test)]
