@@ -608,18 +608,9 @@ pub(crate) async fn stream_client(
         .write_all(req.as_bytes())
         .await
         .map_err(|e| err(e.to_string()))?;
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        if head.len() > 16 * 1024 {
-            return Err(err("response headers too large".into()));
-        }
-        let b = tokio::time::timeout(Duration::from_secs(10), s.read_u8())
-            .await
-            .map_err(|_| err("no answer to the upgrade".into()))?
-            .map_err(|e| err(e.to_string()))?;
-        head.push(b);
-    }
-    let head = String::from_utf8_lossy(&head);
+    let head = crate::websocket::read_upgrade_answer(&mut s)
+        .await
+        .map_err(err)?;
     if head.split_whitespace().nth(1) != Some("101") {
         return Ok(Err(io));
     }

@@ -548,19 +548,7 @@ async fn connect(url: &str) -> Result<tokio::io::BufReader<tokio::net::TcpStream
         .write_all(req.as_bytes())
         .await
         .map_err(|e| err(e.to_string()))?;
-    // Status line and headers, byte by byte through the buffer (frames may follow at once).
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        if head.len() > 16 * 1024 {
-            return Err(err("response headers too large".into()));
-        }
-        let b = tokio::time::timeout(Duration::from_secs(10), s.read_u8())
-            .await
-            .map_err(|_| err("no answer to the upgrade".into()))?
-            .map_err(|e| err(e.to_string()))?;
-        head.push(b);
-    }
-    let head = String::from_utf8_lossy(&head);
+    let head = read_upgrade_answer(&mut s).await.map_err(err)?;
     let code = head.split_whitespace().nth(1).unwrap_or_default();
     if code != "101" {
         return Err(err(format!(
@@ -577,6 +565,26 @@ async fn connect(url: &str) -> Result<tokio::io::BufReader<tokio::net::TcpStream
         return Err(err("bad Sec-WebSocket-Accept".into()));
     }
     Ok(s)
+}
+
+/// Reads an upgrade's answer (status line and headers) byte by byte through the buffer, since
+/// frames may follow at once; errors are messages for the caller's error type.
+pub(crate) async fn read_upgrade_answer<R>(s: &mut R) -> Result<String, String>
+where
+    R: tokio::io::AsyncRead + Unpin,
+{
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        if head.len() > 16 * 1024 {
+            return Err("response headers too large".into());
+        }
+        let b = tokio::time::timeout(Duration::from_secs(10), s.read_u8())
+            .await
+            .map_err(|_| "no answer to the upgrade".to_string())?
+            .map_err(|e| e.to_string())?;
+        head.push(b);
+    }
+    Ok(String::from_utf8_lossy(&head).into_owned())
 }
 
 #[cfg(test)]
