@@ -154,6 +154,12 @@ impl Wal {
                 }
                 let len = u32::from_le_bytes(data[off..off + 4].try_into().map_err(invalid)?);
                 let crc = u32::from_le_bytes(data[off + 4..off + 8].try_into().map_err(invalid)?);
+                // A zero-filled tail (a crash after the file grew but before its data landed)
+                // reads as a record of length 0 whose checksum, crc32 of nothing, is 0 too;
+                // appends never write an empty payload.
+                if len == 0 {
+                    break torn("zeroed record header")?;
+                }
                 let start = off + HEADER;
                 let Some(stop) = start.checked_add(len as usize).filter(|s| *s <= data.len())
                 else {
@@ -400,5 +406,16 @@ mod tests {
         let wal = Wal::open(dir.path(), idx).expect("reopen");
         assert_eq!(wal.bounds(), Some((1, 8)));
         wal.append(9, &entry(9)).expect("append after repair");
+        wal.flush().expect("flush");
+        drop(wal);
+
+        // So is a zero-filled tail (length 0 and checksum 0 look like a valid empty record).
+        let len = std::fs::metadata(&path).expect("meta").len();
+        let f = OpenOptions::new().write(true).open(&path).expect("open");
+        f.set_len(len + 64).expect("grow with zeros");
+        let wal = Wal::open(dir.path(), idx).expect("reopen over zeros");
+        assert_eq!(wal.bounds(), Some((1, 9)));
+        wal.append(10, &entry(10)).expect("append after repair");
+        assert_eq!(wal.read(10).expect("read"), Some(entry(10)));
     }
 }
