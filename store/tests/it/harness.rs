@@ -150,12 +150,8 @@ impl TestCluster {
 
     pub async fn restart(&mut self, i: usize) {
         let config = self.configs[i].clone();
-        let c = TcpListener::bind(config.listen_client_addr)
-            .await
-            .expect("rebind client");
-        let p = TcpListener::bind(config.listen_peer_addr)
-            .await
-            .expect("rebind peer");
+        let c = rebind(config.listen_client_addr).await;
+        let p = rebind(config.listen_peer_addr).await;
         let node = Node::start_with_listeners(config, c, p)
             .await
             .expect("restart");
@@ -210,5 +206,22 @@ where
             "timed out waiting for {what}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Binds a restarted member's old address again. The port can stay taken for a moment: the
+/// stopped member's listener may still be closing, or (the ports came from the ephemeral range)
+/// a live outgoing connection may hold it as its local port; both pass, so retry for 10 s.
+async fn rebind(addr: std::net::SocketAddr) -> TcpListener {
+    let mut tries = 0;
+    loop {
+        match TcpListener::bind(addr).await {
+            Ok(l) => return l,
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && tries < 200 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("rebind {addr}: {e}"),
+        }
     }
 }
