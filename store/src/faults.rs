@@ -1,7 +1,10 @@
 //! Fault-injection seams for tests and the chaos tooling. Nothing here is reachable from the
 //! command line except through `flotilla store --fault-admin`; by default every hook is off.
+use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// Named places in the storage code where a crash hook may kill the member.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -64,7 +67,44 @@ pub struct FaultHooks {
     pub ack_before_flush: bool,
 }
 
+/// Whether the Raft log reports its synced lengths (see [`FaultHooks::track_synced_lengths`]).
+static TRACK_SYNCED: AtomicBool = AtomicBool::new(false);
+/// Raft log segment file → length known to be on stable storage.
+static SYNCED: Mutex<BTreeMap<PathBuf, u64>> = Mutex::new(BTreeMap::new());
+
+/// The Raft log tells that the first `len` bytes of the segment file `path` are durable (none
+/// beyond). One relaxed atomic load unless a fault test turned tracking on.
+pub(crate) fn synced(path: &Path, len: u64) {
+    if TRACK_SYNCED.load(Ordering::Relaxed) {
+        SYNCED
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(path.to_path_buf(), len);
+    }
+}
+
 impl FaultHooks {
+    /// F9 (LazyFS-style power cuts): from now on, in this process, every member's Raft log
+    /// reports how far each of its segment files is synced, so that a crash image can drop
+    /// what a power cut would lose (written but not yet synced bytes) with
+    /// [`FaultHooks::synced_len`]. Process-wide and never turned off (files are told apart by
+    /// path).
+    pub fn track_synced_lengths() {
+        TRACK_SYNCED.store(true, Ordering::Relaxed);
+    }
+
+    /// How many leading bytes of the Raft log segment file `path` were synced when last
+    /// reported (`None`: no report since tracking started, e.g. the file was only opened, so
+    /// all of it is as durable as it was found). Bytes past this length were written after the
+    /// last sync; a power cut may lose them.
+    pub fn synced_len(path: &Path) -> Option<u64> {
+        SYNCED
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(path)
+            .copied()
+    }
+
     /// Whether the member should die at `point`.
     pub(crate) fn crash_at(&self, point: CrashPoint) -> bool {
         self.crash.as_ref().is_some_and(|h| h(point))

@@ -248,6 +248,8 @@ impl Wal {
                 return Ok(());
             }
             let last = st.last();
+            // Fault tests (F9): what is written from here on is not durable until the sync.
+            crate::faults::synced(&last.path, last.written);
             // A copy: readers keep finding these entries in `pending` meanwhile.
             (last.file.clone(), last.written, st.pending.clone())
         };
@@ -262,6 +264,7 @@ impl Wal {
             .last_mut()
             .expect("invariant: the log always has a segment");
         last.written += n as u64;
+        crate::faults::synced(&last.path, last.written);
         if last.written >= SEGMENT_BYTES && st.pending.is_empty() {
             let seg = create_segment(&self.dir, next)?;
             st.segments.push(seg);
