@@ -2,6 +2,7 @@
 //! [`Router`] and whose log stores sit behind [`DiskFaults`].
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicI64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -28,6 +29,9 @@ pub struct Member {
     pub crash: CrashSwitch,
     /// Raft id, known once the member first started (0 before).
     pub id: u64,
+    /// Offset of this member's lease clock in ms (F15); survives restarts, like a host's
+    /// skewed clock.
+    pub clock_offset_ms: Arc<AtomicI64>,
 }
 
 #[derive(Debug, Default)]
@@ -329,6 +333,7 @@ impl FaultCluster {
                 removed: false,
                 crash: CrashSwitch::default(),
                 id: 0,
+                clock_offset_ms: Arc::default(),
             });
         }
         let mut cluster = Self {
@@ -357,6 +362,7 @@ impl FaultCluster {
             crash: Some(m.crash.hook(config.data_dir.clone())),
             forward: Some(self.router.forward_filter(i)),
             ack_before_flush: self.planted_bug,
+            clock_offset_ms: Some(m.clock_offset_ms.clone()),
         };
         self.router
             .register_url(&format!("http://{}", config.listen_peer_addr), i);
@@ -414,6 +420,7 @@ impl FaultCluster {
             removed: false,
             crash: CrashSwitch::default(),
             id: 0,
+            clock_offset_ms: Arc::default(),
         });
         self.start_member(i).await?;
         Ok(i)

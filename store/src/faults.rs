@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Named places in the storage code where a crash hook may kill the member.
@@ -65,6 +65,11 @@ pub struct FaultHooks {
     /// appends to openraft before (instead of after) flushing them, and turn off sled's
     /// periodic flush, so acknowledged writes live only in memory.
     pub ack_before_flush: bool,
+    /// F15: milliseconds added to the clock this member's lessor measures lease TTLs with
+    /// (negative: behind). Changing it is a clock jump; changing it in small steps is a clock
+    /// running fast or slow. Only lease expiry reads it: Raft's own timers (elections,
+    /// heartbeats, openraft's leader lease) and ReadIndex keep the real Tokio clock.
+    pub clock_offset_ms: Option<Arc<AtomicI64>>,
 }
 
 /// Whether the Raft log reports its synced lengths (see [`FaultHooks::track_synced_lengths`]).
@@ -124,6 +129,7 @@ impl fmt::Debug for FaultHooks {
             .field("crash", &self.crash.as_ref().map(|_| "hook"))
             .field("forward", &self.forward.as_ref().map(|_| "filter"))
             .field("ack_before_flush", &self.ack_before_flush)
+            .field("clock_offset_ms", &self.clock_offset_ms)
             .finish()
     }
 }
@@ -132,3 +138,47 @@ impl fmt::Debug for FaultHooks {
 #[derive(Debug, thiserror::Error)]
 #[error("crash injected at {0:?}")]
 pub(crate) struct InjectedCrash(pub(crate) CrashPoint);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wal::Wal;
+
+    fn index_of(p: &[u8]) -> std::io::Result<u64> {
+        Ok(u64::from_le_bytes(
+            p[..8].try_into().map_err(std::io::Error::other)?,
+        ))
+    }
+
+    #[test]
+    fn the_raft_log_reports_what_it_synced() {
+        FaultHooks::track_synced_lengths();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let wal = Wal::open(dir.path(), index_of).expect("open");
+        let seg = std::fs::read_dir(dir.path())
+            .expect("read dir")
+            .next()
+            .expect("one segment")
+            .expect("entry")
+            .path();
+        let len = || std::fs::metadata(&seg).expect("meta").len();
+        assert_eq!(FaultHooks::synced_len(&seg), None);
+        wal.append(1, &1u64.to_le_bytes()).expect("append");
+        assert_eq!(FaultHooks::synced_len(&seg), None, "appends stay in memory");
+        wal.flush().expect("flush");
+        let first = len();
+        assert!(first > 0);
+        assert_eq!(FaultHooks::synced_len(&seg), Some(first));
+        wal.append(2, &2u64.to_le_bytes()).expect("append");
+        wal.flush().expect("flush");
+        assert_eq!(FaultHooks::synced_len(&seg), Some(len()));
+        // A truncation leaves the report stale (never shorter than the file); the next flush
+        // reports the truncated length before it writes.
+        wal.truncate(2).expect("truncate");
+        assert_eq!(len(), first);
+        assert!(FaultHooks::synced_len(&seg) > Some(first));
+        wal.append(2, &2u64.to_le_bytes()).expect("append");
+        wal.flush().expect("flush");
+        assert_eq!(FaultHooks::synced_len(&seg), Some(len()));
+    }
+}

@@ -1,8 +1,15 @@
 //! Leader-side lease expiry. Only the leader measures TTLs (wall-clock via `tokio::time`);
 //! an expired lease is revoked through Raft like a client revoke. A new leader starts every
 //! lease's countdown afresh (etcd's `Promote`), so unavailability never expires a lease.
+//!
+//! Clock bounds (F15): a TTL is measured on the serving leader's clock only. If that clock
+//! jumps forward by `J` while a lease counts down, the lease expires up to `J` early in real
+//! time (and a backward jump delays its expiry by the jump); other members' clocks do not
+//! matter until one of them is promoted, which restarts every countdown. Fault tests move the
+//! clock through [`FaultHooks::clock_offset_ms`](crate::FaultHooks::clock_offset_ms).
 use std::collections::{HashMap, HashSet};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use tokio::time::{Duration, Instant};
 
@@ -18,6 +25,8 @@ struct LessorState {
 #[derive(Debug, Default)]
 pub(crate) struct Lessor {
     state: Mutex<LessorState>,
+    /// Fault tests' clock offset in ms (F15); `None` in production.
+    clock_offset_ms: Option<Arc<AtomicI64>>,
 }
 
 fn ttl_duration(ttl: i64) -> Duration {
@@ -25,6 +34,30 @@ fn ttl_duration(ttl: i64) -> Duration {
 }
 
 impl Lessor {
+    /// A lessor reading its clock with the fault hook's offset, if any.
+    pub(crate) fn new(clock_offset_ms: Option<Arc<AtomicI64>>) -> Self {
+        Self {
+            state: Mutex::default(),
+            clock_offset_ms,
+        }
+    }
+
+    /// The lease clock: Tokio's, moved by the fault offset when one is set.
+    fn now(&self) -> Instant {
+        let now = Instant::now();
+        let Some(offset) = &self.clock_offset_ms else {
+            return now;
+        };
+        let ms = offset.load(Ordering::Relaxed);
+        let by = Duration::from_millis(ms.unsigned_abs());
+        if ms >= 0 {
+            now + by
+        } else {
+            // Before the runtime's start the clock cannot go: it stops there.
+            now.checked_sub(by).unwrap_or(now)
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, LessorState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -34,7 +67,7 @@ impl Lessor {
     /// lease counts as gone).
     pub(crate) fn keep_alive(&self, id: i64, ttl: i64) -> i64 {
         let mut st = self.lock();
-        let now = Instant::now();
+        let now = self.now();
         if st.revoking.contains(&id) || st.expiry.get(&id).is_some_and(|at| *at <= now) {
             return 0;
         }
@@ -46,7 +79,7 @@ impl Lessor {
     pub(crate) fn remaining(&self, id: i64, ttl: i64) -> i64 {
         match self.lock().expiry.get(&id) {
             Some(at) => {
-                let left = at.saturating_duration_since(Instant::now()).as_secs();
+                let left = at.saturating_duration_since(self.now()).as_secs();
                 i64::try_from(left).unwrap_or(i64::MAX)
             }
             None => ttl,
@@ -66,7 +99,7 @@ impl Lessor {
             st.revoking.clear();
             st.term = term;
         }
-        let now = Instant::now();
+        let now = self.now();
         let live: HashSet<i64> = leases.iter().map(|(id, _)| *id).collect();
         st.expiry.retain(|id, _| live.contains(id));
         st.revoking.retain(|id| live.contains(id));
@@ -116,5 +149,33 @@ mod tests {
         assert!(l.tick(Some(2), &leases).is_empty());
         // An expiring lease cannot be renewed any more.
         assert_eq!(l.keep_alive(7, 2), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn clock_jumps_move_expiry_by_the_jump_and_a_new_term_restarts_it() {
+        let ms = Duration::from_millis;
+        let clock = Arc::new(AtomicI64::new(-300));
+        let l = Lessor::new(Some(clock.clone()));
+        let leases = [(7, 2)];
+        assert!(l.tick(Some(1), &leases).is_empty());
+        tokio::time::advance(ms(500)).await;
+        // Forward 1 s: the lease has 0.5 s left instead of 1.5 s.
+        clock.store(700, Ordering::Relaxed);
+        assert_eq!(l.remaining(7, 2), 0);
+        tokio::time::advance(ms(400)).await;
+        assert!(l.tick(Some(1), &leases).is_empty());
+        tokio::time::advance(ms(100)).await;
+        assert_eq!(l.tick(Some(1), &leases), vec![7], "1 s early in real time");
+        l.revoke_done(7);
+
+        // A new leader counts afresh on its own clock; backward 1.5 s delays the expiry.
+        assert!(l.tick(Some(2), &leases).is_empty());
+        assert_eq!(l.keep_alive(7, 2), 2);
+        clock.store(-800, Ordering::Relaxed);
+        tokio::time::advance(ms(3400)).await;
+        assert!(l.tick(Some(2), &leases).is_empty());
+        assert_eq!(l.remaining(7, 2), 0, "0.1 s left, whole seconds");
+        tokio::time::advance(ms(200)).await;
+        assert_eq!(l.tick(Some(2), &leases), vec![7]);
     }
 }

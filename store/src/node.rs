@@ -401,7 +401,7 @@ impl Node {
             reads: Arc::new(ReadQueue::default()),
             read_rounds: Default::default(),
             linearizable_reads: Default::default(),
-            lessor: Lessor::default(),
+            lessor: Lessor::new(fault_hooks.clock_offset_ms.clone()),
             peers: Mutex::new(HashMap::new()),
             stats,
             fault_hooks,
