@@ -334,6 +334,14 @@ fn mib(kib: Option<u64>) -> String {
     kib.map_or_else(|| "n/a".into(), |k| format!("{:.0} MiB", k as f64 / 1024.0))
 }
 
+/// The 1-minute load average.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|t| t.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "n/a".into())
+}
+
 fn progress(msg: &str) {
     eprintln!("[bench cluster] {msg}");
 }
@@ -351,13 +359,40 @@ struct HollowPod {
 /// reports its bound pods Running with a status patch. They share ONE cluster-wide pod watch
 /// (1,000 per-node watches would measure the watch fan-out, not the cluster).
 struct Fleet {
-    client: ApiClient,
+    /// Connections of the fleet: real kubelets each have their own; one shared HTTP/2
+    /// connection would make its single TLS stream the bottleneck.
+    clients: Vec<ApiClient>,
+    /// Round-robin over `clients`.
+    next_client: std::sync::atomic::AtomicUsize,
     alive: std::sync::Mutex<std::collections::HashSet<String>>,
     pods: std::sync::Mutex<std::collections::HashMap<String, HollowPod>>,
+    /// Status writes in flight at once: as many as nodes (a kubelet's status manager writes
+    /// one pod status at a time).
     patches: tokio::sync::Semaphore,
+    patch_limit: usize,
+    stats: FleetStats,
 }
 
+/// Counters of the hollow nodes' status writes, for the progress lines.
+#[derive(Default)]
+struct FleetStats {
+    ok: std::sync::atomic::AtomicU64,
+    failed: std::sync::atomic::AtomicU64,
+    /// Sum of the successful writes' latencies.
+    ok_micros: std::sync::atomic::AtomicU64,
+}
+
+/// Connections the hollow fleet spreads its requests over.
+const FLEET_CONNECTIONS: usize = 16;
+
 impl Fleet {
+    fn client(&self) -> &ApiClient {
+        let i = self
+            .next_client
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        &self.clients[i % self.clients.len()]
+    }
+
     fn is_alive(&self, node: &str) -> bool {
         self.alive
             .lock()
@@ -431,7 +466,18 @@ impl Fleet {
                             "image": "hollow.wasm", "imageID": "", "started": true,
                             "state": {"running": {"startedAt": now}}}],
                     }});
-                    fleet.client.merge_patch(&path, &patch).await
+                    let t0 = Instant::now();
+                    let r = fleet.client().merge_patch(&path, &patch).await;
+                    let st = &fleet.stats;
+                    if r.is_ok() {
+                        st.ok.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let us = u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX);
+                        st.ok_micros
+                            .fetch_add(us, std::sync::atomic::Ordering::Relaxed);
+                    } else {
+                        st.failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    r
                 };
                 match r {
                     Ok(_) => return,
@@ -460,7 +506,7 @@ impl Fleet {
 /// The watch loop of the fleet: list, then watch from the list's revision; on any break, again.
 async fn fleet_watch(fleet: std::sync::Arc<Fleet>, stop: CancellationToken) {
     while !stop.is_cancelled() {
-        let (items, rv) = match fleet.client.list("/api/v1/pods").await {
+        let (items, rv) = match fleet.clients[0].list("/api/v1/pods").await {
             Ok(x) => x,
             Err(e) => {
                 tracing::warn!(error = %e, "hollow fleet list failed");
@@ -471,8 +517,7 @@ async fn fleet_watch(fleet: std::sync::Arc<Fleet>, stop: CancellationToken) {
         for p in &items {
             fleet.observe(p, false);
         }
-        let Ok(mut w) = fleet
-            .client
+        let Ok(mut w) = fleet.clients[0]
             .watch(&format!("/api/v1/pods?watch=true&resourceVersion={rv}"))
             .await
         else {
@@ -551,11 +596,23 @@ impl Cluster {
         });
         let url = format!("https://127.0.0.1:{}", addr.port());
         let client = ApiClient::new(&url, Some(&pki.admin_token), Some(&pki.ca_pem))?;
+        let mut clients = Vec::with_capacity(FLEET_CONNECTIONS);
+        for _ in 0..FLEET_CONNECTIONS {
+            clients.push(ApiClient::new(
+                &url,
+                Some(&pki.admin_token),
+                Some(&pki.ca_pem),
+            )?);
+        }
+        let patch_limit = nodes.max(1);
         let fleet = std::sync::Arc::new(Fleet {
-            client: client.clone(),
+            clients,
+            next_client: Default::default(),
             alive: Default::default(),
             pods: Default::default(),
-            patches: tokio::sync::Semaphore::new(32),
+            patches: tokio::sync::Semaphore::new(patch_limit),
+            patch_limit,
+            stats: FleetStats::default(),
         });
         progress(&format!("{tag}: registering {nodes} hollow nodes"));
         let names: Vec<String> = (0..nodes).map(|i| format!("hollow-{i}")).collect();
@@ -602,7 +659,7 @@ impl Cluster {
                     let now =
                         chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
                     if let Err(e) = fleet
-                        .client
+                        .client()
                         .merge_patch(&path, &json!({"spec": {"renewTime": now}}))
                         .await
                     {
@@ -616,9 +673,13 @@ impl Cluster {
             });
         }
         tasks.spawn(fleet_watch(fleet.clone(), stop.clone()));
-        let (c, s) = (client.clone(), stop.clone());
+        // The scheduler and the controllers each have their own connection, as separate
+        // components of a control plane would.
+        let c = ApiClient::new(&url, Some(&pki.admin_token), Some(&pki.ca_pem))?;
+        let s = stop.clone();
         tasks.spawn(control::scheduler::run(c, SchedulerConfig::default(), s));
-        let (c, s) = (client.clone(), stop.clone());
+        let c = ApiClient::new(&url, Some(&pki.admin_token), Some(&pki.ca_pem))?;
+        let s = stop.clone();
         tasks.spawn(control::controllers::run_all(c, controllers, s));
         Ok(Cluster {
             dir,
@@ -657,9 +718,15 @@ impl Cluster {
     }
 
     /// Waits until `want` pods are Running on live nodes; `Err` with the count on timeout.
+    /// Every 5 s prints the counts, the rates over the interval, the hollow nodes' status
+    /// writes (done, failed, mean latency, in flight), RSS and the load average.
     async fn wait_running(&self, want: usize, timeout: Duration) -> Result<Duration, usize> {
+        use std::sync::atomic::Ordering::Relaxed;
         let t0 = Instant::now();
         let mut last = Instant::now();
+        let st = &self.fleet.stats;
+        let mut prev = (0, 0, 0, st.ok.load(Relaxed), st.failed.load(Relaxed));
+        let mut prev_micros = st.ok_micros.load(Relaxed);
         loop {
             let (total, bound, running) = self.fleet.running();
             if running >= want {
@@ -669,12 +736,36 @@ impl Cluster {
                 return Err(running);
             }
             if last.elapsed() >= Duration::from_secs(5) {
+                let dt = last.elapsed().as_secs_f64();
                 last = Instant::now();
+                let (ok, failed, micros) = (
+                    st.ok.load(Relaxed),
+                    st.failed.load(Relaxed),
+                    st.ok_micros.load(Relaxed),
+                );
+                let rate = |now: usize, before: usize| now.saturating_sub(before) as f64 / dt;
+                let writes = ok.saturating_sub(prev.3);
+                let mean_ms = if writes == 0 {
+                    0.0
+                } else {
+                    micros.saturating_sub(prev_micros) as f64 / writes as f64 / 1000.0
+                };
+                let in_flight = self
+                    .fleet
+                    .patch_limit
+                    .saturating_sub(self.fleet.patches.available_permits());
                 progress(&format!(
-                    "  {:>6.1} s: {total} pods, {bound} bound, {running}/{want} Running, RSS {}",
+                    "  {:>6.1} s: {total} pods (+{:.0}/s), {bound} bound (+{:.0}/s), {running}/{want} Running (+{:.0}/s); status writes +{writes} ok, +{} failed, mean {mean_ms:.0} ms, {in_flight} in flight; RSS {}; load {}",
                     t0.elapsed().as_secs_f64(),
-                    mib(proc_kib("self", "VmRSS"))
+                    rate(total, prev.0),
+                    rate(bound, prev.1),
+                    rate(running, prev.2),
+                    failed.saturating_sub(prev.4),
+                    mib(proc_kib("self", "VmRSS")),
+                    loadavg(),
                 ));
+                prev = (total, bound, running, ok, failed);
+                prev_micros = micros;
             }
             // Counting walks every pod: often enough to time the run, rarely enough to cost
             // little of the CPU the cluster is measured on.
@@ -767,7 +858,12 @@ async fn cluster_bench(args: BenchClusterArgs) -> anyhow::Result<()> {
                         "control-plane RSS, {} nodes + {} pods (whole bench process)",
                         args.nodes, args.rss_pods
                     ),
-                    measured: format!("{} (all Running in {:.1} s)", mib(rss), t.as_secs_f64()),
+                    measured: format!(
+                        "{} (all Running in {:.1} s; load {})",
+                        mib(rss),
+                        t.as_secs_f64(),
+                        loadavg()
+                    ),
                     target: "(report)".into(),
                     verdict: "-".into(),
                 });
@@ -879,9 +975,10 @@ async fn cluster_bench(args: BenchClusterArgs) -> anyhow::Result<()> {
                 rows.push(Row {
                     what: what.clone(),
                     measured: format!(
-                        "{:.1} s ({:.0} pods/s)",
+                        "{:.1} s ({:.0} pods/s; load {})",
                         t.as_secs_f64(),
-                        args.pods as f64 / t.as_secs_f64()
+                        args.pods as f64 / t.as_secs_f64(),
+                        loadavg()
                     ),
                     target: "(report)".into(),
                     verdict: "-".into(),

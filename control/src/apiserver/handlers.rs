@@ -37,8 +37,9 @@ pub(crate) struct App<S> {
     pub watch_cache: Arc<super::watch_cache::WatchCache<S>>,
     /// Namespaces, LimitRanges and ResourceQuotas as admission reads them.
     pub admission_cache: super::admission_cache::AdmissionCache,
-    /// Binds coalesced into shared store transactions.
-    pub binds: Arc<super::bind_batch::BindBatcher<S>>,
+    /// Guarded updates (binds, status writes, every update of one object) coalesced into
+    /// shared store transactions.
+    pub writes: Arc<super::write_batch::WriteBatcher<S>>,
 }
 
 /// A cached namespace object, shared rather than copied (admission reads it on every create).
@@ -1228,7 +1229,8 @@ pub(crate) async fn create<S: Store>(
         let key = res.key(ns, &name);
         mark("admission");
         let written = if allocations.is_empty() && quota_charges.is_empty() {
-            app.store.create(&key, encode(&obj)).await
+            // Concurrent creates share store transactions (see write_batch).
+            app.writes.create(key.clone(), encode(&obj)).await
         } else {
             // The object, its address allocations and the quota usage it is charged are one
             // transaction: a concurrent create that took an address or charged the quota
@@ -1627,7 +1629,8 @@ async fn store_update<S: Store>(
             Err(e) => Err(e.into()),
         };
     }
-    match app.store.update(&key, encode(&new), old_rev).await {
+    // Concurrent updates share store transactions (see write_batch).
+    match app.writes.update(key, encode(&new), old_rev).await {
         Ok(rev) => Ok(with_rv(new, rev)),
         Err(StoreError::Conflict { .. }) => Err(ApiError::conflict(res.group, res.plural, name)),
         Err(StoreError::NotFound) => Err(ApiError::not_found(res.group, res.plural, name)),
@@ -2139,9 +2142,9 @@ async fn bind<S: Store>(
         }
         let mut new = old.clone();
         new["spec"]["nodeName"] = json!(node);
-        // Many binds per store transaction (see bind_batch).
+        // Many binds per store transaction (see write_batch).
         match app
-            .binds
+            .writes
             .update(kv.key, encode(&new), kv.mod_revision)
             .await
         {
@@ -2313,6 +2316,122 @@ mod tests {
     }
 
     use super::*;
+
+    /// Binds and status updates of many pods arriving together share store transactions;
+    /// of two status writers holding the same resourceVersion only the first succeeds and
+    /// the other gets its own 409, as if each had written alone.
+    #[tokio::test]
+    async fn binds_and_status_updates_share_transactions() {
+        use crate::storage::MemStore;
+        let store = MemStore::new();
+        let app = App {
+            watch_cache: Arc::new(super::super::watch_cache::WatchCache::new(
+                store.clone(),
+                tokio_util::task::TaskTracker::new(),
+                tokio_util::sync::CancellationToken::new(),
+            )),
+            writes: super::super::write_batch::WriteBatcher::new(store.clone()),
+            store: store.clone(),
+            admission_cache: super::super::admission_cache::AdmissionCache::default(),
+            server_address: "127.0.0.1".into(),
+            tasks: tokio_util::task::TaskTracker::new(),
+        };
+        let nsres = resources::find("", "v1", "namespaces").expect("namespaces");
+        let pods = resources::find("", "v1", "pods").expect("pods");
+        let ns = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default"}});
+        create(&app, nsres, None, ns, false, Owner::Update("test"))
+            .await
+            .expect("namespace");
+        let n = 200;
+        let mut rvs = Vec::new();
+        for i in 0..n {
+            let pod = json!({"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": format!("p-{i}"), "namespace": "default"},
+                "spec": {"containers": [{"name": "c", "image": "x.wasm"}]}});
+            let (out, _) = create(
+                &app,
+                pods,
+                Some("default"),
+                pod,
+                false,
+                Owner::Update("test"),
+            )
+            .await
+            .expect("create pod");
+            rvs.push(
+                meta_str(&out, "resourceVersion")
+                    .unwrap_or_default()
+                    .to_string(),
+            );
+        }
+        let status = |i: usize, phase: &str| {
+            json!({"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": format!("p-{i}"), "namespace": "default",
+                    "resourceVersion": rvs[i]},
+                "status": {"phase": phase}})
+        };
+        let app = &app;
+        let binds = (0..n / 2).map(|i| async move {
+            let name = format!("p-{i}");
+            let b = json!({"target": {"name": format!("node-{}", i % 7)}});
+            bind(app, pods, Some("default"), &name, &b)
+                .await
+                .map(|r| r.status().as_u16())
+                .map_err(|e| e.code)
+        });
+        let mut updates: Vec<_> = (n / 2..n).map(|i| (i, status(i, "Running"))).collect();
+        // A second writer of pod 150 with the same resourceVersion, queued last.
+        updates.push((150, status(150, "Failed")));
+        let updates = updates.into_iter().map(|(i, obj)| async move {
+            let name = format!("p-{i}");
+            update(
+                app,
+                pods,
+                Some("default"),
+                &name,
+                obj,
+                Some(Sub::Status),
+                false,
+                "agent",
+            )
+            .await
+            .map(|o| {
+                meta_str(&o, "resourceVersion")
+                    .unwrap_or_default()
+                    .to_string()
+            })
+            .map_err(|e| e.code)
+        });
+        let (bound, updated) = futures::future::join(
+            futures::future::join_all(binds),
+            futures::future::join_all(updates),
+        )
+        .await;
+        assert!(bound.iter().all(|r| *r == Ok(201)), "{bound:?}");
+        let (last, rest) = updated.split_last().expect("updates");
+        assert_eq!(*last, Err(409), "the second writer of p-150");
+        assert!(rest.iter().all(|r| r.is_ok()), "{rest:?}");
+        let (kvs, _) = store
+            .list(&pods.list_prefix(Some("default")))
+            .await
+            .expect("list");
+        let mut revisions = std::collections::HashSet::new();
+        for kv in &kvs {
+            let o = decode(pods, kv).expect("decode");
+            let i: usize = meta_str(&o, "name")
+                .and_then(|n| n.strip_prefix("p-"))
+                .and_then(|n| n.parse().ok())
+                .expect("name");
+            if i < n / 2 {
+                assert!(o.pointer("/spec/nodeName").is_some(), "p-{i} bound");
+            } else {
+                assert_eq!(o.pointer("/status/phase"), Some(&json!("Running")), "p-{i}");
+            }
+            revisions.insert(kv.mod_revision);
+        }
+        // 200 writes in a few shared transactions (128 per transaction at most).
+        assert!(revisions.len() <= 3, "{} revisions", revisions.len());
+    }
 
     #[test]
     fn stored_form_and_resource_version_splice() {

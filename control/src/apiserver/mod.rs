@@ -21,7 +21,6 @@ use crate::storage::Store;
 mod admission;
 mod admission_cache;
 mod auth;
-mod bind_batch;
 mod discovery;
 pub mod endpoint_reconciler;
 mod handlers;
@@ -38,6 +37,7 @@ mod status;
 mod table;
 mod watch;
 mod watch_cache;
+mod write_batch;
 
 pub use auth::Identity;
 pub use join::{JOIN_PATH, JoinAnswer, JoinError, StoreJoinInfo, fetch_join};
@@ -113,7 +113,7 @@ impl<S: Store> ApiServer<S> {
                     tasks.clone(),
                     stop.clone(),
                 )),
-                binds: bind_batch::BindBatcher::new(store.clone()),
+                writes: write_batch::WriteBatcher::new(store.clone()),
                 store,
                 admission_cache: admission_cache::AdmissionCache::default(),
                 server_address: "127.0.0.1".into(),

@@ -19,7 +19,7 @@ use super::resources::Resource;
 use super::selector::{FieldSelector, LabelSelector};
 use super::status::ApiError;
 use super::table;
-use super::watch_cache::{CachedEvent, WatchCache};
+use super::watch_cache::{CachedEvent, EventGroup, WatchCache};
 use crate::storage::{Revision, Store, StoreError, Versioned, WatchStream};
 
 /// How often an idle watch that allows bookmarks gets one.
@@ -167,6 +167,7 @@ pub(crate) async fn serve_watch<S: Store>(
         initial: initial.into(),
         initial_bookmark: send_initial,
         source: None,
+        carry: None,
         done: false,
         store: app.store.clone(),
         cache: app.watch_cache.clone(),
@@ -197,7 +198,7 @@ pub(crate) async fn serve_watch<S: Store>(
 /// Initial events are sent in chunks of about this size.
 const INITIAL_CHUNK_BYTES: usize = 64 * 1024;
 /// Events already waiting are sent together, up to this many per chunk (one TLS record and
-/// one write instead of one each).
+/// one write instead of one each), and past it to the end of the last event's revision.
 const BATCH_EVENTS: usize = 64;
 
 /// The state of one watch response.
@@ -217,6 +218,9 @@ struct Pump<S: Store> {
     initial_bookmark: bool,
     /// Subscribed on first use, after the initial events.
     source: Option<Source>,
+    /// An event taken from the source that starts the next chunk (it opened a new revision
+    /// once the chunk was full).
+    carry: Option<Arc<CachedEvent>>,
     /// The watch ended (an ERROR was sent).
     done: bool,
     store: S,
@@ -275,6 +279,7 @@ impl<S: Store> Pump<S> {
             done,
             deadline,
             tick,
+            carry,
             source: Some(source),
             ..
         } = self
@@ -283,17 +288,29 @@ impl<S: Store> Pump<S> {
         };
         let res = *res;
         loop {
-            let first = tokio::select! {
-                _ = deadline.as_mut() => return None,
-                _ = tick.tick(), if *bookmarks => return Some(enc.bookmark(*last, false)),
-                ev = source.next(res) => ev,
+            let first = match carry.take() {
+                Some(e) => Next::Event(e),
+                None => tokio::select! {
+                    _ = deadline.as_mut() => return None,
+                    _ = tick.tick(), if *bookmarks => return Some(enc.bookmark(*last, false)),
+                    ev = source.next(res) => ev,
+                },
             };
             let mut chunk = Chunk::default();
             let mut next = Some(first);
             let mut n = 0;
+            // The revision of the events taken so far: a chunk ends only between revisions,
+            // so a client that reads it whole has every event of each revision it saw. The
+            // source hands over a revision's events together (see `EventGroup`).
+            let mut chunk_rev = None;
             while let Some(ev) = next.take() {
                 match ev {
                     Next::Event(e) => {
+                        if n >= BATCH_EVENTS && chunk_rev != Some(e.revision) {
+                            *carry = Some(e);
+                            break;
+                        }
+                        chunk_rev = Some(e.revision);
                         if e.revision > *start && e.key.starts_with(prefix.as_str()) {
                             *last = e.revision;
                             if let Some(ty) = convert(filter, &e) {
@@ -318,9 +335,7 @@ impl<S: Store> Pump<S> {
                     }
                 }
                 n += 1;
-                if n < BATCH_EVENTS {
-                    next = source.ready(res);
-                }
+                next = source.ready(res);
             }
             if let Some(bytes) = chunk.finish() {
                 return Some(bytes);
@@ -360,8 +375,9 @@ impl Chunk {
 /// Where a watch's events come from.
 enum Source {
     Cache {
+        /// History to replay, then the rest of the last group received.
         replay: VecDeque<Arc<CachedEvent>>,
-        live: tokio::sync::broadcast::Receiver<Arc<CachedEvent>>,
+        live: tokio::sync::broadcast::Receiver<EventGroup>,
     },
     Store(WatchStream),
 }
@@ -382,7 +398,10 @@ impl Source {
                     return Some(Next::Event(e));
                 }
                 match live.try_recv() {
-                    Ok(e) => Some(Next::Event(e)),
+                    Ok(group) => {
+                        replay.extend(group.iter().cloned());
+                        replay.pop_front().map(Next::Event).or(Some(Next::Skip))
+                    }
                     Err(tokio::sync::broadcast::error::TryRecvError::Empty) => None,
                     Err(_) => Some(Next::End),
                 }
@@ -398,7 +417,10 @@ impl Source {
                     return Next::Event(e);
                 }
                 match live.recv().await {
-                    Ok(e) => Next::Event(e),
+                    Ok(group) => {
+                        replay.extend(group.iter().cloned());
+                        replay.pop_front().map_or(Next::Skip, Next::Event)
+                    }
                     Err(_) => Next::End,
                 }
             }
@@ -450,6 +472,7 @@ mod tests {
             initial: VecDeque::new(),
             initial_bookmark: false,
             source: None,
+            carry: None,
             done: false,
             store: store.clone(),
             cache: cache.clone(),

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{FutureExt as _, StreamExt};
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
@@ -21,8 +21,16 @@ use crate::storage::{Revision, Store, Versioned, WatchEvent};
 
 /// Events kept per resource type for watches that start in the recent past.
 const HISTORY: usize = 10_000;
-/// Fan-out buffer; a watcher further behind than this is disconnected (its client re-lists).
+/// Fan-out buffer in groups of events; a watcher further behind than this is disconnected
+/// (its client re-lists).
 const FANOUT: usize = 4096;
+/// A published group grows past this many events only to finish its last revision.
+const GROUP_EVENTS: usize = 1024;
+
+/// Events published together: whole revisions only, in revision order. A batched write puts
+/// many objects at one revision; delivering them as one unit lets the watch server keep them
+/// in one chunk (a client resuming from that resourceVersion would miss any it had not seen).
+pub(crate) type EventGroup = Arc<[Arc<CachedEvent>]>;
 
 /// One decoded store event.
 #[derive(Debug)]
@@ -105,13 +113,13 @@ struct Inner {
 
 struct ResourceCache {
     inner: Mutex<Inner>,
-    tx: broadcast::Sender<Arc<CachedEvent>>,
+    tx: broadcast::Sender<EventGroup>,
 }
 
 /// A subscription: past events to replay, then the live feed.
 pub(crate) struct Subscription {
     pub replay: Vec<Arc<CachedEvent>>,
-    pub live: broadcast::Receiver<Arc<CachedEvent>>,
+    pub live: broadcast::Receiver<EventGroup>,
 }
 
 /// Watch caches of every resource type, started on first use.
@@ -219,20 +227,50 @@ impl<S: Store> WatchCache<S> {
         let shutdown = self.shutdown.clone();
         self.tasks.spawn(async move {
             let mut stream = stream;
+            // The first event of the next group, read while finishing this one.
+            let mut carry: Option<WatchEvent> = None;
             loop {
-                let ev = tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    ev = stream.next() => ev,
+                let first = match carry.take() {
+                    Some(e) => Some(Ok(e)),
+                    None => tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        ev = stream.next() => ev,
+                    },
                 };
-                let Some(Ok(ev)) = ev else {
+                let Some(Ok(first)) = first else {
                     tracing::info!(
                         resource = res.plural,
                         "store watch ended; watch cache restarts on next use"
                     );
                     break;
                 };
-                if let Ok(mut inner) = feed.inner.lock() {
-                    match &ev {
+                // The store sends each revision's events together (one etcd watch response),
+                // so what is ready now ends on a revision boundary.
+                let mut events = vec![first];
+                let mut broken = false;
+                loop {
+                    match stream.next().now_or_never() {
+                        None => break,
+                        Some(Some(Ok(e))) => {
+                            let same = events.last().is_some_and(|l| l.revision() == e.revision());
+                            if events.len() >= GROUP_EVENTS && !same {
+                                carry = Some(e);
+                                break;
+                            }
+                            events.push(e);
+                        }
+                        Some(Some(Err(_)) | None) => {
+                            broken = true;
+                            break;
+                        }
+                    }
+                }
+                let Ok(mut inner) = feed.inner.lock() else {
+                    break;
+                };
+                let mut group = Vec::with_capacity(events.len());
+                for ev in &events {
+                    match ev {
                         WatchEvent::Put { kv, .. } => {
                             inner.objects.insert(kv.key.clone(), kv.clone());
                         }
@@ -241,22 +279,31 @@ impl<S: Store> WatchCache<S> {
                         }
                     }
                     inner.revision = inner.revision.max(ev.revision());
+                    if let Some(cached) = CachedEvent::from_store(res, ev) {
+                        let cached = Arc::new(cached);
+                        inner.history.push_back(cached.clone());
+                        group.push(cached);
+                    }
                 }
-                let Some(cached) = CachedEvent::from_store(res, &ev) else {
-                    continue;
-                };
-                let cached = Arc::new(cached);
-                let Ok(mut inner) = feed.inner.lock() else {
-                    break;
-                };
-                inner.history.push_back(cached.clone());
                 while inner.history.len() > HISTORY {
                     if let Some(old) = inner.history.pop_front() {
                         inner.complete_after = old.revision;
                     }
                 }
-                // No receivers is fine.
-                let _ = feed.tx.send(cached);
+                // Sent under the lock, so `subscribe` sees each group either in the history
+                // or on the live feed, never both or neither.
+                if !group.is_empty() {
+                    // No receivers is fine.
+                    let _ = feed.tx.send(group.into());
+                }
+                drop(inner);
+                if broken {
+                    tracing::info!(
+                        resource = res.plural,
+                        "store watch ended; watch cache restarts on next use"
+                    );
+                    break;
+                }
             }
             // Drop this cache: its watchers' feeds close and their clients re-watch.
             if let Ok(mut caches) = me.caches.lock()
@@ -317,10 +364,13 @@ mod tests {
             .await
             .expect("create");
         for sub in &mut subs {
-            let ev = tokio::time::timeout(Duration::from_secs(10), sub.live.recv())
+            let group = tokio::time::timeout(Duration::from_secs(10), sub.live.recv())
                 .await
                 .expect("in time")
                 .expect("event");
+            let [ev] = &group[..] else {
+                panic!("one event: {group:?}")
+            };
             assert_eq!(
                 (ev.revision, ev.deleted, ev.obj["metadata"]["name"].as_str()),
                 (rev, false, Some("a"))

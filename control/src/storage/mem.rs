@@ -23,7 +23,9 @@ pub struct MemStore {
     inner: Arc<Mutex<Inner>>,
     /// Fault hook: while set every call fails with `Unavailable` (tests of the 503 path).
     down: Arc<AtomicBool>,
-    events: broadcast::Sender<WatchEvent>,
+    /// The events of one revision per message: a watcher never sees part of a transaction
+    /// without the rest (the store and etcd send a revision in one watch response too).
+    events: broadcast::Sender<Arc<Vec<WatchEvent>>>,
 }
 
 struct Inner {
@@ -77,12 +79,20 @@ impl MemStore {
     }
 
     fn record(&self, inner: &mut Inner, event: WatchEvent) {
-        inner.history.push_back(event.clone());
+        self.record_all(inner, vec![event]);
+    }
+
+    /// Records the events of one revision and publishes them together.
+    fn record_all(&self, inner: &mut Inner, events: Vec<WatchEvent>) {
+        if events.is_empty() {
+            return;
+        }
+        inner.history.extend(events.iter().cloned());
         while inner.history.len() > HISTORY {
             inner.history.pop_front();
         }
         // No receivers is fine: nobody watches.
-        let _ = self.events.send(event);
+        let _ = self.events.send(Arc::new(events));
     }
 }
 
@@ -227,6 +237,7 @@ impl Store for MemStore {
         }
         inner.revision += 1;
         let revision = inner.revision;
+        let mut events = Vec::with_capacity(ops.len());
         for op in ops {
             match op {
                 TxnOp::Put { key, value } => {
@@ -236,22 +247,20 @@ impl Store for MemStore {
                         mod_revision: revision,
                     };
                     let prev = inner.data.insert(key, kv.clone());
-                    self.record(&mut inner, WatchEvent::Put { kv, prev });
+                    events.push(WatchEvent::Put { kv, prev });
                 }
                 TxnOp::Delete { key } => {
                     if let Some(prev) = inner.data.remove(&key) {
-                        self.record(
-                            &mut inner,
-                            WatchEvent::Delete {
-                                key,
-                                revision,
-                                prev: Some(prev),
-                            },
-                        );
+                        events.push(WatchEvent::Delete {
+                            key,
+                            revision,
+                            prev: Some(prev),
+                        });
                     }
                 }
             }
         }
+        self.record_all(&mut inner, events);
         Ok(revision)
     }
 
@@ -290,17 +299,21 @@ impl Store for MemStore {
             .max(inner.revision);
         drop(inner);
         let prefix = prefix.to_string();
-        let live = BroadcastStream::new(rx).filter_map(move |item| {
-            let out = match item {
-                Ok(e) if e.revision() > last && event_key(&e).starts_with(&prefix) => Some(Ok(e)),
-                Ok(_) => None,
+        let live = BroadcastStream::new(rx).flat_map(move |item| {
+            let out: Vec<Result<WatchEvent, StoreError>> = match item {
+                Ok(events) => events
+                    .iter()
+                    .filter(|e| e.revision() > last && event_key(e).starts_with(&prefix))
+                    .cloned()
+                    .map(Ok)
+                    .collect(),
                 Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => {
-                    Some(Err(StoreError::Unavailable(format!(
-                        "watcher lagged by {n} events"
-                    ))))
+                    vec![Err(StoreError::Unavailable(format!(
+                        "watcher lagged by {n} revisions"
+                    )))]
                 }
             };
-            futures::future::ready(out)
+            futures::stream::iter(out)
         });
         Ok(Box::pin(
             futures::stream::iter(replay.into_iter().map(Ok)).chain(live),
