@@ -43,6 +43,7 @@ fn sub_kind(
         Sub::Binding => ("", "v1", "Binding", &["create"]),
         Sub::Log => ("", "v1", "Pod", &["get"]),
         Sub::Eviction => ("policy", "v1", "Eviction", &["create"]),
+        Sub::Finalize => (res.group, res.version, res.kind, &["update"]),
     }
 }
 

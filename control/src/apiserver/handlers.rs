@@ -655,6 +655,18 @@ async fn dispatch_inner<S: Store>(app: Arc<App<S>>, req: Request) -> Result<Resp
                 &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}),
             ))
         }
+        ("update", Some(Sub::Finalize)) => {
+            let body = read_body(req).await?;
+            let obj = parse_body(&body, &content_type)?;
+            let name = t.name.as_deref().unwrap_or_default();
+            let out = finalize_namespace(&app, t.res, name, &obj).await?;
+            Ok(json_response(StatusCode::OK, &out))
+        }
+        (_, Some(Sub::Finalize)) => Err(ApiError::new(
+            405,
+            "MethodNotAllowed",
+            "the server does not allow this method on the requested resource",
+        )),
         ("update", sub) => {
             let body = read_body(req).await?;
             let mut obj = parse_body(&body, &content_type)?;
@@ -1101,8 +1113,14 @@ fn reset_status_on_create(res: &Resource, obj: &mut Value) {
     }
 }
 
-/// Ensures the namespace exists for namespaced creates.
-async fn require_namespace<S: Store>(app: &App<S>, res: &Resource, ns: Option<&str>) -> Result<()> {
+/// Ensures the namespace exists and is not being terminated for namespaced creates (the
+/// NamespaceLifecycle admission plugin).
+async fn require_namespace<S: Store>(
+    app: &App<S>,
+    res: &Resource,
+    ns: Option<&str>,
+    name: &str,
+) -> Result<()> {
     if !res.namespaced {
         return Ok(());
     }
@@ -1114,14 +1132,23 @@ async fn require_namespace<S: Store>(app: &App<S>, res: &Resource, ns: Option<&s
     match app.namespace(ns).await? {
         Some(n) => {
             if n.pointer("/metadata/deletionTimestamp").is_some() {
-                return Err(ApiError::new(
+                let what = res.qualified_plural();
+                let mut e = ApiError::new(
                     403,
                     "Forbidden",
                     format!(
-                        "{} \"{}\" is forbidden: unable to create new content in namespace {ns} because it is being terminated",
-                        res.plural, ""
+                        "{what} \"{name}\" is forbidden: unable to create new content in namespace {ns} because it is being terminated"
                     ),
-                ));
+                );
+                let mut details = json!({"name": name, "kind": res.plural,
+                    "causes": [{"reason": "NamespaceTerminating",
+                                "message": format!("namespace {ns} is being terminated"),
+                                "field": "metadata.namespace"}]});
+                if !res.group.is_empty() {
+                    details["group"] = json!(res.group);
+                }
+                e.details = Some(details);
+                return Err(e);
             }
             Ok(())
         }
@@ -1163,7 +1190,7 @@ pub(crate) async fn create<S: Store>(
         None
     };
     mark("admission");
-    require_namespace(app, res, ns).await?;
+    require_namespace(app, res, ns, meta_str(&obj, "name").unwrap_or_default()).await?;
     mark("namespace");
     let generate = meta_str(&obj, "name")
         .is_none()
@@ -1547,6 +1574,9 @@ fn prepare_update(
             }
         }
     }
+    if res.kind == "Namespace" {
+        keep_namespace_lifecycle(old, &mut new);
+    }
     if res.has(Sub::Status) && res.kind != "Node" && res.kind != "Namespace" {
         match old.get("status") {
             Some(s) => new["status"] = s.clone(),
@@ -1613,7 +1643,8 @@ async fn store_update<S: Store>(
     let finalizers_gone = new
         .pointer("/metadata/finalizers")
         .and_then(Value::as_array)
-        .is_none_or(Vec::is_empty);
+        .is_none_or(Vec::is_empty)
+        && namespace_finalized(res, &new);
     let deleting = new.pointer("/metadata/deletionTimestamp").is_some();
     let grace_done = new
         .pointer("/metadata/deletionGracePeriodSeconds")
@@ -1940,7 +1971,7 @@ pub(crate) async fn delete<S: Store>(
         return Err(ApiError::conflict(res.group, res.plural, name));
     }
     if res.kind == "Namespace" {
-        delete_namespace_contents(app, name).await?;
+        return delete_namespace(app, res, name, &key, kv.mod_revision, old, q, opts).await;
     }
     let requested_grace = q
         .get("gracePeriodSeconds")
@@ -2078,24 +2109,187 @@ fn set_propagation_finalizer(obj: &mut Value, finalizer: &str) -> bool {
     changed
 }
 
-/// Removes every namespaced object of a namespace being deleted (the namespace controller's
-/// job in Kubernetes, done synchronously here).
-async fn delete_namespace_contents<S: Store>(app: &App<S>, ns: &str) -> Result<()> {
-    for res in resources::RESOURCES.iter().filter(|r| r.namespaced) {
-        let (kvs, _) = app.store.list(&res.list_prefix(Some(ns))).await?;
-        for kv in kvs {
-            if res.kind == "Service" {
-                let svc = decode(res, &kv)?;
-                let (_, ops) = release_service_addresses(app, &kv.key, &svc).await?;
-                app.store.txn(Vec::new(), ops).await?;
-            }
-            match app.store.delete(&kv.key, None).await {
-                Ok(_) | Err(StoreError::NotFound) => {}
-                Err(e) => return Err(e.into()),
+/// Namespaces that may never be deleted (the NamespaceLifecycle admission plugin's list).
+const UNDELETABLE_NAMESPACES: &[&str] = &["default", "kube-system", "kube-public"];
+
+fn spec_finalizers(ns: &Value) -> &[Value] {
+    ns.pointer("/spec/finalizers")
+        .and_then(Value::as_array)
+        .map_or(&[], Vec::as_slice)
+}
+
+/// Whether nothing in `spec.finalizers` holds the object back (always true except for a
+/// Namespace still waiting for the namespace controller).
+fn namespace_finalized(res: &Resource, obj: &Value) -> bool {
+    res.kind != "Namespace" || spec_finalizers(obj).is_empty()
+}
+
+/// A namespace's lifecycle is not the writer's to change: a main-resource update keeps
+/// `spec.finalizers` (written only through `finalize`) and `status` (through `status`).
+fn keep_namespace_lifecycle(old: &Value, new: &mut Value) {
+    match old.pointer("/spec/finalizers") {
+        Some(f) => new["spec"]["finalizers"] = f.clone(),
+        None => {
+            if let Some(spec) = new.get_mut("spec").and_then(Value::as_object_mut) {
+                spec.remove("finalizers");
             }
         }
     }
-    Ok(())
+    match old.get("status") {
+        Some(st) => new["status"] = st.clone(),
+        None => {
+            if let Some(m) = new.as_object_mut() {
+                m.remove("status");
+            }
+        }
+    }
+}
+
+/// DELETE of a namespace, as kube-apiserver does it: the first delete marks it
+/// (`deletionTimestamp`, phase `Terminating`) and returns it; the namespace controller then
+/// deletes its contents and removes its `kubernetes` entry of `spec.finalizers` through
+/// [`finalize_namespace`], which removes the object once no finalizer is left. A namespace
+/// with no finalizer at all goes at once.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the DELETE request's full context; one caller"
+)]
+async fn delete_namespace<S: Store>(
+    app: &App<S>,
+    res: &Resource,
+    name: &str,
+    key: &str,
+    rev: Revision,
+    old: Value,
+    q: &Query,
+    opts: &Value,
+) -> Result<Value> {
+    if UNDELETABLE_NAMESPACES.contains(&name) {
+        return Err(ApiError::new(
+            403,
+            "Forbidden",
+            format!("namespaces \"{name}\" is forbidden: this namespace may not be deleted"),
+        ));
+    }
+    // Validated as for any delete; nothing owns dependents through a namespace, so every
+    // policy means the same here.
+    propagation_finalizer(q, opts)?;
+    app.admission_cache.invalidate(res.plural);
+    let conflict = |e: StoreError| match e {
+        StoreError::Conflict { .. } => ApiError::conflict(res.group, res.plural, name),
+        StoreError::NotFound => ApiError::not_found(res.group, res.plural, name),
+        e => e.into(),
+    };
+    let meta_finalized = old
+        .pointer("/metadata/finalizers")
+        .and_then(Value::as_array)
+        .is_none_or(Vec::is_empty);
+    if old.pointer("/metadata/deletionTimestamp").is_some() {
+        // Already terminating: the controller is at work; a repeated DELETE changes nothing.
+        if namespace_finalized(res, &old) && meta_finalized {
+            app.store.delete(key, Some(rev)).await.map_err(conflict)?;
+        }
+        return Ok(old);
+    }
+    if namespace_finalized(res, &old) && meta_finalized {
+        app.store.delete(key, Some(rev)).await.map_err(conflict)?;
+        return Ok(old);
+    }
+    let mut marked = old;
+    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    marked["metadata"]["deletionTimestamp"] = json!(now);
+    marked["metadata"]["deletionGracePeriodSeconds"] = json!(0);
+    if !marked.get("status").is_some_and(Value::is_object) {
+        marked["status"] = json!({});
+    }
+    marked["status"]["phase"] = json!("Terminating");
+    let rev = app
+        .store
+        .update(key, encode(&marked), rev)
+        .await
+        .map_err(conflict)?;
+    Ok(with_rv(marked, rev))
+}
+
+/// PUT `namespaces/{name}/finalize`: replaces `spec.finalizers` (nothing else) and removes a
+/// terminating namespace once neither `spec.finalizers` nor `metadata.finalizers` is left.
+async fn finalize_namespace<S: Store>(
+    app: &App<S>,
+    res: &Resource,
+    name: &str,
+    body: &Value,
+) -> Result<Value> {
+    if let Some(n) = meta_str(body, "name")
+        && n != name
+    {
+        return Err(ApiError::bad_request(format!(
+            "the name of the object ({n}) does not match the name on the URL ({name})"
+        )));
+    }
+    let finalizers = match body.pointer("/spec/finalizers") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(a)) if a.iter().all(|f| f.as_str().is_some_and(|f| !f.is_empty())) => {
+            a.clone()
+        }
+        Some(v) => {
+            return Err(ApiError::invalid(
+                res.group,
+                res.kind,
+                name,
+                vec![Cause::invalid(
+                    "spec.finalizers",
+                    v,
+                    "must be a list of non-empty names",
+                )],
+            ));
+        }
+    };
+    let explicit_rv = meta_str(body, "resourceVersion")
+        .map(parse_rv)
+        .transpose()?;
+    // Without a resourceVersion the write is retried over concurrent changes (a guaranteed
+    // update); with one it is a precondition.
+    for _ in 0..5 {
+        let key = res.key(None, name);
+        let Some(kv) = app.store.get(&key).await? else {
+            return Err(ApiError::not_found(res.group, res.plural, name));
+        };
+        if explicit_rv.is_some_and(|rv| rv != kv.mod_revision) {
+            return Err(ApiError::conflict(res.group, res.plural, name));
+        }
+        let mut new = decode(res, &kv)?;
+        new["spec"]["finalizers"] = Value::Array(finalizers.clone());
+        app.admission_cache.invalidate(res.plural);
+        let gone = new.pointer("/metadata/deletionTimestamp").is_some()
+            && finalizers.is_empty()
+            && new
+                .pointer("/metadata/finalizers")
+                .and_then(Value::as_array)
+                .is_none_or(Vec::is_empty);
+        let written = if gone {
+            app.store
+                .delete(&key, Some(kv.mod_revision))
+                .await
+                .map(|_| new.clone())
+        } else {
+            app.store
+                .update(&key, encode(&new), kv.mod_revision)
+                .await
+                .map(|rev| with_rv(new.clone(), rev))
+        };
+        match written {
+            Ok(out) => return Ok(out),
+            Err(StoreError::Conflict { .. }) if explicit_rv.is_none() => continue,
+            Err(StoreError::Conflict { .. }) => {
+                return Err(ApiError::conflict(res.group, res.plural, name));
+            }
+            Err(StoreError::NotFound) => {
+                return Err(ApiError::not_found(res.group, res.plural, name));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(ApiError::conflict(res.group, res.plural, name))
 }
 
 async fn bind<S: Store>(

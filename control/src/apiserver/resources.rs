@@ -8,6 +8,8 @@ pub(crate) enum Sub {
     Binding,
     Log,
     Eviction,
+    /// `namespaces/{name}/finalize`: the namespace controller's write of `spec.finalizers`.
+    Finalize,
 }
 
 impl Sub {
@@ -18,6 +20,7 @@ impl Sub {
             Sub::Binding => "binding",
             Sub::Log => "log",
             Sub::Eviction => "eviction",
+            Sub::Finalize => "finalize",
         }
     }
 
@@ -28,6 +31,7 @@ impl Sub {
             "binding" => Sub::Binding,
             "log" => Sub::Log,
             "eviction" => Sub::Eviction,
+            "finalize" => Sub::Finalize,
             _ => return None,
         })
     }
@@ -128,7 +132,7 @@ pub(crate) static RESOURCES: &[Resource] = &[
         "namespace",
         &["ns"],
         false,
-        &[Sub::Status],
+        &[Sub::Status, Sub::Finalize],
     ),
     r(
         "",

@@ -17,9 +17,10 @@
 //! - [`leader`]: leader election through a Lease, so one server's controllers act at a time.
 //!
 //! - `endpoints`: Endpoints from Service selectors and pods.
+//! - `namespace`: namespace deletion (empties a terminating namespace, then removes its
+//!   `kubernetes` finalizer through `namespaces/{name}/finalize`).
 //!
-//! Not done yet: namespace deletion as a controller (the API server deletes a namespace's
-//! contents itself), `kubectl drain` beyond what the eviction subresource does.
+//! Not done yet: `kubectl drain` beyond what the eviction subresource does.
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,6 +36,7 @@ mod gc;
 pub mod informer;
 pub mod labels;
 pub mod leader;
+mod namespace;
 mod node_lifecycle;
 pub mod queue;
 pub mod replicaset;
@@ -341,6 +343,7 @@ pub async fn run_all(client: ApiClient, config: ControllerConfig, shutdown: Canc
     ));
     set.spawn(node_lifecycle::run(ctx.clone(), shutdown.clone()));
     set.spawn(gc::run(ctx.clone(), shutdown.clone()));
+    set.spawn(namespace::run(ctx.clone(), shutdown.clone()));
     while let Some(r) = set.join_next().await {
         if let Err(e) = r
             && e.is_panic()

@@ -563,7 +563,8 @@ async fn graceful_delete_finalizers_status_scale(s: &Server) -> anyhow::Result<(
         (Some(7), Some(2))
     );
 
-    // Deleting a namespace removes its contents.
+    // Deleting a namespace marks it Terminating (no new content); the namespace controller
+    // then removes its contents and finalizes it.
     post(
         s,
         "/api/v1/namespaces",
@@ -571,7 +572,47 @@ async fn graceful_delete_finalizers_status_scale(s: &Server) -> anyhow::Result<(
     )
     .await?;
     post(s, "/api/v1/namespaces/tmp/pods", &pod("x")).await?;
-    s.http("DELETE", "/api/v1/namespaces/tmp", &[], b"").await?;
+    let r = s.http("DELETE", "/api/v1/namespaces/tmp", &[], b"").await?;
+    assert_eq!(
+        (r.status, r.json()["status"]["phase"].clone()),
+        (200, json!("Terminating"))
+    );
+    let r = post(s, "/api/v1/namespaces/tmp/pods", &pod("y")).await?;
+    assert_eq!(
+        (r.status, r.json()["message"].clone()),
+        (
+            403,
+            json!(
+                "pods \"y\" is forbidden: unable to create new content in namespace tmp because it is being terminated"
+            )
+        )
+    );
+    let admin = control::controllers::ApiClient::new(
+        &format!("https://127.0.0.1:{}", s.addr.port()),
+        Some(&s.admin_token),
+        Some(&s.ca_pem),
+    )?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let controllers = tokio::spawn(control::controllers::run_all(
+        admin,
+        control::controllers::ControllerConfig::default(),
+        stop.clone(),
+    ));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while s
+        .http("GET", "/api/v1/namespaces/tmp", &[], b"")
+        .await?
+        .status
+        != 404
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "namespace tmp not removed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.cancel();
+    let _ = controllers.await;
     assert_eq!(
         s.http("GET", "/api/v1/namespaces/tmp/pods/x", &[], b"")
             .await?
