@@ -2,7 +2,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use super::history::{Input, Operation, Output};
-use super::lease::{LeaseLife, LeaseStep};
+use super::lease::{ClockJump, LeaseLife, LeaseStep, early_expiry_allowance};
 use super::linearizability::{self, Verdict};
 use super::workload::WatchLog;
 
@@ -25,6 +25,8 @@ pub struct Observed<'a> {
     pub samples: &'a [(usize, u64, Option<u64>)],
     /// Lease lives, when the run had lease clients.
     pub leases: Option<&'a [LeaseLife]>,
+    /// Lease clock jumps the nemesis made (F15; empty otherwise).
+    pub clock_jumps: &'a [ClockJump],
 }
 
 /// Every invariant check over what a run observed, in report order.
@@ -48,7 +50,7 @@ pub fn check_all(o: &Observed<'_>) -> Vec<Check> {
         converged(o.dumps),
     ];
     if let Some(l) = o.leases {
-        checks.push(lease_safety(l));
+        checks.push(lease_safety(l, o.clock_jumps));
     }
     checks
 }
@@ -362,8 +364,10 @@ pub fn converged(dumps: &[Vec<KvRow>]) -> Check {
 
 /// I7: a leased key is never gone before the TTL has run from the last renewal the store
 /// acknowledged before the observation (the leader counts from when it saw the renewal,
-/// which is after its call time), and a lease left to lapse is eventually revoked.
-pub fn lease_safety(lives: &[LeaseLife]) -> Check {
+/// which is after its call time), and a lease left to lapse is eventually revoked. With lease
+/// clock jumps (F15) the TTL is the serving leader's: an expiry may come early by as much as
+/// one member's clock jumped forward meanwhile ([`early_expiry_allowance`]), no more.
+pub fn lease_safety(lives: &[LeaseLife], jumps: &[ClockJump]) -> Check {
     let mut observations = 0usize;
     let mut expired = 0usize;
     let mut problems = Vec::new();
@@ -414,14 +418,16 @@ pub fn lease_safety(lives: &[LeaseLife]) -> Check {
                 .map(|(c, _)| *c)
                 .max()
                 .unwrap_or(0);
-            if ret < last + ttl_ns {
+            let allowance = early_expiry_allowance(jumps, last, ret);
+            let allowed_from = (last + ttl_ns).saturating_sub(allowance);
+            if ret < allowed_from {
                 problems.push(format!(
-                    "lease {:x} (TTL {} s): its key was gone by {:.3}s, but a renewal called at {:.3}s was acknowledged (expiry allowed from {:.3}s)",
+                    "lease {:x} (TTL {} s): its key was gone by {:.3}s, but a renewal called at {:.3}s was acknowledged (expiry allowed from {:.3}s, clock jumps included)",
                     life.id,
                     life.ttl,
                     ret as f64 / 1e9,
                     last as f64 / 1e9,
-                    (last + ttl_ns) as f64 / 1e9
+                    allowed_from as f64 / 1e9
                 ));
             }
         }
@@ -598,19 +604,46 @@ mod tests {
                 },
             ],
         };
-        assert!(lease_safety(std::slice::from_ref(&ok)).result.is_ok());
+        assert!(lease_safety(std::slice::from_ref(&ok), &[]).result.is_ok());
         let mut early = ok.clone();
         early.steps[2] = LeaseStep::Read {
             call: 2 * s,
             ret: 2 * s + 10,
             present: false,
         };
-        assert!(lease_safety(&[early]).result.is_err());
+        assert!(
+            lease_safety(std::slice::from_ref(&early), &[])
+                .result
+                .is_err()
+        );
+        // 1 s early: explained by one member's clock jumping 1.2 s forward after the renewal,
+        // not by a jump before it, a backward one, or 0.6 s on each of two members.
+        let jump = |at: u64, member: usize, delta_ms: i64| crate::lease::ClockJump {
+            at,
+            member,
+            delta_ms,
+        };
+        let early = std::slice::from_ref(&early);
+        assert!(
+            lease_safety(early, &[jump(s + s / 2, 0, 1200)])
+                .result
+                .is_ok()
+        );
+        assert!(lease_safety(early, &[jump(s / 2, 0, 1200)]).result.is_err());
+        assert!(
+            lease_safety(early, &[jump(s + s / 2, 0, -1200)])
+                .result
+                .is_err()
+        );
+        let split = [jump(s + s / 2, 0, 600), jump(s + s / 2, 1, 600)];
+        assert!(lease_safety(early, &split).result.is_err());
+        let both = [jump(s + s / 4, 1, 600), jump(s + s / 2, 1, 600)];
+        assert!(lease_safety(early, &both).result.is_ok());
         let mut never = ok;
         never.steps[3] = LeaseStep::Expired {
             last_renewal: s,
             gone_at: None,
         };
-        assert!(lease_safety(&[never]).result.is_err());
+        assert!(lease_safety(&[never], &[]).result.is_err());
     }
 }

@@ -1,5 +1,6 @@
 //! In-process store clusters (real sled data dirs in tempdirs) whose Raft traffic goes through a
 //! [`Router`] and whose log stores sit behind [`DiskFaults`].
+use std::fs::OpenOptions;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicI64;
@@ -106,12 +107,15 @@ impl CrashSwitch {
             }
             s.images += 1;
             let image = image_path(&data_dir, s.images);
-            if let Err(e) = copy_dir(&data_dir, &image) {
-                tracing::error!(error = %e, "crash image failed; not crashing");
-                s.armed = None;
-                return false;
-            }
-            tracing::info!(?point, image = %image.display(), "injected crash");
+            let dropped = match copy_dir(&data_dir, &image) {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::error!(error = %e, "crash image failed; not crashing");
+                    s.armed = None;
+                    return false;
+                }
+            };
+            tracing::info!(?point, image = %image.display(), unsynced_bytes_dropped = dropped, "injected crash");
             s.armed = None;
             s.dead = true;
             s.image = Some(image);
@@ -149,19 +153,41 @@ fn image_path(data_dir: &Path, n: u32) -> PathBuf {
     data_dir.with_file_name(format!("{name}-crash{n}"))
 }
 
-/// Copies a data dir (files and subdirectories).
-fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+/// Copies a data dir (files and subdirectories) as a power cut at this instant leaves it, the
+/// way LazyFS does (F9): a file the Raft log reported syncs for keeps only its synced prefix,
+/// since bytes written after the last sync sit in the page cache a power cut empties. (Sled's
+/// unsynced writes are process memory and never reach the copy.) Returns the bytes dropped.
+fn copy_dir(from: &Path, to: &Path) -> std::io::Result<u64> {
     std::fs::create_dir_all(to)?;
+    let mut dropped = 0;
     for entry in std::fs::read_dir(from)? {
         let entry = entry?;
         let target = to.join(entry.file_name());
         if entry.file_type()?.is_dir() {
-            copy_dir(&entry.path(), &target)?;
-        } else {
-            std::fs::copy(entry.path(), target)?;
+            dropped += copy_dir(&entry.path(), &target)?;
+            continue;
+        }
+        // Read before and after the copy: a sync finishing meanwhile may only add bytes that
+        // were written before the copy (such bytes may survive a power cut too), and a
+        // truncated file's stale report is bounded by the later one.
+        let before = FaultHooks::synced_len(&entry.path());
+        let len = std::fs::copy(entry.path(), &target)?;
+        let after = FaultHooks::synced_len(&entry.path());
+        let synced = match (before, after) {
+            (Some(b), Some(a)) => Some(b.min(a)),
+            (b, a) => b.or(a),
+        };
+        if let Some(synced) = synced
+            && synced < len
+        {
+            OpenOptions::new()
+                .write(true)
+                .open(&target)?
+                .set_len(synced)?;
+            dropped += len - synced;
         }
     }
-    Ok(())
+    Ok(dropped)
 }
 
 /// How [`FaultCluster::crash_and_tear`] damages the tail of a crash image (F8).
@@ -303,6 +329,8 @@ impl FaultCluster {
         tunables: Tunables,
         planted_bug: bool,
     ) -> anyhow::Result<Self> {
+        // Crash images drop what the Raft logs wrote but did not sync (F9).
+        FaultHooks::track_synced_lengths();
         let dir = tempfile::tempdir()?;
         let router = Router::new(seed);
         let mut addrs = Vec::new();
@@ -562,8 +590,9 @@ impl FaultCluster {
 
     /// Crashes every running member at once (a power cut of the whole cluster): links are
     /// cut first and in-flight messages drained, so no member acknowledges anything after its
-    /// image is taken; then each member is stopped and its data dir replaced by the image.
-    pub async fn crash_all(&mut self) -> anyhow::Result<()> {
+    /// image is taken; then each member is stopped and its data dir replaced by the image,
+    /// which keeps only what was synced (see `copy_dir`). Returns the unsynced bytes dropped.
+    pub async fn crash_all(&mut self) -> anyhow::Result<u64> {
         let n = self.members.len();
         self.router.update(|f| {
             for a in 0..n {
@@ -577,6 +606,7 @@ impl FaultCluster {
         // Longer than any in-flight RPC's remaining time on loopback.
         tokio::time::sleep(Duration::from_millis(300)).await;
         let mut images = Vec::new();
+        let mut dropped = 0;
         for i in 0..n {
             let m = &mut self.members[i];
             if m.handle.is_none() {
@@ -586,7 +616,8 @@ impl FaultCluster {
             m.crash.lock().images += 1;
             let n_img = m.crash.lock().images;
             let image = image_path(&m.config.data_dir, n_img);
-            copy_dir(&m.config.data_dir, &image).with_context(|| format!("image member {i}"))?;
+            dropped += copy_dir(&m.config.data_dir, &image)
+                .with_context(|| format!("image member {i}"))?;
             images.push((i, image));
         }
         for (i, image) in images {
@@ -594,7 +625,7 @@ impl FaultCluster {
             self.members[i].config.data_dir = image;
             self.members[i].crash.lock().dead = false;
         }
-        Ok(())
+        Ok(dropped)
     }
 
     /// Stops member `i` (its tasks, Raft and sled handles go away; the data dir stays).

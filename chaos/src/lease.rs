@@ -61,6 +61,32 @@ pub enum LeaseStep {
     },
 }
 
+/// A jump of one member's lease clock (F15), as the nemesis made it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClockJump {
+    /// Recorder time (ns) of the jump.
+    pub at: u64,
+    /// Member index.
+    pub member: usize,
+    /// Milliseconds the clock moved (negative: backward).
+    pub delta_ms: i64,
+}
+
+/// How much earlier than its TTL (in ns of real time) a lease may be revoked when its
+/// countdown ran within `[from, to]` (recorder ns): the largest total forward jump one
+/// member's lease clock made in that window. Only the serving leader's clock counts
+/// (etcd-semantics §5, the lessor's documented bound); which member served is not recorded,
+/// so the worst member is taken. Backward jumps only delay an expiry.
+pub fn early_expiry_allowance(jumps: &[ClockJump], from: u64, to: u64) -> u64 {
+    let mut per_member: std::collections::BTreeMap<usize, u64> = Default::default();
+    for j in jumps.iter().filter(|j| j.at >= from && j.at <= to) {
+        if j.delta_ms > 0 {
+            *per_member.entry(j.member).or_default() += j.delta_ms.unsigned_abs() * 1_000_000;
+        }
+    }
+    per_member.into_values().max().unwrap_or(0)
+}
+
 /// The life of one lease.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LeaseLife {

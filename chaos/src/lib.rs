@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use self::checks::Check;
 use self::cluster::{FaultCluster, fault_tunables};
 use self::history::{Operation, Recorder};
+use self::lease::ClockJump;
 use self::workload::{WatchLog, WorkloadConfig};
 
 /// The seed from `SEED`, or a fresh one.
@@ -47,6 +48,10 @@ pub struct Ctx {
     pub schedule: Vec<String>,
     /// Leader observations `(member, term, leader)`.
     pub samples: Vec<(usize, u64, Option<u64>)>,
+    /// Lease clock jumps made so far (F15), for the lease check's bound.
+    pub clock_jumps: Vec<ClockJump>,
+    /// The workload's recorder (its clock times the jumps).
+    rec: Recorder,
     start: tokio::time::Instant,
 }
 
@@ -93,6 +98,21 @@ impl Ctx {
     /// Current leader index (waits up to 20 s for one).
     pub async fn leader(&self) -> anyhow::Result<usize> {
         self.cluster.wait_leader(Duration::from_secs(20)).await
+    }
+
+    /// Moves member `i`'s lease clock by `delta_ms` (F15; negative: backward). The member's
+    /// Raft timers keep real time.
+    pub fn jump_clock(&mut self, i: usize, delta_ms: i64) {
+        let offset = &self.cluster.members[i].clock_offset_ms;
+        let now = offset.fetch_add(delta_ms, std::sync::atomic::Ordering::Relaxed) + delta_ms;
+        self.clock_jumps.push(ClockJump {
+            at: self.rec.now(),
+            member: i,
+            delta_ms,
+        });
+        self.log(format!(
+            "member {i}'s lease clock jumps {delta_ms:+} ms (offset now {now:+} ms)"
+        ));
     }
 
     /// Cuts both directions between every member of `a` and every member of `b`.
@@ -171,6 +191,8 @@ pub struct Report {
     pub history_file: Option<std::path::PathBuf>,
     /// The recorded history (scenarios assert on what their nemesis provoked).
     pub history: Vec<Operation>,
+    /// The lease lives the lease clients recorded.
+    pub leases: Vec<lease::LeaseLife>,
     /// Wall time of the whole scenario.
     pub elapsed: Duration,
 }
@@ -339,6 +361,8 @@ where
         rng: StdRng::seed_from_u64(seed),
         schedule: Vec::new(),
         samples: Vec::new(),
+        clock_jumps: Vec::new(),
+        rec: rec.clone(),
         start: tokio::time::Instant::now(),
     };
     ctx.sleep(cfg.warmup).await;
@@ -404,6 +428,7 @@ where
         final_rev,
         samples: &ctx.samples,
         leases: Some(&lease_log),
+        clock_jumps: &ctx.clock_jumps,
     });
     let history_file = std::env::temp_dir().join(format!("flotilla-faults-{name}-{seed}.jsonl"));
     let history_file = history::write_file(&history, &history_file)
@@ -417,6 +442,7 @@ where
         ops: history.len(),
         history_file,
         history,
+        leases: lease_log,
         elapsed: started.elapsed(),
     };
     println!("{}", report.summary());

@@ -319,6 +319,7 @@ async fn chaos(args: ChaosArgs) -> anyhow::Result<()> {
         final_rev,
         samples: &samples,
         leases: None,
+        clock_jumps: &[],
     });
     let mut out = std::io::stdout().lock();
     writeln!(out, "\n{:<30} {:<7} detail", "invariant", "verdict")?;

@@ -118,8 +118,10 @@ async fn crash_and_restart(
 /// A power cut of the whole cluster: every member crashes at once and restarts from its
 /// image; returns once a leader is agreed.
 async fn power_cut(ctx: &mut Ctx) -> anyhow::Result<usize> {
-    ctx.cluster.crash_all().await?;
-    ctx.log("power cut: every member crashed");
+    let dropped = ctx.cluster.crash_all().await?;
+    ctx.log(format!(
+        "power cut: every member crashed ({dropped} written but unsynced log bytes lost)"
+    ));
     ctx.heal();
     for i in 0..ctx.cluster.len() {
         ctx.cluster.start_member(i).await?;

@@ -3,6 +3,7 @@
 //! lost writes, revisions, watches, leaders per term and convergence.
 use std::time::Duration;
 
+use chaos::lease::LeaseStep;
 use chaos::net::NetFaults;
 use chaos::{Ctx, ScenarioConfig};
 
@@ -477,4 +478,75 @@ async fn f18_retry_timed_out_writes() {
     }
     assert!(retried > 0, "no write was retried after an unknown outcome");
     println!("f18: {retried} writes retried after an unknown outcome");
+}
+
+/// F15: lease clocks skewed and jumping, forward and backward, on followers and on the leader,
+/// across a leader change, under the usual workload plus three lease clients. Only the
+/// lessors' clocks move (`FaultHooks::clock_offset_ms`): openraft's own timers (elections,
+/// heartbeats, its leader lease) and ReadIndex run on Tokio's clock and are not skewed, so
+/// I1–I6 must hold untouched (ReadIndex is clock-free). I7 holds on the serving leader's
+/// clock, its documented bound: a lease may be revoked early in real time by as much as that
+/// clock jumped forward during the countdown and no more; skew between members does not
+/// matter, since a new leader restarts every TTL on its own clock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f15_clock_skew_and_jumps() {
+    let cfg = ScenarioConfig {
+        lease_clients: 3,
+        ..ScenarioConfig::default()
+    };
+    let report = run("f15_clock_skew_and_jumps", cfg, async |ctx: &mut Ctx| {
+        let l = ctx.leader().await?;
+        let n = ctx.cluster.len();
+        // Hosts with skewed clocks: one follower ahead, one behind.
+        ctx.jump_clock((l + 1) % n, 1500);
+        ctx.jump_clock((l + 2) % n, -1500);
+        ctx.sleep(Duration::from_millis(800)).await;
+        // The leader's clock jumps forward by almost a TTL (renewed leases may now lapse
+        // early, within the bound), then back.
+        ctx.jump_clock(l, 1900);
+        ctx.sleep(Duration::from_millis(1000)).await;
+        ctx.jump_clock(l, -1800);
+        ctx.sleep(Duration::from_millis(1000)).await;
+        // A skewed follower takes over and counts every TTL afresh on its own clock.
+        ctx.partition(&[l], &others(n, l));
+        ctx.sleep(Duration::from_millis(1500)).await;
+        ctx.heal();
+        let l = ctx.leader().await?;
+        // Its clock runs fast (1.5×) for a second, then jumps back.
+        for _ in 0..5 {
+            ctx.jump_clock(l, 100);
+            ctx.sleep(Duration::from_millis(200)).await;
+        }
+        ctx.jump_clock(l, -1200);
+        ctx.sleep(Duration::from_millis(800)).await;
+        Ok(())
+    })
+    .await;
+    // The lease check had something to judge: keys read while leases lived, and leases left
+    // to lapse that the (skewed) leaders revoked.
+    let reads = report
+        .leases
+        .iter()
+        .flat_map(|l| &l.steps)
+        .filter(|s| matches!(s, LeaseStep::Read { present: true, .. }))
+        .count();
+    let lapsed = report
+        .leases
+        .iter()
+        .flat_map(|l| &l.steps)
+        .filter(|s| {
+            matches!(
+                s,
+                LeaseStep::Expired {
+                    gone_at: Some(_),
+                    ..
+                }
+            )
+        })
+        .count();
+    assert!(
+        reads >= 3 && lapsed >= 1,
+        "f15: too little lease activity to judge I7 ({reads} reads of live leased keys, \
+         {lapsed} leases lapsed and revoked)"
+    );
 }
