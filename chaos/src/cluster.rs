@@ -593,6 +593,16 @@ impl FaultCluster {
     /// image is taken; then each member is stopped and its data dir replaced by the image,
     /// which keeps only what was synced (see `copy_dir`). Returns the unsynced bytes dropped.
     pub async fn crash_all(&mut self) -> anyhow::Result<u64> {
+        self.crash_all_with(|_, _| Ok(())).await
+    }
+
+    /// [`FaultCluster::crash_all`], calling `at_crash(i, data_dir)` for each member the
+    /// instant it is dead (no storage call gets past a crash point any more) and before its
+    /// image is taken: F9's self-check writes unsynced bytes there.
+    pub async fn crash_all_with(
+        &mut self,
+        mut at_crash: impl FnMut(usize, &Path) -> std::io::Result<()>,
+    ) -> anyhow::Result<u64> {
         let n = self.members.len();
         self.router.update(|f| {
             for a in 0..n {
@@ -616,6 +626,7 @@ impl FaultCluster {
             m.crash.lock().images += 1;
             let n_img = m.crash.lock().images;
             let image = image_path(&m.config.data_dir, n_img);
+            at_crash(i, &m.config.data_dir).with_context(|| format!("crash member {i}"))?;
             dropped += copy_dir(&m.config.data_dir, &image)
                 .with_context(|| format!("image member {i}"))?;
             images.push((i, image));

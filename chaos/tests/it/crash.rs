@@ -10,7 +10,8 @@ use chaos::cluster::Tear;
 use chaos::{Ctx, ScenarioConfig, run_scenario};
 
 use super::{
-    busy, crash_and_restart, metric, others, power_cut, run, wait_purged_past, wait_snapshot_past,
+    busy, crash_and_restart, metric, others, power_cut, power_cut_with, run, wait_purged_past,
+    wait_snapshot_past,
 };
 use store::CrashPoint;
 
@@ -151,21 +152,54 @@ async fn f7_crash_during_compaction() {
 }
 
 /// F6/F9: a power cut of the whole cluster under load: every member restarts from what was on
-/// disk; nothing acknowledged may be missing.
+/// disk, LazyFS-style: each Raft log segment only as far as its last sync reached (bytes
+/// written after it were in the page cache the power cut emptied). Nothing acknowledged may be
+/// missing, so no acknowledgement may have depended on unsynced bytes. That the images really
+/// drop unsynced bytes is checked too: a follower dies with a write to its newest segment
+/// whose sync never came.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn f9_power_cut_all_members() {
+    const UNSYNCED: u64 = 512;
     let mut cfg = ScenarioConfig::default();
     // Every write in flight during the cut has an unknown outcome; spreading them over more
     // keys keeps the per-key linearizability search small.
     cfg.workload.keys = 12;
     run("f9_power_cut_all_members", cfg, async |ctx: &mut Ctx| {
         ctx.sleep(Duration::from_millis(800)).await;
-        let l = power_cut(ctx).await?;
+        let f = (ctx.leader().await? + 1) % ctx.cluster.len();
+        let (l, dropped) = power_cut_with(ctx, |i, dir| {
+            if i == f {
+                write_unsynced(dir, UNSYNCED)
+            } else {
+                Ok(())
+            }
+        })
+        .await?;
+        anyhow::ensure!(
+            dropped >= UNSYNCED,
+            "the crash images kept unsynced bytes: {UNSYNCED} written to member {f}'s log \
+             after its last sync, {dropped} dropped in all"
+        );
         ctx.log(format!("leader {l}"));
         ctx.sleep(Duration::from_millis(800)).await;
         Ok(())
     })
     .await;
+}
+
+/// Appends `n` bytes to the newest Raft log segment under `data_dir` without syncing them (a
+/// write whose sync the power cut beat).
+fn write_unsynced(data_dir: &std::path::Path, n: u64) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut segments: Vec<std::path::PathBuf> = std::fs::read_dir(data_dir.join("raftlog"))?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<Result<_, _>>()?;
+    segments.sort();
+    let newest = segments
+        .last()
+        .ok_or_else(|| std::io::Error::other("no raft log segment"))?;
+    let mut file = std::fs::OpenOptions::new().append(true).open(newest)?;
+    file.write_all(&vec![0xa5; usize::try_from(n).unwrap_or(0)])
 }
 
 /// The checker catches the planted bug: with appends acknowledged before the flush, the same

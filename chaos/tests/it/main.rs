@@ -118,7 +118,16 @@ async fn crash_and_restart(
 /// A power cut of the whole cluster: every member crashes at once and restarts from its
 /// image; returns once a leader is agreed.
 async fn power_cut(ctx: &mut Ctx) -> anyhow::Result<usize> {
-    let dropped = ctx.cluster.crash_all().await?;
+    power_cut_with(ctx, |_, _| Ok(())).await.map(|(l, _)| l)
+}
+
+/// [`power_cut`], calling `at_crash(member, data_dir)` as each member dies; returns the leader
+/// and how many written but unsynced log bytes the crash images lost.
+async fn power_cut_with(
+    ctx: &mut Ctx,
+    at_crash: impl FnMut(usize, &std::path::Path) -> std::io::Result<()>,
+) -> anyhow::Result<(usize, u64)> {
+    let dropped = ctx.cluster.crash_all_with(at_crash).await?;
     ctx.log(format!(
         "power cut: every member crashed ({dropped} written but unsynced log bytes lost)"
     ));
@@ -127,5 +136,5 @@ async fn power_cut(ctx: &mut Ctx) -> anyhow::Result<usize> {
         ctx.cluster.start_member(i).await?;
     }
     ctx.log("every member restarted from its crash image");
-    ctx.leader().await
+    Ok((ctx.leader().await?, dropped))
 }
