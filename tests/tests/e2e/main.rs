@@ -15,6 +15,8 @@
 //! - `eviction`: node memory pressure evicts BestEffort, then Burstable above request.
 //! - `gc`: foreground and orphan deletion propagation.
 //! - `priority`: higher `spec.priority` is scheduled first and preempts lower.
+//! - `namespaces`: `kubectl delete namespace` through the namespace controller; no new content
+//!   in a Terminating namespace.
 //! - `kubectl`: the real kubectl (when `scripts/kubectl` installed it) applies, scales, rolls
 //!   out, undoes and drains.
 use std::time::Duration;
@@ -28,6 +30,7 @@ mod gc;
 mod kubectl;
 mod leader;
 mod logs_exec;
+mod namespaces;
 mod node_loss;
 mod pods;
 mod priority;
