@@ -10,61 +10,58 @@ use chaos::cluster::Tear;
 use chaos::{Ctx, ScenarioConfig, run_scenario};
 
 use super::{
-    busy, crash_and_restart, metric, others, power_cut, power_cut_with, run, wait_purged_past,
-    wait_snapshot_past,
+    busy, crash_and_restart, metric, others, power_cut, power_cut_with, restart_after_crash, run,
+    wait_purged_past, wait_snapshot_past,
 };
 use store::CrashPoint;
+
+/// The leader crashes at `point` (reached within `within`), stays down 1.2 s (two election
+/// timeouts: a successor takes over) and restarts from its image.
+async fn crash_leader(ctx: &mut Ctx, point: CrashPoint, within: Duration) -> anyhow::Result<()> {
+    let l = ctx.leader().await?;
+    crash_and_restart(ctx, l, point, within, Duration::from_millis(1200)).await
+}
+
+/// A scenario whose nemesis is [`crash_leader`] at `point`, then 0.8 s more workload.
+async fn leader_crash_scenario(
+    name: &str,
+    cfg: ScenarioConfig,
+    point: CrashPoint,
+    within: Duration,
+) {
+    run(name, cfg, async |ctx: &mut Ctx| {
+        crash_leader(ctx, point, within).await?;
+        ctx.sleep(Duration::from_millis(800)).await;
+        Ok(())
+    })
+    .await;
+}
 
 /// F7: the leader dies with log entries written but not flushed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn f7_crash_leader_before_log_flush() {
-    run(
+    leader_crash_scenario(
         "f7_crash_leader_before_log_flush",
         ScenarioConfig::default(),
-        async |ctx: &mut Ctx| {
-            let l = ctx.leader().await?;
-            crash_and_restart(
-                ctx,
-                l,
-                CrashPoint::BeforeLogFlush,
-                Duration::from_secs(5),
-                Duration::from_millis(1200),
-            )
-            .await?;
-            ctx.sleep(Duration::from_millis(800)).await;
-            Ok(())
-        },
+        CrashPoint::BeforeLogFlush,
+        Duration::from_secs(5),
     )
     .await;
 }
 
-/// F7: a follower dies after flushing entries it has not acknowledged yet.
+/// F7: a follower dies after flushing entries it has not acknowledged yet; then the leader, at
+/// the same point.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn f7_crash_follower_after_log_flush() {
     run(
         "f7_crash_follower_after_log_flush",
         ScenarioConfig::default(),
         async |ctx: &mut Ctx| {
-            let l = ctx.leader().await?;
-            let f = (l + 1) % ctx.cluster.len();
-            crash_and_restart(
-                ctx,
-                f,
-                CrashPoint::AfterLogFlush,
-                Duration::from_secs(5),
-                Duration::from_millis(800),
-            )
-            .await?;
-            // Then the leader, at the same point.
-            let l = ctx.leader().await?;
-            crash_and_restart(
-                ctx,
-                l,
-                CrashPoint::AfterLogFlush,
-                Duration::from_secs(5),
-                Duration::from_millis(1200),
-            )
-            .await?;
+            let point = CrashPoint::AfterLogFlush;
+            let within = Duration::from_secs(5);
+            let f = (ctx.leader().await? + 1) % ctx.cluster.len();
+            crash_and_restart(ctx, f, point, within, Duration::from_millis(800)).await?;
+            crash_leader(ctx, point, within).await?;
             ctx.sleep(Duration::from_millis(500)).await;
             Ok(())
         },
@@ -75,22 +72,11 @@ async fn f7_crash_follower_after_log_flush() {
 /// F7: the leader dies while building a snapshot (after storing it, before using it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn f7_crash_during_snapshot_build() {
-    run(
+    leader_crash_scenario(
         "f7_crash_during_snapshot_build",
         busy(),
-        async |ctx: &mut Ctx| {
-            let l = ctx.leader().await?;
-            crash_and_restart(
-                ctx,
-                l,
-                CrashPoint::SnapshotBuild,
-                Duration::from_secs(40),
-                Duration::from_millis(1200),
-            )
-            .await?;
-            ctx.sleep(Duration::from_millis(800)).await;
-            Ok(())
-        },
+        CrashPoint::SnapshotBuild,
+        Duration::from_secs(40),
     )
     .await;
 }
@@ -109,18 +95,11 @@ async fn f7_crash_during_snapshot_install() {
             ctx.partition(&[f], &others(n, f));
             let behind = metric(ctx, f, |m| m.last_applied);
             wait_purged_past(ctx, f, behind).await?;
-            ctx.cluster.members[f]
-                .crash
-                .arm(CrashPoint::SnapshotInstall);
+            let point = CrashPoint::SnapshotInstall;
+            ctx.cluster.members[f].crash.arm(point);
             ctx.heal();
-            let hit = ctx.cluster.await_crash(f, Duration::from_secs(30)).await?;
-            anyhow::ensure!(hit, "follower {f} never started installing a snapshot");
-            ctx.log(format!(
-                "follower {f} crashed half way through a snapshot install"
-            ));
-            ctx.sleep(Duration::from_millis(500)).await;
-            ctx.cluster.start_member(f).await?;
-            ctx.log(format!("follower {f} restarted from its crash image"));
+            let (within, down) = (Duration::from_secs(30), Duration::from_millis(500));
+            restart_after_crash(ctx, f, point, within, down).await?;
             wait_snapshot_past(ctx, f, behind).await
         },
     )
@@ -135,19 +114,12 @@ async fn f7_crash_during_compaction() {
         compact_every: Some(Duration::from_millis(200)),
         ..ScenarioConfig::default()
     };
-    run("f7_crash_during_compaction", cfg, async |ctx: &mut Ctx| {
-        let l = ctx.leader().await?;
-        crash_and_restart(
-            ctx,
-            l,
-            CrashPoint::Compaction,
-            Duration::from_secs(10),
-            Duration::from_millis(1200),
-        )
-        .await?;
-        ctx.sleep(Duration::from_millis(800)).await;
-        Ok(())
-    })
+    leader_crash_scenario(
+        "f7_crash_during_compaction",
+        cfg,
+        CrashPoint::Compaction,
+        Duration::from_secs(10),
+    )
     .await;
 }
 

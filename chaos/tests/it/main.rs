@@ -106,7 +106,20 @@ async fn crash_and_restart(
     within: Duration,
     down: Duration,
 ) -> anyhow::Result<()> {
-    let hit = ctx.cluster.crash_at(i, point, within).await?;
+    ctx.cluster.members[i].crash.arm(point);
+    restart_after_crash(ctx, i, point, within, down).await
+}
+
+/// Waits (up to `within`) for member `i` to die at the `point` it was armed for, keeps it
+/// down for `down`, restarts it from the image.
+async fn restart_after_crash(
+    ctx: &mut Ctx,
+    i: usize,
+    point: CrashPoint,
+    within: Duration,
+    down: Duration,
+) -> anyhow::Result<()> {
+    let hit = ctx.cluster.await_crash(i, within).await?;
     anyhow::ensure!(hit, "member {i} never reached {point:?} within {within:?}");
     ctx.log(format!("member {i} crashed at {point:?}"));
     ctx.sleep(down).await;
