@@ -392,8 +392,10 @@ pub fn container_config(
         labels,
         annotations: HashMap::from([(ANNOTATION_IMAGE.to_owned(), c.image.clone())]),
         log_path: container_log_path(&c.name, 0),
-        stdin: false,
-        stdin_once: false,
+        // `kubectl attach -i` needs the container's stdin held open by the runtime; as for
+        // wasm pods it closes when the first attached input ends (Kubernetes' `stdinOnce`).
+        stdin: c.stdin,
+        stdin_once: c.stdin,
         tty: false,
         linux: Some(pb::LinuxContainerConfig {
             resources: Some(linux_resources(c)?),

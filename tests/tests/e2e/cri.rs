@@ -79,6 +79,55 @@ fn kubectl(kc: &Path, c: &Cluster, args: &[&str], stdin: Option<&str>) -> anyhow
     Ok(text)
 }
 
+/// [`kubectl`] for a streaming session (attach): killed if still running after `limit`, so a
+/// session that never ends fails the test instead of hanging it.
+fn kubectl_session(
+    kc: &Path,
+    c: &Cluster,
+    args: &[&str],
+    stdin: &str,
+    limit: Duration,
+) -> anyhow::Result<String> {
+    use std::io::{Read as _, Write as _};
+    let mut child = Command::new(kc)
+        .arg("--kubeconfig")
+        .arg(c.kubeconfig())
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    // Written and closed: the session sees the input end.
+    if let Some(mut si) = child.stdin.take() {
+        si.write_all(stdin.as_bytes())?;
+    }
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(st) = child.try_wait()? {
+            break Some(st);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut out = String::new();
+    let mut err = String::new();
+    if let Some(mut o) = child.stdout.take() {
+        o.read_to_string(&mut out)?;
+    }
+    if let Some(mut e) = child.stderr.take() {
+        e.read_to_string(&mut err)?;
+    }
+    match status {
+        Some(st) if st.success() => Ok(out),
+        Some(st) => anyhow::bail!("kubectl {args:?} failed ({st}): {out}{err}"),
+        None => anyhow::bail!("kubectl {args:?} still running after {limit:?}: {out}{err}"),
+    }
+}
+
 /// `kubectl port-forward POD :PORT`, then an HTTP GET of `path` through it: the response.
 fn port_forward_get(
     kc: &Path,
@@ -397,6 +446,46 @@ async fn kubectl_runs_busybox_on_containerd_through_cri() -> anyhow::Result<()> 
         ["42", "0"],
         "{out}"
     );
+
+    // --- kubectl attach: the running container's own stdin and output, through the CRI
+    // Attach RPC and containerd's streaming server
+    let attach_pod = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: attach-me\nspec:\n  restartPolicy: Never\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: main\n    image: {BUSYBOX}\n    stdin: true\n    command: [/bin/sh, -c, 'read line; echo \"got $line\"; read rest || echo eof']\n"
+    );
+    apply(kc, &c, &attach_pod).await?;
+    eventually("attach-me Running", WAIT, || async {
+        let p = pod(&c, "attach-me").await?;
+        Ok(
+            if p.pointer("/status/containerStatuses/0/state/running")
+                .is_some()
+            {
+                Ok(())
+            } else {
+                Err(format!("{:?}", waiting_reason(&p)))
+            },
+        )
+    })
+    .await?;
+    let attached = tokio::task::block_in_place(|| {
+        kubectl_session(
+            kc,
+            &c,
+            &["attach", "-i", "attach-me"],
+            "attached\n",
+            Duration::from_secs(60),
+        )
+    })?;
+    assert_eq!(attached, "got attached\neof\n");
+    eventually("attach-me Succeeded", WAIT, || async {
+        let p = pod(&c, "attach-me").await?;
+        Ok(if tests::phase(&p) == "Succeeded" {
+            Ok(())
+        } else {
+            Err(tests::phase(&p).to_owned())
+        })
+    })
+    .await?;
+    k(kc, &c, &["delete", "pod", "attach-me", "--wait=false"]).await?;
 
     // --- securityContext: a non-root UID, a read-only root, no capabilities
     let restricted = format!(
