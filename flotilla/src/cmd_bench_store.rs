@@ -343,6 +343,10 @@ pub(crate) struct BenchStoreArgs {
     /// Skip etcd (Flotilla row only).
     #[arg(long)]
     no_etcd: bool,
+    /// Run only these groups of shapes (comma-separated): seq, put, paced, txn, range, watch,
+    /// rss, failover. Default: all.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
 }
 
 /// One measured figure.
@@ -471,7 +475,8 @@ fn put_req(key: String) -> PutRequest {
 }
 
 /// Measures every shape against one cluster.
-async fn measure(c: &mut ProcCluster, quick: bool) -> anyhow::Result<Vec<Row>> {
+async fn measure(c: &mut ProcCluster, quick: bool, only: &[String]) -> anyhow::Result<Vec<Row>> {
+    let run = |group: &str| only.is_empty() || only.iter().any(|g| g == group);
     let urls = c.urls();
     let label = c.kind.label();
     let dur = if quick {
@@ -506,22 +511,28 @@ async fn measure(c: &mut ProcCluster, quick: bool) -> anyhow::Result<Vec<Row>> {
         kv.put(put_req(format!("seq/{i}"))).await?;
         lat.push(t.elapsed());
     }
-    row(
-        "sequential put, 1 client, p50",
-        false,
-        "ms",
-        pct(&mut lat, 0.5),
-    );
-    row(
-        "sequential put, 1 client, p99",
-        false,
-        "ms",
-        pct(&mut lat, 0.99),
-    );
+    // (Always run: the range shapes read a key it writes.)
+    if run("seq") {
+        row(
+            "sequential put, 1 client, p50",
+            false,
+            "ms",
+            pct(&mut lat, 0.5),
+        );
+        row(
+            "sequential put, 1 client, p99",
+            false,
+            "ms",
+            pct(&mut lat, 0.99),
+        );
+    }
 
     let cpu0 = cpu(&pids(c));
     let mut ops_total = 0u64;
     for clients in [16usize, 64] {
+        if !run("put") {
+            break;
+        }
         let put_cpu0 = cpu(&pids(c));
         let (ops, mut lat) = closed_loop(&urls, clients, dur, move |mut kv, n| async move {
             kv.put(put_req(format!("put{clients}/{n}")))
@@ -551,63 +562,70 @@ async fn measure(c: &mut ProcCluster, quick: bool) -> anyhow::Result<Vec<Row>> {
         );
     }
     // Moderate paced load (an API server's write pattern): tail latency shows stalls.
-    let (ops, mut lat) = paced(&urls, 100, 500, dur * 2).await?;
-    ops_total += ops;
-    row(
-        "paced put 500/s, 100 clients, p50",
-        false,
-        "ms",
-        pct(&mut lat, 0.5),
-    );
-    row(
-        "paced put 500/s, 100 clients, p99",
-        false,
-        "ms",
-        pct(&mut lat, 0.99),
-    );
-    row(
-        "paced put 500/s, 100 clients, max",
-        false,
-        "ms",
-        pct(&mut lat, 1.0),
-    );
-    let (ops, mut lat) = closed_loop(&urls, 16, dur, |mut kv, n| async move {
-        let key = format!("txn/{n}").into_bytes();
-        kv.txn(TxnRequest {
-            compare: vec![Compare {
-                result: CompareResult::Equal as i32,
-                target: CompareTarget::Version as i32,
-                key: key.clone(),
-                target_union: Some(TargetUnion::Version(0)),
-                ..Default::default()
-            }],
-            success: vec![RequestOp {
-                request: Some(OpRequest::RequestPut(PutRequest {
-                    key,
-                    value: vec![b'v'; 256],
+    if run("paced") {
+        let (ops, mut lat) = paced(&urls, 100, 500, dur * 2).await?;
+        ops_total += ops;
+        row(
+            "paced put 500/s, 100 clients, p50",
+            false,
+            "ms",
+            pct(&mut lat, 0.5),
+        );
+        row(
+            "paced put 500/s, 100 clients, p99",
+            false,
+            "ms",
+            pct(&mut lat, 0.99),
+        );
+        row(
+            "paced put 500/s, 100 clients, max",
+            false,
+            "ms",
+            pct(&mut lat, 1.0),
+        );
+    }
+    if run("txn") {
+        let (ops, mut lat) = closed_loop(&urls, 16, dur, |mut kv, n| async move {
+            let key = format!("txn/{n}").into_bytes();
+            kv.txn(TxnRequest {
+                compare: vec![Compare {
+                    result: CompareResult::Equal as i32,
+                    target: CompareTarget::Version as i32,
+                    key: key.clone(),
+                    target_union: Some(TargetUnion::Version(0)),
                     ..Default::default()
-                })),
-            }],
-            failure: vec![],
+                }],
+                success: vec![RequestOp {
+                    request: Some(OpRequest::RequestPut(PutRequest {
+                        key,
+                        value: vec![b'v'; 256],
+                        ..Default::default()
+                    })),
+                }],
+                failure: vec![],
+            })
+            .await
+            .map(|_| ())
         })
-        .await
-        .map(|_| ())
-    })
-    .await?;
-    ops_total += ops;
-    row(
-        "create-if-absent txn/s, 16 clients",
-        true,
-        "ops/s",
-        ops as f64 / dur.as_secs_f64(),
-    );
-    row(
-        "create-if-absent txn p99, 16 clients",
-        false,
-        "ms",
-        pct(&mut lat, 0.99),
-    );
+        .await?;
+        ops_total += ops;
+        row(
+            "create-if-absent txn/s, 16 clients",
+            true,
+            "ops/s",
+            ops as f64 / dur.as_secs_f64(),
+        );
+        row(
+            "create-if-absent txn p99, 16 clients",
+            false,
+            "ms",
+            pct(&mut lat, 0.99),
+        );
+    }
     for serializable in [false, true] {
+        if !run("range") {
+            break;
+        }
         for clients in [16usize, 64] {
             let (ops, mut lat) = closed_loop(&urls, clients, dur, move |mut kv, _| async move {
                 kv.range(RangeRequest {
@@ -640,14 +658,19 @@ async fn measure(c: &mut ProcCluster, quick: bool) -> anyhow::Result<Vec<Row>> {
         }
     }
     let cpu1 = cpu(&pids(c));
-    row(
-        "server CPU per op (puts, txns, ranges)",
-        false,
-        "µs",
-        (cpu1 - cpu0) / ops_total.max(1) as f64 * 1e6,
-    );
+    if ops_total > 0 {
+        row(
+            "server CPU per op (puts, txns, ranges)",
+            false,
+            "µs",
+            (cpu1 - cpu0) / ops_total.max(1) as f64 * 1e6,
+        );
+    }
 
     for watchers in [10usize, 100] {
+        if !run("watch") {
+            break;
+        }
         let mut lat = watch_latency(&urls, watchers, if quick { 100 } else { 300 }).await?;
         row(
             &format!("watch delivery p50, {watchers} watchers"),
@@ -664,38 +687,43 @@ async fn measure(c: &mut ProcCluster, quick: bool) -> anyhow::Result<Vec<Row>> {
     }
 
     // RSS after loading many keys.
-    let keys: u64 = if quick { 20_000 } else { 100_000 };
-    let loaded = Arc::new(AtomicU64::new(0));
-    let conns: Vec<Channel> = urls
-        .iter()
-        .map(|u| channel(u, Duration::from_secs(10)))
-        .collect::<anyhow::Result<_>>()?;
-    let mut tasks = tokio::task::JoinSet::new();
-    for w in 0..64u64 {
-        let mut kv = KvClient::new(conns[w as usize % conns.len()].clone());
-        let loaded = loaded.clone();
-        tasks.spawn(async move {
-            loop {
-                let i = loaded.fetch_add(1, Ordering::Relaxed);
-                if i >= keys {
-                    return Ok::<(), tonic::Status>(());
+    if run("rss") {
+        let keys: u64 = if quick { 20_000 } else { 100_000 };
+        let loaded = Arc::new(AtomicU64::new(0));
+        let conns: Vec<Channel> = urls
+            .iter()
+            .map(|u| channel(u, Duration::from_secs(10)))
+            .collect::<anyhow::Result<_>>()?;
+        let mut tasks = tokio::task::JoinSet::new();
+        for w in 0..64u64 {
+            let mut kv = KvClient::new(conns[w as usize % conns.len()].clone());
+            let loaded = loaded.clone();
+            tasks.spawn(async move {
+                loop {
+                    let i = loaded.fetch_add(1, Ordering::Relaxed);
+                    if i >= keys {
+                        return Ok::<(), tonic::Status>(());
+                    }
+                    kv.put(put_req(format!("rss/{i:08}"))).await?;
                 }
-                kv.put(put_req(format!("rss/{i:08}"))).await?;
-            }
-        });
+            });
+        }
+        while let Some(r) = tasks.join_next().await {
+            r??;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let ps = pids(c);
+        let rss = ps.iter().map(|p| rss_mib(*p)).sum::<f64>() / ps.len().max(1) as f64;
+        row(
+            &format!("RSS per member with {}k keys", keys / 1000),
+            false,
+            "MiB",
+            rss,
+        );
     }
-    while let Some(r) = tasks.join_next().await {
-        r??;
+    if !run("failover") {
+        return Ok(rows);
     }
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let ps = pids(c);
-    let rss = ps.iter().map(|p| rss_mib(*p)).sum::<f64>() / ps.len().max(1) as f64;
-    row(
-        &format!("RSS per member with {}k keys", keys / 1000),
-        false,
-        "MiB",
-        rss,
-    );
 
     // Failover: kill -9 the leader, time until a write succeeds again.
     let rounds = if quick { 2 } else { 5 };
@@ -855,7 +883,7 @@ pub(crate) fn run(args: BenchStoreArgs) -> anyhow::Result<()> {
         }
         eprintln!("starting 3-member flotilla store in {}", dir.display());
         let mut f = ProcCluster::start(Kind::Flotilla, 3, &dir.join("flotilla")).await?;
-        let fr = measure(&mut f, args.quick).await;
+        let fr = measure(&mut f, args.quick, &args.only).await;
         f.shutdown().await;
         let fr = fr?;
         let er = if args.no_etcd {
@@ -863,7 +891,7 @@ pub(crate) fn run(args: BenchStoreArgs) -> anyhow::Result<()> {
         } else {
             eprintln!("starting 3-member etcd in {}", dir.display());
             let mut e = ProcCluster::start(Kind::Etcd, 3, &dir.join("etcd")).await?;
-            let er = measure(&mut e, args.quick).await;
+            let er = measure(&mut e, args.quick, &args.only).await;
             e.shutdown().await;
             Some(er?)
         };

@@ -13,6 +13,10 @@ mod cmd_runtime;
 mod cmd_server;
 mod cmd_store;
 
+/// mimalloc: cheaper small allocations than glibc malloc for gRPC and Raft message buffers.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "flotilla",
