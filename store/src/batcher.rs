@@ -32,6 +32,7 @@ pub(crate) struct BatchCounters {
 #[derive(Debug, Clone)]
 pub(crate) struct Batcher {
     tx: mpsc::Sender<Pending>,
+    stats: Arc<Stats>,
 }
 
 impl Batcher {
@@ -52,20 +53,23 @@ impl Batcher {
             cancel,
             tracker.clone(),
             counters,
-            stats,
+            stats.clone(),
         ));
-        Self { tx }
+        Self { tx, stats }
     }
 
     /// Proposes `op` (this member must be the leader). `NotLeader` means the op was not
     /// appended and may be retried elsewhere.
     pub(crate) async fn submit(&self, op: WriteOp) -> Result<Reply, EtcdError> {
+        let start = std::time::Instant::now();
         let (tx, rx) = oneshot::channel();
         self.tx
             .send((op, tx))
             .await
             .map_err(|_| EtcdError::Stopped)?;
-        rx.await.map_err(|_| EtcdError::Stopped)?
+        let res = rx.await.map_err(|_| EtcdError::Stopped)?;
+        self.stats.h_write.observe("write", start.elapsed());
+        res
     }
 }
 
@@ -119,6 +123,7 @@ async fn run(
                 .proposals
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             Stats::record(&stats.proposal_ns, None, start);
+            stats.h_proposal.observe("proposal", start.elapsed());
             match res {
                 Ok(resp) => {
                     let replies = resp.data.replies;

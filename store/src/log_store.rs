@@ -272,10 +272,19 @@ impl RaftLogStorage<TypeConfig> for SledLogStore {
         self.crash(CrashPoint::BeforeLogFlush)?;
         // Durable before openraft may count this entry towards a quorum.
         let start = Instant::now();
-        let res = self.blocking(|w| w.flush()).await;
+        let stats = self.stats.clone();
+        let res = self
+            .blocking(move |w| {
+                let t = Instant::now();
+                let r = w.flush();
+                stats.h_log_sync.observe("log sync", t.elapsed());
+                r
+            })
+            .await;
         self.stats
             .log_flushes
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.stats.h_log_flush.observe("log flush", start.elapsed());
         Stats::record(
             &self.stats.log_flush_ns,
             Some(&self.stats.log_flush_max_ns),

@@ -123,27 +123,32 @@ impl TonicConnection {
         };
         let data = encode(req)
             .map_err(|e| RPCError::Network(NetworkError::new(&TransportError(e.to_string()))))?;
-        let resp =
-            match tokio::time::timeout(option.soft_ttl(), f(client, RaftBytes { data })).await {
-                Err(_) => {
-                    return Err(RPCError::Network(NetworkError::new(&TransportError(
-                        format!(
-                            "rpc to {} timed out after {:?}",
-                            self.target,
-                            option.soft_ttl()
-                        ),
-                    ))));
-                }
-                Ok(Err(status)) => {
-                    let e = TransportError(format!("rpc to {}: {status}", self.target));
-                    return Err(if status.code() == tonic::Code::Unavailable {
-                        RPCError::Unreachable(Unreachable::new(&e))
-                    } else {
-                        RPCError::Network(NetworkError::new(&e))
-                    });
-                }
-                Ok(Ok(r)) => r.into_inner(),
-            };
+        let start = std::time::Instant::now();
+        let res = tokio::time::timeout(option.soft_ttl(), f(client, RaftBytes { data })).await;
+        if start.elapsed() >= Duration::from_millis(20) {
+            tracing::debug!(target: "store::stats", phase = "peer rpc", to = self.target,
+                ms = start.elapsed().as_secs_f64() * 1e3, "slow");
+        }
+        let resp = match res {
+            Err(_) => {
+                return Err(RPCError::Network(NetworkError::new(&TransportError(
+                    format!(
+                        "rpc to {} timed out after {:?}",
+                        self.target,
+                        option.soft_ttl()
+                    ),
+                ))));
+            }
+            Ok(Err(status)) => {
+                let e = TransportError(format!("rpc to {}: {status}", self.target));
+                return Err(if status.code() == tonic::Code::Unavailable {
+                    RPCError::Unreachable(Unreachable::new(&e))
+                } else {
+                    RPCError::Network(NetworkError::new(&e))
+                });
+            }
+            Ok(Ok(r)) => r.into_inner(),
+        };
         let result: Result<Resp, RaftError<u64, E>> = decode(&resp.data)
             .map_err(|e| RPCError::Network(NetworkError::new(&TransportError(e.to_string()))))?;
         result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))

@@ -2,7 +2,52 @@
 //! applies, group-commit proposals). Read through [`crate::NodeMetrics`] and logged at debug
 //! level under the `store::stats` target, so a profile of a live member needs no tooling.
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+/// A phase slower than this is logged on its own (target `store::stats`, debug), with its
+/// time, so stalls can be lined up across members.
+const SLOW: Duration = Duration::from_millis(20);
+
+/// Upper bounds (ms) of the [`Histogram`] buckets; the last bucket is everything above.
+const BUCKETS_MS: [u64; 8] = [1, 2, 4, 8, 16, 32, 64, 128];
+
+/// Counts of durations by power-of-two milliseconds: where the tail of a phase is.
+#[derive(Debug, Default)]
+pub(crate) struct Histogram {
+    counts: [AtomicU64; BUCKETS_MS.len() + 1],
+}
+
+impl Histogram {
+    /// Counts `d`; logs it when slow.
+    pub(crate) fn observe(&self, what: &'static str, d: Duration) {
+        let ms = d.as_millis() as u64;
+        let i = BUCKETS_MS
+            .iter()
+            .position(|b| ms < *b)
+            .unwrap_or(BUCKETS_MS.len());
+        self.counts[i].fetch_add(1, Ordering::Relaxed);
+        if d >= SLOW {
+            tracing::debug!(target: "store::stats", phase = what, ms = d.as_secs_f64() * 1e3, "slow");
+        }
+    }
+
+    /// `<1ms:N <2ms:N ... >128ms:N`, empty buckets left out.
+    fn summary(&self) -> String {
+        let mut out = String::new();
+        for (i, c) in self.counts.iter().enumerate() {
+            let n = c.load(Ordering::Relaxed);
+            if n == 0 {
+                continue;
+            }
+            let label = match BUCKETS_MS.get(i) {
+                Some(b) => format!("<{b}"),
+                None => format!(">={}", BUCKETS_MS[BUCKETS_MS.len() - 1]),
+            };
+            out.push_str(&format!(" {label}:{n}"));
+        }
+        out
+    }
+}
 
 /// Counters shared by the log store, the state machine and the batcher of one member.
 #[derive(Debug, Default)]
@@ -24,6 +69,16 @@ pub(crate) struct Stats {
     pub(crate) snapshot_durable_changed: tokio::sync::Notify,
     /// The state machine failed (its storage calls error): nothing waits for it any more.
     pub(crate) sm_failed: std::sync::atomic::AtomicBool,
+    /// Log flushes: write plus `fdatasync` as the WAL thread saw them.
+    pub(crate) h_log_sync: Histogram,
+    /// Log flushes as openraft waited for them (includes the hop to the WAL thread).
+    pub(crate) h_log_flush: Histogram,
+    /// Follower: an AppendEntries request from receipt to answer.
+    pub(crate) h_follower_append: Histogram,
+    /// Leader: group-commit proposal from `client_write` to its applied reply.
+    pub(crate) h_proposal: Histogram,
+    /// Leader: a write from its submission to the batcher to its reply.
+    pub(crate) h_write: Histogram,
 }
 
 impl Stats {
@@ -61,6 +116,13 @@ impl Stats {
             avg_us(g(&self.apply_ns), g(&self.applied_entries)),
             g(&self.proposals),
             avg_us(g(&self.proposal_ns), g(&self.proposals)),
+        ) + &format!(
+            "; ms histograms: log sync{}; log flush{}; follower append{}; proposal{}; write{}",
+            self.h_log_sync.summary(),
+            self.h_log_flush.summary(),
+            self.h_follower_append.summary(),
+            self.h_proposal.summary(),
+            self.h_write.summary(),
         )
     }
 }

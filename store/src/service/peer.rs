@@ -33,8 +33,14 @@ impl RaftPeer for PeerService {
         &self,
         request: Request<RaftBytes>,
     ) -> Result<Response<RaftBytes>, Status> {
+        let start = std::time::Instant::now();
         let req = decode(&request.into_inner().data).map_err(bad)?;
-        reply(&self.inner.raft.append_entries(req).await)
+        let res = reply(&self.inner.raft.append_entries(req).await);
+        self.inner
+            .stats
+            .h_follower_append
+            .observe("follower append", start.elapsed());
+        res
     }
 
     async fn vote(&self, request: Request<RaftBytes>) -> Result<Response<RaftBytes>, Status> {
