@@ -265,26 +265,26 @@ impl<S: Store> WatchCache<S> {
                         }
                     }
                 }
+                // Decoded before taking the lock that lists and new watches wait for.
+                let group: Vec<Arc<CachedEvent>> = events
+                    .iter()
+                    .filter_map(|ev| CachedEvent::from_store(res, ev).map(Arc::new))
+                    .collect();
                 let Ok(mut inner) = feed.inner.lock() else {
                     break;
                 };
-                let mut group = Vec::with_capacity(events.len());
-                for ev in &events {
+                for ev in events {
+                    inner.revision = inner.revision.max(ev.revision());
                     match ev {
                         WatchEvent::Put { kv, .. } => {
-                            inner.objects.insert(kv.key.clone(), kv.clone());
+                            inner.objects.insert(kv.key.clone(), kv);
                         }
                         WatchEvent::Delete { key, .. } => {
-                            inner.objects.remove(key);
+                            inner.objects.remove(&key);
                         }
                     }
-                    inner.revision = inner.revision.max(ev.revision());
-                    if let Some(cached) = CachedEvent::from_store(res, ev) {
-                        let cached = Arc::new(cached);
-                        inner.history.push_back(cached.clone());
-                        group.push(cached);
-                    }
                 }
+                inner.history.extend(group.iter().cloned());
                 while inner.history.len() > HISTORY {
                     if let Some(old) = inner.history.pop_front() {
                         inner.complete_after = old.revision;
