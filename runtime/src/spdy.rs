@@ -12,8 +12,19 @@
 //! flags and length. Header blocks are zlib streams (one per direction for the whole
 //! connection) primed with the dictionary of the SPDY/3 draft: a count, then length-prefixed
 //! names and NUL-separated values.
+//!
+//! Flow control (SPDY/3.1 §2.6.8): every stream and the session start with a 64 KiB send
+//! window, which `SETTINGS` (`INITIAL_WINDOW_SIZE`, streams only) and `WINDOW_UPDATE` (stream id
+//! 0 = the session) move; [`SendWindows`] holds data back while either is spent. Going the
+//! other way, data taken from the peer is handed back with `WINDOW_UPDATE`s as it is consumed.
+//! The peers that matter do not take part, though: moby/spdystream (kubectl, the kubelet's
+//! and containerd's streaming servers) never sends `WINDOW_UPDATE` and ignores them (its issue
+//! #2, open since 2014). Waiting for credit that never comes would stall every transfer past
+//! 64 KiB, so a peer that has sent neither `SETTINGS` nor `WINDOW_UPDATE` when a window first
+//! runs out gets [`NO_FLOW_CONTROL_GRACE`] to do so and is then treated as not flow
+//! controlling (until it sends one).
 use std::collections::HashMap;
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
@@ -28,9 +39,25 @@ pub(crate) const TUNNEL_PROTOCOL: &str = "SPDY/3.1+portforward.k8s.io";
 const TYPE_SYN_STREAM: u16 = 1;
 const TYPE_SYN_REPLY: u16 = 2;
 const TYPE_RST_STREAM: u16 = 3;
+const TYPE_SETTINGS: u16 = 4;
 const TYPE_PING: u16 = 6;
 const TYPE_GOAWAY: u16 = 7;
+const TYPE_WINDOW_UPDATE: u16 = 9;
 const FLAG_FIN: u8 = 0x01;
+
+/// `SETTINGS` id of the initial stream send window.
+const SETTINGS_INITIAL_WINDOW_SIZE: u32 = 7;
+
+/// Initial stream and session windows (SPDY/3.1).
+pub(crate) const INITIAL_WINDOW: u32 = 64 * 1024;
+
+/// How long a peer that has never sent a flow-control frame may take to send one once a window
+/// is spent, before it is taken for one that does not flow-control (moby/spdystream).
+pub(crate) const NO_FLOW_CONTROL_GRACE: Duration = Duration::from_millis(500);
+
+/// Consumed bytes handed back to the peer in one `WINDOW_UPDATE` (half a window, so it never
+/// waits on us while data is moving).
+const RETURN_CREDIT_AT: u32 = INITIAL_WINDOW / 2;
 
 /// Largest frame accepted (kubectl's are at most 32 KiB of data).
 const MAX_FRAME: usize = 1 << 20;
@@ -141,12 +168,21 @@ pub(crate) enum Frame {
     },
     Ping(u32),
     GoAway,
+    /// Credit for stream `id` (0: the session).
+    WindowUpdate {
+        id: u32,
+        delta: u32,
+    },
+    /// `SETTINGS`; only the initial stream window matters here.
+    Settings {
+        initial_window: Option<u32>,
+    },
     Data {
         id: u32,
         fin: bool,
         data: Vec<u8>,
     },
-    /// SETTINGS, WINDOW_UPDATE, HEADERS, SYN_REPLY: nothing to do for a port-forward server.
+    /// HEADERS, SYN_REPLY and the rest: nothing to do for these sessions.
     Other,
 }
 
@@ -216,6 +252,21 @@ impl Codec {
                 Frame::Ping(u32::from_be_bytes([body[0], body[1], body[2], body[3]]))
             }
             TYPE_GOAWAY => Frame::GoAway,
+            TYPE_WINDOW_UPDATE if body.len() >= 8 => Frame::WindowUpdate {
+                id: word(body),
+                delta: word(&body[4..]),
+            },
+            TYPE_SETTINGS if body.len() >= 4 => {
+                let n = u32::from_be_bytes([body[0], body[1], body[2], body[3]]) as usize;
+                let entries = body[4..].chunks_exact(8).take(n);
+                let initial_window = entries
+                    .filter(|e| {
+                        u32::from_be_bytes([0, e[1], e[2], e[3]]) == SETTINGS_INITIAL_WINDOW_SIZE
+                    })
+                    .map(|e| u32::from_be_bytes([e[4], e[5], e[6], e[7]]))
+                    .next_back();
+                Frame::Settings { initial_window }
+            }
             // SYN_REPLY and HEADERS carry header blocks: inflate them to keep the shared
             // zlib stream in step, then ignore them.
             TYPE_SYN_REPLY | 8 if body.len() >= 4 => {
@@ -344,6 +395,172 @@ pub(crate) fn ping_frame(id: u32) -> Vec<u8> {
     control(TYPE_PING, 0, &id.to_be_bytes())
 }
 
+/// `WINDOW_UPDATE` giving the peer `delta` more bytes on stream `id` (0: the session).
+pub(crate) fn window_update_frame(id: u32, delta: u32) -> Vec<u8> {
+    let mut body = (id & 0x7FFF_FFFF).to_be_bytes().to_vec();
+    body.extend_from_slice(&(delta & 0x7FFF_FFFF).to_be_bytes());
+    control(TYPE_WINDOW_UPDATE, 0, &body)
+}
+
+/// Whether the peer has shown that it flow-controls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PeerMode {
+    /// No `SETTINGS` or `WINDOW_UPDATE` seen yet.
+    Unknown,
+    /// It sent one: its windows are honoured.
+    FlowControls,
+    /// A window ran out and no credit came within the grace: it does not flow-control.
+    Ignores,
+}
+
+#[derive(Debug)]
+struct WindowState {
+    session: i64,
+    initial: i64,
+    streams: HashMap<u32, i64>,
+    mode: PeerMode,
+    closed: bool,
+}
+
+/// The send windows of one session: senders [`acquire`](SendWindows::acquire) credit before
+/// each `DATA` frame; the reader applies the peer's `WINDOW_UPDATE`s and `SETTINGS`.
+pub(crate) struct SendWindows {
+    state: Mutex<WindowState>,
+    changed: tokio::sync::Notify,
+    grace: Duration,
+}
+
+impl SendWindows {
+    pub(crate) fn new(grace: Duration) -> Self {
+        SendWindows {
+            state: Mutex::new(WindowState {
+                session: i64::from(INITIAL_WINDOW),
+                initial: i64::from(INITIAL_WINDOW),
+                streams: HashMap::new(),
+                mode: PeerMode::Unknown,
+                closed: false,
+            }),
+            changed: tokio::sync::Notify::new(),
+            grace,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, WindowState> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A `WINDOW_UPDATE` from the peer.
+    pub(crate) fn update(&self, id: u32, delta: u32) {
+        {
+            let mut s = self.lock();
+            s.mode = PeerMode::FlowControls;
+            if id == 0 {
+                s.session += i64::from(delta);
+            } else {
+                let initial = s.initial;
+                *s.streams.entry(id).or_insert(initial) += i64::from(delta);
+            }
+        }
+        self.changed.notify_waiters();
+    }
+
+    /// The peer's `SETTINGS_INITIAL_WINDOW_SIZE`: every stream window moves by the change
+    /// (possibly below zero), as SPDY/3 says.
+    pub(crate) fn set_initial(&self, window: u32) {
+        {
+            let mut s = self.lock();
+            s.mode = PeerMode::FlowControls;
+            let diff = i64::from(window) - s.initial;
+            s.initial = i64::from(window);
+            for w in s.streams.values_mut() {
+                *w += diff;
+            }
+        }
+        self.changed.notify_waiters();
+    }
+
+    /// Forgets a finished stream.
+    pub(crate) fn forget(&self, id: u32) {
+        self.lock().streams.remove(&id);
+    }
+
+    /// Ends the session: waiting senders give up.
+    pub(crate) fn close(&self) {
+        self.lock().closed = true;
+        self.changed.notify_waiters();
+    }
+
+    /// Waits for credit to send up to `want` bytes on stream `id` and takes it: how many bytes
+    /// may go now (at least one), or `None` once the session is closed.
+    pub(crate) async fn acquire(&self, id: u32, want: usize) -> Option<usize> {
+        let want_i = i64::try_from(want).unwrap_or(i64::MAX);
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so an update between check and wait is not lost.
+            notified.as_mut().enable();
+            let mode = {
+                let mut s = self.lock();
+                if s.closed {
+                    return None;
+                }
+                let initial = s.initial;
+                let stream = *s.streams.entry(id).or_insert(initial);
+                let avail = stream.min(s.session);
+                let n = match s.mode {
+                    // Counted anyway, so the windows are right should it start flow control.
+                    PeerMode::Ignores => want_i,
+                    _ if avail > 0 => avail.min(want_i),
+                    _ => 0,
+                };
+                if n > 0 {
+                    s.session -= n;
+                    if let Some(w) = s.streams.get_mut(&id) {
+                        *w -= n;
+                    }
+                    return Some(usize::try_from(n).unwrap_or(want));
+                }
+                s.mode
+            };
+            if mode == PeerMode::Unknown {
+                if tokio::time::timeout(self.grace, notified).await.is_err() {
+                    let mut s = self.lock();
+                    if s.mode == PeerMode::Unknown {
+                        tracing::debug!(
+                            "SPDY peer sent no WINDOW_UPDATE with its window spent: not flow controlled"
+                        );
+                        s.mode = PeerMode::Ignores;
+                    }
+                }
+            } else {
+                notified.await;
+            }
+        }
+    }
+}
+
+/// Counts what was consumed of the peer's data on one stream; says when to return it.
+#[derive(Debug, Default)]
+struct Consumed(u32);
+
+impl Consumed {
+    /// Adds `n` consumed bytes; the `WINDOW_UPDATE`s (stream, then session) once enough
+    /// accumulated.
+    fn add(&mut self, id: u32, n: usize) -> Option<[Vec<u8>; 2]> {
+        self.0 = self.0.saturating_add(u32::try_from(n).unwrap_or(u32::MAX));
+        if self.0 < RETURN_CREDIT_AT {
+            return None;
+        }
+        let delta = std::mem::take(&mut self.0).min(0x7FFF_FFFF);
+        Some([
+            window_update_frame(id, delta),
+            window_update_frame(0, delta),
+        ])
+    }
+}
+
 /// What a forwarded connection's streams are.
 #[derive(Default)]
 struct Pair {
@@ -358,6 +575,14 @@ struct Pair {
 /// Serves a port-forward session tunnelled in a WebSocket (`io` is the upgraded connection):
 /// every stream pair is connected to `host:port` (the pod's address).
 pub(crate) async fn serve_tunnel<IO>(io: IO, host: String) -> std::io::Result<()>
+where
+    IO: AsyncRead + AsyncWrite + Send + 'static,
+{
+    serve_tunnel_with(io, host, NO_FLOW_CONTROL_GRACE).await
+}
+
+/// [`serve_tunnel`] with the flow-control grace as a parameter (tests).
+async fn serve_tunnel_with<IO>(io: IO, host: String, grace: Duration) -> std::io::Result<()>
 where
     IO: AsyncRead + AsyncWrite + Send + 'static,
 {
@@ -380,6 +605,7 @@ where
             }
         }
     });
+    let windows = Arc::new(SendWindows::new(grace));
     let mut codec = Codec::new();
     let mut buf = Vec::new();
     let mut pairs: HashMap<String, Pair> = HashMap::new();
@@ -438,10 +664,10 @@ where
                         tasks.spawn(forward(
                             host.clone(),
                             pair.port,
-                            err_id,
-                            data_id,
+                            (err_id, data_id),
                             rx,
                             out_tx.clone(),
+                            windows.clone(),
                         ));
                     }
                 }
@@ -472,11 +698,16 @@ where
                 Frame::Ping(n) => {
                     let _ = out_tx.send((OP_BINARY, ping_frame(n))).await;
                 }
+                Frame::WindowUpdate { id, delta } => windows.update(id, delta),
+                Frame::Settings {
+                    initial_window: Some(w),
+                } => windows.set_initial(w),
                 Frame::GoAway => break 'session,
-                Frame::Other => {}
+                Frame::Settings { .. } | Frame::Other => {}
             }
         }
     }
+    windows.close();
     tasks.abort_all();
     let _ = out_tx
         .send((OP_CLOSE, 1000u16.to_be_bytes().to_vec()))
@@ -491,10 +722,10 @@ where
 async fn forward(
     host: String,
     port: u16,
-    err_id: u32,
-    data_id: u32,
+    (err_id, data_id): (u32, u32),
     mut from_client: mpsc::Receiver<Vec<u8>>,
     out: mpsc::Sender<(u8, Vec<u8>)>,
+    windows: Arc<SendWindows>,
 ) {
     let addr = if host.contains(':') {
         format!("[{host}]:{port}")
@@ -529,29 +760,42 @@ async fn forward(
     };
     let _ = tcp.set_nodelay(true);
     let (mut tr, mut tw) = tcp.into_split();
-    let upload = async move {
-        while let Some(chunk) = from_client.recv().await {
-            if tw.write_all(&chunk).await.is_err() {
-                return;
+    let upload = {
+        let out = out.clone();
+        async move {
+            let mut consumed = Consumed::default();
+            while let Some(chunk) = from_client.recv().await {
+                if tw.write_all(&chunk).await.is_err() {
+                    return;
+                }
+                // Written to the target: the client may send that much more.
+                for f in consumed.add(data_id, chunk.len()).into_iter().flatten() {
+                    let _ = out.send((OP_BINARY, f)).await;
+                }
             }
+            // The client closed its side: so do we, towards the target.
+            let _ = tw.shutdown().await;
         }
-        // The client closed its side: so do we, towards the target.
-        let _ = tw.shutdown().await;
     };
     let download = {
         let out = out.clone();
+        let windows = windows.clone();
         async move {
             let mut b = vec![0u8; CHUNK];
             loop {
                 match tr.read(&mut b).await {
                     Ok(0) | Err(_) => break,
                     Ok(n) => {
-                        if out
-                            .send((OP_BINARY, data_frame(data_id, false, &b[..n])))
-                            .await
-                            .is_err()
-                        {
-                            return;
+                        let mut sent = 0;
+                        while sent < n {
+                            let Some(k) = windows.acquire(data_id, n - sent).await else {
+                                return;
+                            };
+                            let frame = data_frame(data_id, false, &b[sent..sent + k]);
+                            if out.send((OP_BINARY, frame)).await.is_err() {
+                                return;
+                            }
+                            sent += k;
                         }
                     }
                 }
@@ -564,6 +808,7 @@ async fn forward(
     // The target ended: give the other direction a moment, as containerd's forwarder does.
     let _ = tokio::time::timeout(Duration::from_secs(1), upload).await;
     let _ = out.send((OP_BINARY, data_frame(err_id, true, &[]))).await;
+    windows.forget(data_id);
 }
 
 impl Codec {
@@ -665,17 +910,30 @@ pub(crate) async fn stream_client(
     for f in frames {
         let _ = out_tx.send(f).await;
     }
+    let windows = Arc::new(SendWindows::new(NO_FLOW_CONTROL_GRACE));
     let mut tasks = tokio::task::JoinSet::new();
     if let (Some(id), Some(mut input)) = (stdin_id, stdin) {
         let out = out_tx.clone();
+        let windows = windows.clone();
         tasks.spawn(async move {
             let mut b = vec![0u8; CHUNK];
             loop {
                 match input.read(&mut b).await {
                     Ok(0) | Err(_) => break,
                     Ok(n) => {
-                        if out.send(data_frame(id, false, &b[..n])).await.is_err() {
-                            return;
+                        let mut sent = 0;
+                        while sent < n {
+                            let Some(k) = windows.acquire(id, n - sent).await else {
+                                return;
+                            };
+                            if out
+                                .send(data_frame(id, false, &b[sent..sent + k]))
+                                .await
+                                .is_err()
+                            {
+                                return;
+                            }
+                            sent += k;
                         }
                     }
                 }
@@ -702,6 +960,7 @@ pub(crate) async fn stream_client(
     let mut buf = Vec::new();
     let mut status = Vec::new();
     let mut chunk = vec![0u8; CHUNK];
+    let mut consumed: HashMap<u32, Consumed> = HashMap::new();
     'read: loop {
         let n = match rd.read(&mut chunk).await {
             Ok(0) | Err(_) => break,
@@ -725,10 +984,24 @@ pub(crate) async fn stream_client(
                         let _ = w.write_all(&data).await;
                         let _ = w.flush().await;
                     }
+                    // Passed on: the server may send that much more.
+                    for f in consumed
+                        .entry(id)
+                        .or_default()
+                        .add(id, data.len())
+                        .into_iter()
+                        .flatten()
+                    {
+                        let _ = out_tx.send(f).await;
+                    }
                 }
                 Ok(Some(Frame::Ping(n))) => {
                     let _ = out_tx.send(ping_frame(n)).await;
                 }
+                Ok(Some(Frame::WindowUpdate { id, delta })) => windows.update(id, delta),
+                Ok(Some(Frame::Settings {
+                    initial_window: Some(w),
+                })) => windows.set_initial(w),
                 Ok(Some(Frame::GoAway)) => break 'read,
                 Ok(Some(_)) => {}
                 Ok(None) => break,
@@ -736,6 +1009,7 @@ pub(crate) async fn stream_client(
             }
         }
     }
+    windows.close();
     tasks.abort_all();
     drop(out_tx);
     writer.abort();
@@ -810,5 +1084,207 @@ mod tests {
         let mut partial = data_frame(1, false, b"abc");
         partial.pop();
         assert_eq!(server.parse(&mut partial).expect("partial"), None);
+    }
+
+    /// `SETTINGS` with `INITIAL_WINDOW_SIZE` = `window` (and another entry before it).
+    fn settings_frame(window: u32) -> Vec<u8> {
+        let mut body = 2u32.to_be_bytes().to_vec();
+        // MAX_CONCURRENT_STREAMS (4) = 100, then INITIAL_WINDOW_SIZE.
+        body.extend_from_slice(&[0, 0, 0, 4]);
+        body.extend_from_slice(&100u32.to_be_bytes());
+        body.extend_from_slice(&[0, 0, 0, 7]);
+        body.extend_from_slice(&window.to_be_bytes());
+        control(TYPE_SETTINGS, 0, &body)
+    }
+
+    #[test]
+    fn flow_control_frames_parse() {
+        let mut c = Codec::new();
+        let mut buf = window_update_frame(5, 40_000);
+        buf.extend_from_slice(&window_update_frame(0, 0x7FFF_FFFF));
+        buf.extend_from_slice(&settings_frame(16 * 1024));
+        assert_eq!(
+            c.parse(&mut buf).expect("update"),
+            Some(Frame::WindowUpdate {
+                id: 5,
+                delta: 40_000
+            })
+        );
+        assert_eq!(
+            c.parse(&mut buf).expect("session update"),
+            Some(Frame::WindowUpdate {
+                id: 0,
+                delta: 0x7FFF_FFFF
+            })
+        );
+        assert_eq!(
+            c.parse(&mut buf).expect("settings"),
+            Some(Frame::Settings {
+                initial_window: Some(16 * 1024)
+            })
+        );
+        assert!(buf.is_empty());
+    }
+
+    /// Whether `acquire` is still waiting after `wait`.
+    async fn blocked(w: &SendWindows, id: u32, wait: Duration) -> bool {
+        tokio::time::timeout(wait, w.acquire(id, 1)).await.is_err()
+    }
+
+    /// Longer than the grace used in these tests: a wait this long is not the fallback.
+    const LONG: Duration = Duration::from_millis(300);
+
+    #[tokio::test]
+    async fn send_windows_honour_stream_and_session_credit() {
+        let w = SendWindows::new(Duration::from_millis(50));
+        w.set_initial(16 * 1024);
+        assert_eq!(w.acquire(1, 100_000).await, Some(16 * 1024));
+        // A peer that flow-controls is waited for, however long.
+        assert!(blocked(&w, 1, LONG).await);
+        w.update(1, 1000);
+        assert_eq!(w.acquire(1, 5000).await, Some(1000));
+        // The session window (64 KiB, less what stream 1 took) bounds every stream.
+        w.update(3, 1 << 20);
+        let session_left = 64 * 1024 - 16 * 1024 - 1000;
+        assert_eq!(w.acquire(3, 1 << 20).await, Some(session_left));
+        assert!(blocked(&w, 3, LONG).await);
+        w.update(0, 10);
+        assert_eq!(w.acquire(3, 100).await, Some(10));
+        // A smaller initial window takes stream windows below zero.
+        w.update(0, 1 << 20);
+        w.set_initial(1024);
+        assert!(blocked(&w, 1, LONG).await);
+        w.update(1, 15 * 1024 + 5);
+        assert_eq!(w.acquire(1, 100).await, Some(5));
+        // A stream opened now starts with the new initial window.
+        assert_eq!(w.acquire(7, 1 << 20).await, Some(1024));
+        // A waiting sender is woken by the update it waits for.
+        let waiter = async { w.acquire(1, 50).await };
+        let grant = async {
+            tokio::time::sleep(LONG).await;
+            w.update(1, 20);
+        };
+        let (got, ()) = tokio::join!(waiter, grant);
+        assert_eq!(got, Some(20));
+        w.close();
+        assert_eq!(w.acquire(1, 1).await, None);
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_never_sends_credit_is_not_flow_controlled() {
+        let grace = Duration::from_millis(100);
+        let w = SendWindows::new(grace);
+        assert_eq!(w.acquire(1, 1 << 20).await, Some(64 * 1024));
+        let t = tokio::time::Instant::now();
+        assert_eq!(w.acquire(1, 1000).await, Some(1000));
+        assert!(t.elapsed() >= grace, "{:?}", t.elapsed());
+        // From then on nothing waits.
+        let t = tokio::time::Instant::now();
+        assert_eq!(w.acquire(3, 1 << 20).await, Some(1 << 20));
+        assert!(t.elapsed() < grace, "{:?}", t.elapsed());
+        // Should it start sending credit, its windows count again (all that was sent).
+        w.update(1, 1);
+        assert!(blocked(&w, 1, LONG).await);
+    }
+
+    /// A target that writes `n` pattern bytes and closes: its port.
+    async fn target(n: usize) -> u16 {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = l.local_addr().expect("addr").port();
+        tokio::spawn(async move {
+            if let Ok((mut s, _)) = l.accept().await {
+                let data: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
+                let _ = s.write_all(&data).await;
+                let _ = s.shutdown().await;
+            }
+        });
+        port
+    }
+
+    /// The tunnel sends a flow-controlling client no byte beyond the credit it granted, and
+    /// waits for more rather than giving up.
+    #[tokio::test]
+    async fn tunnel_sends_no_more_than_the_window_a_flow_controlling_client_grants() {
+        const TOTAL: usize = 200 * 1024;
+        const WINDOW: u32 = 16 * 1024;
+        let port = target(TOTAL).await.to_string();
+        let (client, server) = tokio::io::duplex(1 << 20);
+        let tunnel = tokio::spawn(serve_tunnel_with(
+            server,
+            "127.0.0.1".into(),
+            Duration::from_millis(100),
+        ));
+        let (rd, mut wr) = tokio::io::split(client);
+        let mut rd = MessageReader::new(rd);
+        let mut codec = Codec::new();
+        let send = |frame: Vec<u8>| encode_frame(OP_BINARY, &frame, Some([1, 2, 3, 4]));
+        let mut hello = send(settings_frame(WINDOW));
+        for (id, kind) in [(1, "error"), (3, "data")] {
+            let f = codec.syn_stream(
+                id,
+                &[("streamtype", kind), ("port", &port), ("requestid", "0")],
+            );
+            hello.extend_from_slice(&send(f));
+        }
+        wr.write_all(&hello).await.expect("hello");
+        let mut buf = Vec::new();
+        let mut got = Vec::new();
+        let mut granted = u64::from(WINDOW);
+        let mut checked_stall = false;
+        loop {
+            let frame = loop {
+                if let Some(f) = codec.parse(&mut buf).expect("frame") {
+                    break f;
+                }
+                let wait = if got.len() as u64 == granted && !checked_stall {
+                    // Spent: nothing more may come until we grant it.
+                    Duration::from_millis(400)
+                } else {
+                    Duration::from_secs(20)
+                };
+                match tokio::time::timeout(wait, rd.next()).await {
+                    Ok(Ok((_, msg))) => buf.extend_from_slice(&msg),
+                    Ok(Err(e)) => panic!("tunnel closed: {e}"),
+                    Err(_) if wait < Duration::from_secs(1) => {
+                        checked_stall = true;
+                        let mut more = send(window_update_frame(3, WINDOW));
+                        more.extend_from_slice(&send(window_update_frame(0, WINDOW)));
+                        wr.write_all(&more).await.expect("credit");
+                        granted += u64::from(WINDOW);
+                    }
+                    Err(_) => panic!("stalled at {} of {TOTAL} bytes", got.len()),
+                }
+            };
+            if let Frame::Data { id: 3, fin, data } = frame {
+                got.extend_from_slice(&data);
+                assert!(
+                    got.len() as u64 <= granted,
+                    "sent {} bytes with {granted} granted",
+                    got.len()
+                );
+                if fin {
+                    break;
+                }
+                if got.len() as u64 == granted && checked_stall {
+                    // Stream and session credit as a client that consumed it would give.
+                    let mut more = send(window_update_frame(3, WINDOW));
+                    more.extend_from_slice(&send(window_update_frame(0, WINDOW)));
+                    wr.write_all(&more).await.expect("credit");
+                    granted += u64::from(WINDOW);
+                }
+            }
+        }
+        assert!(checked_stall, "the window was never spent");
+        assert_eq!(got.len(), TOTAL);
+        assert!(got.iter().enumerate().all(|(i, b)| *b == (i % 251) as u8));
+        // The client goes: the session ends.
+        drop((rd, wr));
+        tokio::time::timeout(Duration::from_secs(10), tunnel)
+            .await
+            .expect("session ends with its connection")
+            .expect("tunnel task")
+            .expect("tunnel");
     }
 }

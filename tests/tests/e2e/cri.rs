@@ -4,7 +4,8 @@
 //! Without `FLOTILLA_CRI_SOCKET` (or without kubectl) these tests print that they were skipped
 //! and pass, unless `FLOTILLA_REQUIRE_CRI=1` (set by `.ci/run`), which makes them fail.
 //! What the tier checks, in order: a Deployment of the locally built busybox runs on containerd
-//! next to a wasm pod; `kubectl logs` and `kubectl exec`; ErrImagePull → ImagePullBackOff and
+//! next to a wasm pod; `kubectl logs`, `kubectl exec` (also 1 MiB each way) and `kubectl attach
+//! -i`; ErrImagePull → ImagePullBackOff and
 //! ErrImageNeverPull; OOMKilled over a memory limit; CPU throttled to its limit; an agent
 //! restart re-adopts the running containers and removes the orphan of a pod deleted meanwhile;
 //! deleting everything leaves no sandbox, container or pod cgroup in containerd. Beside it:
@@ -446,6 +447,34 @@ async fn kubectl_runs_busybox_on_containerd_through_cri() -> anyhow::Result<()> 
         ["42", "0"],
         "{out}"
     );
+
+    // --- far past SPDY's 64 KiB windows, both ways, through containerd's streaming server
+    // (which never sends WINDOW_UPDATE)
+    let big_in = "a".repeat(1 << 20);
+    let counted = tokio::task::block_in_place(|| {
+        kubectl(
+            kc,
+            &c,
+            &["exec", "-i", &names[0], "--", "wc", "-c"],
+            Some(&big_in),
+        )
+    })?;
+    assert_eq!(counted.trim(), "1048576");
+    let zeros = k(
+        kc,
+        &c,
+        &[
+            "exec",
+            &names[0],
+            "--",
+            "head",
+            "-c",
+            "1048576",
+            "/dev/zero",
+        ],
+    )
+    .await?;
+    assert_eq!(zeros.len(), 1 << 20);
 
     // --- kubectl attach: the running container's own stdin and output, through the CRI
     // Attach RPC and containerd's streaming server

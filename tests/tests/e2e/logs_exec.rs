@@ -867,6 +867,22 @@ async fn port_forward_echoes(c: &Cluster) -> anyhow::Result<()> {
                     String::from_utf8_lossy(&got)
                 );
             }
+            // Far past SPDY's 64 KiB initial windows, both ways at once: kubectl's SPDY
+            // (moby/spdystream) never sends WINDOW_UPDATE, so the agent must not stall on it.
+            let big: Vec<u8> = (0..4u32 << 20).map(|i| (i % 251) as u8).collect();
+            let s = std::net::TcpStream::connect(("127.0.0.1", local))?;
+            s.set_read_timeout(Some(Duration::from_secs(30)))?;
+            let mut w = s.try_clone()?;
+            let to_send = big.clone();
+            let writer = std::thread::spawn(move || w.write_all(&to_send));
+            let mut got = vec![0u8; big.len()];
+            let started = std::time::Instant::now();
+            (&s).read_exact(&mut got)?;
+            writer
+                .join()
+                .map_err(|_| anyhow::anyhow!("writer panicked"))??;
+            anyhow::ensure!(got == big, "4 MiB echo differs");
+            eprintln!("port-forward echoed 4 MiB in {:?}", started.elapsed());
             Ok(())
         })();
         let _ = child.kill();
