@@ -8,8 +8,9 @@
 //!
 //! Faults act on this member's side only: its outgoing Raft messages and forwarded client
 //! requests (`cut_to`), the answers it waits for (`cut_from`), random drops, delays and
-//! duplicates of its Raft messages, and a delay before each log append or vote save (a slow
-//! disk). A symmetric partition is set on the members of both sides.
+//! duplicates of its Raft messages, a delay before each log append or vote save (a slow
+//! disk), and an offset of the clock its lessor counts lease TTLs with (a clock jump when it
+//! changes; F15). A symmetric partition is set on the members of both sides.
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -38,6 +39,9 @@ pub struct FaultSpec {
     pub duplicate: f64,
     /// Delay before every log append and vote save, in milliseconds.
     pub disk_delay_ms: u64,
+    /// Offset of the member's lease clock in milliseconds; setting it jumps that clock
+    /// (forward when it grows), healing jumps it back. Raft timers are not affected.
+    pub clock_offset_ms: i64,
 }
 
 /// The member-side state the endpoint controls.
@@ -45,6 +49,7 @@ pub struct FaultSpec {
 pub struct FaultAdmin {
     router: Router,
     disk: DiskFaults,
+    clock_offset_ms: std::sync::Arc<std::sync::atomic::AtomicI64>,
     me: usize,
     /// Peer name or hex id -> router index.
     peers: HashMap<String, usize>,
@@ -77,6 +82,7 @@ impl FaultAdmin {
         Ok(Self {
             router,
             disk: DiskFaults::default(),
+            clock_offset_ms: std::sync::Arc::default(),
             me,
             peers,
             current: std::sync::Arc::default(),
@@ -96,6 +102,11 @@ impl FaultAdmin {
     /// The disk switch to wrap the member's log store with.
     pub fn disk(&self) -> DiskFaults {
         self.disk.clone()
+    }
+
+    /// The lease clock offset to start the member with (`FaultHooks::clock_offset_ms`).
+    pub fn clock_offset_ms(&self) -> std::sync::Arc<std::sync::atomic::AtomicI64> {
+        self.clock_offset_ms.clone()
     }
 
     /// Applies `spec` (replacing earlier faults).
@@ -123,6 +134,8 @@ impl FaultAdmin {
         self.router.set(net);
         self.disk
             .set_delay(Duration::from_millis(spec.disk_delay_ms));
+        self.clock_offset_ms
+            .store(spec.clock_offset_ms, std::sync::atomic::Ordering::Relaxed);
         tracing::warn!(?spec, "fault injection changed");
         *self.current.lock().unwrap_or_else(|p| p.into_inner()) = spec;
         Ok(())
@@ -287,10 +300,13 @@ mod tests {
         let spec = FaultSpec {
             cut_to: vec!["b".into()],
             disk_delay_ms: 20,
+            clock_offset_ms: -1500,
             ..FaultSpec::default()
         };
         let now = request(&addr, "PUT", Some(&spec)).await.unwrap();
         assert_eq!(now, spec);
+        let clock = admin.clock_offset_ms();
+        assert_eq!(clock.load(std::sync::atomic::Ordering::Relaxed), -1500);
         assert_eq!(request(&addr, "GET", None).await.unwrap(), spec);
         // The forwarding filter sees the cut towards b's peer URL, not the other way.
         let filter = admin.router().forward_filter(admin.index());

@@ -2,7 +2,7 @@
 //!
 //! Against `--endpoints` it runs the recorded workload; with `--fault-admin` (the members'
 //! admin endpoints, started with `flotilla store --fault-admin ADDR`) it also partitions,
-//! delays, drops and duplicates messages and slows disks between phases. With `--spawn N
+//! delays, drops and duplicates messages, slows disks and jumps lease clocks between phases. With `--spawn N
 //! --data-dir D` it starts N `flotilla store` processes (admin endpoints on) and also kills
 //! (-9), stops (SIGSTOP), continues and restarts them.
 use std::io::Write as _;
@@ -426,7 +426,7 @@ impl NetNemesis {
         };
         let id = |i: usize| self.members[i].1.clone();
         let others: Vec<usize> = (0..n).filter(|i| *i != victim).collect();
-        let what = match rng.random_range(0..5) {
+        let what = match rng.random_range(0..6) {
             0 => {
                 self.set(
                     victim,
@@ -499,7 +499,7 @@ impl NetNemesis {
                 }
                 "drop 30% of Raft messages 3 s".to_owned()
             }
-            _ => {
+            4 => {
                 self.set(
                     victim,
                     &FaultSpec {
@@ -509,6 +509,19 @@ impl NetNemesis {
                 )
                 .await?;
                 format!("slow disk (+100 ms per append) on {role} {victim} 3 s")
+            }
+            _ => {
+                // F15: lease TTLs are counted on the leader's clock; Raft itself is clock-free.
+                let jump_ms = if rng.random_bool(0.5) { 2000 } else { -2000 };
+                self.set(
+                    victim,
+                    &FaultSpec {
+                        clock_offset_ms: jump_ms,
+                        ..FaultSpec::default()
+                    },
+                )
+                .await?;
+                format!("lease clock of {role} {victim} jumps {jump_ms:+} ms for 3 s (and back)")
             }
         };
         tokio::time::sleep(Duration::from_secs(3)).await;

@@ -207,6 +207,7 @@ async fn start_with_fault_admin(
     };
     let mut config = config;
     config.fault_hooks.forward = Some(admin.router().forward_filter(admin.index()));
+    config.fault_hooks.clock_offset_ms = Some(admin.clock_offset_ms());
     let disk = admin.disk();
     let node = store::Node::start_wrapped(
         config,
