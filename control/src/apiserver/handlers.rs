@@ -37,8 +37,8 @@ pub(crate) struct App<S> {
     pub watch_cache: Arc<super::watch_cache::WatchCache<S>>,
     /// Namespaces, LimitRanges and ResourceQuotas as admission reads them.
     pub admission_cache: super::admission_cache::AdmissionCache,
-    /// Guarded updates (binds, status writes, every update of one object) coalesced into
-    /// shared store transactions.
+    /// Single-key writes (creates, binds, updates and status writes, graceful-deletion marks)
+    /// coalesced into shared store transactions.
     pub writes: Arc<super::write_batch::WriteBatcher<S>>,
 }
 
@@ -2031,7 +2031,12 @@ pub(crate) async fn delete<S: Store>(
         new["metadata"]["deletionTimestamp"] =
             json!(at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
         new["metadata"]["deletionGracePeriodSeconds"] = json!(grace);
-        return match app.store.update(&key, encode(&new), kv.mod_revision).await {
+        // Graceful deletions of many pods (a scale-down, a drain) share store transactions.
+        return match app
+            .writes
+            .update(key.clone(), encode(&new), kv.mod_revision)
+            .await
+        {
             Ok(rev) => Ok(with_rv(new, rev)),
             Err(StoreError::Conflict { .. }) => {
                 Err(ApiError::conflict(res.group, res.plural, name))
