@@ -8,7 +8,7 @@
 //! - [`apiserver`]: REST handlers, admission (defaulting, LimitRange, validation, Pod Security,
 //!   ResourceQuota), discovery, Table output, patches, watch with a shared cache, protobuf
 //!   bodies, HTTPS + bearer-token authentication and node/read-only authorization.
-//! - [`bench`]: the API server benchmark behind `flotilla bench api`.
+//! - [`bench`](mod@bench): the API server benchmark behind `flotilla bench api`.
 //!
 //! # Example
 //! ```no_run
