@@ -235,7 +235,10 @@ impl RaftLogStorage<TypeConfig> for SledLogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId<u64>>) -> StorageResult<()> {
-        // Flushed with the next log append; losing it only means re-applying less on restart.
+        // Made durable by the next explicit sled flush (vote, purge, shutdown), not per commit:
+        // losing it only means re-applying less on restart (up to the snapshot), and a member
+        // learns the commit index again from the leader (or, restored as leader, from its
+        // followers' acknowledgements).
         self.put_meta(COMMITTED, &committed)
     }
 

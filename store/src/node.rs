@@ -165,7 +165,7 @@ async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, Store
         .map_err(|source| StoreError::Bind { addr, what, source })
 }
 
-async fn open_db(path: &std::path::Path, periodic_flush: bool) -> Result<sled::Db, StoreError> {
+async fn open_db(path: &std::path::Path) -> Result<sled::Db, StoreError> {
     // Right after an in-process restart the previous instance's file lock may linger briefly
     // (sled releases it when its last handle and flusher thread are gone).
     let mut attempts = 0;
@@ -175,7 +175,12 @@ async fn open_db(path: &std::path::Path, periodic_flush: bool) -> Result<sled::D
             sled::Config::new()
                 .path(path)
                 .cache_capacity(SLED_CACHE_BYTES)
-                .flush_every_ms(periodic_flush.then_some(500))
+                // No background flusher: it runs `fsync` on sled's file every 500 ms even when
+                // nothing changed, and each one (on all members sharing a disk) held up the Raft
+                // log's `fdatasync`s behind a journal commit: a stall every 500 ms, the write
+                // tail. sled holds only Raft metadata; what must be durable (vote, purge point)
+                // is flushed explicitly, and the commit index may lag (see `save_committed`).
+                .flush_every_ms(None)
                 .open()
         });
         let res = match opened {
@@ -307,7 +312,7 @@ impl Node {
         if hooks.ack_before_flush {
             tracing::warn!("PLANTED BUG enabled: log appends are acknowledged before the flush");
         }
-        let db = open_db(&config.data_dir, !hooks.ack_before_flush).await?;
+        let db = open_db(&config.data_dir).await?;
         check_identity(&db, &config)?;
         let stats = Arc::new(Stats::default());
         let mut log = SledLogStore::new(&db, &config.data_dir)
