@@ -11,9 +11,14 @@
 //! and PUT, whose resourceVersion turns a replay into a 409); a watch that ends is restarted
 //! by its caller from its last resourceVersion, and lands on the server in use.
 //!
+//! A client made with [`ApiClient::local`] instead hands its requests to an API server in the
+//! same process ([`local::LocalService`]): no socket, TLS or HTTP/2, the same authentication
+//! and authorization (the scheduler and controllers `flotilla server` runs use it).
+//!
 //! Its own crate because both the controllers (`control`) and the node agent (`runtime`) use it,
 //! `control` and `runtime` may not depend on each other, and `api` holds no IO.
 #![warn(missing_docs)]
+pub mod local;
 pub mod tls;
 
 use std::sync::Arc;
@@ -22,7 +27,6 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use http::{Method, Request, StatusCode, header};
 use http_body_util::{BodyExt as _, Full};
-use hyper::body::Incoming;
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::pem::PemObject as _;
@@ -30,6 +34,8 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Mutex;
+
+pub use local::{LocalService, ResponseBody};
 
 /// Content type of a JSON merge patch.
 pub const MERGE_PATCH: &str = "application/merge-patch+json";
@@ -116,6 +122,8 @@ struct Inner {
     seeds: Vec<String>,
     endpoints: std::sync::Mutex<Endpoints>,
     timeout: Duration,
+    /// Set for an in-process client: every request goes there, `endpoints` is empty.
+    local: Option<Arc<dyn LocalService>>,
 }
 
 /// Why one attempt on one server failed, and whether the request may have reached it.
@@ -223,6 +231,9 @@ pub fn endpoint_urls(endpoints: &Value, scheme: &str) -> Vec<String> {
     out
 }
 
+/// What [`ApiClient::server`] answers for an in-process client.
+pub const LOCAL_SERVER: &str = "in-process";
+
 /// Path of the Endpoints object listing the API servers.
 pub const SERVERS_ENDPOINTS_PATH: &str = "/api/v1/namespaces/default/endpoints/kubernetes";
 
@@ -284,8 +295,29 @@ impl ApiClient {
                 seeds: list.iter().map(|e| e.url.clone()).collect(),
                 endpoints: std::sync::Mutex::new(Endpoints { list, current: 0 }),
                 timeout: Duration::from_secs(30),
+                local: None,
             }),
         })
+    }
+
+    /// A client of the API server in this process: requests are calls of `service`, carrying
+    /// `token` as bearer token like any request. [`ApiClient::server`] answers
+    /// [`LOCAL_SERVER`]; the server list never changes.
+    pub fn local(service: Arc<dyn LocalService>, token: Option<&str>) -> ApiClient {
+        ApiClient {
+            inner: Arc::new(Inner {
+                scheme: "local",
+                token: token.map(str::to_string),
+                tls: None,
+                seeds: Vec::new(),
+                endpoints: std::sync::Mutex::new(Endpoints {
+                    list: Vec::new(),
+                    current: 0,
+                }),
+                timeout: Duration::from_secs(30),
+                local: Some(service),
+            }),
+        }
     }
 
     fn endpoint(url: &str) -> Result<Arc<Endpoint>, ClientError> {
@@ -307,8 +339,11 @@ impl ApiClient {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// The server URL requests currently go to.
+    /// The server URL requests currently go to ([`LOCAL_SERVER`] for an in-process client).
     pub fn server(&self) -> String {
+        if self.inner.local.is_some() {
+            return LOCAL_SERVER.into();
+        }
         let eps = self.endpoints();
         eps.list
             .get(eps.current)
@@ -329,6 +364,9 @@ impl ApiClient {
     /// than the given ones, or unparsable, are ignored; open connections to servers kept are
     /// kept, and so is the server in use.
     pub fn set_servers(&self, urls: &[String]) {
+        if self.inner.local.is_some() {
+            return;
+        }
         let mut wanted: Vec<String> = self.inner.seeds.clone();
         for u in urls {
             let u = u.trim().trim_end_matches('/');
@@ -433,7 +471,7 @@ impl ApiClient {
         method: &Method,
         path: &str,
         body: Option<&(&str, Bytes)>,
-    ) -> Result<http::Response<Incoming>, Attempt> {
+    ) -> Result<http::Response<ResponseBody>, Attempt> {
         let mut last = Attempt {
             error: ClientError::Transport("no attempt".into()),
             maybe_sent: false,
@@ -467,7 +505,7 @@ impl ApiClient {
                 continue;
             }
             match sender.try_send_request(req).await {
-                Ok(r) => return Ok(r),
+                Ok(r) => return Ok(r.map(|b| b.map_err(Into::into).boxed_unsync())),
                 Err(mut e) => {
                     // hyper hands the request back when it never went out.
                     let unsent = e.take_message().is_some();
@@ -492,7 +530,10 @@ impl ApiClient {
         method: Method,
         path: &str,
         body: Option<(&str, Bytes)>,
-    ) -> Result<http::Response<Incoming>, ClientError> {
+    ) -> Result<http::Response<ResponseBody>, ClientError> {
+        if let Some(local) = &self.inner.local {
+            return self.send_local(local.as_ref(), method, path, body).await;
+        }
         let (list, start) = {
             let eps = self.endpoints();
             (eps.list.clone(), eps.current)
@@ -533,6 +574,39 @@ impl ApiClient {
             }
         }
         Err(last)
+    }
+
+    /// Hands the request to the in-process server.
+    async fn send_local(
+        &self,
+        local: &dyn LocalService,
+        method: Method,
+        path: &str,
+        body: Option<(&str, Bytes)>,
+    ) -> Result<http::Response<ResponseBody>, ClientError> {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::ACCEPT, "application/json");
+        if let Some(t) = &self.inner.token {
+            req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        let full = match body {
+            Some((ct, b)) => {
+                req = req.header(header::CONTENT_TYPE, ct);
+                Full::new(b)
+            }
+            None => Full::new(Bytes::new()),
+        };
+        let req = req
+            .body(full)
+            .map_err(|e| ClientError::Config(format!("request: {e}")))?;
+        // A task of its own, as hyper gives each request a server connection receives: the
+        // handler then runs in parallel with the caller (the scheduler polls hundreds of binds
+        // from one task) instead of inside it.
+        tokio::spawn(local.call(req))
+            .await
+            .map_err(|e| ClientError::Transport(format!("in-process request: {e}")))
     }
 
     /// Makes `to` the server in use (unless another request already moved on from `from`),
@@ -683,7 +757,7 @@ fn decode_answer(status: StatusCode, bytes: &[u8]) -> Result<Value, ClientError>
 
 /// A running watch: newline-delimited JSON events.
 pub struct Watch {
-    body: Incoming,
+    body: ResponseBody,
     buf: BytesMut,
 }
 

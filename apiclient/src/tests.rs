@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::Full;
+use http_body_util::{BodyExt as _, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::{Value, json};
@@ -256,4 +256,88 @@ async fn a_watch_restarted_after_its_server_died_lands_on_the_next() {
         .expect("watch b");
     assert_eq!(c.server(), b.url);
     assert_eq!(b.hits.load(Ordering::SeqCst), 1);
+}
+
+/// An in-process server: echoes method, path, bearer token and body; `/watch` streams two
+/// events; `/missing` answers a 404 `Status`.
+fn local_echo() -> Arc<dyn LocalService> {
+    Arc::new(|req: Request<Full<Bytes>>| -> local::ResponseFuture {
+        Box::pin(async move {
+            let (parts, body) = req.into_parts();
+            let body = body.collect().await.expect("full body").to_bytes();
+            let auth = parts
+                .headers
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string();
+            let (status, text) = match parts.uri.path() {
+                "/watch" => (
+                    StatusCode::OK,
+                    "{\"type\":\"ADDED\",\"object\":{\"n\":1}}\n\n{\"type\":\"DELETED\",\"object\":{\"n\":2}}\n"
+                        .to_string(),
+                ),
+                "/missing" => (
+                    StatusCode::NOT_FOUND,
+                    json!({"kind": "Status", "reason": "NotFound", "message": "gone"}).to_string(),
+                ),
+                _ => (
+                    StatusCode::OK,
+                    json!({
+                        "method": parts.method.as_str(),
+                        "uri": parts.uri.to_string(),
+                        "auth": auth,
+                        "body": String::from_utf8_lossy(&body),
+                    })
+                    .to_string(),
+                ),
+            };
+            Response::builder()
+                .status(status)
+                .body(
+                    Full::new(Bytes::from(text))
+                        .map_err(|never| match never {})
+                        .boxed_unsync(),
+                )
+                .expect("response")
+        })
+    })
+}
+
+#[tokio::test]
+async fn a_local_client_calls_the_service_with_its_token() {
+    let c = ApiClient::local(local_echo(), Some("secret"));
+    assert_eq!(c.server(), LOCAL_SERVER);
+    let v = c
+        .create("/api/v1/namespaces/a/pods?dryRun=All", &json!({"x": 1}))
+        .await
+        .expect("create");
+    assert_eq!(v["method"], "POST");
+    assert_eq!(v["uri"], "/api/v1/namespaces/a/pods?dryRun=All");
+    assert_eq!(v["auth"], "Bearer secret");
+    assert_eq!(v["body"], r#"{"x":1}"#);
+    let e = c.get("/missing").await.expect("a 404 is None");
+    assert!(e.is_none());
+    let err = c.create("/missing", &json!({})).await.expect_err("404");
+    assert!(err.is_not_found(), "{err}");
+    // Learned servers do not apply to an in-process client.
+    c.set_servers(&["https://10.0.0.1:6443".into()]);
+    assert_eq!(c.servers(), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn a_local_watch_streams_events() {
+    let c = ApiClient::local(local_echo(), None);
+    let mut w = c.watch("/watch").await.expect("watch");
+    let a = w.next().await.expect("first").expect("decoded");
+    assert_eq!(
+        (a.kind.as_str(), a.object["n"].as_i64()),
+        ("ADDED", Some(1))
+    );
+    let b = w.next().await.expect("second").expect("decoded");
+    assert_eq!(
+        (b.kind.as_str(), b.object["n"].as_i64()),
+        ("DELETED", Some(2))
+    );
+    assert!(w.next().await.is_none());
 }

@@ -1,10 +1,11 @@
 //! `flotilla bench scheduler` and `flotilla bench startup`, each printing a table.
 //!
-//! - scheduler: throughput against a real in-process API server (MemStore, HTTPS on loopback)
-//!   with many registered nodes. The nodes are registered through the API (Ready, with
-//!   allocatable resources) but have no agents: the run measures placement and binding only
-//!   (the scheduler's informers' initial list included), not pod start-up. Bindings are
-//!   observed through a watch on the pods.
+//! - scheduler: throughput against a real in-process API server (MemStore) with many
+//!   registered nodes. The scheduler calls the server's router in-process, as in `flotilla
+//!   server`; the bench creates the objects and watches the bindings over HTTPS on loopback.
+//!   The nodes are registered through the API (Ready, with allocatable resources) but have no
+//!   agents: the run measures placement and binding only (the scheduler's informers' initial
+//!   list included), not pod start-up. Bindings are observed through a watch on the pods.
 //! - startup: one node with the wasm agent; pod created → `Running` seen by a watch.
 
 use std::time::{Duration, Instant};
@@ -36,19 +37,27 @@ pub(crate) fn run(args: BenchSchedulerArgs) -> anyhow::Result<()> {
         .build()
         .context("failed to start the tokio runtime")?;
     rt.block_on(async {
-        println!("| nodes | pods | constraints | seconds | pods/s |");
-        println!("|---:|---:|---|---:|---:|");
+        println!(
+            "| nodes | pods | constraints | seconds | pods/s | CPU s | pods/CPU s | events written (s) | load |"
+        );
+        println!("|---:|---:|---|---:|---:|---:|---:|---:|---:|");
         for &n in &args.nodes {
             for constrained in [false, true] {
-                let (secs, rate) = one_run(n, args.pods, constrained).await?;
+                let (secs, rate, cpu, events) = one_run(n, args.pods, constrained).await?;
+                let events = events.map_or_else(|| "n/a".into(), |e| format!("{e:.2}"));
+                let (cpu, per_cpu) = match cpu {
+                    Some(c) => (format!("{c:.2}"), format!("{:.0}", args.pods as f64 / c)),
+                    None => ("n/a".into(), "n/a".into()),
+                };
                 println!(
-                    "| {n} | {} | {} | {secs:.2} | {rate:.0} |",
+                    "| {n} | {} | {} | {secs:.2} | {rate:.0} | {cpu} | {per_cpu} | {events} | {} |",
                     args.pods,
                     if constrained {
                         "node affinity + taints"
                     } else {
                         "requests only"
-                    }
+                    },
+                    loadavg()
                 );
             }
         }
@@ -56,7 +65,26 @@ pub(crate) fn run(args: BenchSchedulerArgs) -> anyhow::Result<()> {
     })
 }
 
-async fn one_run(nodes: usize, pods: usize, constrained: bool) -> anyhow::Result<(f64, f64)> {
+/// CPU time (user + system) this process used so far, from `/proc/self/stat`; with other
+/// work on the machine it says more than wall-clock time about the cost per pod.
+fn cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command (which may contain spaces) start at `state`, field 3.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    // USER_HZ is 100 on every Linux architecture the binary targets.
+    Some(ticks / 100.0)
+}
+
+/// One timed run: seconds until every pod is bound, pods/s, the CPU seconds the process used
+/// meanwhile, and the seconds until every pod's `Scheduled` event was written too (the
+/// scheduler posts them in the background; `None` if they were not all written within 60 s).
+async fn one_run(
+    nodes: usize,
+    pods: usize,
+    constrained: bool,
+) -> anyhow::Result<(f64, f64, Option<f64>, Option<f64>)> {
     let dir = std::env::temp_dir().join(format!(
         "flotilla-bench-scheduler-{}-{nodes}-{constrained}",
         std::process::id()
@@ -67,6 +95,8 @@ async fn one_run(nodes: usize, pods: usize, constrained: bool) -> anyhow::Result
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let pki = server.pki().context("secure mode")?.clone();
+    // The scheduler talks to the server in-process, as in `flotilla server`.
+    let sched_client = server.local_client(Some(&pki.admin_token));
     let shutdown = CancellationToken::new();
     let stop = shutdown.clone();
     let srv = tokio::spawn(async move { server.serve(listener, stop).await });
@@ -118,10 +148,14 @@ async fn one_run(nodes: usize, pods: usize, constrained: bool) -> anyhow::Result
             "/api/v1/namespaces/default/pods?watch=true&resourceVersion={rv}"
         ))
         .await?;
+    let cpu0 = cpu_seconds();
+    let (posted0, dropped0) = control::scheduler::event_counts();
     let started = Instant::now();
+    // For `perf report --time`: the timed phase in CLOCK_MONOTONIC (Instant's Debug shows it).
+    tracing::debug!(at = ?started, "timed phase starts");
     let sched_stop = shutdown.child_token();
     let sched = tokio::spawn(control::scheduler::run(
-        client.clone(),
+        sched_client,
         SchedulerConfig::default(),
         sched_stop.clone(),
     ));
@@ -148,12 +182,24 @@ async fn one_run(nodes: usize, pods: usize, constrained: bool) -> anyhow::Result
         }
     }
     let secs = started.elapsed().as_secs_f64();
+    let cpu = cpu_seconds().zip(cpu0).map(|(b, a)| b - a);
+    let events_at = loop {
+        let (posted, dropped) = control::scheduler::event_counts();
+        if posted - posted0 >= pods as u64 {
+            break Some(started.elapsed().as_secs_f64());
+        }
+        if dropped > dropped0 || started.elapsed().as_secs_f64() > secs + 60.0 {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    tracing::debug!(at = ?Instant::now(), "timed phase ends");
     sched_stop.cancel();
     let _ = sched.await;
     shutdown.cancel();
     let _ = srv.await;
     let _ = std::fs::remove_dir_all(&dir);
-    Ok((secs, pods as f64 / secs))
+    Ok((secs, pods as f64 / secs, cpu, events_at))
 }
 
 async fn create_all(

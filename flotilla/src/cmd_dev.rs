@@ -144,6 +144,8 @@ async fn serve<S: Store>(
     let url = format!("https://127.0.0.1:{}", addr.port());
     step(&format!("API server on {url} (HTTPS, bearer tokens)"));
 
+    // The scheduler and controllers call the server's router in-process, as the admin.
+    let client = server.local_client(Some(&pki.admin_token));
     let shutdown = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
     {
@@ -155,12 +157,11 @@ async fn serve<S: Store>(
         });
     }
     {
-        let (dir, pki, stop) = (data_dir.clone(), pki.clone(), shutdown.clone());
+        let (dir, stop) = (data_dir.clone(), shutdown.clone());
         tasks.spawn(async move {
             if let Err(e) = control::controllers::run_with_server(
                 &dir,
-                &pki,
-                addr,
+                client,
                 ControllerConfig::default(),
                 SchedulerConfig::default(),
                 stop,

@@ -534,6 +534,8 @@ async fn serve_on<S: Store>(
     // Scheduler and controllers (issue 5), under leader election; writes DATA_DIR/node-token.
     let control_loops = server.pki().cloned().map(|pki| {
         let (dir, stop) = (args.data_dir.clone(), shutdown.clone());
+        // In-process calls of this server's router, authenticated as the admin.
+        let client = server.local_client(Some(&pki.admin_token));
         println!("node join token: {}", dir.join("node-token").display());
         let controllers = control::controllers::ControllerConfig {
             node_monitor_period: std::time::Duration::from_millis(
@@ -547,8 +549,7 @@ async fn serve_on<S: Store>(
         tokio::spawn(async move {
             control::controllers::run_with_server(
                 &dir,
-                &pki,
-                addr,
+                client,
                 controllers,
                 Default::default(),
                 stop,

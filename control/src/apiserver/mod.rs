@@ -220,6 +220,35 @@ impl<S: Store> ApiServer<S> {
             })))
     }
 
+    /// The server as an in-process service for [`apiclient::ApiClient::local`]: the same
+    /// router (authentication, authorization, admission, logging, timeouts) without sockets,
+    /// TLS or HTTP/2, for the scheduler and controllers running in this process. Usable while
+    /// [`ApiServer::serve`] runs.
+    pub fn local_service(&self) -> Arc<dyn apiclient::LocalService> {
+        let router = self.router();
+        Arc::new(
+            move |req: http::Request<http_body_util::Full<bytes::Bytes>>| {
+                let router = router.clone();
+                let fut: apiclient::local::ResponseFuture = Box::pin(async move {
+                    use http_body_util::BodyExt as _;
+                    use tower::ServiceExt as _;
+                    let resp = match router.oneshot(req).await {
+                        Ok(r) => r,
+                        Err(never) => match never {},
+                    };
+                    resp.map(|b| b.map_err(Into::into).boxed_unsync())
+                });
+                fut
+            },
+        )
+    }
+
+    /// A client of this server in this process (see [`ApiServer::local_service`]) sending
+    /// `token`.
+    pub fn local_client(&self, token: Option<&str>) -> apiclient::ApiClient {
+        apiclient::ApiClient::local(self.local_service(), token)
+    }
+
     /// Serves connections from `listener` until `shutdown` is cancelled.
     pub async fn serve(
         self,

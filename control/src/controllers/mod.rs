@@ -381,25 +381,17 @@ pub fn write_node_token(data_dir: &Path) -> std::io::Result<PathBuf> {
 }
 
 /// Everything `flotilla server` runs beside the API server: writes `DATA_DIR/node-token`, then
-/// runs the scheduler and every controller as the admin of the API server listening on `addr`
-/// (over loopback HTTPS) until `shutdown`.
+/// runs the scheduler and every controller with `client` (the admin's in-process client of the
+/// API server in this process, [`crate::apiserver::ApiServer::local_client`]) until `shutdown`.
 pub async fn run_with_server(
     data_dir: &Path,
-    pki: &crate::apiserver::Pki,
-    addr: std::net::SocketAddr,
+    client: ApiClient,
     controllers: ControllerConfig,
     scheduler: crate::scheduler::SchedulerConfig,
     shutdown: CancellationToken,
 ) -> Result<(), ClientError> {
     write_node_token(data_dir)
         .map_err(|e| ClientError::Config(format!("writing the node token: {e}")))?;
-    let url = if addr.ip().is_unspecified() || addr.ip().is_loopback() {
-        format!("https://127.0.0.1:{}", addr.port())
-    } else {
-        // Must be one of the serving certificate's names (`--tls-san`).
-        format!("https://{addr}")
-    };
-    let client = ApiClient::new(&url, Some(&pki.admin_token), Some(&pki.ca_pem))?;
     // Several servers may run: the scheduler and the controllers each act only while holding
     // their Lease, as kube-scheduler and kube-controller-manager do.
     let identity = format!(

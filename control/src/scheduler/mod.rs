@@ -28,12 +28,17 @@
 //!   [`MAX_BINDS_IN_FLIGHT`] binds are in flight. A failed bind forgets the assumption and
 //!   retries the pod.
 //! - Events are posted by a separate task from a bounded queue and dropped when it is full, as
-//!   client-go's event broadcaster does, so they never hold up binding.
+//!   client-go's event broadcaster does, so they never hold up binding ([`event_counts`] says
+//!   how many were posted and dropped). At shutdown the queue is drained for up to
+//!   [`EVENT_DRAIN`].
+//! - In `flotilla server` its client calls the API server in-process
+//!   ([`crate::apiserver::ApiServer::local_client`]): no TLS or HTTP/2 per bind.
 //!
 //! Like the controllers, it talks to the API server over REST (see [`crate::controllers`]).
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt as _;
@@ -59,6 +64,26 @@ pub const MAX_BINDS_IN_FLIGHT: usize = 2048;
 
 /// Events waiting to be posted before new ones are dropped.
 const EVENT_QUEUE: usize = 8192;
+
+/// Events posted at once by the event task.
+const EVENT_CONCURRENCY: usize = 16;
+
+/// How long a stopping scheduler keeps posting the events already queued.
+pub const EVENT_DRAIN: Duration = Duration::from_secs(5);
+
+/// Events posted (answered by the API server, successfully or not) and dropped because the
+/// queue was full, by every scheduler of this process.
+static EVENTS_POSTED: AtomicU64 = AtomicU64::new(0);
+static EVENTS_DROPPED: AtomicU64 = AtomicU64::new(0);
+
+/// How many events the schedulers of this process have posted and how many they dropped
+/// because their queue was full (client-go's broadcaster drops silently; we count).
+pub fn event_counts() -> (u64, u64) {
+    (
+        EVENTS_POSTED.load(Ordering::Relaxed),
+        EVENTS_DROPPED.load(Ordering::Relaxed),
+    )
+}
 
 /// An assumed pod not seen bound by then is forgotten (kube-scheduler: 30 s after binding).
 const ASSUME_TTL: Duration = Duration::from_secs(30);
@@ -374,7 +399,8 @@ impl Scheduler {
             reason,
             message,
         };
-        if self.events.try_send(req).is_err() {
+        if let Err(mpsc::error::TrySendError::Full(_)) = self.events.try_send(req) {
+            EVENTS_DROPPED.fetch_add(1, Ordering::Relaxed);
             self.dropped_events += 1;
             if self.dropped_events.is_power_of_two() {
                 tracing::warn!(
@@ -651,23 +677,31 @@ async fn bind(client: ApiClient, pod: Arc<Value>, node: String) -> BindOutcome {
     (pod, node, r)
 }
 
-/// Posts queued events, a few at a time, until the queue closes.
+/// Posts queued events, a few at a time, until the queue closes (the scheduler dropped its
+/// sender), then for at most [`EVENT_DRAIN`] after `stop`.
 async fn post_events(
     client: ApiClient,
     rx: mpsc::Receiver<EventReq>,
     component: String,
     stop: CancellationToken,
 ) {
-    let all = tokio_stream::wrappers::ReceiverStream::new(rx).for_each_concurrent(16, |e| {
-        let (client, component) = (&client, &component);
-        async move {
-            post_event(client, &e.obj, e.ty, e.reason, &e.message, component).await;
-        }
-    });
+    let all = tokio_stream::wrappers::ReceiverStream::new(rx).for_each_concurrent(
+        EVENT_CONCURRENCY,
+        |e| {
+            let (client, component) = (&client, &component);
+            async move {
+                post_event(client, &e.obj, e.ty, e.reason, &e.message, component).await;
+                EVENTS_POSTED.fetch_add(1, Ordering::Relaxed);
+            }
+        },
+    );
+    tokio::pin!(all);
     tokio::select! {
         _ = stop.cancelled() => {}
-        _ = all => {}
+        _ = &mut all => return,
     }
+    // Stopping: what is queued is still worth writing ("Scheduled" for pods already bound).
+    let _ = tokio::time::timeout(EVENT_DRAIN, all).await;
 }
 
 /// Runs the scheduler until `shutdown`.
