@@ -587,7 +587,8 @@ async fn fleet_watch(fleet: std::sync::Arc<Fleet>, stop: CancellationToken) {
 }
 
 /// A real control plane (embedded one-member store, API server, scheduler, every controller)
-/// in this process, plus a fleet of hollow nodes.
+/// in this process, plus a fleet of hollow nodes. As in `flotilla server`, the scheduler and
+/// the controllers call the API server's router in-process; the hollow nodes use HTTPS.
 struct Cluster {
     dir: std::path::PathBuf,
     url: String,
@@ -632,6 +633,8 @@ impl Cluster {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let pki = server.pki().context("secure mode")?.clone();
+        // The scheduler and the controllers call the router in-process, as in `flotilla server`.
+        let local = server.local_client(Some(&pki.admin_token));
         let stop = CancellationToken::new();
         let mut tasks = tokio::task::JoinSet::new();
         let s = stop.clone();
@@ -719,14 +722,14 @@ impl Cluster {
             });
         }
         tasks.spawn(fleet_watch(fleet.clone(), stop.clone()));
-        // The scheduler and the controllers each have their own connection, as separate
-        // components of a control plane would.
-        let c = ApiClient::new(&url, Some(&pki.admin_token), Some(&pki.ca_pem))?;
         let s = stop.clone();
-        tasks.spawn(control::scheduler::run(c, SchedulerConfig::default(), s));
-        let c = ApiClient::new(&url, Some(&pki.admin_token), Some(&pki.ca_pem))?;
+        tasks.spawn(control::scheduler::run(
+            local.clone(),
+            SchedulerConfig::default(),
+            s,
+        ));
         let s = stop.clone();
-        tasks.spawn(control::controllers::run_all(c, controllers, s));
+        tasks.spawn(control::controllers::run_all(local, controllers, s));
         Ok(Cluster {
             dir,
             url,
