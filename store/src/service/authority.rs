@@ -66,6 +66,9 @@ async fn pump(tcp: TcpStream, proxy: DuplexStream, cancel: CancellationToken) {
     let (tcp_r, mut tcp_w) = tcp.into_split();
     let (px_r, px_w) = tokio::io::split(proxy);
     let mut px_r = px_r;
+    // Buffered: a frame header and its payload were two `read` syscalls (and two hand-offs
+    // to tonic) each; now every frame already received goes in one.
+    let tcp_r = tokio::io::BufReader::with_capacity(64 * 1024, tcp_r);
     tokio::select! {
         _ = cancel.cancelled() => {}
         _ = client_to_server(tcp_r, px_w) => {}
@@ -73,8 +76,16 @@ async fn pump(tcp: TcpStream, proxy: DuplexStream, cancel: CancellationToken) {
     }
 }
 
-async fn client_to_server(
-    mut r: impl AsyncRead + Unpin,
+/// Whether `buf` holds a whole HTTP/2 frame (so reading it cannot wait on the client).
+fn holds_frame(buf: &[u8]) -> bool {
+    buf.len() >= 9 && {
+        let len = (usize::from(buf[0]) << 16) | (usize::from(buf[1]) << 8) | usize::from(buf[2]);
+        buf.len() >= 9 + len
+    }
+}
+
+async fn client_to_server<R: AsyncRead + Unpin>(
+    mut r: tokio::io::BufReader<R>,
     mut w: impl AsyncWrite + Unpin,
 ) -> io::Result<()> {
     let mut preface = [0u8; 24];
@@ -85,6 +96,9 @@ async fn client_to_server(
         tokio::io::copy(&mut r, &mut w).await?;
         return Ok(());
     }
+    // Frames go to tonic in one write per batch the client sent: flushed whenever the next
+    // frame is not already buffered (the read for it may wait).
+    let mut w = tokio::io::BufWriter::with_capacity(64 * 1024, w);
     let mut block: Vec<u8> = Vec::new();
     let mut block_flags = 0u8;
     let mut block_prio: Option<[u8; 5]> = None;
@@ -108,6 +122,9 @@ async fn client_to_server(
         if !(starts_block || (ty == CONTINUATION && in_block)) {
             w.write_all(&head).await?;
             w.write_all(&payload).await?;
+            if !holds_frame(r.buffer()) {
+                w.flush().await?;
+            }
             continue;
         }
         if starts_block {
@@ -140,11 +157,17 @@ async fn client_to_server(
             return Err(bad());
         }
         if flags & END_HEADERS == 0 {
+            if !holds_frame(r.buffer()) {
+                w.flush().await?;
+            }
             continue;
         }
         in_block = false;
         let rewritten = rewrite_block(&block).unwrap_or_else(|| block.clone());
         write_headers(&mut w, block_stream, block_flags, block_prio, &rewritten).await?;
+        if !holds_frame(r.buffer()) {
+            w.flush().await?;
+        }
     }
 }
 
