@@ -259,6 +259,23 @@ async fn pod(c: &Cluster, name: &str) -> anyhow::Result<Value> {
         .with_context(|| format!("pod {name} not found"))
 }
 
+/// Waits until pod `name`'s first container is running; returns the pod.
+async fn first_container_running(c: &Cluster, name: &str) -> anyhow::Result<Value> {
+    eventually(&format!("{name} Running"), WAIT, || async {
+        let p = pod(c, name).await?;
+        Ok(
+            if p.pointer("/status/containerStatuses/0/state/running")
+                .is_some()
+            {
+                Ok(p)
+            } else {
+                Err(format!("{:?}", waiting_reason(&p)))
+            },
+        )
+    })
+    .await
+}
+
 fn waiting_reason(p: &Value) -> (String, String) {
     let s = |f: &str| {
         p.pointer(&format!("/status/containerStatuses/0/state/waiting/{f}"))
@@ -482,19 +499,7 @@ async fn kubectl_runs_busybox_on_containerd_through_cri() -> anyhow::Result<()> 
         "apiVersion: v1\nkind: Pod\nmetadata:\n  name: attach-me\nspec:\n  restartPolicy: Never\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: main\n    image: {BUSYBOX}\n    stdin: true\n    command: [/bin/sh, -c, 'read line; echo \"got $line\"; read rest || echo eof']\n"
     );
     apply(kc, &c, &attach_pod).await?;
-    eventually("attach-me Running", WAIT, || async {
-        let p = pod(&c, "attach-me").await?;
-        Ok(
-            if p.pointer("/status/containerStatuses/0/state/running")
-                .is_some()
-            {
-                Ok(())
-            } else {
-                Err(format!("{:?}", waiting_reason(&p)))
-            },
-        )
-    })
-    .await?;
+    first_container_running(&c, "attach-me").await?;
     let attached = tokio::task::block_in_place(|| {
         kubectl_session(
             kc,
@@ -521,19 +526,7 @@ async fn kubectl_runs_busybox_on_containerd_through_cri() -> anyhow::Result<()> 
         "apiVersion: v1\nkind: Pod\nmetadata:\n  name: restricted\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: main\n    image: {BUSYBOX}\n    command: [sleep, '3600']\n    securityContext:\n      runAsUser: 1000\n      readOnlyRootFilesystem: true\n      allowPrivilegeEscalation: false\n      capabilities: {{drop: [ALL]}}\n"
     );
     apply(kc, &c, &restricted).await?;
-    eventually("restricted Running", WAIT, || async {
-        let p = pod(&c, "restricted").await?;
-        Ok(
-            if p.pointer("/status/containerStatuses/0/state/running")
-                .is_some()
-            {
-                Ok(())
-            } else {
-                Err(format!("{:?}", waiting_reason(&p)))
-            },
-        )
-    })
-    .await?;
+    first_container_running(&c, "restricted").await?;
     let out = k(
         kc,
         &c,
@@ -1100,19 +1093,7 @@ async fn agent_readopts_cri_pods_and_mounts_config_with_the_fake_cri() -> anyhow
             }}),
     )
     .await?;
-    eventually("configured Running", WAIT, || async {
-        let p = pod(&c, "configured").await?;
-        Ok(
-            if p.pointer("/status/containerStatuses/0/state/running")
-                .is_some()
-            {
-                Ok(())
-            } else {
-                Err(format!("{:?}", waiting_reason(&p)))
-            },
-        )
-    })
-    .await?;
+    first_container_running(&c, "configured").await?;
     let cc = fake
         .container_configs()
         .into_iter()

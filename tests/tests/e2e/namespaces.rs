@@ -82,6 +82,25 @@ async fn empty(c: &Cluster, ns: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Sets the `finalizers` of the ConfigMap `settings` in namespace `held` (a JSON list or null).
+fn hold_settings(c: &Cluster, finalizers: &str) -> anyhow::Result<String> {
+    let patch = format!(r#"{{"metadata":{{"finalizers":{finalizers}}}}}"#);
+    kubectl(
+        c,
+        &[
+            "-n",
+            "held",
+            "patch",
+            "configmap",
+            "settings",
+            "--type=merge",
+            "-p",
+            &patch,
+        ],
+        None,
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_delete_namespace_waits_until_its_contents_are_gone() -> anyhow::Result<()> {
     init_tracing();
@@ -120,20 +139,7 @@ async fn kubectl_delete_namespace_waits_until_its_contents_are_gone() -> anyhow:
     tracing::info!("--- a Terminating namespace refuses new content");
     kubectl(&c, &["create", "namespace", "held"], None)?;
     kubectl(&c, &["apply", "-f", "-"], Some(&manifest("held")))?;
-    kubectl(
-        &c,
-        &[
-            "-n",
-            "held",
-            "patch",
-            "configmap",
-            "settings",
-            "--type=merge",
-            "-p",
-            r#"{"metadata":{"finalizers":["example.com/hold"]}}"#,
-        ],
-        None,
-    )?;
+    hold_settings(&c, r#"["example.com/hold"]"#)?;
     running_in(&c, "held", 2).await?;
     kubectl(&c, &["delete", "namespace", "held", "--wait=false"], None)?;
     let refused = tokio::task::block_in_place(|| {
@@ -203,20 +209,7 @@ async fn kubectl_delete_namespace_waits_until_its_contents_are_gone() -> anyhow:
     )?;
     assert_eq!(phase, "Terminating");
     // Its owner lets go: `kubectl delete namespace` (waiting) then finishes promptly.
-    kubectl(
-        &c,
-        &[
-            "-n",
-            "held",
-            "patch",
-            "configmap",
-            "settings",
-            "--type=merge",
-            "-p",
-            r#"{"metadata":{"finalizers":null}}"#,
-        ],
-        None,
-    )?;
+    hold_settings(&c, "null")?;
     let started = Instant::now();
     kubectl(&c, &["delete", "namespace", "held", "--timeout=60s"], None)?;
     let took = started.elapsed();
