@@ -62,8 +62,8 @@ pub struct FaultHooks {
     /// Consulted for every request forwarded to the leader.
     pub forward: Option<ForwardFilter>,
     /// PLANTED BUG, for showing that the fault suite's checker catches it: acknowledge log
-    /// appends to openraft before (instead of after) flushing them, and turn off sled's
-    /// periodic flush, so acknowledged writes live only in memory.
+    /// appends to openraft before (instead of after) flushing them, so acknowledged writes
+    /// live only in memory until a later flush.
     pub ack_before_flush: bool,
     /// F15: milliseconds added to the clock this member's lessor measures lease TTLs with
     /// (negative: behind). Changing it is a clock jump; changing it in small steps is a clock

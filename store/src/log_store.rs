@@ -54,7 +54,7 @@ pub(crate) async fn flush_tree(tree: &sled::Tree) -> sled::Result<usize> {
         .unwrap_or_else(|e| Err(sled::Error::ReportableBug(format!("flush task: {e}"))))
 }
 
-/// The Raft log: entries in the [`Wal`], Raft metadata in the sled tree `raft_meta`. (The sled
+/// The Raft log: entries in the write-ahead log (`wal`), Raft metadata in the sled tree `raft_meta`. (The sled
 /// tree `raft_log`, big-endian index keys, held the entries in older data dirs; they are moved
 /// into the log on open.)
 #[derive(Clone, Debug)]
