@@ -160,25 +160,37 @@ async fn one_run(
         sched_stop.clone(),
     ));
     let mut bound = std::collections::HashSet::new();
-    while bound.len() < pods {
-        let left = Duration::from_secs(600).saturating_sub(started.elapsed());
-        let ev = tokio::time::timeout(left, w.next()).await;
-        let Ok(Some(Ok(ev))) = ev else {
-            anyhow::bail!("only {}/{pods} pods bound after 600 s", bound.len());
-        };
-        if ev
-            .object
-            .pointer("/spec/nodeName")
+    let is_bound = |pod: &Value| {
+        pod.pointer("/spec/nodeName")
             .and_then(Value::as_str)
             .is_some_and(|n| !n.is_empty())
-        {
-            bound.insert(
-                ev.object
-                    .pointer("/metadata/name")
-                    .and_then(Value::as_str)
-                    .unwrap_or_default()
-                    .to_string(),
-            );
+    };
+    let name_of = |pod: &Value| {
+        pod.pointer("/metadata/name")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string()
+    };
+    while bound.len() < pods {
+        let left = Duration::from_secs(600).saturating_sub(started.elapsed());
+        match tokio::time::timeout(left, w.next()).await {
+            Err(_) => anyhow::bail!("only {}/{pods} pods bound after 600 s", bound.len()),
+            Ok(Some(Ok(ev))) => {
+                if is_bound(&ev.object) {
+                    bound.insert(name_of(&ev.object));
+                }
+            }
+            // The watch ended (e.g. the server restarted its watch cache under the load):
+            // re-list and watch again from there, as any client does.
+            Ok(_) => {
+                let (items, rv) = client.list("/api/v1/namespaces/default/pods").await?;
+                bound.extend(items.iter().filter(|p| is_bound(p)).map(name_of));
+                w = client
+                    .watch(&format!(
+                        "/api/v1/namespaces/default/pods?watch=true&resourceVersion={rv}"
+                    ))
+                    .await?;
+            }
         }
     }
     let secs = started.elapsed().as_secs_f64();
