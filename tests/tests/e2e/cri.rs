@@ -56,16 +56,21 @@ fn prerequisites(test: &str) -> Option<(String, std::path::PathBuf)> {
     }
 }
 
-fn kubectl(kc: &Path, c: &Cluster, args: &[&str], stdin: Option<&str>) -> anyhow::Result<String> {
-    use std::io::Write as _;
-    let mut child = Command::new(kc)
+/// Starts kubectl against the cluster with all three standard streams piped.
+fn spawn_kubectl(kc: &Path, c: &Cluster, args: &[&str]) -> std::io::Result<std::process::Child> {
+    Command::new(kc)
         .arg("--kubeconfig")
         .arg(c.kubeconfig())
         .args(args)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
-        .spawn()?;
+        .spawn()
+}
+
+fn kubectl(kc: &Path, c: &Cluster, args: &[&str], stdin: Option<&str>) -> anyhow::Result<String> {
+    use std::io::Write as _;
+    let mut child = spawn_kubectl(kc, c, args)?;
     if let (Some(text), Some(mut si)) = (stdin, child.stdin.take()) {
         si.write_all(text.as_bytes())?;
     }
@@ -90,14 +95,7 @@ fn kubectl_session(
     limit: Duration,
 ) -> anyhow::Result<String> {
     use std::io::{Read as _, Write as _};
-    let mut child = Command::new(kc)
-        .arg("--kubeconfig")
-        .arg(c.kubeconfig())
-        .args(args)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()?;
+    let mut child = spawn_kubectl(kc, c, args)?;
     // Written and closed: the session sees the input end.
     if let Some(mut si) = child.stdin.take() {
         si.write_all(stdin.as_bytes())?;
