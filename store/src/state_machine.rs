@@ -26,7 +26,7 @@ use tokio::sync::broadcast;
 
 use crate::error::StoreError;
 use crate::faults::{CrashPoint, FaultHooks, InjectedCrash};
-use crate::mvcc::{ApplyOutput, Mvcc, RevEvents};
+use crate::mvcc::{ApplyOutput, Mvcc, RevEvents, SnapshotPoint};
 use crate::pb::mvccpb::Event;
 use crate::snapshot::{self as file, BodyWriter, Stored as StoredSnapshot};
 use crate::stats::Stats;
@@ -69,6 +69,8 @@ pub(crate) struct Shared {
     db: sled::Db,
     /// Last log id of the snapshot file; held while the file is replaced.
     on_disk: Mutex<Option<LogId<u64>>>,
+    /// Held by a snapshot build (builds share one temporary file).
+    building: Mutex<()>,
 }
 
 impl Shared {
@@ -140,6 +142,7 @@ impl SledStateMachine {
                 events: broadcast::channel(1024).0,
                 db: db.clone(),
                 on_disk: Mutex::new(None),
+                building: Mutex::new(()),
             }),
             dir: dir.to_path_buf(),
             records: open("sm_records")?,
@@ -216,6 +219,11 @@ impl SledStateMachine {
         }
         *on_disk = meta.last_log_id;
         drop(on_disk);
+        self.persisted(meta)
+    }
+
+    /// Bookkeeping once the snapshot of `meta` is the current file.
+    fn persisted(&self, meta: &SnapshotMeta<u64, Member>) -> StorageResult<()> {
         // The older layouts are stale from now on (losing these removals is harmless: open
         // picks the newest state).
         self.meta.remove(LAST_APPLIED).map_err(snap_err)?;
@@ -237,9 +245,16 @@ impl SledStateMachine {
         }
     }
 
-    /// Builds and persists a snapshot of the current state (on a blocking thread).
+    /// Builds and persists a snapshot of the current state (on a blocking thread), streaming
+    /// it to the snapshot file (see `snapshot`).
     fn build_blocking(&self) -> StorageResult<Snapshot<TypeConfig>> {
-        let (point, epoch, meta, capacity) = {
+        // Builds share one temporary file.
+        let _building = self
+            .shared
+            .building
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let (point, epoch, meta) = {
             let mut st = self.shared.write();
             let point = st.mvcc.hold_compaction();
             let nanos = std::time::SystemTime::now()
@@ -254,48 +269,83 @@ impl SledStateMachine {
                 last_membership: st.membership.clone(),
                 snapshot_id,
             };
-            let capacity = usize::try_from(st.mvcc.size()).unwrap_or(0) + 4096;
-            (point, st.epoch, meta, capacity)
+            (point, st.epoch, meta)
         };
-        let mut body = BodyWriter::new(&point, capacity);
-        let mut after = None;
-        let mut replaced = false;
-        loop {
-            let st = self.shared.read();
-            if st.epoch != epoch {
-                replaced = true;
-                break;
-            }
-            // Short read locks: applying goes on between chunks.
-            match st
-                .mvcc
-                .visit_versions(&point, after.as_ref(), 256, |k, v| body.record(k, v))
-            {
-                Some(k) => after = Some(k),
-                None => break,
-            }
-        }
-        {
+        let streamed = self.stream_body(&point, epoch, &meta);
+        let released = {
             let mut st = self.shared.write();
-            if st.epoch == epoch {
+            let same = st.epoch == epoch;
+            if same {
                 st.mvcc.release_compaction();
+            }
+            same
+        };
+        let body = match streamed {
+            Ok(Some(body)) if released => body,
+            other => {
+                file::discard_built(&self.dir);
+                other?;
+                // An installed snapshot replaced the model meanwhile: it is the newer snapshot.
+                return self.current_or_missing();
+            }
+        };
+        let finished = body.finish_file();
+        if let Err(e) = finished {
+            file::discard_built(&self.dir);
+            return Err(snap_err(e));
+        }
+        // A crash here leaves the new snapshot under its temporary name (removed on open).
+        self.crash(CrashPoint::SnapshotBuild)?;
+        {
+            let mut on_disk = self.on_disk();
+            if on_disk.is_some() && *on_disk >= meta.last_log_id {
+                // An install got a newer one on disk meanwhile.
+                file::discard_built(&self.dir);
             } else {
-                replaced = true;
+                file::commit_built(&self.dir).map_err(snap_err)?;
+                *on_disk = meta.last_log_id;
             }
         }
-        if replaced {
-            // An installed snapshot replaced the model meanwhile: it is the newer snapshot.
-            drop(body);
-            let (meta, data) = self
-                .load_current()?
-                .ok_or_else(|| snap_err(std::io::Error::other("installed snapshot missing")))?;
-            return Ok(Snapshot {
-                meta,
-                snapshot: Box::new(Cursor::new(data)),
-            });
+        self.persisted(&meta)?;
+        // The trait hands back the snapshot's data: read back from the file (openraft 0.9
+        // itself keeps only the meta of a built snapshot, so this is short-lived).
+        self.current_or_missing()
+    }
+
+    /// Streams the model at `point` into a new snapshot file; `None` if an installed snapshot
+    /// replaced the model meanwhile.
+    fn stream_body(
+        &self,
+        point: &SnapshotPoint,
+        epoch: u64,
+        meta: &SnapshotMeta<u64, Member>,
+    ) -> StorageResult<Option<BodyWriter>> {
+        let mut body = BodyWriter::to_file(&self.dir, meta, point).map_err(snap_err)?;
+        let mut after = None;
+        loop {
+            {
+                let st = self.shared.read();
+                if st.epoch != epoch {
+                    return Ok(None);
+                }
+                // Short read locks: applying goes on between chunks.
+                match st
+                    .mvcc
+                    .visit_versions(point, after.as_ref(), 256, |k, v| body.record(k, v))
+                {
+                    Some(k) => after = Some(k),
+                    None => return Ok(Some(body)),
+                }
+            }
+            // File IO outside the lock.
+            body.flush_if_full().map_err(snap_err)?;
         }
-        let data = body.finish();
-        self.persist(&meta, &data, CrashPoint::SnapshotBuild)?;
+    }
+
+    fn current_or_missing(&self) -> StorageResult<Snapshot<TypeConfig>> {
+        let (meta, data) = self
+            .load_current()?
+            .ok_or_else(|| snap_err(std::io::Error::other("snapshot file missing")))?;
         Ok(Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(data)),
