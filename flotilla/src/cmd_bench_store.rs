@@ -864,6 +864,27 @@ async fn watch_latency(
     Ok(lat)
 }
 
+/// Holds a machine-wide lock for the benchmark's lifetime: two benchmarks at once on one
+/// machine take each other's CPU and both print wrong numbers, so a second one waits.
+pub(crate) fn exclusive_machine() -> anyhow::Result<std::fs::File> {
+    let path = std::env::temp_dir().join("flotilla-bench.lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open the benchmark lock {}", path.display()))?;
+    if f.try_lock().is_err() {
+        eprintln!(
+            "another benchmark is running on this machine (lock {}); waiting for it to finish",
+            path.display()
+        );
+        f.lock()
+            .with_context(|| format!("cannot take the benchmark lock {}", path.display()))?;
+    }
+    Ok(f)
+}
+
 /// Entry point of `flotilla bench store`.
 pub(crate) fn run(args: BenchStoreArgs) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()

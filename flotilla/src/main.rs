@@ -76,12 +76,17 @@ fn main() -> anyhow::Result<()> {
         Command::Server(args) => cmd_server::run(args),
         Command::Agent(args) => cmd_agent::run(args),
         Command::Dev(args) => cmd_dev::run(args),
-        Command::Bench(BenchCommand::Runtime(args)) => cmd_runtime::run_bench(args),
-        Command::Bench(BenchCommand::Api(args)) => cmd_server::run_bench(args),
-        Command::Bench(BenchCommand::Scheduler(args)) => cmd_bench_cluster::run(args),
-        Command::Bench(BenchCommand::Startup(args)) => cmd_bench_cluster::run_startup(args),
-        Command::Bench(BenchCommand::Cluster(args)) => cmd_bench_cluster::run_cluster(args),
-        Command::Bench(BenchCommand::Store(args)) => cmd_bench_store::run(args),
+        Command::Bench(bench) => {
+            let _machine = cmd_bench_store::exclusive_machine()?;
+            match bench {
+                BenchCommand::Runtime(args) => cmd_runtime::run_bench(args),
+                BenchCommand::Api(args) => cmd_server::run_bench(args),
+                BenchCommand::Scheduler(args) => cmd_bench_cluster::run(args),
+                BenchCommand::Startup(args) => cmd_bench_cluster::run_startup(args),
+                BenchCommand::Cluster(args) => cmd_bench_cluster::run_cluster(args),
+                BenchCommand::Store(args) => cmd_bench_store::run(args),
+            }
+        }
         Command::Chaos(args) => cmd_chaos::run(args),
     }
 }
