@@ -96,12 +96,11 @@ impl Watcher {
                     && !(put && self.no_put)
                     && (put || !self.no_delete)
             })
-            .map(|e| {
-                let mut e = e.clone();
-                if !self.prev_kv {
-                    e.prev_kv = None;
-                }
-                e
+            // Copy `prev_kv` (a whole value) only for watchers that asked for it.
+            .map(|e| Event {
+                r#type: e.r#type,
+                kv: e.kv.clone(),
+                prev_kv: if self.prev_kv { e.prev_kv.clone() } else { None },
             })
             .collect()
     }
@@ -393,5 +392,52 @@ impl Session {
             }
         }
         Flow::Continue
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pb::mvccpb::KeyValue;
+
+    fn watcher(prev_kv: bool, no_put: bool) -> Watcher {
+        Watcher {
+            key: b"a/".to_vec(),
+            range_end: b"a0".to_vec(),
+            prev_kv,
+            no_put,
+            no_delete: false,
+            progress_notify: false,
+            next_rev: 1,
+            active: false,
+        }
+    }
+
+    fn put(key: &str, value: &str, prev: &str) -> Event {
+        let kv = |v: &str| KeyValue {
+            key: key.into(),
+            value: v.into(),
+            ..KeyValue::default()
+        };
+        Event {
+            r#type: EventType::Put as i32,
+            kv: Some(kv(value)),
+            prev_kv: Some(kv(prev)),
+        }
+    }
+
+    #[test]
+    fn select_filters_by_range_and_type_and_copies_prev_kv_only_when_asked() {
+        let events = [put("a/1", "new", "old"), put("b", "x", "y")];
+        let plain = watcher(false, false).select(&events);
+        assert_eq!(plain.len(), 1, "b is outside [a/, a0)");
+        assert_eq!(
+            plain[0].kv.as_ref().map(|kv| &kv.value[..]),
+            Some(&b"new"[..])
+        );
+        assert_eq!(plain[0].prev_kv, None);
+        let with_prev = watcher(true, false).select(&events);
+        assert_eq!(with_prev, vec![events[0].clone()]);
+        assert!(watcher(false, true).select(&events).is_empty(), "noput");
     }
 }
