@@ -304,6 +304,25 @@ pub(crate) fn read_file(dir: &Path) -> io::Result<Option<Stored>> {
     Ok(Some((meta, data)))
 }
 
+/// The meta of the current snapshot of `dir` (its body is not read).
+pub(crate) fn read_meta(dir: &Path) -> io::Result<Option<SnapshotMeta<u64, Member>>> {
+    let mut f = match File::open(dir.join(FILE)) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let mut head = [0u8; 12];
+    f.read_exact(&mut head)?;
+    let mut r = Reader(&head);
+    if r.take(8)? != FILE_MAGIC {
+        return Err(invalid("not a snapshot file"));
+    }
+    let n = r.u32()? as usize;
+    let mut meta = vec![0u8; n];
+    f.read_exact(&mut meta)?;
+    Ok(Some(decode(&meta).map_err(invalid)?))
+}
+
 /// Removes snapshots left half written by a crash.
 pub(crate) fn remove_leftover(dir: &Path) {
     remove(&dir.join(TMP));
@@ -418,6 +437,7 @@ mod tests {
         commit_built(dir.path()).expect("commit");
         let (m2, b2) = read_file(dir.path()).expect("read").expect("present");
         assert_eq!(m2, meta);
+        assert_eq!(read_meta(dir.path()).expect("meta"), Some(meta.clone()));
         assert!(b2 == body, "streamed body differs from the in-memory one");
         assert_eq!(decode_body(&b2).expect("decode").hash_kv(0), m.hash_kv(0));
 
