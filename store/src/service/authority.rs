@@ -9,12 +9,16 @@
 //! table holds the rewritten entries, which are never larger than the originals, so it evicts
 //! no earlier than the client's encoder assumes.
 use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream};
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tonic::transport::server::{Connected, TcpConnectInfo};
 
 const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const HEADERS: u8 = 0x1;
@@ -29,15 +33,16 @@ const MAX_FRAME: usize = 16_384;
 const MAX_BLOCK: usize = 1 << 20;
 /// Replacement authority; tonic does not route on it.
 const AUTHORITY: &[u8] = b"etcd";
+/// Bytes read from the socket at a time.
+const READ_CHUNK: usize = 64 * 1024;
 
-/// Accepts client connections and hands tonic one rewritten in-memory stream per connection.
+/// Accepts client connections and hands each to tonic wrapped in an [`AuthorityShim`].
 pub(crate) fn incoming(
     listener: TcpListener,
     cancel: CancellationToken,
     tracker: &TaskTracker,
-) -> tokio_stream::wrappers::ReceiverStream<io::Result<DuplexStream>> {
+) -> tokio_stream::wrappers::ReceiverStream<io::Result<AuthorityShim<TcpStream>>> {
     let (tx, rx) = mpsc::channel(64);
-    let t = tracker.clone();
     tracker.spawn(async move {
         loop {
             let conn = tokio::select! {
@@ -51,9 +56,8 @@ pub(crate) fn incoming(
                     continue;
                 }
             };
-            let (server_side, proxy_side) = tokio::io::duplex(256 * 1024);
-            t.spawn(pump(tcp, proxy_side, cancel.clone()));
-            if tx.send(Ok(server_side)).await.is_err() {
+            let _ = tcp.set_nodelay(true);
+            if tx.send(Ok(AuthorityShim::new(tcp))).await.is_err() {
                 return;
             }
         }
@@ -61,113 +65,201 @@ pub(crate) fn incoming(
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
-async fn pump(tcp: TcpStream, proxy: DuplexStream, cancel: CancellationToken) {
-    let _ = tcp.set_nodelay(true);
-    let (tcp_r, mut tcp_w) = tcp.into_split();
-    let (px_r, px_w) = tokio::io::split(proxy);
-    let mut px_r = px_r;
-    // Buffered: a frame header and its payload were two `read` syscalls (and two hand-offs
-    // to tonic) each; now every frame already received goes in one.
-    let tcp_r = tokio::io::BufReader::with_capacity(64 * 1024, tcp_r);
-    tokio::select! {
-        _ = cancel.cancelled() => {}
-        _ = client_to_server(tcp_r, px_w) => {}
-        _ = tokio::io::copy(&mut px_r, &mut tcp_w) => {}
+/// A client connection as tonic reads it: header blocks rewritten on the way in, everything
+/// else passed through; writes go straight to the socket. A poll-level adapter rather than a
+/// proxy task and an in-memory pipe, so a request costs no extra task wake-ups or copies
+/// through a pipe.
+pub(crate) struct AuthorityShim<S> {
+    inner: S,
+    /// Bytes read from the client and not yet looked at.
+    raw: BytesMut,
+    /// Bytes ready for tonic.
+    out: BytesMut,
+    preface_seen: bool,
+    /// Not HTTP/2 with prior knowledge: bytes pass untouched and the server answers.
+    passthrough: bool,
+    /// A header block being gathered from HEADERS and CONTINUATION frames.
+    block: Option<Block>,
+    eof: bool,
+}
+
+struct Block {
+    stream: u32,
+    end_stream: u8,
+    prio: Option<[u8; 5]>,
+    fields: Vec<u8>,
+}
+
+impl<S> AuthorityShim<S> {
+    pub(crate) fn new(inner: S) -> Self {
+        Self {
+            inner,
+            raw: BytesMut::with_capacity(READ_CHUNK),
+            out: BytesMut::new(),
+            preface_seen: false,
+            passthrough: false,
+            block: None,
+            eof: false,
+        }
+    }
+
+    /// Moves every whole frame in `raw` to `out`, rewriting header blocks.
+    fn process(&mut self) -> io::Result<()> {
+        if !self.preface_seen {
+            if self.raw.len() < PREFACE.len() {
+                if self.eof || !PREFACE.starts_with(&self.raw) {
+                    self.passthrough = true;
+                    self.preface_seen = true;
+                }
+                if !self.passthrough {
+                    return Ok(());
+                }
+            } else {
+                self.preface_seen = true;
+                self.passthrough = &self.raw[..PREFACE.len()] != PREFACE;
+                if !self.passthrough {
+                    self.out
+                        .extend_from_slice(&self.raw.split_to(PREFACE.len()));
+                }
+            }
+        }
+        if self.passthrough {
+            self.out.extend_from_slice(&self.raw.split());
+            return Ok(());
+        }
+        while self.raw.len() >= 9 {
+            let len = (usize::from(self.raw[0]) << 16)
+                | (usize::from(self.raw[1]) << 8)
+                | usize::from(self.raw[2]);
+            if self.raw.len() < 9 + len {
+                break;
+            }
+            let ty = self.raw[3];
+            let flags = self.raw[4];
+            let stream = u32::from_be_bytes([self.raw[5], self.raw[6], self.raw[7], self.raw[8]])
+                & 0x7fff_ffff;
+            let starts_block = ty == HEADERS && self.block.is_none();
+            if !(starts_block || (ty == CONTINUATION && self.block.is_some())) {
+                self.out.extend_from_slice(&self.raw.split_to(9 + len));
+                continue;
+            }
+            self.raw.advance(9);
+            let payload = self.raw.split_to(len);
+            if starts_block {
+                let mut data: &[u8] = &payload;
+                if flags & PADDED != 0 {
+                    let pad = usize::from(*data.first().ok_or_else(bad)?);
+                    data = data
+                        .get(1..data.len().checked_sub(pad).ok_or_else(bad)?)
+                        .ok_or_else(bad)?;
+                }
+                let mut prio = None;
+                if flags & PRIORITY != 0 {
+                    let p: [u8; 5] = data
+                        .get(..5)
+                        .ok_or_else(bad)?
+                        .try_into()
+                        .map_err(|_| bad())?;
+                    prio = Some(p);
+                    data = &data[5..];
+                }
+                self.block = Some(Block {
+                    stream,
+                    end_stream: flags & END_STREAM,
+                    prio,
+                    fields: data.to_vec(),
+                });
+            } else if let Some(b) = &mut self.block {
+                b.fields.extend_from_slice(&payload);
+            }
+            let Some(b) = &self.block else {
+                continue;
+            };
+            if b.fields.len() > MAX_BLOCK {
+                return Err(bad());
+            }
+            if flags & END_HEADERS == 0 {
+                continue;
+            }
+            if let Some(b) = self.block.take() {
+                let rewritten = rewrite_block(&b.fields).unwrap_or(b.fields);
+                put_headers(&mut self.out, b.stream, b.end_stream, b.prio, &rewritten);
+            }
+        }
+        Ok(())
     }
 }
 
-/// Whether `buf` holds a whole HTTP/2 frame (so reading it cannot wait on the client).
-fn holds_frame(buf: &[u8]) -> bool {
-    buf.len() >= 9 && {
-        let len = (usize::from(buf[0]) << 16) | (usize::from(buf[1]) << 8) | usize::from(buf[2]);
-        buf.len() >= 9 + len
+impl<S: AsyncRead + Unpin> AsyncRead for AuthorityShim<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        loop {
+            if !this.out.is_empty() {
+                let n = this.out.len().min(buf.remaining());
+                buf.put_slice(&this.out.split_to(n));
+                return Poll::Ready(Ok(()));
+            }
+            if this.eof {
+                // A frame cut off by the client's close goes on as it is; tonic reports it.
+                this.out.extend_from_slice(&this.raw.split());
+                if this.out.is_empty() {
+                    return Poll::Ready(Ok(()));
+                }
+                continue;
+            }
+            this.raw.reserve(READ_CHUNK);
+            let n = ready!(tokio_util::io::poll_read_buf(
+                Pin::new(&mut this.inner),
+                cx,
+                &mut this.raw
+            ))?;
+            if n == 0 {
+                this.eof = true;
+            }
+            this.process()?;
+        }
     }
 }
 
-async fn client_to_server<R: AsyncRead + Unpin>(
-    mut r: tokio::io::BufReader<R>,
-    mut w: impl AsyncWrite + Unpin,
-) -> io::Result<()> {
-    let mut preface = [0u8; 24];
-    r.read_exact(&mut preface).await?;
-    w.write_all(&preface).await?;
-    if &preface != PREFACE {
-        // Not HTTP/2 prior knowledge: pass through untouched and let the server answer.
-        tokio::io::copy(&mut r, &mut w).await?;
-        return Ok(());
+impl<S: AsyncWrite + Unpin> AsyncWrite for AuthorityShim<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
     }
-    // Frames go to tonic in one write per batch the client sent: flushed whenever the next
-    // frame is not already buffered (the read for it may wait).
-    let mut w = tokio::io::BufWriter::with_capacity(64 * 1024, w);
-    let mut block: Vec<u8> = Vec::new();
-    let mut block_flags = 0u8;
-    let mut block_prio: Option<[u8; 5]> = None;
-    let mut block_stream = 0u32;
-    let mut in_block = false;
-    loop {
-        let mut head = [0u8; 9];
-        if let Err(e) = r.read_exact(&mut head).await {
-            if e.kind() == io::ErrorKind::UnexpectedEof {
-                return Ok(());
-            }
-            return Err(e);
-        }
-        let len = (usize::from(head[0]) << 16) | (usize::from(head[1]) << 8) | usize::from(head[2]);
-        let ty = head[3];
-        let flags = head[4];
-        let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
-        let mut payload = vec![0u8; len];
-        r.read_exact(&mut payload).await?;
-        let starts_block = ty == HEADERS && !in_block;
-        if !(starts_block || (ty == CONTINUATION && in_block)) {
-            w.write_all(&head).await?;
-            w.write_all(&payload).await?;
-            if !holds_frame(r.buffer()) {
-                w.flush().await?;
-            }
-            continue;
-        }
-        if starts_block {
-            let mut data: &[u8] = &payload;
-            if flags & PADDED != 0 {
-                let pad = usize::from(*data.first().ok_or_else(bad)?);
-                data = data
-                    .get(1..data.len().checked_sub(pad).ok_or_else(bad)?)
-                    .ok_or_else(bad)?;
-            }
-            block_prio = None;
-            if flags & PRIORITY != 0 {
-                let p: [u8; 5] = data
-                    .get(..5)
-                    .ok_or_else(bad)?
-                    .try_into()
-                    .map_err(|_| bad())?;
-                block_prio = Some(p);
-                data = &data[5..];
-            }
-            block.clear();
-            block.extend_from_slice(data);
-            block_flags = flags & END_STREAM;
-            block_stream = stream;
-            in_block = true;
-        } else {
-            block.extend_from_slice(&payload);
-        }
-        if block.len() > MAX_BLOCK {
-            return Err(bad());
-        }
-        if flags & END_HEADERS == 0 {
-            if !holds_frame(r.buffer()) {
-                w.flush().await?;
-            }
-            continue;
-        }
-        in_block = false;
-        let rewritten = rewrite_block(&block).unwrap_or_else(|| block.clone());
-        write_headers(&mut w, block_stream, block_flags, block_prio, &rewritten).await?;
-        if !holds_frame(r.buffer()) {
-            w.flush().await?;
-        }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+impl Connected for AuthorityShim<TcpStream> {
+    type ConnectInfo = TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.inner.connect_info()
     }
 }
 
@@ -175,13 +267,14 @@ fn bad() -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, "malformed HTTP/2 frame")
 }
 
-async fn write_headers(
-    w: &mut (impl AsyncWrite + Unpin),
+/// Appends a header block as a HEADERS frame and as many CONTINUATION frames as it needs.
+fn put_headers(
+    out: &mut BytesMut,
     stream: u32,
     end_stream: u8,
     prio: Option<[u8; 5]>,
     block: &[u8],
-) -> io::Result<()> {
+) {
     let prio_len = if prio.is_some() { 5 } else { 0 };
     let first_len = block.len().min(MAX_FRAME - prio_len);
     let (first, mut rest) = block.split_at(first_len);
@@ -189,21 +282,19 @@ async fn write_headers(
     if rest.is_empty() {
         flags |= END_HEADERS;
     }
-    let mut frame = frame_head(first_len + prio_len, HEADERS, flags, stream).to_vec();
+    out.extend_from_slice(&frame_head(first_len + prio_len, HEADERS, flags, stream));
     if let Some(p) = prio {
-        frame.extend_from_slice(&p);
+        out.extend_from_slice(&p);
     }
-    frame.extend_from_slice(first);
-    w.write_all(&frame).await?;
+    out.extend_from_slice(first);
     while !rest.is_empty() {
         let n = rest.len().min(MAX_FRAME);
         let (chunk, r) = rest.split_at(n);
         rest = r;
         let f = if rest.is_empty() { END_HEADERS } else { 0 };
-        w.write_all(&frame_head(n, CONTINUATION, f, stream)).await?;
-        w.write_all(chunk).await?;
+        out.extend_from_slice(&frame_head(n, CONTINUATION, f, stream));
+        out.extend_from_slice(chunk);
     }
-    Ok(())
 }
 
 fn frame_head(len: usize, ty: u8, flags: u8, stream: u32) -> [u8; 9] {
@@ -317,6 +408,66 @@ mod tests {
         want.extend_from_slice(&[1, b'v']);
         assert_eq!(out, want);
         assert!(rewrite_block(&[0x41, 30, b'x']).is_none());
+    }
+
+    #[tokio::test]
+    async fn the_shim_rewrites_header_blocks_split_across_reads_and_passes_other_frames() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut block = vec![0x82, 0x41, 22];
+        block.extend_from_slice(b"http://127.0.0.1:33781");
+        let mut input = PREFACE.to_vec();
+        input.extend_from_slice(&frame_head(0, 0x4, 0, 0)); // SETTINGS
+        // HEADERS without END_HEADERS, then a CONTINUATION that ends the block.
+        input.extend_from_slice(&frame_head(3, HEADERS, END_STREAM, 1));
+        input.extend_from_slice(&block[..3]);
+        input.extend_from_slice(&frame_head(block.len() - 3, CONTINUATION, END_HEADERS, 1));
+        input.extend_from_slice(&block[3..]);
+        input.extend_from_slice(&frame_head(2, 0x0, 0, 1)); // DATA
+        input.extend_from_slice(b"hi");
+
+        let mut want = PREFACE.to_vec();
+        want.extend_from_slice(&frame_head(0, 0x4, 0, 0));
+        let rewritten = [0x82, 0x41, 4, b'e', b't', b'c', b'd'];
+        want.extend_from_slice(&frame_head(
+            rewritten.len(),
+            HEADERS,
+            END_STREAM | END_HEADERS,
+            1,
+        ));
+        want.extend_from_slice(&rewritten);
+        want.extend_from_slice(&frame_head(2, 0x0, 0, 1));
+        want.extend_from_slice(b"hi");
+
+        let (mut client, server) = tokio::io::duplex(1024);
+        let mut shim = AuthorityShim::new(server);
+        let writer = tokio::spawn(async move {
+            // Byte by byte: every frame boundary falls between reads somewhere.
+            for b in input {
+                client.write_all(&[b]).await.unwrap();
+            }
+            client
+        });
+        let mut got = vec![0u8; want.len()];
+        shim.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, want);
+        // Writes reach the peer untouched.
+        shim.write_all(b"answer").await.unwrap();
+        let mut client = writer.await.unwrap();
+        let mut back = [0u8; 6];
+        client.read_exact(&mut back).await.unwrap();
+        assert_eq!(&back, b"answer");
+    }
+
+    #[tokio::test]
+    async fn a_client_that_is_not_http2_passes_through() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut client, server) = tokio::io::duplex(1024);
+        let mut shim = AuthorityShim::new(server);
+        client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        drop(client);
+        let mut got = Vec::new();
+        shim.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"GET / HTTP/1.1\r\n\r\n");
     }
 
     #[test]
