@@ -9,7 +9,12 @@ impl StoreBuilder<TypeConfig, SledLogStore, SledStateMachine, tempfile::TempDir>
         &self,
     ) -> Result<(tempfile::TempDir, SledLogStore, SledStateMachine), StorageError<u64>> {
         let dir = tempfile::tempdir().expect("tempdir");
-        let db = sled::open(dir.path()).expect("open sled");
+        // As a member opens it: no background flusher.
+        let db = sled::Config::new()
+            .path(dir.path())
+            .flush_every_ms(None)
+            .open()
+            .expect("open sled");
         let log = SledLogStore::new(&db, dir.path()).expect("log store");
         let sm = SledStateMachine::open(&db, dir.path())
             .map_err(|e| StorageError::from(StorageIOError::read(AnyError::error(e))))?;
