@@ -10,6 +10,12 @@
 //! process memory until [`Wal::flush`] writes and syncs them, so a crash (or a fault test's
 //! copy of the data dir) loses exactly what was not flushed. On open, a torn or corrupt tail of
 //! the last segment is cut off; anything else that does not parse is an error.
+//!
+//! The last segment grows in steps of [`PREALLOC_BYTES`] of written zeros ahead of its
+//! records (a record header of zeros ends the log), so most flushes overwrite allocated blocks
+//! and `fdatasync` has no metadata to commit: it does not wait for an ext4 journal commit,
+//! which would also carry every other file's pending metadata and ordered data (sled, snapshot
+//! files, the other members on the same disk). A finished segment is cut to its records.
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read as _};
@@ -19,6 +25,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 /// A segment rolls over to a new file past this size.
 const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
+/// Zeros written ahead of the last segment's records at a time.
+const PREALLOC_BYTES: u64 = 1024 * 1024;
 const HEADER: usize = 8;
 
 fn invalid(what: impl std::fmt::Display) -> io::Error {
@@ -31,8 +39,10 @@ struct Segment {
     first: u64,
     path: PathBuf,
     file: Arc<File>,
-    /// Bytes written to the file (all of them synced once a flush returns).
+    /// Bytes of records written to the file (all of them synced once a flush returns).
     written: u64,
+    /// Length of the file: records, then zeros.
+    allocated: u64,
 }
 
 /// Where an entry's payload is.
@@ -100,6 +110,7 @@ fn create_segment(dir: &Path, first: u64) -> io::Result<Segment> {
         path,
         file: Arc::new(file),
         written: 0,
+        allocated: 0,
     })
 }
 
@@ -158,6 +169,10 @@ impl Wal {
                 // reads as a record of length 0 whose checksum, crc32 of nothing, is 0 too;
                 // appends never write an empty payload.
                 if len == 0 {
+                    // The clean end of a preallocated segment: zeros from here on.
+                    if data[off..].iter().all(|b| *b == 0) {
+                        break off;
+                    }
                     break torn("zeroed record header")?;
                 }
                 let start = off + HEADER;
@@ -186,7 +201,10 @@ impl Wal {
                 st.index.insert(idx, loc);
                 off = stop;
             };
-            if end < data.len() {
+            // The last segment drops its preallocated zeros too (a flush writes them again);
+            // a finished one keeps an all-zero tail (cut by older versions only after the
+            // next segment existed), which reads as its end.
+            if end < data.len() && is_last {
                 file.set_len(end as u64)?;
                 file.sync_all()?;
             }
@@ -195,6 +213,7 @@ impl Wal {
                 path,
                 file: Arc::new(file),
                 written: end as u64,
+                allocated: if is_last { end } else { data.len() } as u64,
             });
         }
         if st.segments.is_empty() {
@@ -242,7 +261,7 @@ impl Wal {
 
     /// Writes and syncs what was appended (blocking: call it off the async runtime).
     pub(crate) fn flush(&self) -> io::Result<()> {
-        let (file, at, bytes) = {
+        let (file, at, mut bytes, allocated) = {
             let st = self.lock();
             if st.pending.is_empty() {
                 return Ok(());
@@ -251,21 +270,42 @@ impl Wal {
             // Fault tests (F9): what is written from here on is not durable until the sync.
             crate::faults::synced(&last.path, last.written);
             // A copy: readers keep finding these entries in `pending` meanwhile.
-            (last.file.clone(), last.written, st.pending.clone())
+            (
+                last.file.clone(),
+                last.written,
+                st.pending.clone(),
+                last.allocated,
+            )
         };
+        let n = bytes.len();
+        let end = at + n as u64;
+        // Past the zeros: write the next step of them with the records (this one sync then
+        // commits the new file length too).
+        let grown = (end > allocated).then(|| end.div_ceil(PREALLOC_BYTES) * PREALLOC_BYTES);
+        if let Some(grown) = grown {
+            bytes.resize((grown - at) as usize, 0);
+        }
         file.write_all_at(&bytes, at)?;
         file.sync_data()?;
         let mut st = self.lock();
-        let n = bytes.len();
         st.pending.drain(..n);
         let next = st.last_index().map_or(1, |l| l + 1);
+        let all_written = st.pending.is_empty();
         let last = st
             .segments
             .last_mut()
             .expect("invariant: the log always has a segment");
         last.written += n as u64;
         crate::faults::synced(&last.path, last.written);
-        if last.written >= SEGMENT_BYTES && st.pending.is_empty() {
+        if let Some(grown) = grown {
+            last.allocated = last.allocated.max(grown);
+        }
+        if last.written >= SEGMENT_BYTES && all_written {
+            // Finished: cut to its records before the next segment exists, so only the last
+            // segment ends in zeros.
+            last.file.set_len(last.written)?;
+            last.file.sync_all()?;
+            last.allocated = last.written;
             let seg = create_segment(&self.dir, next)?;
             st.segments.push(seg);
         }
@@ -326,6 +366,7 @@ impl Wal {
             last.file.set_len(at)?;
             last.file.sync_all()?;
             last.written = at;
+            last.allocated = at;
             st.pending.clear();
         } else {
             let keep_pending = (at - last.written) as usize;
@@ -399,13 +440,13 @@ mod tests {
         wal.purge(20).expect("purge");
         wal.append(21, &entry(21)).expect("append");
         wal.flush().expect("flush");
+        let records = wal.lock().last().written;
         drop(wal);
 
-        // A torn tail is cut off.
+        // A torn tail is cut off (the last record loses its end; zeros may follow).
         let path = segment_path(dir.path(), 1);
-        let len = std::fs::metadata(&path).expect("meta").len();
         let f = OpenOptions::new().write(true).open(&path).expect("open");
-        f.set_len(len - 3).expect("tear");
+        f.set_len(records - 3).expect("tear");
         let wal = Wal::open(dir.path(), idx).expect("reopen");
         assert_eq!(wal.bounds(), Some((1, 8)));
         wal.append(9, &entry(9)).expect("append after repair");
@@ -420,5 +461,45 @@ mod tests {
         assert_eq!(wal.bounds(), Some((1, 9)));
         wal.append(10, &entry(10)).expect("append after repair");
         assert_eq!(wal.read(10).expect("read"), Some(entry(10)));
+    }
+
+    #[test]
+    fn preallocated_zeros_end_the_log_and_stray_bytes_after_them_are_cut() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = segment_path(dir.path(), 1);
+        let wal = Wal::open(dir.path(), idx).expect("open");
+        for i in 1..=5 {
+            wal.append(i, &entry(i)).expect("append");
+        }
+        wal.flush().expect("flush");
+        let len = std::fs::metadata(&path).expect("meta").len();
+        assert_eq!(len, PREALLOC_BYTES, "the segment grew by a step of zeros");
+        let written = wal.lock().last().written;
+        assert!(written < len);
+        for i in 6..=8 {
+            wal.append(i, &entry(i)).expect("append");
+            wal.flush().expect("flush");
+        }
+        assert_eq!(std::fs::metadata(&path).expect("meta").len(), len);
+        drop(wal);
+
+        // Reopened: the zeros are the end, not a torn tail; appends go on after the records.
+        let wal = Wal::open(dir.path(), idx).expect("reopen");
+        assert_eq!(wal.bounds(), Some((1, 8)));
+        wal.append(9, &entry(9)).expect("append");
+        wal.flush().expect("flush");
+        let written = wal.lock().last().written;
+        drop(wal);
+
+        // Bytes a crash left after a zeroed gap (a later page of an unsynced write) are cut
+        // off, so a later crash cannot bring them back after newer records.
+        let f = OpenOptions::new().write(true).open(&path).expect("open");
+        f.write_all_at(b"stale", written + 4096)
+            .expect("stray bytes");
+        drop(f);
+        let wal = Wal::open(dir.path(), idx).expect("reopen");
+        assert_eq!(wal.bounds(), Some((1, 9)));
+        assert_eq!(std::fs::metadata(&path).expect("meta").len(), written);
+        assert_eq!(wal.read(9).expect("read"), Some(entry(9)));
     }
 }
