@@ -43,6 +43,8 @@ const TYPE_SETTINGS: u16 = 4;
 const TYPE_PING: u16 = 6;
 const TYPE_GOAWAY: u16 = 7;
 const TYPE_WINDOW_UPDATE: u16 = 9;
+/// How long a streaming client keeps reading after the server's GOAWAY (see `stream_client`).
+const GOAWAY_DRAIN: Duration = Duration::from_secs(5);
 const FLAG_FIN: u8 = 0x01;
 
 /// `SETTINGS` id of the initial stream send window.
@@ -961,15 +963,39 @@ pub(crate) async fn stream_client(
     let mut status = Vec::new();
     let mut chunk = vec![0u8; CHUNK];
     let mut consumed: HashMap<u32, Consumed> = HashMap::new();
-    'read: loop {
-        let n = match rd.read(&mut chunk).await {
+    // After GOAWAY the server opens no new streams, but the open ones still deliver: the
+    // tail of stdout can follow it. Read on until the server closes, bounded in case it
+    // keeps the connection open.
+    let mut going_away = false;
+    let mut peer_flow_controls = false;
+    // Server streams that have not ended (FIN or reset) yet.
+    let mut open: std::collections::HashSet<u32> = [Some(error_id), stdout_id, stderr_id]
+        .into_iter()
+        .flatten()
+        .collect();
+    loop {
+        if going_away && open.is_empty() {
+            break;
+        }
+        let read = if going_away {
+            match tokio::time::timeout(GOAWAY_DRAIN, rd.read(&mut chunk)).await {
+                Ok(r) => r,
+                Err(_) => break,
+            }
+        } else {
+            rd.read(&mut chunk).await
+        };
+        let n = match read {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
         buf.extend_from_slice(&chunk[..n]);
         loop {
             match codec.parse(&mut buf) {
-                Ok(Some(Frame::Data { id, data, .. })) => {
+                Ok(Some(Frame::Data { id, data, fin })) => {
+                    if fin {
+                        open.remove(&id);
+                    }
                     let w = if Some(id) == stdout_id {
                         stdout.as_mut()
                     } else if Some(id) == stderr_id {
@@ -984,25 +1010,39 @@ pub(crate) async fn stream_client(
                         let _ = w.write_all(&data).await;
                         let _ = w.flush().await;
                     }
-                    // Passed on: the server may send that much more.
-                    for f in consumed
-                        .entry(id)
-                        .or_default()
-                        .add(id, data.len())
-                        .into_iter()
-                        .flatten()
-                    {
-                        let _ = out_tx.send(f).await;
+                    // Passed on: the server may send that much more. Only to a server that
+                    // shows it does flow control: containerd's (spdystream) does not, and
+                    // credit it had not read when it closed made its kernel reset the
+                    // connection, which threw away the tail of stdout still unread here.
+                    if peer_flow_controls {
+                        for f in consumed
+                            .entry(id)
+                            .or_default()
+                            .add(id, data.len())
+                            .into_iter()
+                            .flatten()
+                        {
+                            let _ = out_tx.send(f).await;
+                        }
                     }
                 }
                 Ok(Some(Frame::Ping(n))) => {
                     let _ = out_tx.send(ping_frame(n)).await;
                 }
-                Ok(Some(Frame::WindowUpdate { id, delta })) => windows.update(id, delta),
+                Ok(Some(Frame::WindowUpdate { id, delta })) => {
+                    peer_flow_controls = true;
+                    windows.update(id, delta);
+                }
                 Ok(Some(Frame::Settings {
                     initial_window: Some(w),
-                })) => windows.set_initial(w),
-                Ok(Some(Frame::GoAway)) => break 'read,
+                })) => {
+                    peer_flow_controls = true;
+                    windows.set_initial(w);
+                }
+                Ok(Some(Frame::RstStream { id })) => {
+                    open.remove(&id);
+                }
+                Ok(Some(Frame::GoAway)) => going_away = true,
                 Ok(Some(_)) => {}
                 Ok(None) => break,
                 Err(e) => return Err(err(e.to_string())),
