@@ -365,23 +365,14 @@ mod tests {
     use super::*;
     use openraft::{CommittedLeaderId, EntryPayload};
 
-    /// Opened as a member opens it: without sled's background flusher, whose thread keeps
-    /// the directory lock for a moment after the last handle is dropped (a reopen right away
-    /// then failed with `WouldBlock` now and then).
-    fn open_db(path: &std::path::Path) -> sled::Db {
-        sled::Config::new()
-            .path(path)
-            .flush_every_ms(None)
-            .open()
-            .expect("sled")
-    }
-
     #[tokio::test]
     async fn reopens_after_a_purge() {
         let dir = tempfile::tempdir().expect("tempdir");
         let log_id = |i| LogId::new(CommittedLeaderId::new(1, 1), i);
         {
-            let db = open_db(&dir.path().join("db"));
+            let db = crate::node::open_db(&dir.path().join("db"))
+                .await
+                .expect("sled");
             let store = SledLogStore::new(&db, dir.path()).expect("open");
             for i in 1..=5 {
                 let e: Entry<TypeConfig> = Entry {
@@ -400,7 +391,11 @@ mod tests {
             store.wal.purge(3).expect("purge");
             db.flush().expect("flush");
         }
-        let db = open_db(&dir.path().join("db"));
+        // Opened as a member opens it: sled may hold the previous handle's lock for a moment
+        // after the drop (its background threads), which `open_db` waits out.
+        let db = crate::node::open_db(&dir.path().join("db"))
+            .await
+            .expect("sled");
         let mut store = SledLogStore::new(&db, dir.path()).expect("reopen");
         let state = store.get_log_state().await.expect("state");
         assert_eq!(state.last_purged_log_id, Some(log_id(3)));

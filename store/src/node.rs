@@ -165,7 +165,7 @@ async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, Store
         .map_err(|source| StoreError::Bind { addr, what, source })
 }
 
-async fn open_db(path: &std::path::Path) -> Result<sled::Db, StoreError> {
+pub(crate) async fn open_db(path: &std::path::Path) -> Result<sled::Db, StoreError> {
     // Right after an in-process restart the previous instance's file lock may linger briefly
     // (sled releases it when its last handle and flusher thread are gone).
     let mut attempts = 0;
