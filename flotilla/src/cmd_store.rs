@@ -43,8 +43,9 @@ pub(crate) struct StoreArgs {
     /// Election timeout in milliseconds.
     #[arg(long, default_value_t = 1000)]
     election_timeout: u64,
-    /// Applied entries between Raft snapshots.
-    #[arg(long, default_value_t = 10_000)]
+    /// Applied entries between Raft snapshots (etcd's default: 100,000). Each snapshot
+    /// writes the whole key space to a new file.
+    #[arg(long, default_value_t = 100_000)]
     snapshot_count: u64,
     /// Largest accepted request in bytes.
     #[arg(long, default_value_t = 1536 * 1024)]

@@ -45,7 +45,7 @@ impl Default for Tunables {
         Self {
             heartbeat_interval: Duration::from_millis(100),
             election_timeout: Duration::from_millis(1000),
-            snapshot_count: 10_000,
+            snapshot_count: 100_000,
             snapshot_catchup_entries: 5_000,
             max_request_bytes: 1536 * 1024,
             max_txn_ops: 128,

@@ -44,6 +44,7 @@ mod service;
 mod snapshot;
 mod state_machine;
 mod stats;
+mod trash;
 mod types;
 mod wal;
 

@@ -22,6 +22,7 @@ use std::time::Instant;
 
 use crate::faults::{CrashPoint, FaultHooks, InjectedCrash};
 use crate::stats::Stats;
+use crate::trash::Trash;
 use crate::types::{TypeConfig, decode, encode};
 use crate::wal::Wal;
 
@@ -66,6 +67,7 @@ pub struct SledLogStore {
     hooks: FaultHooks,
     /// Purge only what the durable snapshot covers (set when running with a state machine).
     gate_purge: bool,
+    trash: Trash,
 }
 
 fn io_err(e: std::io::Error) -> sled::Error {
@@ -79,8 +81,12 @@ impl SledLogStore {
             let entry: Entry<TypeConfig> = decode(payload).map_err(std::io::Error::other)?;
             Ok(entry.log_id.index)
         };
-        let wal = Wal::open(&dir.join("raftlog"), index_of).map_err(io_err)?;
+        let trash = Trash::open(dir).map_err(io_err)?;
+        let wal = Wal::open(&dir.join("raftlog"), index_of)
+            .map_err(io_err)?
+            .with_trash(trash.clone());
         let store = Self {
+            trash,
             db: db.clone(),
             wal: Arc::new(wal),
             meta: db.open_tree("raft_meta")?,
@@ -122,6 +128,11 @@ impl SledLogStore {
         legacy.clear()?;
         self.db.flush()?;
         Ok(())
+    }
+
+    /// The data dir's trash, for the state machine's replaced snapshots.
+    pub(crate) fn trash(&self) -> Trash {
+        self.trash.clone()
     }
 
     /// Shares the member's counters and fault hooks.
@@ -276,14 +287,17 @@ impl RaftLogStorage<TypeConfig> for SledLogStore {
         // Durable before openraft may count this entry towards a quorum.
         let start = Instant::now();
         let stats = self.stats.clone();
-        let res = self
-            .blocking(move |w| {
-                let t = Instant::now();
-                let r = w.flush();
-                stats.h_log_sync.observe("log sync", t.elapsed());
-                r
-            })
-            .await;
+        // Synced on this runtime thread, not the blocking pool. openraft 0.9's core awaits
+        // this flush before it does anything else, so nothing of the core's waits longer; the
+        // hand-off to a pool thread and back cost two thread switches per entry on every
+        // member (measured: +10-20 % puts/s at 16 clients, sequential put p50 -0.2 ms). The
+        // runtime's other worker keeps serving the rest meanwhile.
+        let res = {
+            let t = Instant::now();
+            let r = self.wal.flush();
+            stats.h_log_sync.observe("log sync", t.elapsed());
+            r
+        };
         self.stats
             .log_flushes
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -1,10 +1,12 @@
 //! Raft transport over tonic (`flotilla.raft.v1.RaftPeer`), behind openraft's
 //! `RaftNetworkFactory` so tests can wrap or replace it (fault injection).
 //!
+//! A replication stream's AppendEntries go over one long-lived bidirectional gRPC stream per
+//! connection (one DATA frame per message each way); the rest are unary calls.
+//!
 //! Every RPC is bounded by `RPCOption::soft_ttl()`: without a deadline a partition can wedge a
 //! replication stream forever.
 use std::collections::HashMap;
-use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -18,6 +20,8 @@ use openraft::raft::{
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::pb::raftpb::RaftBytes;
@@ -63,12 +67,68 @@ pub(crate) fn peer_channel(url: &str) -> Result<Channel, tonic::transport::Error
         .connect_lazy())
 }
 
-/// One peer connection.
+/// One peer connection, as openraft holds it: one per replication stream, or one per
+/// ReadIndex round or election.
 #[derive(Debug)]
 pub struct TonicConnection {
     target: u64,
     client: Option<RaftPeerClient<Channel>>,
     error: Option<String>,
+    /// AppendEntries sent so far; the stream is opened from the second one on, so the
+    /// one-message connections of ReadIndex rounds do not pay for opening it.
+    appends: u64,
+    append_stream: Option<AppendStream>,
+}
+
+/// AppendEntries over one long-lived bidirectional stream (`AppendEntriesStream`): the next
+/// message waits for the answer to the previous, as openraft keeps one in flight per
+/// follower.
+#[derive(Debug)]
+struct AppendStream {
+    requests: mpsc::Sender<RaftBytes>,
+    replies: tonic::Streaming<RaftBytes>,
+    /// Set while a request is out: a call cancelled then (a timeout) leaves its answer in the
+    /// stream, so the stream is dropped rather than reused.
+    awaiting_reply: bool,
+}
+
+impl AppendStream {
+    async fn open(client: &mut RaftPeerClient<Channel>) -> Result<Self, tonic::Status> {
+        let (requests, rx) = mpsc::channel(1);
+        let replies = client
+            .append_entries_stream(ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        Ok(Self {
+            requests,
+            replies,
+            awaiting_reply: false,
+        })
+    }
+
+    async fn exchange(&mut self, data: Vec<u8>) -> Result<Vec<u8>, tonic::Status> {
+        self.awaiting_reply = true;
+        self.requests
+            .send(RaftBytes { data })
+            .await
+            .map_err(|_| tonic::Status::unavailable("append stream closed"))?;
+        match self.replies.message().await? {
+            Some(m) => {
+                self.awaiting_reply = false;
+                Ok(m.data)
+            }
+            None => Err(tonic::Status::unavailable(
+                "append stream ended by the peer",
+            )),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Rpc {
+    AppendEntries,
+    Vote,
+    InstallSnapshot,
 }
 
 impl RaftNetworkFactory<TypeConfig> for TonicNetworkFactory {
@@ -86,12 +146,16 @@ impl RaftNetworkFactory<TypeConfig> for TonicNetworkFactory {
                             .max_encoding_message_size(max),
                     ),
                     error: None,
+                    appends: 0,
+                    append_stream: None,
                 }
             }
             Err(e) => TonicConnection {
                 target,
                 client: None,
                 error: Some(format!("bad peer url {:?}: {e}", node.peer_url)),
+                appends: 0,
+                append_stream: None,
             },
         }
     }
@@ -102,18 +166,16 @@ impl RaftNetworkFactory<TypeConfig> for TonicNetworkFactory {
 struct TransportError(String);
 
 impl TonicConnection {
-    async fn call<Req, Resp, E, F, Fut>(
+    async fn call<Req, Resp, E>(
         &mut self,
+        rpc: Rpc,
         req: &Req,
         option: &RPCOption,
-        f: F,
     ) -> Result<Resp, RPCError<u64, Member, RaftError<u64, E>>>
     where
         Req: Serialize,
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
-        F: FnOnce(RaftPeerClient<Channel>, RaftBytes) -> Fut,
-        Fut: Future<Output = Result<tonic::Response<RaftBytes>, tonic::Status>>,
     {
         let Some(client) = self.client.clone() else {
             let msg = self.error.clone().unwrap_or_default();
@@ -124,7 +186,7 @@ impl TonicConnection {
         let data = encode(req)
             .map_err(|e| RPCError::Network(NetworkError::new(&TransportError(e.to_string()))))?;
         let start = std::time::Instant::now();
-        let res = tokio::time::timeout(option.soft_ttl(), f(client, RaftBytes { data })).await;
+        let res = tokio::time::timeout(option.soft_ttl(), self.exchange(rpc, client, data)).await;
         if start.elapsed() >= Duration::from_millis(20) {
             tracing::debug!(target: "store::stats", phase = "peer rpc", to = self.target,
                 ms = start.elapsed().as_secs_f64() * 1e3, "slow");
@@ -147,11 +209,57 @@ impl TonicConnection {
                     RPCError::Network(NetworkError::new(&e))
                 });
             }
-            Ok(Ok(r)) => r.into_inner(),
+            Ok(Ok(data)) => data,
         };
-        let result: Result<Resp, RaftError<u64, E>> = decode(&resp.data)
+        let result: Result<Resp, RaftError<u64, E>> = decode(&resp)
             .map_err(|e| RPCError::Network(NetworkError::new(&TransportError(e.to_string()))))?;
         result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+
+    async fn exchange(
+        &mut self,
+        rpc: Rpc,
+        mut client: RaftPeerClient<Channel>,
+        data: Vec<u8>,
+    ) -> Result<Vec<u8>, tonic::Status> {
+        let unary = match rpc {
+            Rpc::AppendEntries => {
+                self.appends += 1;
+                if self.appends > 1 {
+                    return self.append_streamed(client, data).await;
+                }
+                client.append_entries(RaftBytes { data }).await
+            }
+            Rpc::Vote => client.vote(RaftBytes { data }).await,
+            Rpc::InstallSnapshot => client.install_snapshot(RaftBytes { data }).await,
+        };
+        unary.map(|r| r.into_inner().data)
+    }
+
+    async fn append_streamed(
+        &mut self,
+        mut client: RaftPeerClient<Channel>,
+        data: Vec<u8>,
+    ) -> Result<Vec<u8>, tonic::Status> {
+        if self
+            .append_stream
+            .as_ref()
+            .is_some_and(|s| s.awaiting_reply)
+        {
+            self.append_stream = None;
+        }
+        if let Some(stream) = self.append_stream.as_mut() {
+            match stream.exchange(data.clone()).await {
+                Ok(reply) => return Ok(reply),
+                // An idle stream can die with its connection (a peer restart). Raft tolerates
+                // a repeated AppendEntries, so send it once more on a fresh stream.
+                Err(_) => self.append_stream = None,
+            }
+        }
+        let mut stream = AppendStream::open(&mut client).await?;
+        let reply = stream.exchange(data).await?;
+        self.append_stream = Some(stream);
+        Ok(reply)
     }
 }
 
@@ -161,10 +269,7 @@ impl RaftNetwork<TypeConfig> for TonicConnection {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<u64>, RPCError<u64, Member, RaftError<u64>>> {
-        self.call(&rpc, &option, |mut c, b| async move {
-            c.append_entries(b).await
-        })
-        .await
+        self.call(Rpc::AppendEntries, &rpc, &option).await
     }
 
     async fn install_snapshot(
@@ -175,10 +280,7 @@ impl RaftNetwork<TypeConfig> for TonicConnection {
         InstallSnapshotResponse<u64>,
         RPCError<u64, Member, RaftError<u64, InstallSnapshotError>>,
     > {
-        self.call(&rpc, &option, |mut c, b| async move {
-            c.install_snapshot(b).await
-        })
-        .await
+        self.call(Rpc::InstallSnapshot, &rpc, &option).await
     }
 
     async fn vote(
@@ -186,7 +288,6 @@ impl RaftNetwork<TypeConfig> for TonicConnection {
         rpc: VoteRequest<u64>,
         option: RPCOption,
     ) -> Result<VoteResponse<u64>, RPCError<u64, Member, RaftError<u64>>> {
-        self.call(&rpc, &option, |mut c, b| async move { c.vote(b).await })
-            .await
+        self.call(Rpc::Vote, &rpc, &option).await
     }
 }

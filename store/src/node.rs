@@ -321,7 +321,9 @@ impl Node {
                 source,
             })?
             .with(stats.clone(), hooks.clone());
-        let sm = SledStateMachine::open(&db, &config.data_dir)?.with(stats.clone(), hooks);
+        let sm = SledStateMachine::open(&db, &config.data_dir)?
+            .with(stats.clone(), hooks)
+            .with_trash(log.trash());
         let raft_err = |e: &dyn std::fmt::Display| StoreError::Raft(e.to_string());
         let (fresh, restored) = {
             let state = log.get_log_state().await.map_err(|e| raft_err(&e))?;

@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::mvcc::{Mvcc, SnapshotPoint, Version};
 use crate::pb::mvccpb::Event;
+use crate::trash::Trash;
 use crate::types::{Member, decode, encode};
 
 /// File name of the current snapshot in the data dir.
@@ -162,9 +163,24 @@ impl BodyWriter {
 }
 
 /// Makes the file [`BodyWriter::finish_file`] completed the current snapshot of `dir`.
-pub(crate) fn commit_built(dir: &Path) -> io::Result<()> {
-    std::fs::rename(dir.join(BUILD_TMP), dir.join(FILE))?;
-    File::open(dir)?.sync_all()
+pub(crate) fn commit_built(dir: &Path, trash: Option<&Trash>) -> io::Result<()> {
+    replace_current(dir, &dir.join(BUILD_TMP), trash)
+}
+
+/// Renames `new` over the current snapshot file, durably. The replaced file goes to `trash`
+/// (freed gradually) rather than being freed by the rename.
+fn replace_current(dir: &Path, new: &Path, trash: Option<&Trash>) -> io::Result<()> {
+    let current = dir.join(FILE);
+    let kept = match trash {
+        Some(t) => t.keep(&current)?,
+        None => None,
+    };
+    std::fs::rename(new, &current)?;
+    File::open(dir)?.sync_all()?;
+    if let Some(t) = trash {
+        t.release(kept);
+    }
+    Ok(())
 }
 
 /// Drops a build's temporary file (the build was superseded).
@@ -259,6 +275,7 @@ pub(crate) fn write_file(
     dir: &Path,
     meta: &SnapshotMeta<u64, Member>,
     body: &[u8],
+    trash: Option<&Trash>,
     crash: impl FnOnce() -> bool,
 ) -> io::Result<bool> {
     let meta = encode(meta).map_err(invalid)?;
@@ -279,8 +296,7 @@ pub(crate) fn write_file(
     if crash() {
         return Ok(false);
     }
-    std::fs::rename(&tmp, dir.join(FILE))?;
-    File::open(dir)?.sync_all()?;
+    replace_current(dir, &tmp, trash)?;
     Ok(true)
 }
 
@@ -378,13 +394,13 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         assert!(read_file(dir.path()).expect("read").is_none());
         let meta = SnapshotMeta::default();
-        assert!(!write_file(dir.path(), &meta, &body, || true).expect("write"));
+        assert!(!write_file(dir.path(), &meta, &body, None, || true).expect("write"));
         assert!(
             read_file(dir.path()).expect("read").is_none(),
             "crash before rename"
         );
         remove_leftover(dir.path());
-        assert!(write_file(dir.path(), &meta, &body, || false).expect("write"));
+        assert!(write_file(dir.path(), &meta, &body, None, || false).expect("write"));
         let (m2, b2) = read_file(dir.path()).expect("read").expect("present");
         assert_eq!(m2, meta);
         assert_eq!(b2, body);
@@ -434,7 +450,7 @@ mod tests {
             read_file(dir.path()).expect("read").is_none(),
             "not current before commit"
         );
-        commit_built(dir.path()).expect("commit");
+        commit_built(dir.path(), None).expect("commit");
         let (m2, b2) = read_file(dir.path()).expect("read").expect("present");
         assert_eq!(m2, meta);
         assert_eq!(read_meta(dir.path()).expect("meta"), Some(meta.clone()));

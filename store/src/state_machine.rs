@@ -30,6 +30,7 @@ use crate::mvcc::{ApplyOutput, Mvcc, RevEvents, SnapshotPoint};
 use crate::pb::mvccpb::Event;
 use crate::snapshot::{self as file, BodyWriter, Stored as StoredSnapshot};
 use crate::stats::Stats;
+use crate::trash::Trash;
 use crate::types::{Member, Reply, Response, TypeConfig, WriteOp, decode};
 
 type StorageResult<T> = Result<T, StorageError<u64>>;
@@ -106,9 +107,18 @@ pub struct SledStateMachine {
     snapshot: sled::Tree,
     stats: Arc<Stats>,
     hooks: FaultHooks,
+    /// Where replaced snapshot files go (the log store's trash); without one they are freed
+    /// at once.
+    trash: Option<Trash>,
 }
 
 impl SledStateMachine {
+    /// Frees replaced snapshot files through `trash` (see [`crate::trash`]).
+    pub(crate) fn with_trash(mut self, trash: Trash) -> Self {
+        self.trash = Some(trash);
+        self
+    }
+
     /// Shares the member's counters and fault hooks.
     pub(crate) fn with(mut self, stats: Arc<Stats>, hooks: FaultHooks) -> Self {
         // What was loaded on open is durable.
@@ -151,6 +161,7 @@ impl SledStateMachine {
             snapshot: open("sm_snapshot")?,
             stats: Arc::default(),
             hooks: FaultHooks::default(),
+            trash: None,
         };
         let corrupt = |what: &'static str| {
             move |e: &dyn std::fmt::Display| StoreError::Corrupt {
@@ -211,8 +222,10 @@ impl SledStateMachine {
         if on_disk.is_some() && *on_disk >= meta.last_log_id {
             return Ok(());
         }
-        let written = file::write_file(&self.dir, meta, body, || self.hooks.crash_at(point))
-            .map_err(snap_err)?;
+        let written = file::write_file(&self.dir, meta, body, self.trash.as_ref(), || {
+            self.hooks.crash_at(point)
+        })
+        .map_err(snap_err)?;
         if !written {
             self.stats.sm_failed();
             return Err(snap_err(InjectedCrash(point)));
@@ -302,7 +315,7 @@ impl SledStateMachine {
                 // An install got a newer one on disk meanwhile.
                 file::discard_built(&self.dir);
             } else {
-                file::commit_built(&self.dir).map_err(snap_err)?;
+                file::commit_built(&self.dir, self.trash.as_ref()).map_err(snap_err)?;
                 *on_disk = meta.last_log_id;
             }
         }

@@ -23,6 +23,8 @@ use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use crate::trash::Trash;
+
 /// A segment rolls over to a new file past this size.
 const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
 /// Zeros written ahead of the last segment's records at a time.
@@ -86,6 +88,8 @@ impl State {
 pub(crate) struct Wal {
     dir: PathBuf,
     state: Mutex<State>,
+    /// Where deleted segments go (freed gradually); without one they are freed at once.
+    trash: Option<Trash>,
 }
 
 fn segment_path(dir: &Path, first: u64) -> PathBuf {
@@ -222,7 +226,21 @@ impl Wal {
         Ok(Self {
             dir: dir.to_path_buf(),
             state: Mutex::new(st),
+            trash: None,
         })
+    }
+
+    /// Deletes segments through `trash` (see [`crate::trash`]).
+    pub(crate) fn with_trash(mut self, trash: Trash) -> Self {
+        self.trash = Some(trash);
+        self
+    }
+
+    fn delete(&self, path: &Path) -> io::Result<()> {
+        match &self.trash {
+            Some(t) => t.remove(path),
+            None => std::fs::remove_file(path),
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -354,7 +372,7 @@ impl Wal {
         // `index` is cut at its record.
         while st.segments.len() > 1 && st.last().first > cut.seg {
             let seg = st.segments.pop().expect("invariant: checked above");
-            std::fs::remove_file(&seg.path)?;
+            self.delete(&seg.path)?;
             st.pending.clear();
         }
         let at = cut.offset - HEADER as u64;
@@ -385,7 +403,7 @@ impl Wal {
         let mut removed = false;
         while st.segments.len() > 1 && st.segments[1].first <= index + 1 {
             let seg = st.segments.remove(0);
-            std::fs::remove_file(&seg.path)?;
+            self.delete(&seg.path)?;
             removed = true;
         }
         drop(st);

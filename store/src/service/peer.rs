@@ -1,7 +1,9 @@
 //! `flotilla.raft.v1.RaftPeer`: Raft messages and leader-forwarded requests between members.
+use std::pin::Pin;
 use std::sync::Arc;
 
-use tonic::{Request, Response, Status};
+use futures::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
 
 use crate::node::{ForwardRequest, Inner};
 use crate::pb::raftpb::RaftBytes;
@@ -22,10 +24,24 @@ fn bad(e: impl std::fmt::Display) -> Status {
     Status::invalid_argument(format!("undecodable peer message: {e}"))
 }
 
-fn reply<T: serde::Serialize>(v: &T) -> Result<Response<RaftBytes>, Status> {
+fn reply<T: serde::Serialize>(v: &T) -> Result<RaftBytes, Status> {
     let data = encode(v).map_err(|e| Status::internal(e.to_string()))?;
-    Ok(Response::new(RaftBytes { data }))
+    Ok(RaftBytes { data })
 }
+
+/// Hands one AppendEntries message to Raft; the unary and the streamed RPC share it.
+async fn append_entries(inner: &Inner, data: &[u8]) -> Result<RaftBytes, Status> {
+    let start = std::time::Instant::now();
+    let req = decode(data).map_err(bad)?;
+    let res = reply(&inner.raft.append_entries(req).await);
+    inner
+        .stats
+        .h_follower_append
+        .observe("follower append", start.elapsed());
+    res
+}
+
+type ReplyStream = Pin<Box<dyn Stream<Item = Result<RaftBytes, Status>> + Send + 'static>>;
 
 #[tonic::async_trait]
 impl RaftPeer for PeerService {
@@ -33,19 +49,30 @@ impl RaftPeer for PeerService {
         &self,
         request: Request<RaftBytes>,
     ) -> Result<Response<RaftBytes>, Status> {
-        let start = std::time::Instant::now();
-        let req = decode(&request.into_inner().data).map_err(bad)?;
-        let res = reply(&self.inner.raft.append_entries(req).await);
-        self.inner
-            .stats
-            .h_follower_append
-            .observe("follower append", start.elapsed());
-        res
+        append_entries(&self.inner, &request.into_inner().data)
+            .await
+            .map(Response::new)
+    }
+
+    type AppendEntriesStreamStream = ReplyStream;
+
+    async fn append_entries_stream(
+        &self,
+        request: Request<Streaming<RaftBytes>>,
+    ) -> Result<Response<ReplyStream>, Status> {
+        let inner = self.inner.clone();
+        // Answered in order, one at a time, inside the response stream's own task: the leader
+        // keeps one AppendEntries in flight per follower anyway.
+        let replies = request.into_inner().then(move |msg| {
+            let inner = inner.clone();
+            async move { append_entries(&inner, &msg?.data).await }
+        });
+        Ok(Response::new(Box::pin(replies)))
     }
 
     async fn vote(&self, request: Request<RaftBytes>) -> Result<Response<RaftBytes>, Status> {
         let req = decode(&request.into_inner().data).map_err(bad)?;
-        reply(&self.inner.raft.vote(req).await)
+        reply(&self.inner.raft.vote(req).await).map(Response::new)
     }
 
     async fn install_snapshot(
@@ -53,11 +80,11 @@ impl RaftPeer for PeerService {
         request: Request<RaftBytes>,
     ) -> Result<Response<RaftBytes>, Status> {
         let req = decode(&request.into_inner().data).map_err(bad)?;
-        reply(&self.inner.raft.install_snapshot(req).await)
+        reply(&self.inner.raft.install_snapshot(req).await).map(Response::new)
     }
 
     async fn forward(&self, request: Request<RaftBytes>) -> Result<Response<RaftBytes>, Status> {
         let req: ForwardRequest = decode(&request.into_inner().data).map_err(bad)?;
-        reply(&self.inner.handle_as_leader(req).await)
+        reply(&self.inner.handle_as_leader(req).await).map(Response::new)
     }
 }
