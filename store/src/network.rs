@@ -77,14 +77,14 @@ pub struct TonicConnection {
     /// AppendEntries sent so far; the stream is opened from the second one on, so the
     /// one-message connections of ReadIndex rounds do not pay for opening it.
     appends: u64,
-    append_stream: Option<AppendStream>,
+    append_stream: Option<PeerStream>,
 }
 
-/// AppendEntries over one long-lived bidirectional stream (`AppendEntriesStream`): the next
-/// message waits for the answer to the previous, as openraft keeps one in flight per
-/// follower.
+/// Request/response exchanges over one long-lived bidirectional stream
+/// (`AppendEntriesStream`, `ForwardStream`): the next request waits for the answer to the
+/// previous. Each message is one HTTP/2 DATA frame.
 #[derive(Debug)]
-struct AppendStream {
+pub(crate) struct PeerStream {
     requests: mpsc::Sender<RaftBytes>,
     replies: tonic::Streaming<RaftBytes>,
     /// Set while a request is out: a call cancelled then (a timeout) leaves its answer in the
@@ -92,21 +92,48 @@ struct AppendStream {
     awaiting_reply: bool,
 }
 
-impl AppendStream {
-    async fn open(client: &mut RaftPeerClient<Channel>) -> Result<Self, tonic::Status> {
+impl PeerStream {
+    async fn open_append(client: &mut RaftPeerClient<Channel>) -> Result<Self, tonic::Status> {
         let (requests, rx) = mpsc::channel(1);
         let replies = client
             .append_entries_stream(ReceiverStream::new(rx))
             .await?
             .into_inner();
-        Ok(Self {
+        Ok(Self::new(requests, replies))
+    }
+
+    /// Opens a `ForwardStream` to the leader `client` talks to.
+    pub(crate) async fn open_forward(
+        client: &mut RaftPeerClient<Channel>,
+    ) -> Result<Self, tonic::Status> {
+        let (requests, rx) = mpsc::channel(1);
+        let replies = client
+            .forward_stream(ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        Ok(Self::new(requests, replies))
+    }
+
+    fn new(requests: mpsc::Sender<RaftBytes>, replies: tonic::Streaming<RaftBytes>) -> Self {
+        Self {
             requests,
             replies,
             awaiting_reply: false,
-        })
+        }
     }
 
-    async fn exchange(&mut self, data: Vec<u8>) -> Result<Vec<u8>, tonic::Status> {
+    /// Whether the stream can take another request: no answer is outstanding (a cancelled
+    /// exchange leaves one behind) and it has not ended, as it does when its connection
+    /// closes while idle.
+    pub(crate) fn reusable(&mut self) -> bool {
+        use futures::FutureExt as _;
+        // Polling once and dropping the future loses nothing: `message` only polls the
+        // stream.
+        !self.awaiting_reply && self.replies.message().now_or_never().is_none()
+    }
+
+    /// Sends one request and waits for its answer.
+    pub(crate) async fn exchange(&mut self, data: Vec<u8>) -> Result<Vec<u8>, tonic::Status> {
         self.awaiting_reply = true;
         self.requests
             .send(RaftBytes { data })
@@ -241,11 +268,7 @@ impl TonicConnection {
         mut client: RaftPeerClient<Channel>,
         data: Vec<u8>,
     ) -> Result<Vec<u8>, tonic::Status> {
-        if self
-            .append_stream
-            .as_ref()
-            .is_some_and(|s| s.awaiting_reply)
-        {
+        if self.append_stream.as_mut().is_some_and(|s| !s.reusable()) {
             self.append_stream = None;
         }
         if let Some(stream) = self.append_stream.as_mut() {
@@ -256,7 +279,7 @@ impl TonicConnection {
                 Err(_) => self.append_stream = None,
             }
         }
-        let mut stream = AppendStream::open(&mut client).await?;
+        let mut stream = PeerStream::open_append(&mut client).await?;
         let reply = stream.exchange(data).await?;
         self.append_stream = Some(stream);
         Ok(reply)

@@ -21,9 +21,8 @@ use crate::faults::{FaultHooks, LinkFate};
 use crate::forwarder::{self, ForwardQueue};
 use crate::lessor::Lessor;
 use crate::log_store::SledLogStore;
-use crate::network::{TonicNetworkFactory, peer_channel};
+use crate::network::{PeerStream, TonicNetworkFactory, peer_channel};
 use crate::pb::etcdserverpb::ResponseHeader;
-use crate::pb::raftpb::RaftBytes;
 use crate::pb::raftpb::raft_peer_client::RaftPeerClient;
 use crate::read_index::{ReadQueue, Reads, resolve};
 use crate::service;
@@ -123,6 +122,9 @@ pub(crate) struct Inner {
     linearizable_reads: std::sync::atomic::AtomicU64,
     lessor: Lessor,
     peers: Mutex<HashMap<String, RaftPeerClient<tonic::transport::Channel>>>,
+    /// Idle `ForwardStream`s per leader peer URL: a forwarded request costs one DATA frame
+    /// each way on one of them, where a unary call cost three client writes and a server task.
+    forward_streams: Mutex<HashMap<String, Vec<PeerStream>>>,
     pub(crate) stats: Arc<Stats>,
     fault_hooks: FaultHooks,
     /// Set once a ReadIndex round has completed since start (see [`Inner::local_read_barrier`]).
@@ -410,6 +412,7 @@ impl Node {
             linearizable_reads: Default::default(),
             lessor: Lessor::new(fault_hooks.clock_offset_ms.clone()),
             peers: Mutex::new(HashMap::new()),
+            forward_streams: Mutex::new(HashMap::new()),
             stats,
             fault_hooks,
             local_reads_ready: AtomicBool::new(false),
@@ -627,10 +630,15 @@ impl Inner {
                 EtcdError::TimeoutDueToConnectionLost
             });
         }
-        let res = tokio::time::timeout(
-            self.tunables.request_timeout,
-            client.forward(RaftBytes { data }),
-        )
+        let pooled = self.take_forward_stream(peer_url);
+        let res = tokio::time::timeout(self.tunables.request_timeout, async {
+            let mut stream = match pooled {
+                Some(s) => s,
+                None => PeerStream::open_forward(&mut client).await?,
+            };
+            let reply = stream.exchange(data).await?;
+            Ok::<_, tonic::Status>((stream, reply))
+        })
         .await;
         if fate == LinkFate::LoseResponse {
             return Err(if idempotent {
@@ -641,8 +649,11 @@ impl Inner {
         }
         match res {
             Err(_) => Err(EtcdError::Timeout),
-            Ok(Ok(resp)) => decode::<Result<ForwardResponse, EtcdError>>(&resp.into_inner().data)
-                .map_err(|e| EtcdError::Internal(e.to_string()))?,
+            Ok(Ok((stream, reply))) => {
+                self.return_forward_stream(peer_url, stream);
+                decode::<Result<ForwardResponse, EtcdError>>(&reply)
+                    .map_err(|e| EtcdError::Internal(e.to_string()))?
+            }
             Ok(Err(status)) => {
                 // A refused connection never reached the leader: safe to retry anything.
                 let never_sent = status.code() == tonic::Code::Unavailable
@@ -653,6 +664,36 @@ impl Inner {
                     Err(EtcdError::TimeoutDueToConnectionLost)
                 }
             }
+        }
+    }
+
+    fn take_forward_stream(&self, peer_url: &str) -> Option<PeerStream> {
+        let mut pools = self
+            .forward_streams
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let pool = pools.get_mut(peer_url)?;
+        // A stream whose connection closed while idle is dropped here, before a request
+        // goes out on it: a fresh stream then tells a refused connection (safe to retry)
+        // from a lost answer.
+        while let Some(mut s) = pool.pop() {
+            if s.reusable() {
+                return Some(s);
+            }
+        }
+        None
+    }
+
+    fn return_forward_stream(&self, peer_url: &str, stream: PeerStream) {
+        /// More than the forwarder keeps in flight, so steady traffic opens none.
+        const MAX_IDLE: usize = 8;
+        let mut pools = self
+            .forward_streams
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let pool = pools.entry(peer_url.to_owned()).or_default();
+        if pool.len() < MAX_IDLE {
+            pool.push(stream);
         }
     }
 

@@ -18,6 +18,16 @@ impl PeerService {
     pub(crate) fn new(inner: Arc<Inner>) -> Self {
         Self { inner }
     }
+
+    /// Ends a streamed RPC when the member stops. The peer keeps its streams open, and the
+    /// server's graceful shutdown waits for open streams, whose handlers hold the member
+    /// (and with it the data dir's lock).
+    fn until_stopped(
+        &self,
+        replies: impl Stream<Item = Result<RaftBytes, Status>> + Send + 'static,
+    ) -> ReplyStream {
+        Box::pin(replies.take_until(self.inner.cancel.clone().cancelled_owned()))
+    }
 }
 
 fn bad(e: impl std::fmt::Display) -> Status {
@@ -39,6 +49,12 @@ async fn append_entries(inner: &Inner, data: &[u8]) -> Result<RaftBytes, Status>
         .h_follower_append
         .observe("follower append", start.elapsed());
     res
+}
+
+/// Serves one forwarded request; the unary and the streamed RPC share it.
+async fn forward(inner: &Inner, data: &[u8]) -> Result<RaftBytes, Status> {
+    let req: ForwardRequest = decode(data).map_err(bad)?;
+    reply(&inner.handle_as_leader(req).await)
 }
 
 type ReplyStream = Pin<Box<dyn Stream<Item = Result<RaftBytes, Status>> + Send + 'static>>;
@@ -67,7 +83,7 @@ impl RaftPeer for PeerService {
             let inner = inner.clone();
             async move { append_entries(&inner, &msg?.data).await }
         });
-        Ok(Response::new(Box::pin(replies)))
+        Ok(Response::new(self.until_stopped(replies)))
     }
 
     async fn vote(&self, request: Request<RaftBytes>) -> Result<Response<RaftBytes>, Status> {
@@ -84,7 +100,22 @@ impl RaftPeer for PeerService {
     }
 
     async fn forward(&self, request: Request<RaftBytes>) -> Result<Response<RaftBytes>, Status> {
-        let req: ForwardRequest = decode(&request.into_inner().data).map_err(bad)?;
-        reply(&self.inner.handle_as_leader(req).await).map(Response::new)
+        forward(&self.inner, &request.into_inner().data)
+            .await
+            .map(Response::new)
+    }
+
+    type ForwardStreamStream = ReplyStream;
+
+    async fn forward_stream(
+        &self,
+        request: Request<Streaming<RaftBytes>>,
+    ) -> Result<Response<ReplyStream>, Status> {
+        let inner = self.inner.clone();
+        let replies = request.into_inner().then(move |msg| {
+            let inner = inner.clone();
+            async move { forward(&inner, &msg?.data).await }
+        });
+        Ok(Response::new(self.until_stopped(replies)))
     }
 }
