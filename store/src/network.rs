@@ -92,34 +92,31 @@ pub(crate) struct PeerStream {
     awaiting_reply: bool,
 }
 
-impl PeerStream {
-    async fn open_append(client: &mut RaftPeerClient<Channel>) -> Result<Self, tonic::Status> {
-        let (requests, rx) = mpsc::channel(1);
-        let replies = client
-            .append_entries_stream(ReceiverStream::new(rx))
-            .await?
-            .into_inner();
-        Ok(Self::new(requests, replies))
-    }
+/// The streamed RPCs of `RaftPeer`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum StreamRpc {
+    AppendEntries,
+    Forward,
+}
 
-    /// Opens a `ForwardStream` to the leader `client` talks to.
-    pub(crate) async fn open_forward(
+impl PeerStream {
+    /// Opens a `rpc` stream to the member `client` talks to.
+    pub(crate) async fn open(
         client: &mut RaftPeerClient<Channel>,
+        rpc: StreamRpc,
     ) -> Result<Self, tonic::Status> {
         let (requests, rx) = mpsc::channel(1);
-        let replies = client
-            .forward_stream(ReceiverStream::new(rx))
-            .await?
-            .into_inner();
-        Ok(Self::new(requests, replies))
-    }
-
-    fn new(requests: mpsc::Sender<RaftBytes>, replies: tonic::Streaming<RaftBytes>) -> Self {
-        Self {
+        let rx = ReceiverStream::new(rx);
+        let replies = match rpc {
+            StreamRpc::AppendEntries => client.append_entries_stream(rx).await?,
+            StreamRpc::Forward => client.forward_stream(rx).await?,
+        }
+        .into_inner();
+        Ok(Self {
             requests,
             replies,
             awaiting_reply: false,
-        }
+        })
     }
 
     /// Whether the stream can take another request: no answer is outstanding (a cancelled
@@ -279,7 +276,7 @@ impl TonicConnection {
                 Err(_) => self.append_stream = None,
             }
         }
-        let mut stream = PeerStream::open_append(&mut client).await?;
+        let mut stream = PeerStream::open(&mut client, StreamRpc::AppendEntries).await?;
         let reply = stream.exchange(data).await?;
         self.append_stream = Some(stream);
         Ok(reply)

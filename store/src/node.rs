@@ -21,7 +21,7 @@ use crate::faults::{FaultHooks, LinkFate};
 use crate::forwarder::{self, ForwardQueue};
 use crate::lessor::Lessor;
 use crate::log_store::SledLogStore;
-use crate::network::{PeerStream, TonicNetworkFactory, peer_channel};
+use crate::network::{PeerStream, StreamRpc, TonicNetworkFactory, peer_channel};
 use crate::pb::etcdserverpb::ResponseHeader;
 use crate::pb::raftpb::raft_peer_client::RaftPeerClient;
 use crate::read_index::{ReadQueue, Reads, resolve};
@@ -634,7 +634,7 @@ impl Inner {
         let res = tokio::time::timeout(self.tunables.request_timeout, async {
             let mut stream = match pooled {
                 Some(s) => s,
-                None => PeerStream::open_forward(&mut client).await?,
+                None => PeerStream::open(&mut client, StreamRpc::Forward).await?,
             };
             let reply = stream.exchange(data).await?;
             Ok::<_, tonic::Status>((stream, reply))

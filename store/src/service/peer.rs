@@ -1,4 +1,5 @@
 //! `flotilla.raft.v1.RaftPeer`: Raft messages and leader-forwarded requests between members.
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -19,14 +20,27 @@ impl PeerService {
         Self { inner }
     }
 
-    /// Ends a streamed RPC when the member stops. The peer keeps its streams open, and the
-    /// server's graceful shutdown waits for open streams, whose handlers hold the member
-    /// (and with it the data dir's lock).
-    fn until_stopped(
+    /// Serves a streamed RPC: each request goes through `handle` and is answered in order,
+    /// one at a time, inside the response stream's own task (the peer sends the next request
+    /// only after the answer). The stream ends when the member stops: the peer keeps it open,
+    /// and the server's graceful shutdown waits for open streams, whose handlers hold the
+    /// member (and with it the data dir's lock).
+    fn serve_stream<F, Fut>(
         &self,
-        replies: impl Stream<Item = Result<RaftBytes, Status>> + Send + 'static,
-    ) -> ReplyStream {
-        Box::pin(replies.take_until(self.inner.cancel.clone().cancelled_owned()))
+        request: Request<Streaming<RaftBytes>>,
+        handle: F,
+    ) -> Response<ReplyStream>
+    where
+        F: Fn(Arc<Inner>, RaftBytes) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<RaftBytes, Status>> + Send + 'static,
+    {
+        let inner = self.inner.clone();
+        let replies = request.into_inner().then(move |msg| {
+            let reply = msg.map(|m| handle(inner.clone(), m));
+            async move { reply?.await }
+        });
+        let stopped = self.inner.cancel.clone().cancelled_owned();
+        Response::new(Box::pin(replies.take_until(stopped)))
     }
 }
 
@@ -76,14 +90,9 @@ impl RaftPeer for PeerService {
         &self,
         request: Request<Streaming<RaftBytes>>,
     ) -> Result<Response<ReplyStream>, Status> {
-        let inner = self.inner.clone();
-        // Answered in order, one at a time, inside the response stream's own task: the leader
-        // keeps one AppendEntries in flight per follower anyway.
-        let replies = request.into_inner().then(move |msg| {
-            let inner = inner.clone();
-            async move { append_entries(&inner, &msg?.data).await }
-        });
-        Ok(Response::new(self.until_stopped(replies)))
+        Ok(self.serve_stream(request, |inner, msg| async move {
+            append_entries(&inner, &msg.data).await
+        }))
     }
 
     async fn vote(&self, request: Request<RaftBytes>) -> Result<Response<RaftBytes>, Status> {
@@ -111,11 +120,8 @@ impl RaftPeer for PeerService {
         &self,
         request: Request<Streaming<RaftBytes>>,
     ) -> Result<Response<ReplyStream>, Status> {
-        let inner = self.inner.clone();
-        let replies = request.into_inner().then(move |msg| {
-            let inner = inner.clone();
-            async move { forward(&inner, &msg?.data).await }
-        });
-        Ok(Response::new(self.until_stopped(replies)))
+        Ok(self.serve_stream(request, |inner, msg| async move {
+            forward(&inner, &msg.data).await
+        }))
     }
 }
