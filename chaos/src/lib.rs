@@ -187,7 +187,7 @@ pub struct Report {
     pub checks: Vec<Check>,
     /// Operations recorded.
     pub ops: usize,
-    /// Where the history was written.
+    /// Where the history was written (only when an invariant broke).
     pub history_file: Option<std::path::PathBuf>,
     /// The recorded history (scenarios assert on what their nemesis provoked).
     pub history: Vec<Operation>,
@@ -430,10 +430,12 @@ where
         leases: Some(&lease_log),
         clock_jumps: &ctx.clock_jumps,
     });
-    let history_file = std::env::temp_dir().join(format!("flotilla-faults-{name}-{seed}.jsonl"));
-    let history_file = history::write_file(&history, &history_file)
-        .ok()
-        .map(|()| history_file);
+    // Written for a failure only, to replay or re-check it: every test run passes all the
+    // scenarios, and their files piled up in the temp dir (168 files after a few CI runs).
+    let failed = checks.iter().any(|c| c.result.is_err());
+    let history_file = failed
+        .then(|| std::env::temp_dir().join(format!("flotilla-faults-{name}-{seed}.jsonl")))
+        .and_then(|path| history::write_file(&history, &path).ok().map(|()| path));
     let report = Report {
         name: name.to_owned(),
         seed,
