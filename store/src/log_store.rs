@@ -286,7 +286,6 @@ impl RaftLogStorage<TypeConfig> for SledLogStore {
         self.crash(CrashPoint::BeforeLogFlush)?;
         // Durable before openraft may count this entry towards a quorum.
         let start = Instant::now();
-        let stats = self.stats.clone();
         // Synced on this runtime thread, not the blocking pool. openraft 0.9's core awaits
         // this flush before it does anything else, so nothing of the core's waits longer; the
         // hand-off to a pool thread and back cost two thread switches per entry on every
@@ -295,7 +294,7 @@ impl RaftLogStorage<TypeConfig> for SledLogStore {
         let res = {
             let t = Instant::now();
             let r = self.wal.flush();
-            stats.h_log_sync.observe("log sync", t.elapsed());
+            self.stats.h_log_sync.observe("log sync", t.elapsed());
             r
         };
         self.stats

@@ -135,15 +135,13 @@ impl PeerStream {
         self.requests
             .send(RaftBytes { data })
             .await
-            .map_err(|_| tonic::Status::unavailable("append stream closed"))?;
+            .map_err(|_| tonic::Status::unavailable("peer stream closed"))?;
         match self.replies.message().await? {
             Some(m) => {
                 self.awaiting_reply = false;
                 Ok(m.data)
             }
-            None => Err(tonic::Status::unavailable(
-                "append stream ended by the peer",
-            )),
+            None => Err(tonic::Status::unavailable("peer stream ended by the peer")),
         }
     }
 }
