@@ -671,7 +671,26 @@ async fn measure(c: &mut ProcCluster, quick: bool, only: &[String]) -> anyhow::R
         if !run("watch") {
             break;
         }
-        let mut lat = watch_latency(&urls, watchers, if quick { 100 } else { 300 }).await?;
+        let (by_member, leader) =
+            watch_latency(&urls, watchers, if quick { 100 } else { 300 }).await?;
+        // Where the time goes: the leader's watchers see an entry on commit, the followers'
+        // only once they learn the commit index.
+        let served_by = |on_leader: bool| -> Vec<Duration> {
+            by_member
+                .iter()
+                .filter(|(m, _)| (*m == leader) == on_leader)
+                .map(|(_, d)| *d)
+                .collect()
+        };
+        let (mut on_leader, mut on_followers) = (served_by(true), served_by(false));
+        eprintln!(
+            "  watch delivery, {watchers} watchers: on the leader p50 {:.2} / p99 {:.2} ms; on followers p50 {:.2} / p99 {:.2} ms",
+            pct(&mut on_leader, 0.5),
+            pct(&mut on_leader, 0.99),
+            pct(&mut on_followers, 0.5),
+            pct(&mut on_followers, 0.99),
+        );
+        let mut lat: Vec<Duration> = by_member.into_iter().map(|(_, d)| d).collect();
         row(
             &format!("watch delivery p50, {watchers} watchers"),
             false,
@@ -778,14 +797,15 @@ async fn measure(c: &mut ProcCluster, quick: bool, only: &[String]) -> anyhow::R
 }
 
 /// One writer puts its send time; `watchers` watchers (spread over members) measure delivery.
+/// Returns each delivery with the index of the member that served it, and the leader's index.
 async fn watch_latency(
     urls: &[String],
     watchers: usize,
     puts: usize,
-) -> anyhow::Result<Vec<Duration>> {
+) -> anyhow::Result<(Vec<(usize, Duration)>, usize)> {
     let origin = Instant::now();
     let key = format!("watch/{watchers}").into_bytes();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Duration>();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(usize, Duration)>();
     let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<()>(watchers);
     let mut tasks = tokio::task::JoinSet::new();
     let conns: Vec<Channel> = urls
@@ -793,7 +813,8 @@ async fn watch_latency(
         .map(|u| channel(u, Duration::from_secs(3600)))
         .collect::<anyhow::Result<_>>()?;
     for w in 0..watchers {
-        let mut wc = WatchClient::new(conns[w % conns.len()].clone());
+        let member = w % conns.len();
+        let mut wc = WatchClient::new(conns[member].clone());
         let key = key.clone();
         let tx = tx.clone();
         let ready = ready_tx.clone();
@@ -823,7 +844,7 @@ async fn watch_latency(
                         .and_then(|kv| String::from_utf8(kv.value).ok()?.parse().ok())
                         .unwrap_or(0);
                     let now = origin.elapsed();
-                    let _ = tx.send(now.saturating_sub(Duration::from_nanos(sent)));
+                    let _ = tx.send((member, now.saturating_sub(Duration::from_nanos(sent))));
                     got += 1;
                 }
                 if got >= puts {
@@ -861,7 +882,7 @@ async fn watch_latency(
     while let Ok(d) = rx.try_recv() {
         lat.push(d);
     }
-    Ok(lat)
+    Ok((lat, leader))
 }
 
 /// Holds a machine-wide lock for the benchmark's lifetime: two benchmarks at once on one
