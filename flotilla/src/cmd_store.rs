@@ -140,6 +140,42 @@ impl StoreArgs {
     }
 }
 
+/// Arguments of `flotilla snapshot restore` (etcd's `etcdctl snapshot restore`).
+#[derive(clap::Args, Debug)]
+pub(crate) struct RestoreArgs {
+    /// A file `etcdctl snapshot save` wrote from a Flotilla store.
+    snapshot: PathBuf,
+    /// The flags the restored member will be started with: `--name`, `--data-dir` (a new
+    /// one), `--initial-cluster` (every member of the new cluster), `--initial-cluster-token`
+    /// and the peer URLs.
+    #[command(flatten)]
+    member: StoreArgs,
+}
+
+/// Writes a new member data dir holding a backup; the member then starts with the same flags.
+pub(crate) fn restore(args: RestoreArgs) -> anyhow::Result<()> {
+    let config = args.member.into_config()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("failed to build the tokio runtime")?;
+    let restored = rt
+        .block_on(store::restore(&args.snapshot, &config))
+        .with_context(|| format!("failed to restore member {:?}", config.name))?;
+    println!(
+        "restored {} keys at revision {} into {} for member {:?} of a new {}-member cluster; \
+         start it with the same flags: flotilla store --name {} --data-dir {} ...",
+        restored.keys,
+        restored.revision,
+        config.data_dir.display(),
+        config.name,
+        restored.members,
+        config.name,
+        config.data_dir.display(),
+    );
+    Ok(())
+}
+
 /// Runs a store member until SIGINT or SIGTERM.
 pub(crate) fn run(args: StoreArgs) -> anyhow::Result<()> {
     let fault_admin = args.fault_admin;

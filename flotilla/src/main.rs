@@ -44,6 +44,16 @@ enum Command {
     Bench(BenchCommand),
     /// Run a recorded workload with faults against a store cluster and check its invariants.
     Chaos(cmd_chaos::ChaosArgs),
+    /// Store backups: `etcdctl snapshot save` writes one, this restores it.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+}
+
+#[derive(Subcommand)]
+enum SnapshotCommand {
+    /// Writes a new store member data dir from a snapshot file (like `etcdctl snapshot
+    /// restore`); run it for every member of the new cluster, then start them.
+    Restore(cmd_store::RestoreArgs),
 }
 
 #[derive(Subcommand)]
@@ -88,5 +98,6 @@ fn main() -> anyhow::Result<()> {
             }
         }
         Command::Chaos(args) => cmd_chaos::run(args),
+        Command::Snapshot(SnapshotCommand::Restore(args)) => cmd_store::restore(args),
     }
 }

@@ -56,6 +56,9 @@ pub enum StoreError {
     /// Raft could not be created or initialized.
     #[error("raft: {0}")]
     Raft(String),
+    /// A backup could not be restored (see [`crate::restore`]).
+    #[error("cannot restore: {0}")]
+    Restore(String),
     /// Persisted data could not be decoded.
     #[error("corrupt data in {what}: {detail}")]
     Corrupt {

@@ -16,6 +16,7 @@
 //! - `network`: the Raft transport over tonic, behind openraft's `RaftNetworkFactory`.
 //! - `batcher` / `read_index` / `lessor`: group commit, batched ReadIndex, leader-side leases.
 //! - `service/*`: one tonic service per etcd service, plus the internal peer service.
+//! - `backup`: what `Maintenance.Snapshot` streams (`etcdctl snapshot save`), and [`restore`].
 //!
 //! # Example
 //!
@@ -29,6 +30,7 @@
 //! ```
 #![warn(missing_docs)]
 
+mod backup;
 mod batcher;
 mod config;
 mod error;
@@ -48,6 +50,7 @@ mod trash;
 mod types;
 mod wal;
 
+pub use backup::{Restored, restore};
 pub use config::{ClusterState, ConfigError, StoreConfig, Tunables, member_id};
 pub use error::StoreError;
 pub use faults::{CrashHook, CrashPoint, FaultHooks, ForwardFilter, LinkFate};

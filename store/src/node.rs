@@ -216,7 +216,7 @@ pub(crate) async fn open_db(path: &std::path::Path) -> Result<sled::Db, StoreErr
 }
 
 /// Checks (or records, on first start) which member and cluster the data dir belongs to.
-fn check_identity(db: &sled::Db, config: &StoreConfig) -> Result<(), StoreError> {
+pub(crate) fn check_identity(db: &sled::Db, config: &StoreConfig) -> Result<(), StoreError> {
     let open_err = |source| StoreError::Open {
         path: config.data_dir.clone(),
         source,

@@ -68,7 +68,6 @@ pub(crate) struct BodyWriter {
 
 impl BodyWriter {
     /// Starts an in-memory body for the state at `point`; `capacity` is a size estimate.
-    #[cfg(test)]
     pub(crate) fn new(point: &SnapshotPoint, capacity: usize) -> Self {
         let mut w = Self {
             buf: Vec::with_capacity(capacity),
@@ -146,7 +145,6 @@ impl BodyWriter {
     }
 
     /// The encoded body (in-memory mode).
-    #[cfg(test)]
     pub(crate) fn finish(self) -> Vec<u8> {
         self.buf
     }

@@ -92,6 +92,41 @@ impl Shared {
     pub(crate) fn db_size(&self) -> u64 {
         self.db.size_on_disk().unwrap_or(0)
     }
+
+    /// The whole model as a snapshot body, encoded in memory (a backup, see
+    /// [`crate::backup`]). Visited in chunks under short read locks like a snapshot build,
+    /// whose lock it takes: both hold off compaction while they visit.
+    pub(crate) fn backup_body(&self) -> std::io::Result<Vec<u8>> {
+        let _building = self.building.lock().unwrap_or_else(|p| p.into_inner());
+        let (point, epoch) = {
+            let mut st = self.write();
+            (st.mvcc.hold_compaction(), st.epoch)
+        };
+        let mut body = BodyWriter::new(&point, 1024 * 1024);
+        let mut after = None;
+        let visited = loop {
+            let st = self.read();
+            if st.epoch != epoch {
+                break Err(std::io::Error::other(
+                    "the member installed a snapshot from the leader meanwhile; try again",
+                ));
+            }
+            match st
+                .mvcc
+                .visit_versions(&point, after.as_ref(), 256, |k, v| body.record(k, v))
+            {
+                Some(k) => after = Some(k),
+                None => break Ok(()),
+            }
+        };
+        {
+            let mut st = self.write();
+            if st.epoch == epoch {
+                st.mvcc.release_compaction();
+            }
+        }
+        visited.map(|()| body.finish())
+    }
 }
 
 /// The state machine: the snapshot file in the data dir holds the latest snapshot; the sled

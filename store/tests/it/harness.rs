@@ -42,6 +42,16 @@ async fn bind() -> (TcpListener, SocketAddr) {
 
 impl TestCluster {
     pub async fn start(n: usize, tunables: Tunables) -> Self {
+        Self::start_inner(n, tunables, None).await
+    }
+
+    /// A new cluster (token `restored`) whose members are first restored from `snapshot`
+    /// (`store::restore`, what `flotilla snapshot restore` runs).
+    pub async fn start_restored(n: usize, tunables: Tunables, snapshot: &std::path::Path) -> Self {
+        Self::start_inner(n, tunables, Some(snapshot)).await
+    }
+
+    async fn start_inner(n: usize, tunables: Tunables, snapshot: Option<&std::path::Path>) -> Self {
         let mut listeners = Vec::new();
         let mut initial = Vec::new();
         for i in 0..n {
@@ -55,7 +65,7 @@ impl TestCluster {
         let mut dirs = Vec::new();
         for (i, (c, ca, p, pa)) in listeners.into_iter().enumerate() {
             let dir = tempfile::tempdir().expect("tempdir");
-            let config = StoreConfig {
+            let mut config = StoreConfig {
                 name: format!("n{}", i + 1),
                 data_dir: dir.path().join("data"),
                 listen_client_addr: ca,
@@ -65,6 +75,11 @@ impl TestCluster {
                 tunables: tunables.clone(),
                 ..StoreConfig::default()
             };
+            if let Some(file) = snapshot {
+                config.initial_cluster_token = "restored".into();
+                let restored = store::restore(file, &config).await.expect("restore");
+                tracing::info!(?restored, member = %config.name, "restored");
+            }
             let node = Node::start_with_listeners(config.clone(), c, p)
                 .await
                 .expect("start node");
