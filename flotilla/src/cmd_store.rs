@@ -56,11 +56,64 @@ pub(crate) struct StoreArgs {
     /// Space quota in bytes; exceeding it raises the NOSPACE alarm.
     #[arg(long, default_value_t = 2 * 1024 * 1024 * 1024)]
     quota_backend_bytes: u64,
+    /// Automatic compaction, as etcd: `periodic` keeps `--auto-compaction-retention` of
+    /// time, `revision` keeps that many revisions.
+    #[arg(long, default_value = "periodic", value_parser = ["periodic", "revision"])]
+    auto_compaction_mode: String,
+    /// History the leader keeps when it compacts on its own: for `periodic` a duration (`30m`,
+    /// `1h`, `90s`; a bare number is hours, as etcd), for `revision` a count (compacted every
+    /// 5 minutes). `0`, the default as in etcd, leaves compaction to clients; the history is
+    /// held in memory until then.
+    #[arg(long, default_value = "0")]
+    auto_compaction_retention: String,
     /// Serve the fault-injection admin endpoint (HTTP, `/faults`) on this address, e.g.
     /// `127.0.0.1:2381`: partitions, message drops/delays/duplicates and a slow disk for this
     /// member, driven by `flotilla chaos --fault-admin`. Off by default; never expose it.
     #[arg(long, value_name = "ADDR")]
     fault_admin: Option<SocketAddr>,
+}
+
+/// etcd's `--auto-compaction-mode` and `--auto-compaction-retention`.
+fn auto_compaction(mode: &str, retention: &str) -> anyhow::Result<store::AutoCompaction> {
+    let r = retention.trim();
+    if mode == "revision" {
+        let keep: i64 = r.parse().with_context(|| {
+            format!("--auto-compaction-retention {r:?}: give a number of revisions in revision mode, e.g. 10000")
+        })?;
+        return Ok(match keep {
+            0 => store::AutoCompaction::Off,
+            k if k < 0 => bail!("--auto-compaction-retention {r:?}: must not be negative"),
+            k => store::AutoCompaction::Revision {
+                keep: k,
+                every: Duration::from_secs(300),
+            },
+        });
+    }
+    let bad = || {
+        anyhow::anyhow!(
+            "--auto-compaction-retention {r:?}: give a duration in periodic mode, e.g. 30m, 1h, 90s (a bare number is hours)"
+        )
+    };
+    let split = r
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(r.len());
+    let (number, unit) = r.split_at(split);
+    let number: f64 = number.parse().map_err(|_| bad())?;
+    let seconds = match unit {
+        "" | "h" => number * 3600.0,
+        "m" => number * 60.0,
+        "s" => number,
+        "ms" => number / 1000.0,
+        _ => return Err(bad()),
+    };
+    if !seconds.is_finite() || seconds < 0.0 {
+        return Err(bad());
+    }
+    Ok(if seconds == 0.0 {
+        store::AutoCompaction::Off
+    } else {
+        store::AutoCompaction::Periodic(Duration::from_secs_f64(seconds))
+    })
 }
 
 /// `http://host:port[,...]` -> the first address.
@@ -116,6 +169,10 @@ impl StoreArgs {
             max_request_bytes: self.max_request_bytes,
             max_txn_ops: self.max_txn_ops,
             quota_backend_bytes: self.quota_backend_bytes,
+            auto_compaction: auto_compaction(
+                &self.auto_compaction_mode,
+                &self.auto_compaction_retention,
+            )?,
             ..store::Tunables::default()
         };
         Ok(store::StoreConfig {
@@ -267,4 +324,43 @@ async fn wait_for_signal() -> anyhow::Result<()> {
         _ = term.recv() => {}
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use store::AutoCompaction;
+
+    #[test]
+    fn auto_compaction_flags_read_like_etcds() {
+        let p = |m, r| auto_compaction(m, r).map_err(|e| e.to_string());
+        assert_eq!(p("periodic", "0"), Ok(AutoCompaction::Off));
+        assert_eq!(
+            p("periodic", "1"),
+            Ok(AutoCompaction::Periodic(Duration::from_secs(3600)))
+        );
+        assert_eq!(
+            p("periodic", "30m"),
+            Ok(AutoCompaction::Periodic(Duration::from_secs(1800)))
+        );
+        assert_eq!(
+            p("periodic", "1.5h"),
+            Ok(AutoCompaction::Periodic(Duration::from_secs(5400)))
+        );
+        assert_eq!(
+            p("revision", "1000"),
+            Ok(AutoCompaction::Revision {
+                keep: 1000,
+                every: Duration::from_secs(300)
+            })
+        );
+        assert!(p("periodic", "soon").unwrap_err().contains("duration"));
+        assert!(p("periodic", "10d").unwrap_err().contains("duration"));
+        assert!(
+            p("revision", "1h")
+                .unwrap_err()
+                .contains("number of revisions")
+        );
+        assert!(p("revision", "-5").unwrap_err().contains("negative"));
+    }
 }

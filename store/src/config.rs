@@ -38,6 +38,30 @@ pub struct Tunables {
     pub max_batch_ops: usize,
     /// How long a request waits for a leader before failing with `request timed out`.
     pub request_timeout: Duration,
+    /// Automatic compaction of the key history by the leader (etcd `--auto-compaction-*`).
+    pub auto_compaction: AutoCompaction,
+}
+
+/// Automatic compaction of the key history (etcd `--auto-compaction-mode` and
+/// `--auto-compaction-retention`). Off by default, as in etcd; the history is held in memory
+/// until something compacts it (the Kubernetes API server does every 5 minutes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AutoCompaction {
+    /// Keep all history until a client compacts.
+    #[default]
+    Off,
+    /// Keep the history of the last `retention` (etcd's `periodic` mode): the leader notes the
+    /// revision every tenth of `min(retention, 1 h)` and, that often, compacts to the revision
+    /// it noted `retention` ago.
+    Periodic(Duration),
+    /// Keep the last `keep` revisions (etcd's `revision` mode): every `every` (etcd: 5
+    /// minutes) the leader compacts to the current revision minus `keep`.
+    Revision {
+        /// Revisions kept.
+        keep: i64,
+        /// How often the leader compacts.
+        every: Duration,
+    },
 }
 
 impl Default for Tunables {
@@ -52,6 +76,7 @@ impl Default for Tunables {
             quota_backend_bytes: 2 * 1024 * 1024 * 1024,
             max_batch_ops: 256,
             request_timeout: Duration::from_secs(7),
+            auto_compaction: AutoCompaction::Off,
         }
     }
 }

@@ -51,7 +51,7 @@ mod types;
 mod wal;
 
 pub use backup::{Restored, restore};
-pub use config::{ClusterState, ConfigError, StoreConfig, Tunables, member_id};
+pub use config::{AutoCompaction, ClusterState, ConfigError, StoreConfig, Tunables, member_id};
 pub use error::StoreError;
 pub use faults::{CrashHook, CrashPoint, FaultHooks, ForwardFilter, LinkFate};
 pub use log_store::SledLogStore;

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::batcher::{BatchCounters, Batcher};
-use crate::config::{ClusterState, StoreConfig, Tunables, cluster_id, member_id};
+use crate::config::{AutoCompaction, ClusterState, StoreConfig, Tunables, cluster_id, member_id};
 use crate::error::{EtcdError, StoreError};
 use crate::faults::{FaultHooks, LinkFate};
 use crate::forwarder::{self, ForwardQueue};
@@ -455,6 +455,7 @@ impl Node {
         tracker.spawn(log_leadership(inner.clone()));
         tracker.spawn(publish_loop(inner.clone()));
         tracker.spawn(stats_loop(inner.clone()));
+        tracker.spawn(auto_compaction_loop(inner.clone()));
 
         Ok(NodeHandle {
             inner,
@@ -1123,6 +1124,75 @@ async fn stats_loop(inner: Arc<Inner>) {
         if now != last {
             tracing::debug!(target: "store::stats", member = %inner.name, "{now}");
             last = now;
+        }
+    }
+}
+
+/// Compacts the history as `Tunables::auto_compaction` says, while this member leads (as
+/// etcd's compactor runs on the leader only). Samples are dropped when leadership is lost: a
+/// new leader starts its own window.
+async fn auto_compaction_loop(inner: Arc<Inner>) {
+    let (step, period) = match inner.tunables.auto_compaction {
+        AutoCompaction::Off => return,
+        AutoCompaction::Periodic(retention) => {
+            let period = retention.min(Duration::from_secs(3600));
+            ((period / 10).max(Duration::from_millis(10)), period)
+        }
+        AutoCompaction::Revision { every, .. } => {
+            let every = every.max(Duration::from_millis(10));
+            (every, every)
+        }
+    };
+    // (when, revision) samples of the periodic mode, oldest first.
+    let mut samples: std::collections::VecDeque<(tokio::time::Instant, i64)> = Default::default();
+    let mut last_attempt = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            _ = inner.cancel.cancelled() => return,
+            _ = tokio::time::sleep(step) => {}
+        }
+        let leading = {
+            let m = inner.raft.metrics();
+            let m = m.borrow();
+            m.state == ServerState::Leader
+        };
+        if !leading {
+            samples.clear();
+            continue;
+        }
+        let now = tokio::time::Instant::now();
+        let (current, compacted) = {
+            let st = inner.sm.read();
+            (st.mvcc.revision(), st.mvcc.compact_revision())
+        };
+        let target = match inner.tunables.auto_compaction {
+            AutoCompaction::Off => return,
+            AutoCompaction::Periodic(retention) => {
+                samples.push_back((now, current));
+                // The front becomes the newest sample at least `retention` old.
+                while samples.len() >= 2 && now.duration_since(samples[1].0) >= retention {
+                    samples.pop_front();
+                }
+                if now.duration_since(last_attempt) < period {
+                    continue;
+                }
+                samples
+                    .front()
+                    .filter(|(at, _)| now.duration_since(*at) >= retention)
+                    .map(|(_, rev)| *rev)
+            }
+            AutoCompaction::Revision { keep, .. } => Some(current - keep.max(0)),
+        };
+        last_attempt = now;
+        let Some(target) = target.filter(|t| *t > compacted.max(0) && *t <= current) else {
+            continue;
+        };
+        tracing::info!(revision = target, mode = ?inner.tunables.auto_compaction, "auto-compaction: compacting the history below this revision");
+        let res = inner
+            .handle_as_leader(ForwardRequest::Write(WriteOp::Compact(target)))
+            .await;
+        if let Err(e) = res {
+            tracing::warn!(revision = target, error = %e, "auto-compaction failed; trying again next period");
         }
     }
 }

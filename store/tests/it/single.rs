@@ -6,7 +6,7 @@ use store::pb::etcdserverpb::{
     TxnRequest, compare, request_op,
 };
 
-use crate::harness::{TestCluster, get, init_tracing, put, test_tunables};
+use crate::harness::{TestCluster, get, init_tracing, put, test_tunables, wait_until};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kv_semantics_and_errors() {
@@ -432,4 +432,94 @@ async fn corrupt_data_dir_is_refused_without_panic() {
     let res = res.expect("start must not panic");
     let err = res.expect_err("a corrupt data dir is refused");
     eprintln!("refused: {err}");
+}
+
+/// Whether `key` can still be read at `revision` (false once compaction dropped it).
+async fn readable_at(
+    kv: &mut store::pb::etcdserverpb::kv_client::KvClient<tonic::transport::Channel>,
+    key: &str,
+    revision: i64,
+) -> bool {
+    match kv
+        .range(RangeRequest {
+            key: key.into(),
+            revision,
+            ..Default::default()
+        })
+        .await
+    {
+        Ok(_) => true,
+        Err(s) => {
+            assert_eq!(s.code(), tonic::Code::OutOfRange, "{s:?}");
+            assert!(s.message().contains("compacted"), "{s:?}");
+            false
+        }
+    }
+}
+
+/// The leader compacts on its own as etcd's `--auto-compaction-mode revision|periodic` do, and
+/// keeps what the retention covers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_compaction_by_revision_and_by_time() {
+    init_tracing();
+    let tunables = store::Tunables {
+        auto_compaction: store::AutoCompaction::Revision {
+            keep: 10,
+            every: Duration::from_millis(100),
+        },
+        ..test_tunables()
+    };
+    let c = TestCluster::start(1, tunables).await;
+    c.wait_leader(Duration::from_secs(20)).await;
+    let mut kv = c.kv(0).await;
+    let mut last = 0;
+    for i in 0..30 {
+        last = put(&mut kv, "r", &i.to_string()).await;
+    }
+    let probe = kv.clone();
+    wait_until(
+        "compaction to 10 revisions",
+        Duration::from_secs(10),
+        || {
+            let mut kv = probe.clone();
+            async move { !readable_at(&mut kv, "r", last - 11).await }
+        },
+    )
+    .await;
+    assert!(
+        readable_at(&mut kv, "r", last - 10).await,
+        "kept 10 revisions"
+    );
+    c.shutdown().await;
+
+    let tunables = store::Tunables {
+        auto_compaction: store::AutoCompaction::Periodic(Duration::from_secs(2)),
+        ..test_tunables()
+    };
+    let c = TestCluster::start(1, tunables).await;
+    c.wait_leader(Duration::from_secs(20)).await;
+    let mut kv = c.kv(0).await;
+    let first = put(&mut kv, "p", "0").await;
+    let mut old = first;
+    for i in 1..5 {
+        old = put(&mut kv, "p", &i.to_string()).await;
+    }
+    let probe = kv.clone();
+    wait_until(
+        "compaction of history over 2 s old",
+        Duration::from_secs(15),
+        || {
+            let mut kv = probe.clone();
+            async move { !readable_at(&mut kv, "p", first).await }
+        },
+    )
+    .await;
+    // Fresh history is kept for the retention.
+    let fresh = put(&mut kv, "p", "new").await;
+    assert!(fresh > old);
+    assert!(readable_at(&mut kv, "p", fresh).await);
+    // Compaction stops at the newest revision over 2 s old, which `old` stays for 2 s after
+    // `fresh`.
+    assert!(readable_at(&mut kv, "p", old).await, "compacted too far");
+    c.shutdown().await;
 }
