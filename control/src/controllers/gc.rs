@@ -81,8 +81,23 @@ async fn collect(
             continue;
         }
         let ns = namespace_of(&obj);
+        let path = dependent_path(ns, name_of(&obj));
+        // Decide on the live object, as Kubernetes' collector does: the cached copy may
+        // predate an orphaning that just removed these references (the owner's deletion then
+        // completes at once) or an adoption that added a live owner.
+        let live = match ctx.client.get(&path).await {
+            Ok(Some(o)) if uid_of(&o) == uid_of(&obj) && !is_deleting(&o) => o,
+            _ => continue,
+        };
+        let Some(live_refs) = live
+            .pointer("/metadata/ownerReferences")
+            .and_then(Value::as_array)
+            .filter(|r| !r.is_empty())
+        else {
+            continue;
+        };
         let mut any_alive = false;
-        for r in refs {
+        for r in live_refs {
             if owner_alive(ctx, ns, r).await {
                 any_alive = true;
                 break;
@@ -91,10 +106,12 @@ async fn collect(
         if any_alive {
             continue;
         }
-        let path = dependent_path(ns, name_of(&obj));
         tracing::info!(object = %path, "garbage-collecting object whose owners are gone");
+        // Only the version just read: a change since (an orphaning, an adoption) fails the
+        // precondition, and the next sweep looks again.
         let opts = json!({"apiVersion": "v1", "kind": "DeleteOptions", "propagationPolicy": "Background",
-                          "preconditions": {"uid": uid_of(&obj)}});
+                          "preconditions": {"uid": uid_of(&live),
+                                            "resourceVersion": live.pointer("/metadata/resourceVersion")}});
         if let Err(e) = ctx.client.delete(&path, Some(&opts)).await {
             tracing::warn!(object = %path, error = %e, "garbage collection failed");
         }

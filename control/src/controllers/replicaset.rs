@@ -223,6 +223,8 @@ impl Reconciler for ReplicaSetController {
         let uid = uid_of(&rs).to_string();
         let selector = rs.pointer("/spec/selector");
         let mut owned = Vec::new();
+        // Whether this ReplicaSet may adopt orphans, asked of the API server at the first one.
+        let mut may_adopt: Option<bool> = None;
         // Ours and the adoptable ones, from the index rather than a scan of every pod.
         let candidates = self
             .ctx
@@ -243,7 +245,24 @@ impl Reconciler for ReplicaSetController {
                     && selector_matches(selector, labels_of(&p))
                     && p.pointer("/metadata/ownerReferences").is_none() =>
                 {
-                    // An orphan our selector matches: adopt it, as Kubernetes does.
+                    // An orphan our selector matches: adopt it, as Kubernetes does, but only
+                    // if a live read shows this ReplicaSet is not being deleted (Kubernetes'
+                    // `RecheckDeletionTimestamp`). Our cache may not show the deletion yet,
+                    // while the garbage collector, orphaning the pods for that very deletion,
+                    // has just removed their references: adopting them back would leave them
+                    // owned by a deleted ReplicaSet (and collected with it), and counting them
+                    // out would create replacements. As in Kubernetes, the sync stops there;
+                    // the deletion reaches the cache soon.
+                    if may_adopt.is_none() {
+                        let path = format!("/apis/apps/v1/namespaces/{ns}/replicasets/{name}");
+                        let fresh = client.get(&path).await.map_err(ReconcileError::from)?;
+                        may_adopt =
+                            Some(fresh.is_some_and(|f| uid_of(&f) == uid && !is_deleting(&f)));
+                    }
+                    if may_adopt != Some(true) {
+                        tracing::debug!(replicaset = %key, "being deleted (live read); not adopting or scaling");
+                        return Ok(Action::Done);
+                    }
                     let patch = json!({"metadata": {
                         "ownerReferences": [controller_ref(&rs, "apps/v1", "ReplicaSet")],
                         "resourceVersion": p.pointer("/metadata/resourceVersion"),
