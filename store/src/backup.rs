@@ -10,7 +10,7 @@
 //! every member restored from one file with the same flags starts from the same state and
 //! elects a leader as a restarted cluster would. Like etcd's restore, it keeps the data and the
 //! revision and starts a new cluster (new member ids under the token given).
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::io::Cursor;
 use std::path::Path;
 
@@ -18,11 +18,10 @@ use openraft::storage::{RaftLogStorage, RaftStateMachine};
 use openraft::{CommittedLeaderId, LogId, Membership, SnapshotMeta, StoredMembership};
 use sha2::{Digest, Sha256};
 
-use crate::config::{StoreConfig, member_id};
+use crate::config::StoreConfig;
 use crate::error::StoreError;
 use crate::log_store::SledLogStore;
 use crate::state_machine::{Shared, SledStateMachine};
-use crate::types::Member;
 
 /// Bytes of the SHA-256 trailer.
 const HASH_BYTES: usize = 32;
@@ -130,21 +129,7 @@ pub async fn restore(file: &Path, config: &StoreConfig) -> Result<Restored, Stor
     let db = crate::node::open_db(dir).await?;
     crate::node::check_identity(&db, config)?;
 
-    let nodes: BTreeMap<u64, Member> = config
-        .initial_cluster
-        .iter()
-        .map(|(name, url)| {
-            (
-                member_id(&config.initial_cluster_token, url),
-                Member {
-                    name: name.clone(),
-                    peer_url: url.clone(),
-                    client_url: String::new(),
-                    promote_when_ready: false,
-                },
-            )
-        })
-        .collect();
+    let nodes = config.initial_members();
     let voters: BTreeSet<u64> = nodes.keys().copied().collect();
     let members = nodes.len();
     // Index 1 of term 0: before any entry a leader of the new cluster writes.

@@ -155,6 +155,24 @@ pub enum ConfigError {
 }
 
 impl StoreConfig {
+    /// The members `--initial-cluster` lists, by member id (derived from the token and URL).
+    pub(crate) fn initial_members(&self) -> std::collections::BTreeMap<u64, crate::types::Member> {
+        self.initial_cluster
+            .iter()
+            .map(|(name, url)| {
+                (
+                    member_id(&self.initial_cluster_token, url),
+                    crate::types::Member {
+                        name: name.clone(),
+                        peer_url: url.clone(),
+                        client_url: String::new(),
+                        promote_when_ready: false,
+                    },
+                )
+            })
+            .collect()
+    }
+
     /// Peer URL advertised to other members.
     pub fn peer_url(&self) -> String {
         self.advertise_peer_url

@@ -422,21 +422,7 @@ impl Node {
         service::serve(inner.clone(), client, peer);
 
         if fresh && config.initial_cluster_state == ClusterState::New {
-            let members: BTreeMap<u64, Member> = config
-                .initial_cluster
-                .iter()
-                .map(|(name, url)| {
-                    (
-                        member_id(&config.initial_cluster_token, url),
-                        Member {
-                            name: name.clone(),
-                            peer_url: url.clone(),
-                            client_url: String::new(),
-                            promote_when_ready: false,
-                        },
-                    )
-                })
-                .collect();
+            let members = config.initial_members();
             tracing::info!(member = %config.name, id = format_args!("{id:x}"), size = members.len(), "bootstrapping a new cluster");
             match raft.initialize(members).await {
                 Ok(()) => {}
