@@ -1152,7 +1152,7 @@ async fn auto_compaction_loop(inner: Arc<Inner>) {
             (st.mvcc.revision(), st.mvcc.compact_revision())
         };
         let target = match inner.tunables.auto_compaction {
-            AutoCompaction::Off => return,
+            AutoCompaction::Off => None,
             AutoCompaction::Periodic(retention) => {
                 samples.push_back((now, current));
                 // The front becomes the newest sample at least `retention` old.

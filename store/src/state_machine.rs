@@ -94,8 +94,8 @@ impl Shared {
     }
 
     /// The whole model as a snapshot body, encoded in memory (a backup, see
-    /// [`crate::backup`]). Visited in chunks under short read locks like a snapshot build,
-    /// whose lock it takes: both hold off compaction while they visit.
+    /// [`crate::backup`]). Visited like a snapshot build, whose lock it takes: both hold off
+    /// compaction while they visit.
     pub(crate) fn backup_body(&self) -> std::io::Result<Vec<u8>> {
         let _building = self.building.lock().unwrap_or_else(|p| p.into_inner());
         let (point, epoch) = {
@@ -103,29 +103,54 @@ impl Shared {
             (st.mvcc.hold_compaction(), st.epoch)
         };
         let mut body = BodyWriter::new(&point, 1024 * 1024);
-        let mut after = None;
-        let visited = loop {
-            let st = self.read();
-            if st.epoch != epoch {
-                break Err(std::io::Error::other(
-                    "the member installed a snapshot from the leader meanwhile; try again",
-                ));
-            }
-            match st
-                .mvcc
-                .visit_versions(&point, after.as_ref(), 256, |k, v| body.record(k, v))
-            {
-                Some(k) => after = Some(k),
-                None => break Ok(()),
-            }
-        };
-        {
-            let mut st = self.write();
-            if st.epoch == epoch {
-                st.mvcc.release_compaction();
-            }
+        let visited = self.visit_into(&point, epoch, &mut body);
+        let released = self.release_compaction(epoch);
+        match visited {
+            Ok(true) if released => Ok(body.finish()),
+            Ok(_) => Err(std::io::Error::other(
+                "the member installed a snapshot from the leader meanwhile; try again",
+            )),
+            Err(e) => Err(e),
         }
-        visited.map(|()| body.finish())
+    }
+
+    /// Records every version of the model at `point` into `body`, in chunks under short read
+    /// locks (applying goes on between them; a file body is written out between them, outside
+    /// the lock). `false` if an installed snapshot replaced the model (`epoch`) meanwhile.
+    fn visit_into(
+        &self,
+        point: &SnapshotPoint,
+        epoch: u64,
+        body: &mut BodyWriter,
+    ) -> std::io::Result<bool> {
+        let mut after = None;
+        loop {
+            {
+                let st = self.read();
+                if st.epoch != epoch {
+                    return Ok(false);
+                }
+                match st
+                    .mvcc
+                    .visit_versions(point, after.as_ref(), 256, |k, v| body.record(k, v))
+                {
+                    Some(k) => after = Some(k),
+                    None => return Ok(true),
+                }
+            }
+            body.flush_if_full()?;
+        }
+    }
+
+    /// Ends a `hold_compaction` taken at `epoch`; `false` if the model was replaced meanwhile
+    /// (the new model holds nothing).
+    fn release_compaction(&self, epoch: u64) -> bool {
+        let mut st = self.write();
+        let same = st.epoch == epoch;
+        if same {
+            st.mvcc.release_compaction();
+        }
+        same
     }
 }
 
@@ -320,14 +345,7 @@ impl SledStateMachine {
             (point, st.epoch, meta)
         };
         let streamed = self.stream_body(&point, epoch, &meta);
-        let released = {
-            let mut st = self.shared.write();
-            let same = st.epoch == epoch;
-            if same {
-                st.mvcc.release_compaction();
-            }
-            same
-        };
+        let released = self.shared.release_compaction(epoch);
         let body = match streamed {
             Ok(Some(body)) if released => body,
             other => {
@@ -367,25 +385,11 @@ impl SledStateMachine {
         meta: &SnapshotMeta<u64, Member>,
     ) -> StorageResult<Option<BodyWriter>> {
         let mut body = BodyWriter::to_file(&self.dir, meta, point).map_err(snap_err)?;
-        let mut after = None;
-        loop {
-            {
-                let st = self.shared.read();
-                if st.epoch != epoch {
-                    return Ok(None);
-                }
-                // Short read locks: applying goes on between chunks.
-                match st
-                    .mvcc
-                    .visit_versions(point, after.as_ref(), 256, |k, v| body.record(k, v))
-                {
-                    Some(k) => after = Some(k),
-                    None => return Ok(Some(body)),
-                }
-            }
-            // File IO outside the lock.
-            body.flush_if_full().map_err(snap_err)?;
-        }
+        let complete = self
+            .shared
+            .visit_into(point, epoch, &mut body)
+            .map_err(snap_err)?;
+        Ok(complete.then_some(body))
     }
 
     /// What a build returns: the current snapshot's meta, with an empty body. openraft 0.9

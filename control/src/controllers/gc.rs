@@ -64,14 +64,8 @@ async fn collect(
         }
     }
     for obj in informer.list() {
-        let Some(refs) = obj
-            .pointer("/metadata/ownerReferences")
-            .and_then(Value::as_array)
-            .filter(|r| !r.is_empty())
-        else {
-            continue;
-        };
-        if is_deleting(&obj) {
+        let refs = owner_refs(&obj);
+        if refs.is_empty() || is_deleting(&obj) {
             continue;
         }
         if refs
@@ -89,13 +83,10 @@ async fn collect(
             Ok(Some(o)) if uid_of(&o) == uid_of(&obj) && !is_deleting(&o) => o,
             _ => continue,
         };
-        let Some(live_refs) = live
-            .pointer("/metadata/ownerReferences")
-            .and_then(Value::as_array)
-            .filter(|r| !r.is_empty())
-        else {
+        let live_refs = owner_refs(&live);
+        if live_refs.is_empty() {
             continue;
-        };
+        }
         let mut any_alive = false;
         for r in live_refs {
             if owner_alive(ctx, ns, r).await {
@@ -130,11 +121,16 @@ fn finalizers(obj: &Value) -> Vec<&str> {
         .unwrap_or_default()
 }
 
-fn refs_to<'a>(obj: &'a Value, owner_uid: &str) -> impl Iterator<Item = &'a Value> {
+/// `metadata.ownerReferences` (empty when absent).
+fn owner_refs(obj: &Value) -> &[Value] {
     obj.pointer("/metadata/ownerReferences")
         .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
+        .map_or(&[], Vec::as_slice)
+}
+
+fn refs_to<'a>(obj: &'a Value, owner_uid: &str) -> impl Iterator<Item = &'a Value> {
+    owner_refs(obj)
+        .iter()
         .filter(move |r| r.get("uid").and_then(Value::as_str) == Some(owner_uid))
 }
 
@@ -189,11 +185,8 @@ async fn finalize_owners(ctx: &Context) -> bool {
                 waiting = true;
                 let mut ok = true;
                 for (dep, k) in &dependents {
-                    let rest: Vec<&Value> = dep
-                        .pointer("/metadata/ownerReferences")
-                        .and_then(Value::as_array)
-                        .into_iter()
-                        .flatten()
+                    let rest: Vec<&Value> = owner_refs(dep)
+                        .iter()
                         .filter(|r| r.get("uid").and_then(Value::as_str) != Some(uid))
                         .collect();
                     let refs = if rest.is_empty() {
