@@ -14,7 +14,15 @@ async fn concurrent_writes_and_reads_are_batched() {
     let c = TestCluster::start(3, test_tunables()).await;
     let leader = c.wait_leader(Duration::from_secs(30)).await;
     let follower = (leader + 1) % 3;
-    let before = c.node(leader).metrics();
+    // Summed over the members: a disk stall can move leadership mid-run, and then the
+    // writes are proposed by whichever member leads.
+    let proposed = |c: &TestCluster| {
+        (0..3).fold((0, 0), |(w, e), i| {
+            let m = c.node(i).metrics();
+            (w + m.proposed_writes, e + m.proposed_entries)
+        })
+    };
+    let before = proposed(&c);
 
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -36,14 +44,18 @@ async fn concurrent_writes_and_reads_are_batched() {
         t.await.expect("writer");
     }
     let write_secs = started.elapsed().as_secs_f64();
-    let m = c.node(leader).metrics();
-    let writes = m.proposed_writes - before.proposed_writes;
-    let entries = m.proposed_entries - before.proposed_entries;
+    let after = proposed(&c);
+    let writes = after.0 - before.0;
+    let entries = after.1 - before.1;
     eprintln!(
         "{writes} writes from {CLIENTS} clients in {entries} raft entries, {:.0} writes/s",
         writes as f64 / write_secs
     );
-    assert_eq!(writes, (CLIENTS * PER_CLIENT) as u64);
+    // More only if a batch was cut from a deposed leader's log and proposed again.
+    assert!(
+        writes >= (CLIENTS * PER_CLIENT) as u64,
+        "{writes} writes proposed"
+    );
     assert!(
         entries < writes / 2,
         "group commit packs writes: {entries} entries for {writes}"

@@ -283,15 +283,34 @@ async fn etcdctl_against_three_members() {
         3,
         "endpoint health: {both}"
     );
-    let out = ok(&all, &["endpoint", "status", "-w", "json"]).await;
-    let v: serde_json::Value = serde_json::from_str(&out).expect("status json");
-    let arr = v.as_array().expect("array");
-    assert_eq!(arr.len(), 3);
-    let leader_id = c.node(leader).id();
-    for s in arr {
-        assert_eq!(s["Status"]["version"], "3.4.0");
-        assert_eq!(s["Status"]["leader"].as_u64(), Some(leader_id));
-    }
+    // Every member names the same leader, the one the cluster has now. Not necessarily the
+    // one found at the start: a disk stall (CI once had a 4 s one right after a cold build)
+    // can move leadership mid-test, as it would in etcd. A status taken during an election
+    // may disagree, so it is read again until the members agree.
+    let all2 = all.clone();
+    let ids: Vec<u64> = (0..3).map(|i| c.node(i).id()).collect();
+    wait_until(
+        "members to agree on the leader",
+        Duration::from_secs(30),
+        || {
+            let all = all2.clone();
+            let ids = ids.clone();
+            async move {
+                let out = ok(&all, &["endpoint", "status", "-w", "json"]).await;
+                let v: serde_json::Value = serde_json::from_str(&out).expect("status json");
+                let arr = v.as_array().expect("array");
+                assert_eq!(arr.len(), 3, "endpoint status: {out}");
+                let mut leaders = Vec::new();
+                for s in arr {
+                    assert_eq!(s["Status"]["version"], "3.4.0", "endpoint status: {out}");
+                    leaders.push(s["Status"]["leader"].as_u64());
+                }
+                let agreed = leaders.windows(2).all(|w| w[0] == w[1]);
+                agreed && leaders[0].is_some_and(|l| ids.contains(&l))
+            }
+        },
+    )
+    .await;
 
     // Members with the same applied state report the same hash.
     let rev = header_revision(&ok(&lead, &["get", "foo", "-w", "json"]).await);
