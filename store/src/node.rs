@@ -50,6 +50,11 @@ pub(crate) enum ForwardRequest {
     },
     /// Writes a follower batched (see `forwarder`).
     Writes(Vec<WriteOp>),
+    /// A member's new peer URL (`etcdctl member update`); it keeps its id.
+    MemberUpdate {
+        id: u64,
+        peer_url: String,
+    },
 }
 
 /// Leader answers to [`ForwardRequest`]s.
@@ -249,6 +254,42 @@ pub(crate) fn check_identity(db: &sled::Db, config: &StoreConfig) -> Result<(), 
     Ok(())
 }
 
+/// The member's id: the one recorded in the data dir, or `derived` (from the cluster token
+/// and the peer URL), recorded now, on the first start. An id is for life, as in etcd: a
+/// member whose peer URL was changed with `member update` restarts with its new URL and
+/// keeps the id the cluster knows it by.
+fn persistent_member_id(
+    db: &sled::Db,
+    config: &StoreConfig,
+    derived: u64,
+) -> Result<u64, StoreError> {
+    let open_err = |source| StoreError::Open {
+        path: config.data_dir.clone(),
+        source,
+    };
+    let t = db.open_tree("identity").map_err(open_err)?;
+    if let Some(v) = t.get("id").map_err(open_err)? {
+        if let Ok(bytes) = <[u8; 8]>::try_from(v.as_ref()) {
+            let id = u64::from_be_bytes(bytes);
+            if id != derived {
+                tracing::info!(
+                    id = format_args!("{id:x}"),
+                    "keeping the member id recorded in the data dir (the peer URL was updated since it was created)"
+                );
+            }
+            return Ok(id);
+        }
+        return Err(StoreError::Raft(format!(
+            "data dir {}: the recorded member id is damaged ({} bytes)",
+            config.data_dir.display(),
+            v.len()
+        )));
+    }
+    t.insert("id", &derived.to_be_bytes()).map_err(open_err)?;
+    t.flush().map_err(open_err)?;
+    Ok(derived)
+}
+
 impl Node {
     /// Binds the configured addresses and starts the member.
     pub async fn start(config: StoreConfig) -> Result<NodeHandle, StoreError> {
@@ -351,7 +392,11 @@ impl Node {
             (None, Some((_, u))) => u.clone(),
             (None, None) => format!("http://{peer_addr}"),
         };
-        let id = member_id(&config.initial_cluster_token, &my_peer_url);
+        let id = persistent_member_id(
+            &db,
+            &config,
+            member_id(&config.initial_cluster_token, &my_peer_url),
+        )?;
         let t = &config.tunables;
         let election_ms = t.election_timeout.as_millis() as u64;
         // openraft 0.9 lets a follower campaign only after its leader lease (= the maximum
@@ -802,6 +847,36 @@ impl Inner {
                 tracing::info!(id = format_args!("{id:x}"), "promoting learner to voter");
                 self.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), true)
                     .await?;
+                Ok(ForwardResponse::Done)
+            }
+            ForwardRequest::MemberUpdate { id, peer_url } => {
+                let Some(old) = membership.get_node(&id) else {
+                    return Err(EtcdError::MemberNotFound);
+                };
+                if old.peer_url == peer_url {
+                    return Ok(ForwardResponse::Done);
+                }
+                if membership
+                    .nodes()
+                    .any(|(nid, n)| *nid != id && n.peer_url == peer_url)
+                {
+                    return Err(EtcdError::PeerUrlExist);
+                }
+                tracing::info!(
+                    id = format_args!("{id:x}"),
+                    from = %old.peer_url,
+                    to = %peer_url,
+                    "updating member's peer URL"
+                );
+                let updated = Member {
+                    peer_url,
+                    ..old.clone()
+                };
+                self.change_membership(
+                    ChangeMembers::SetNodes(BTreeMap::from([(id, updated)])),
+                    true,
+                )
+                .await?;
                 Ok(ForwardResponse::Done)
             }
             ForwardRequest::Publish {

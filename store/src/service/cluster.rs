@@ -1,4 +1,5 @@
-//! `etcdserverpb.Cluster`: MemberList, MemberAdd (learner first), MemberRemove, MemberPromote.
+//! `etcdserverpb.Cluster`: MemberList, MemberAdd (learner first), MemberRemove, MemberPromote,
+//! MemberUpdate (a new peer URL; the member keeps its id).
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -112,11 +113,42 @@ impl Cluster for ClusterService {
 
     async fn member_update(
         &self,
-        _request: Request<MemberUpdateRequest>,
+        request: Request<MemberUpdateRequest>,
     ) -> Result<Response<MemberUpdateResponse>, Status> {
-        Err(Status::unimplemented(
-            "member update is not supported by flotilla",
-        ))
+        let r = request.into_inner();
+        let url = match r.peer_ur_ls.as_slice() {
+            [url] => url.clone(),
+            [] => {
+                return Err(Status::invalid_argument(
+                    "etcdserver: member peer URLs not provided",
+                ));
+            }
+            _ => {
+                return Err(Status::invalid_argument(
+                    "etcdserver: a flotilla member has exactly one peer URL",
+                ));
+            }
+        };
+        if !url.starts_with("http://") {
+            return Err(Status::invalid_argument(format!(
+                "etcdserver: invalid peer URL {url:?}"
+            )));
+        }
+        self.inner
+            .leader_call(ForwardRequest::MemberUpdate {
+                id: r.id,
+                peer_url: url.clone(),
+            })
+            .await?;
+        self.await_local(|ms| {
+            ms.iter()
+                .any(|m| m.id == r.id && m.peer_ur_ls == [url.clone()])
+        })
+        .await;
+        Ok(Response::new(MemberUpdateResponse {
+            header: self.header(),
+            members: self.members(),
+        }))
     }
 
     async fn member_list(

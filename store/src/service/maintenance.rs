@@ -1,5 +1,6 @@
 //! `etcdserverpb.Maintenance`: Status, Alarm, Hash/HashKV (state hash for cross-member
-//! comparison) and a no-op Defragment; Snapshot and MoveLeader answer Unimplemented.
+//! comparison), Snapshot (a backup in the shape `etcdctl snapshot save` checks, see
+//! `backup.rs`) and a no-op Defragment; MoveLeader answers Unimplemented.
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;

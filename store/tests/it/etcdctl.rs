@@ -362,6 +362,101 @@ async fn etcdctl_against_three_members() {
     c.shutdown().await;
 }
 
+/// `etcdctl member update`: a member moved to a new peer address keeps its id and rejoins
+/// there; an unknown id and a taken URL are refused with etcd's errors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn member_update_moves_a_member_to_a_new_peer_url() {
+    init_tracing();
+    let mut c = TestCluster::start(3, test_tunables()).await;
+    let leader = c.wait_leader(Duration::from_secs(30)).await;
+    let moved = (leader + 1) % 3;
+    let other = (leader + 2) % 3;
+    let moved_id = c.node(moved).id();
+    let other_url = c.client_url(other);
+    ok(&other_url, &["put", "before", "1"]).await;
+
+    c.kill(moved).await;
+    // The URL the member will listen on: reserve a port, free it for the restart.
+    let new_url = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        format!("http://{}", l.local_addr().expect("addr"))
+    };
+    let out = ok(
+        &other_url,
+        &[
+            "member",
+            "update",
+            &format!("{moved_id:x}"),
+            &format!("--peer-urls={new_url}"),
+        ],
+    )
+    .await;
+    assert!(
+        out.contains(&format!("Member {moved_id:16x} updated")),
+        "member update: {out}"
+    );
+    let list = ok(&other_url, &["member", "list"]).await;
+    assert!(list.contains(&new_url), "member list after update: {list}");
+
+    // Refusals, with etcd's codes and texts.
+    let (success, _, err) = run(
+        &other_url,
+        &[
+            "member",
+            "update",
+            "1234abcd",
+            &format!("--peer-urls={new_url}"),
+        ],
+        None,
+    )
+    .await;
+    assert!(!success && err.contains("member not found"), "{err}");
+    let taken = c.configs[leader].listen_peer_addr;
+    let (success, _, err) = run(
+        &other_url,
+        &[
+            "member",
+            "update",
+            &format!("{moved_id:x}"),
+            &format!("--peer-urls=http://{taken}"),
+        ],
+        None,
+    )
+    .await;
+    assert!(
+        !success && err.contains("Peer URLs already exists"),
+        "{err}"
+    );
+
+    ok(&other_url, &["put", "while-away", "2"]).await;
+    c.restart_with_peer_url(moved, &new_url).await;
+    assert_eq!(c.node(moved).id(), moved_id, "the member keeps its id");
+    let moved_url = c.client_url(moved);
+    wait_until("moved member to catch up", Duration::from_secs(30), || {
+        let u = moved_url.clone();
+        async move {
+            let (success, out, _) = run(&u, &["get", "while-away", "--consistency=s"], None).await;
+            success && out == "while-away\n2\n"
+        }
+    })
+    .await;
+    // It takes part in commits again: a write through it, read back from the others.
+    ok(&moved_url, &["put", "after", "3"]).await;
+    for i in 0..3 {
+        assert_eq!(
+            ok(&c.client_url(i), &["get", "after", "--print-value-only"]).await,
+            "3\n"
+        );
+    }
+    let list = ok(&moved_url, &["member", "list"]).await;
+    assert_eq!(list.lines().count(), 3, "{list}");
+    assert!(
+        list.contains(&format!("{moved_id:x}, started")) && list.contains(&new_url),
+        "{list}"
+    );
+    c.shutdown().await;
+}
+
 /// Backup and disaster recovery as etcd operators do it: `etcdctl snapshot save` from a live
 /// member, the file restored into three new data dirs (`store::restore`, which
 /// `flotilla snapshot restore` runs), and the new cluster serving the same keys, versions and

@@ -173,6 +173,26 @@ impl TestCluster {
         self.nodes[i] = Some(node);
     }
 
+    /// Restarts a stopped member listening on and advertising a new peer URL (after an
+    /// `etcdctl member update` told the cluster).
+    pub async fn restart_with_peer_url(&mut self, i: usize, url: &str) {
+        let pa: SocketAddr = url
+            .trim_start_matches("http://")
+            .parse()
+            .expect("peer url host:port");
+        let config = &mut self.configs[i];
+        config.listen_peer_addr = pa;
+        config.advertise_peer_url = Some(url.to_owned());
+        config.initial_cluster_state = ClusterState::Existing;
+        let config = config.clone();
+        let c = rebind(config.listen_client_addr).await;
+        let p = rebind(pa).await;
+        let node = Node::start_with_listeners(config, c, p)
+            .await
+            .expect("restart with a new peer URL");
+        self.nodes[i] = Some(node);
+    }
+
     pub async fn shutdown(mut self) {
         for i in 0..self.nodes.len() {
             self.kill(i).await;
