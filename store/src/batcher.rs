@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use openraft::Raft;
 use openraft::error::{ClientWriteError, RaftError};
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{OwnedRwLockWriteGuard, RwLock, Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::EtcdError;
@@ -33,6 +33,9 @@ pub(crate) struct BatchCounters {
 pub(crate) struct Batcher {
     tx: mpsc::Sender<Pending>,
     stats: Arc<Stats>,
+    /// Held shared by every proposal in flight; held exclusively, it stops proposals (a
+    /// leadership transfer lets the followers' leader lease run out).
+    gate: Arc<RwLock<()>>,
 }
 
 impl Batcher {
@@ -46,16 +49,27 @@ impl Batcher {
         stats: Arc<Stats>,
     ) -> Self {
         let (tx, rx) = mpsc::channel(4096);
+        let gate = Arc::new(RwLock::new(()));
+        let gauges = Gauges {
+            counters,
+            stats: stats.clone(),
+        };
         tracker.spawn(run(
             raft,
             rx,
             max_batch_ops.max(1),
             cancel,
             tracker.clone(),
-            counters,
-            stats.clone(),
+            gauges,
+            gate.clone(),
         ));
-        Self { tx, stats }
+        Self { tx, stats, gate }
+    }
+
+    /// Waits for the proposals in flight to finish and holds back new ones until the guard
+    /// is dropped (requests keep queueing meanwhile).
+    pub(crate) async fn pause(&self) -> OwnedRwLockWriteGuard<()> {
+        self.gate.clone().write_owned().await
     }
 
     /// Proposes `op` (this member must be the leader). `NotLeader` means the op was not
@@ -73,15 +87,22 @@ impl Batcher {
     }
 }
 
+/// Where the batcher counts what it does.
+struct Gauges {
+    counters: Arc<BatchCounters>,
+    stats: Arc<Stats>,
+}
+
 async fn run(
     raft: Raft<TypeConfig>,
     mut rx: mpsc::Receiver<Pending>,
     max_batch_ops: usize,
     cancel: CancellationToken,
     tracker: tokio_util::task::TaskTracker,
-    counters: Arc<BatchCounters>,
-    stats: Arc<Stats>,
+    gauges: Gauges,
+    gate: Arc<RwLock<()>>,
 ) {
+    let Gauges { counters, stats } = gauges;
     let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     loop {
         let permit = tokio::select! {
@@ -113,8 +134,10 @@ async fn run(
             .ops
             .fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
         let stats = stats.clone();
+        let gate = gate.clone();
         tracker.spawn(async move {
             let _permit = permit;
+            let _open = gate.read_owned().await;
             let (ops, waiters): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
             let n = ops.len();
             let start = std::time::Instant::now();

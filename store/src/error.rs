@@ -124,6 +124,10 @@ pub(crate) enum EtcdError {
     Unhealthy,
     #[error("{0}")]
     Internal(String),
+    #[error("etcdserver: bad leader transferee")]
+    BadLeaderTransferee,
+    #[error("etcdserver: request timed out, leader transfer took too long")]
+    LeaderTransferTimeout,
 }
 
 impl From<EtcdError> for tonic::Status {
@@ -146,14 +150,16 @@ impl From<EtcdError> for tonic::Status {
             | EtcdError::NotLeader
             | EtcdError::PeerUrlExist
             | EtcdError::LearnerNotReady
-            | EtcdError::MemberNotLearner => Code::FailedPrecondition,
+            | EtcdError::MemberNotLearner
+            | EtcdError::BadLeaderTransferee => Code::FailedPrecondition,
             EtcdError::NoLeader
             | EtcdError::LeaderChanged
             | EtcdError::Timeout
             | EtcdError::TimeoutDueToConnectionLost
             | EtcdError::Stopped
             | EtcdError::NotEnoughStartedMembers
-            | EtcdError::Unhealthy => Code::Unavailable,
+            | EtcdError::Unhealthy
+            | EtcdError::LeaderTransferTimeout => Code::Unavailable,
             EtcdError::Internal(_) => Code::Internal,
         };
         tonic::Status::new(code, e.to_string())
@@ -177,5 +183,10 @@ mod tests {
         assert_eq!(s.message(), "etcdserver: requested lease not found");
         let s = tonic::Status::from(EtcdError::RequestTooLarge);
         assert_eq!(s.code(), tonic::Code::InvalidArgument);
+        let s = tonic::Status::from(EtcdError::BadLeaderTransferee);
+        assert_eq!(s.code(), tonic::Code::FailedPrecondition);
+        assert_eq!(s.message(), "etcdserver: bad leader transferee");
+        let s = tonic::Status::from(EtcdError::LeaderTransferTimeout);
+        assert_eq!(s.code(), tonic::Code::Unavailable);
     }
 }

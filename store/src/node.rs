@@ -55,6 +55,11 @@ pub(crate) enum ForwardRequest {
         id: u64,
         peer_url: String,
     },
+    /// Sent by a leader handing over leadership to the member it chose: campaign now.
+    Campaign,
+    /// Sent by a leader handing over leadership to the other voters: do not campaign for
+    /// this many milliseconds (so the chosen member wins).
+    HoldElections(u64),
 }
 
 /// Leader answers to [`ForwardRequest`]s.
@@ -134,6 +139,10 @@ pub(crate) struct Inner {
     fault_hooks: FaultHooks,
     /// Set once a ReadIndex round has completed since start (see [`Inner::local_read_barrier`]).
     local_reads_ready: AtomicBool,
+    /// Until when (ms since `started`) this member holds back its own campaigns, at a
+    /// leader's request during a leadership transfer.
+    elections_held_until_ms: Arc<std::sync::atomic::AtomicU64>,
+    started: std::time::Instant,
     /// The vote's term and the last log index on disk when this member started.
     restored: RestoredLog,
 }
@@ -252,6 +261,22 @@ pub(crate) fn check_identity(db: &sled::Db, config: &StoreConfig) -> Result<(), 
         }
     }
     Ok(())
+}
+
+/// Turns the leader's heartbeats off until dropped (also on an early return).
+struct HeartbeatsOff<'a>(&'a Raft<TypeConfig>);
+
+impl<'a> HeartbeatsOff<'a> {
+    fn new(raft: &'a Raft<TypeConfig>) -> Self {
+        raft.runtime_config().heartbeat(false);
+        Self(raft)
+    }
+}
+
+impl Drop for HeartbeatsOff<'_> {
+    fn drop(&mut self) {
+        self.0.runtime_config().heartbeat(true);
+    }
 }
 
 /// The member's id: the one recorded in the data dir, or `derived` (from the cluster token
@@ -461,6 +486,8 @@ impl Node {
             stats,
             fault_hooks,
             local_reads_ready: AtomicBool::new(false),
+            elections_held_until_ms: Default::default(),
+            started: std::time::Instant::now(),
             restored,
         });
 
@@ -734,6 +761,23 @@ impl Inner {
         &self,
         req: ForwardRequest,
     ) -> Result<ForwardResponse, EtcdError> {
+        // Addressed to followers by design (see `move_leader`).
+        match req {
+            ForwardRequest::Campaign => {
+                tracing::info!(member = %self.name, "campaigning: the leader is handing over leadership");
+                self.raft
+                    .trigger()
+                    .elect()
+                    .await
+                    .map_err(|_| EtcdError::Stopped)?;
+                return Ok(ForwardResponse::Done);
+            }
+            ForwardRequest::HoldElections(ms) => {
+                self.hold_elections(Duration::from_millis(ms));
+                return Ok(ForwardResponse::Done);
+            }
+            _ => {}
+        }
         if self.raft.metrics().borrow().current_leader != Some(self.id) {
             return Err(EtcdError::NotLeader);
         }
@@ -849,6 +893,9 @@ impl Inner {
                     .await?;
                 Ok(ForwardResponse::Done)
             }
+            ForwardRequest::Campaign | ForwardRequest::HoldElections(_) => {
+                Ok(ForwardResponse::Done)
+            }
             ForwardRequest::MemberUpdate { id, peer_url } => {
                 let Some(old) = membership.get_node(&id) else {
                     return Err(EtcdError::MemberNotFound);
@@ -903,6 +950,127 @@ impl Inner {
                 Ok(ForwardResponse::Done)
             }
         }
+    }
+
+    /// Hands leadership to the voter `target` (etcd's MoveLeader); called on the leader.
+    ///
+    /// openraft 0.9 has no TimeoutNow message, and a voter refuses to vote while its leader's
+    /// lease lasts, so the leader stops proposing and heartbeating, waits until the lease has
+    /// run out on the followers (`election_timeout_max` after the last heartbeat they got),
+    /// then asks the target, whose log it has checked is complete, to campaign. The other
+    /// voters are asked first to hold back their own campaigns for a while, so they do not
+    /// race the target. Writes wait (queued, not failed) for the ~0.7 election timeout this takes, then
+    /// go to the new leader.
+    pub(crate) async fn move_leader(&self, target: u64) -> Result<(), EtcdError> {
+        let m = self.raft.metrics().borrow().clone();
+        if m.current_leader != Some(self.id) {
+            return Err(EtcdError::NotLeader);
+        }
+        let membership = m.membership_config.membership();
+        if !membership.voter_ids().any(|v| v == target) {
+            return Err(EtcdError::BadLeaderTransferee);
+        }
+        if target == self.id {
+            return Ok(());
+        }
+        let peer_url = membership
+            .get_node(&target)
+            .map(|n| n.peer_url.clone())
+            .ok_or(EtcdError::BadLeaderTransferee)?;
+        let deadline = tokio::time::Instant::now() + self.tunables.request_timeout;
+        tracing::info!(
+            target = format_args!("{target:x}"),
+            "moving leadership: pausing proposals and heartbeats"
+        );
+        // The other voters hold back their own campaigns meanwhile (if this leader dies
+        // mid-way, they campaign again when the hold runs out).
+        let hold = 2 * self.raft.config().election_timeout_max
+            + 2 * self.raft.config().election_timeout_min;
+        let others = membership
+            .nodes()
+            .filter(|(id, _)| **id != self.id && **id != target)
+            .filter(|(id, _)| membership.voter_ids().any(|v| v == **id));
+        for (id, node) in others {
+            let hold_req = ForwardRequest::HoldElections(hold);
+            if let Err(e) = self.forward(&node.peer_url, &hold_req, true).await {
+                tracing::warn!(member = format_args!("{id:x}"), error = %e, "could not ask a voter to hold its campaigns");
+            }
+        }
+        let paused = tokio::time::timeout_at(deadline, self.batcher.pause())
+            .await
+            .map_err(|_| EtcdError::LeaderTransferTimeout)?;
+        let heartbeats = HeartbeatsOff::new(&self.raft);
+        // The target must hold the whole log, or it could not win.
+        let caught_up = || {
+            let m = self.raft.metrics().borrow().clone();
+            let last = m.last_log_index;
+            m.replication
+                .as_ref()
+                .and_then(|r| r.get(&target).cloned().flatten())
+                .is_some_and(|l| Some(l.index) == last)
+        };
+        while !caught_up() {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(EtcdError::LeaderTransferTimeout);
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // The followers' lease: openraft counts it from the last heartbeat each accepted,
+        // at most one interval before heartbeats stopped.
+        let lease = Duration::from_millis(self.raft.config().election_timeout_max)
+            + self.tunables.heartbeat_interval
+            + Duration::from_millis(20);
+        tokio::time::sleep(lease).await;
+        let mut asked = 0;
+        loop {
+            let leader = self.raft.metrics().borrow().current_leader;
+            if leader == Some(target) {
+                break;
+            }
+            if leader.is_some_and(|l| l != self.id) {
+                // Someone else campaigned first; leadership moved, not where it was asked.
+                tracing::warn!(leader = ?leader, "leadership moved to another member than asked");
+                return Err(EtcdError::LeaderTransferTimeout);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(EtcdError::LeaderTransferTimeout);
+            }
+            // Asked again after a while: a vote can still be refused right at the lease's end.
+            if asked % 20 == 0 {
+                let _ = self
+                    .forward(&peer_url, &ForwardRequest::Campaign, true)
+                    .await;
+            }
+            asked += 1;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        drop(heartbeats);
+        drop(paused);
+        tracing::info!(target = format_args!("{target:x}"), "leadership moved");
+        Ok(())
+    }
+
+    /// Stops this member from campaigning for `for_`, then lets it again (unless a later
+    /// hold reaches further).
+    fn hold_elections(&self, for_: Duration) {
+        let until = self.started.elapsed() + for_;
+        self.elections_held_until_ms
+            .fetch_max(until.as_millis() as u64, Ordering::Relaxed);
+        self.raft.runtime_config().elect(false);
+        tracing::info!(member = %self.name, ?for_, "holding back campaigns: leadership is being handed over");
+        let raft = self.raft.clone();
+        let held = self.elections_held_until_ms.clone();
+        let started = self.started;
+        let cancel = self.cancel.clone();
+        self.tracker.spawn(async move {
+            tokio::select! {
+                _ = cancel.cancelled() => {}
+                _ = tokio::time::sleep(for_) => {}
+            }
+            if started.elapsed().as_millis() as u64 >= held.load(Ordering::Relaxed) {
+                raft.runtime_config().elect(true);
+            }
+        });
     }
 
     /// Membership change that waits out another change still in progress (a publish or an

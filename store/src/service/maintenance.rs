@@ -1,6 +1,6 @@
 //! `etcdserverpb.Maintenance`: Status, Alarm, Hash/HashKV (state hash for cross-member
 //! comparison), Snapshot (a backup in the shape `etcdctl snapshot save` checks, see
-//! `backup.rs`) and a no-op Defragment; MoveLeader answers Unimplemented.
+//! `backup.rs`), MoveLeader (see `Inner::move_leader`) and a no-op Defragment.
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -166,12 +166,15 @@ impl Maintenance for MaintenanceService {
         Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
     }
 
+    /// Sent to the leader, as etcd requires (`etcdctl move-leader` finds it first).
     async fn move_leader(
         &self,
-        _request: Request<MoveLeaderRequest>,
+        request: Request<MoveLeaderRequest>,
     ) -> Result<Response<MoveLeaderResponse>, Status> {
-        Err(Status::unimplemented(
-            "move-leader is not supported by flotilla (openraft 0.9)",
-        ))
+        let target = request.into_inner().target_id;
+        self.inner.move_leader(target).await?;
+        Ok(Response::new(MoveLeaderResponse {
+            header: self.inner.header(self.inner.current_revision()),
+        }))
     }
 }

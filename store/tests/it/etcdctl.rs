@@ -457,6 +457,81 @@ async fn member_update_moves_a_member_to_a_new_peer_url() {
     c.shutdown().await;
 }
 
+/// `etcdctl move-leader` hands leadership to the named member while a client keeps writing
+/// through a third member: its writes wait during the hand-over and none fails. A transferee
+/// that is not a voter is refused with etcd's error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn move_leader_hands_over_while_writes_continue() {
+    init_tracing();
+    let c = TestCluster::start(3, test_tunables()).await;
+    let leader = c.wait_leader(Duration::from_secs(30)).await;
+    let target = (leader + 1) % 3;
+    let writer = (leader + 2) % 3;
+    let target_id = c.node(target).id();
+    let all = (0..3)
+        .map(|i| c.client_url(i))
+        .collect::<Vec<_>>()
+        .join(",");
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut kv = c.kv(writer).await;
+    let stop2 = stop.clone();
+    let writes = tokio::spawn(async move {
+        let (mut ok, mut failed, mut slowest) = (0u32, Vec::new(), Duration::ZERO);
+        while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+            let t = std::time::Instant::now();
+            let r = kv
+                .put(store::pb::etcdserverpb::PutRequest {
+                    key: format!("ml/{ok:05}").into_bytes(),
+                    value: b"v".to_vec(),
+                    ..Default::default()
+                })
+                .await;
+            slowest = slowest.max(t.elapsed());
+            match r {
+                Ok(_) => ok += 1,
+                Err(e) => failed.push(e.message().to_owned()),
+            }
+        }
+        (ok, failed, slowest)
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let started = std::time::Instant::now();
+    let out = ok(&all, &["move-leader", &format!("{target_id:x}")]).await;
+    let took = started.elapsed();
+    assert!(
+        out.contains(&format!(
+            "Leadership transferred from {:x} to {target_id:x}",
+            c.node(leader).id()
+        )),
+        "move-leader: {out}"
+    );
+    assert_eq!(c.wait_leader(Duration::from_secs(10)).await, target);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (written, failed, slowest) = writes.await.expect("writer");
+    eprintln!("move-leader took {took:?}; {written} writes meanwhile, slowest {slowest:?}");
+    assert!(
+        failed.is_empty(),
+        "writes failed during the hand-over: {failed:?}"
+    );
+    assert!(written > 10, "the writer made progress: {written}");
+    // Every acknowledged write is there, read through the new leader.
+    let keys = ok(
+        &c.client_url(target),
+        &["get", "ml/", "--prefix", "--keys-only"],
+    )
+    .await;
+    let count = keys.lines().filter(|l| !l.is_empty()).count();
+    assert_eq!(count, written as usize, "acknowledged writes present");
+
+    // Only voters can lead.
+    let (success, _, err) = run(&all, &["move-leader", "1234abcd"], None).await;
+    assert!(!success && err.contains("bad leader transferee"), "{err}");
+    c.shutdown().await;
+}
+
 /// Backup and disaster recovery as etcd operators do it: `etcdctl snapshot save` from a live
 /// member, the file restored into three new data dirs (`store::restore`, which
 /// `flotilla snapshot restore` runs), and the new cluster serving the same keys, versions and
