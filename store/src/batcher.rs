@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use openraft::Raft;
 use openraft::error::{ClientWriteError, RaftError};
-use tokio::sync::{OwnedRwLockWriteGuard, RwLock, Semaphore, mpsc, oneshot};
+use tokio::sync::{OwnedRwLockReadGuard, OwnedRwLockWriteGuard, RwLock, Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::EtcdError;
@@ -64,6 +64,12 @@ impl Batcher {
             gate.clone(),
         ));
         Self { tx, stats, gate }
+    }
+
+    /// Waits while proposals are paused; the guard keeps a pause from starting while it is
+    /// held (for other requests that reach the followers, such as ReadIndex rounds).
+    pub(crate) async fn open(&self) -> OwnedRwLockReadGuard<()> {
+        self.gate.clone().read_owned().await
     }
 
     /// Waits for the proposals in flight to finish and holds back new ones until the guard

@@ -794,6 +794,9 @@ impl Inner {
                 return Ok(ForwardResponse::Writes(replies));
             }
             ForwardRequest::ReadIndex => {
+                // Its quorum round sends heartbeats, which would renew the followers' lease
+                // during a leadership transfer: wait for the transfer instead.
+                let _open = self.batcher.open().await;
                 let (read, _applied) = self
                     .raft
                     .get_read_log_id()
@@ -824,7 +827,9 @@ impl Inner {
                 // A leader cut off from the quorum must not renew: its successor counts the
                 // TTL from its own promotion and would expire the lease early. A quorum round
                 // proves leadership; no successor can be elected within the followers' leader
-                // lease after it, and a successor restarts every TTL anyway.
+                // lease after it, and a successor restarts every TTL anyway. Held during a
+                // leadership transfer, as ReadIndex is.
+                let _open = self.batcher.open().await;
                 tokio::time::timeout(
                     self.tunables.request_timeout,
                     self.raft.ensure_linearizable(),

@@ -458,7 +458,8 @@ async fn member_update_moves_a_member_to_a_new_peer_url() {
 }
 
 /// `etcdctl move-leader` hands leadership to the named member while a client keeps writing
-/// through a third member: its writes wait during the hand-over and none fails. A transferee
+/// through a third member and another reads through the old leader: both wait during the
+/// hand-over and nothing fails. A transferee
 /// that is not a voter is refused with etcd's error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn move_leader_hands_over_while_writes_continue() {
@@ -495,6 +496,28 @@ async fn move_leader_hands_over_while_writes_continue() {
         }
         (ok, failed, slowest)
     });
+    // Linearizable reads through the old leader: their quorum rounds must not keep the
+    // followers' lease alive (they wait for the hand-over too).
+    let mut kv_read = c.kv(leader).await;
+    let stop3 = stop.clone();
+    let reads = tokio::spawn(async move {
+        let (mut ok, mut failed) = (0u32, Vec::new());
+        while !stop3.load(std::sync::atomic::Ordering::Relaxed) {
+            let r = kv_read
+                .range(store::pb::etcdserverpb::RangeRequest {
+                    key: b"ml/".to_vec(),
+                    range_end: b"ml0".to_vec(),
+                    count_only: true,
+                    ..Default::default()
+                })
+                .await;
+            match r {
+                Ok(_) => ok += 1,
+                Err(e) => failed.push(e.message().to_owned()),
+            }
+        }
+        (ok, failed)
+    });
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     let started = std::time::Instant::now();
@@ -517,6 +540,12 @@ async fn move_leader_hands_over_while_writes_continue() {
         "writes failed during the hand-over: {failed:?}"
     );
     assert!(written > 10, "the writer made progress: {written}");
+    let (read, failed) = reads.await.expect("reader");
+    assert!(
+        failed.is_empty(),
+        "reads failed during the hand-over: {failed:?}"
+    );
+    assert!(read > 10, "the reader made progress: {read}");
     // Every acknowledged write is there, read through the new leader.
     let keys = ok(
         &c.client_url(target),
