@@ -924,12 +924,7 @@ impl Inner {
                     peer_url,
                     ..old.clone()
                 };
-                self.change_membership(
-                    ChangeMembers::SetNodes(BTreeMap::from([(id, updated)])),
-                    true,
-                )
-                .await?;
-                Ok(ForwardResponse::Done)
+                self.replace_member(id, updated).await
             }
             ForwardRequest::Publish {
                 id,
@@ -947,14 +942,19 @@ impl Inner {
                     client_url,
                     ..old.clone()
                 };
-                self.change_membership(
-                    ChangeMembers::SetNodes(BTreeMap::from([(id, updated)])),
-                    true,
-                )
-                .await?;
-                Ok(ForwardResponse::Done)
+                self.replace_member(id, updated).await
             }
         }
+    }
+
+    /// Replaces member `id`'s attributes (it keeps its id and voter/learner role).
+    async fn replace_member(&self, id: u64, updated: Member) -> Result<ForwardResponse, EtcdError> {
+        self.change_membership(
+            ChangeMembers::SetNodes(BTreeMap::from([(id, updated)])),
+            true,
+        )
+        .await?;
+        Ok(ForwardResponse::Done)
     }
 
     /// Hands leadership to the voter `target` (etcd's MoveLeader); called on the leader.
