@@ -17,7 +17,9 @@ use crate::types::{Reply, Request, TypeConfig, WriteOp};
 
 const MAX_IN_FLIGHT: usize = 2;
 
-type Pending = (WriteOp, oneshot::Sender<Result<Reply, EtcdError>>);
+type Waiter = oneshot::Sender<Result<Reply, EtcdError>>;
+/// Writes that go into one Raft entry together (one, or a follower's forwarded batch).
+type Pending = Vec<(WriteOp, Waiter)>;
 
 /// How well batching works (exposed through `NodeMetrics`).
 #[derive(Debug, Default)]
@@ -84,12 +86,36 @@ impl Batcher {
         let start = std::time::Instant::now();
         let (tx, rx) = oneshot::channel();
         self.tx
-            .send((op, tx))
+            .send(vec![(op, tx)])
             .await
             .map_err(|_| EtcdError::Stopped)?;
         let res = rx.await.map_err(|_| EtcdError::Stopped)?;
         self.stats.h_write.observe("write", start.elapsed());
         res
+    }
+
+    /// Proposes `ops` in one Raft entry (a follower's forwarded batch: split over two
+    /// entries, its answer would wait for the later one). One result per op, in order.
+    pub(crate) async fn submit_group(&self, ops: Vec<WriteOp>) -> Vec<Result<Reply, EtcdError>> {
+        let (group, answers): (Pending, Vec<_>) = ops
+            .into_iter()
+            .map(|op| {
+                let (tx, rx) = oneshot::channel();
+                ((op, tx), rx)
+            })
+            .unzip();
+        let n = answers.len();
+        if n == 0 {
+            return Vec::new();
+        }
+        if self.tx.send(group).await.is_err() {
+            return vec![Err(EtcdError::Stopped); n];
+        }
+        let mut out = Vec::with_capacity(n);
+        for rx in answers {
+            out.push(rx.await.unwrap_or(Err(EtcdError::Stopped)));
+        }
+        out
     }
 }
 
@@ -125,10 +151,10 @@ async fn run(
                 None => return,
             },
         };
-        let mut batch = vec![first];
+        let mut batch = first;
         while batch.len() < max_batch_ops {
             match rx.try_recv() {
-                Ok(m) => batch.push(m),
+                Ok(m) => batch.extend(m),
                 Err(_) => break,
             }
         }

@@ -787,10 +787,8 @@ impl Inner {
                 return Ok(ForwardResponse::Write(self.batcher.submit(op).await?));
             }
             ForwardRequest::Writes(ops) => {
-                // Submitted together, so they share Raft entries.
-                let replies =
-                    futures::future::join_all(ops.into_iter().map(|op| self.batcher.submit(op)))
-                        .await;
+                // One group, so they share one Raft entry.
+                let replies = self.batcher.submit_group(ops).await;
                 return Ok(ForwardResponse::Writes(replies));
             }
             ForwardRequest::ReadIndex => {
