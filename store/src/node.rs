@@ -229,16 +229,26 @@ pub(crate) async fn open_db(path: &std::path::Path) -> Result<sled::Db, StoreErr
     }
 }
 
-/// Checks (or records, on first start) which member and cluster the data dir belongs to.
-pub(crate) fn check_identity(db: &sled::Db, config: &StoreConfig) -> Result<(), StoreError> {
-    let open_err = |source| StoreError::Open {
-        path: config.data_dir.clone(),
+/// The data dir's identity records: member name, cluster token, member id.
+fn identity_tree(
+    db: &sled::Db,
+    config: &StoreConfig,
+) -> Result<(sled::Tree, impl Fn(sled::Error) -> StoreError), StoreError> {
+    let data_dir = config.data_dir.clone();
+    let open_err = move |source| StoreError::Open {
+        path: data_dir.clone(),
         source,
     };
-    let t = db.open_tree("identity").map_err(open_err)?;
+    let t = db.open_tree("identity").map_err(&open_err)?;
+    Ok((t, open_err))
+}
+
+/// Checks (or records, on first start) which member and cluster the data dir belongs to.
+pub(crate) fn check_identity(db: &sled::Db, config: &StoreConfig) -> Result<(), StoreError> {
+    let (t, open_err) = identity_tree(db, config)?;
     let get = |k: &str| -> Result<Option<String>, StoreError> {
         Ok(t.get(k)
-            .map_err(open_err)?
+            .map_err(&open_err)?
             .map(|v| String::from_utf8_lossy(&v).into_owned()))
     };
     match (get("name")?, get("token")?) {
@@ -254,10 +264,11 @@ pub(crate) fn check_identity(db: &sled::Db, config: &StoreConfig) -> Result<(), 
             }
         }
         _ => {
-            t.insert("name", config.name.as_bytes()).map_err(open_err)?;
+            t.insert("name", config.name.as_bytes())
+                .map_err(&open_err)?;
             t.insert("token", config.initial_cluster_token.as_bytes())
-                .map_err(open_err)?;
-            t.flush().map_err(open_err)?;
+                .map_err(&open_err)?;
+            t.flush().map_err(&open_err)?;
         }
     }
     Ok(())
@@ -288,31 +299,24 @@ fn persistent_member_id(
     config: &StoreConfig,
     derived: u64,
 ) -> Result<u64, StoreError> {
-    let open_err = |source| StoreError::Open {
-        path: config.data_dir.clone(),
-        source,
+    let (t, open_err) = identity_tree(db, config)?;
+    let Some(v) = t.get("id").map_err(&open_err)? else {
+        t.insert("id", &derived.to_be_bytes()).map_err(&open_err)?;
+        t.flush().map_err(&open_err)?;
+        return Ok(derived);
     };
-    let t = db.open_tree("identity").map_err(open_err)?;
-    if let Some(v) = t.get("id").map_err(open_err)? {
-        if let Ok(bytes) = <[u8; 8]>::try_from(v.as_ref()) {
-            let id = u64::from_be_bytes(bytes);
-            if id != derived {
-                tracing::info!(
-                    id = format_args!("{id:x}"),
-                    "keeping the member id recorded in the data dir (the peer URL was updated since it was created)"
-                );
-            }
-            return Ok(id);
-        }
-        return Err(StoreError::Raft(format!(
-            "data dir {}: the recorded member id is damaged ({} bytes)",
-            config.data_dir.display(),
-            v.len()
-        )));
+    let bytes = <[u8; 8]>::try_from(v.as_ref()).map_err(|_| StoreError::Corrupt {
+        what: "member id",
+        detail: format!("{} bytes in {}", v.len(), config.data_dir.display()),
+    })?;
+    let id = u64::from_be_bytes(bytes);
+    if id != derived {
+        tracing::info!(
+            id = format_args!("{id:x}"),
+            "keeping the member id recorded in the data dir (the peer URL was updated since it was created)"
+        );
     }
-    t.insert("id", &derived.to_be_bytes()).map_err(open_err)?;
-    t.flush().map_err(open_err)?;
-    Ok(derived)
+    Ok(id)
 }
 
 impl Node {
@@ -756,12 +760,13 @@ impl Inner {
         }
     }
 
-    /// Serves a leader-only request; `NotLeader` when this member does not lead.
-    pub(crate) async fn handle_as_leader(
+    /// Serves a request another member sent over the peer port: the leader's requests
+    /// (forwarded writes, ReadIndex, ...) and the two a leader sends its followers while it
+    /// hands over leadership (see [`Inner::move_leader`]).
+    pub(crate) async fn handle_forwarded(
         &self,
         req: ForwardRequest,
     ) -> Result<ForwardResponse, EtcdError> {
-        // Addressed to followers by design (see `move_leader`).
         match req {
             ForwardRequest::Campaign => {
                 tracing::info!(member = %self.name, "campaigning: the leader is handing over leadership");
@@ -770,14 +775,21 @@ impl Inner {
                     .elect()
                     .await
                     .map_err(|_| EtcdError::Stopped)?;
-                return Ok(ForwardResponse::Done);
+                Ok(ForwardResponse::Done)
             }
             ForwardRequest::HoldElections(ms) => {
                 self.hold_elections(Duration::from_millis(ms));
-                return Ok(ForwardResponse::Done);
+                Ok(ForwardResponse::Done)
             }
-            _ => {}
+            req => self.handle_as_leader(req).await,
         }
+    }
+
+    /// Serves a leader-only request; `NotLeader` when this member does not lead.
+    pub(crate) async fn handle_as_leader(
+        &self,
+        req: ForwardRequest,
+    ) -> Result<ForwardResponse, EtcdError> {
         if self.raft.metrics().borrow().current_leader != Some(self.id) {
             return Err(EtcdError::NotLeader);
         }
@@ -897,7 +909,9 @@ impl Inner {
                 Ok(ForwardResponse::Done)
             }
             ForwardRequest::Campaign | ForwardRequest::HoldElections(_) => {
-                Ok(ForwardResponse::Done)
+                Err(EtcdError::Internal(
+                    "a leadership hand-over request reached the leader path".to_owned(),
+                ))
             }
             ForwardRequest::MemberUpdate { id, peer_url } => {
                 let Some(old) = membership.get_node(&id) else {

@@ -68,7 +68,7 @@ async fn append_entries(inner: &Inner, data: &[u8]) -> Result<RaftBytes, Status>
 /// Serves one forwarded request; the unary and the streamed RPC share it.
 async fn forward(inner: &Inner, data: &[u8]) -> Result<RaftBytes, Status> {
     let req: ForwardRequest = decode(data).map_err(bad)?;
-    reply(&inner.handle_as_leader(req).await)
+    reply(&inner.handle_forwarded(req).await)
 }
 
 type ReplyStream = Pin<Box<dyn Stream<Item = Result<RaftBytes, Status>> + Send + 'static>>;
