@@ -119,6 +119,9 @@ pub(crate) struct Mvcc {
     /// `(rev, sub, key)` of every write at or above `compact_revision`, in order (watch replay).
     history: VecDeque<(i64, u32, Key)>,
     leases: BTreeMap<i64, LeaseInfo>,
+    /// Active alarms, `(member id, etcd AlarmType)`: replicated state, as in etcd, so every
+    /// member refuses what an alarm forbids, whichever member raised it.
+    alarms: BTreeSet<(u64, i32)>,
     /// Approximate logical size in bytes (for the space quota and `Status`).
     size: u64,
 }
@@ -134,6 +137,7 @@ impl Default for Mvcc {
             keys: BTreeMap::new(),
             history: VecDeque::new(),
             leases: BTreeMap::new(),
+            alarms: BTreeSet::new(),
             size: 0,
         }
     }
@@ -189,6 +193,7 @@ pub(crate) struct SnapshotPoint {
     pub(crate) revision: i64,
     pub(crate) compact_revision: i64,
     pub(crate) leases: Vec<(i64, i64)>,
+    pub(crate) alarms: Vec<(u64, i32)>,
 }
 
 impl Mvcc {
@@ -374,6 +379,23 @@ impl Mvcc {
         self.leases.iter().map(|(id, l)| (*id, l.ttl))
     }
 
+    /// Active alarms as `(member id, etcd AlarmType)`.
+    pub(crate) fn alarms(&self) -> impl Iterator<Item = (u64, i32)> + '_ {
+        self.alarms.iter().copied()
+    }
+
+    /// Whether a NOSPACE alarm is active: writes that add data are refused (etcd's capped
+    /// applier), deletes, compaction and lease revocation still go through.
+    pub(crate) fn nospace(&self) -> bool {
+        self.alarms.iter().any(|(_, a)| *a == ALARM_NOSPACE)
+    }
+
+    /// Replaces the alarms (a model rebuilt from a snapshot).
+    pub(crate) fn with_alarms(mut self, alarms: impl IntoIterator<Item = (u64, i32)>) -> Self {
+        self.alarms = alarms.into_iter().collect();
+        self
+    }
+
     fn compare(&self, c: &Compare) -> bool {
         let mut any = false;
         let all = self.live_range(&c.key, &c.range_end).all(|(_, v)| {
@@ -410,6 +432,9 @@ impl Mvcc {
         let decode_err = |e: prost::DecodeError| EtcdError::Internal(format!("bad op: {e}"));
         match op {
             WriteOp::Put(b) => {
+                if self.nospace() {
+                    return Err(EtcdError::NoSpace);
+                }
                 let r = PutRequest::decode(b.as_slice()).map_err(decode_err)?;
                 self.check_put(&r)?;
                 let mut w = self.writer(out);
@@ -429,6 +454,10 @@ impl Mvcc {
             }
             WriteOp::Txn(b) => {
                 let r = TxnRequest::decode(b.as_slice()).map_err(decode_err)?;
+                // etcd refuses a transaction that could put anything, whichever branch runs.
+                if self.nospace() && (ops_put(&r.success) || ops_put(&r.failure)) {
+                    return Err(EtcdError::NoSpace);
+                }
                 let succeeded = r.compare.iter().all(|c| self.compare(c));
                 let branch = if succeeded { r.success } else { r.failure };
                 self.check_ops(&branch)?;
@@ -449,6 +478,9 @@ impl Mvcc {
                 Ok(OpReply::Compact)
             }
             WriteOp::LeaseGrant { id, ttl } => {
+                if self.nospace() {
+                    return Err(EtcdError::NoSpace);
+                }
                 if self.leases.contains_key(id) {
                     return Err(EtcdError::LeaseExist);
                 }
@@ -471,6 +503,25 @@ impl Mvcc {
                 }
                 self.finish(w);
                 Ok(OpReply::LeaseRevoke)
+            }
+            WriteOp::Alarm {
+                activate,
+                member,
+                alarm,
+            } => {
+                // etcd answers with the alarms that changed: none for a no-op.
+                let changed = if *alarm == ALARM_NONE {
+                    false
+                } else if *activate {
+                    self.alarms.insert((*member, *alarm))
+                } else {
+                    self.alarms.remove(&(*member, *alarm))
+                };
+                Ok(OpReply::Alarm(if changed {
+                    vec![(*member, *alarm)]
+                } else {
+                    Vec::new()
+                }))
             }
         }
     }
@@ -794,6 +845,7 @@ impl Mvcc {
             revision: self.revision,
             compact_revision: self.compact_revision,
             leases: self.leases().collect(),
+            alarms: self.alarms().collect(),
         }
     }
 
@@ -914,6 +966,20 @@ impl Mvcc {
         });
         Self::from_versions(revision, compact_revision, versions, leases)
     }
+}
+
+/// etcd's `AlarmType::None`.
+pub(crate) const ALARM_NONE: i32 = 0;
+/// etcd's `AlarmType::Nospace`.
+pub(crate) const ALARM_NOSPACE: i32 = 1;
+
+/// Whether `ops` (nested transactions included) contain a put.
+fn ops_put(ops: &[RequestOp]) -> bool {
+    ops.iter().any(|op| match &op.request {
+        Some(request_op::Request::RequestPut(_)) => true,
+        Some(request_op::Request::RequestTxn(t)) => ops_put(&t.success) || ops_put(&t.failure),
+        _ => false,
+    })
 }
 
 /// Sorts Range results as requested (they come in key order).

@@ -120,7 +120,6 @@ pub(crate) struct Inner {
     pub(crate) raft: Raft<TypeConfig>,
     pub(crate) sm: Arc<Shared>,
     pub(crate) tunables: Tunables,
-    pub(crate) nospace: AtomicBool,
     pub(crate) cancel: CancellationToken,
     pub(crate) tracker: TaskTracker,
     batcher: Batcher,
@@ -145,6 +144,10 @@ pub(crate) struct Inner {
     started: std::time::Instant,
     /// The vote's term and the last log index on disk when this member started.
     restored: RestoredLog,
+    /// One membership change at a time from this member: openraft refuses (and logs at
+    /// ERROR) a change proposed while another is uncommitted, which every multi-member start
+    /// hit as the members published their client URLs together.
+    membership_changes: tokio::sync::Mutex<()>,
 }
 
 /// What a member found on disk at start (see [`Inner::restored`]).
@@ -475,7 +478,6 @@ impl Node {
             raft: raft.clone(),
             sm: shared,
             tunables: config.tunables.clone(),
-            nospace: AtomicBool::new(false),
             cancel: cancel.clone(),
             tracker: tracker.clone(),
             batcher,
@@ -493,6 +495,7 @@ impl Node {
             elections_held_until_ms: Default::default(),
             started: std::time::Instant::now(),
             restored,
+            membership_changes: tokio::sync::Mutex::new(()),
         });
 
         service::serve(inner.clone(), client, peer);
@@ -1098,6 +1101,9 @@ impl Inner {
         retain: bool,
     ) -> Result<(), EtcdError> {
         let deadline = tokio::time::Instant::now() + self.tunables.request_timeout;
+        let _one_at_a_time = tokio::time::timeout_at(deadline, self.membership_changes.lock())
+            .await
+            .map_err(|_| EtcdError::Timeout)?;
         loop {
             match self.raft.change_membership(change.clone(), retain).await {
                 Ok(_) => return Ok(()),

@@ -11,9 +11,11 @@
 //!
 //! File: `FILE_MAGIC`, meta length (u32 LE), postcard `SnapshotMeta`, body. The body is also
 //! what openraft sends to followers: `BODY_MAGIC`, revision, compact revision (i64 LE), lease
-//! count (u32 LE) and `(id, ttl)` pairs (i64 LE), then one record per version in key order:
-//! rev, sub, create revision, version, lease, a tombstone flag, the key and the value
-//! (lengths u32 LE). Bodies of the previous layout (postcard [`LegacyBody`]) are still read.
+//! count (u32 LE) and `(id, ttl)` pairs (i64 LE), alarm count (u32 LE) and `(member, alarm)`
+//! pairs (u64 LE, i32 LE), then one record per version in key order: rev, sub, create
+//! revision, version, lease, a tombstone flag, the key and the value (lengths u32 LE). Bodies
+//! of the earlier layouts are still read: `BODY_MAGIC_V2` (the same without alarms) and
+//! postcard [`LegacyBody`].
 use std::fs::File;
 use std::io::{self, Read as _, Write as _};
 use std::path::Path;
@@ -38,7 +40,9 @@ const FILE_MAGIC: &[u8; 8] = b"FLSNAPF1";
 const SYNC_EVERY_BYTES: usize = 1024 * 1024;
 /// Never the start of a legacy body (a postcard varint of that length would need a revision
 /// above 2^56).
-const BODY_MAGIC: &[u8; 8] = b"\xFF\xFFflsnp2";
+const BODY_MAGIC: &[u8; 8] = b"\xFF\xFFflsnp3";
+/// The layout before alarms were replicated state.
+const BODY_MAGIC_V2: &[u8; 8] = b"\xFF\xFFflsnp2";
 
 fn invalid(what: impl std::fmt::Display) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, format!("snapshot: {what}"))
@@ -108,6 +112,12 @@ impl BodyWriter {
         for (id, ttl) in point.leases.iter().take(n as usize) {
             buf.extend_from_slice(&id.to_le_bytes());
             buf.extend_from_slice(&ttl.to_le_bytes());
+        }
+        let n = u32::try_from(point.alarms.len()).unwrap_or(u32::MAX);
+        buf.extend_from_slice(&n.to_le_bytes());
+        for (member, alarm) in point.alarms.iter().take(n as usize) {
+            buf.extend_from_slice(&member.to_le_bytes());
+            buf.extend_from_slice(&alarm.to_le_bytes());
         }
     }
 
@@ -209,7 +219,14 @@ impl<'a> Reader<'a> {
 
 /// The model a body describes (either layout).
 pub(crate) fn decode_body(data: &[u8]) -> io::Result<Mvcc> {
-    let Some(rest) = data.strip_prefix(BODY_MAGIC) else {
+    let (rest, with_alarms) = match (
+        data.strip_prefix(BODY_MAGIC),
+        data.strip_prefix(BODY_MAGIC_V2),
+    ) {
+        (Some(rest), _) => (Some(rest), true),
+        (None, rest) => (rest, false),
+    };
+    let Some(rest) = rest else {
         let body: LegacyBody = decode(data).map_err(invalid)?;
         let mut records = Vec::with_capacity(body.records.len());
         for (rev, sub, ev) in &body.records {
@@ -229,6 +246,14 @@ pub(crate) fn decode_body(data: &[u8]) -> io::Result<Mvcc> {
     let mut leases = Vec::with_capacity(n as usize);
     for _ in 0..n {
         leases.push((r.i64()?, r.i64()?));
+    }
+    let mut alarms = Vec::new();
+    if with_alarms {
+        for _ in 0..r.u32()? {
+            let member = u64::from_le_bytes(r.take(8)?.try_into().map_err(invalid)?);
+            let alarm = i32::from_le_bytes(r.take(4)?.try_into().map_err(invalid)?);
+            alarms.push((member, alarm));
+        }
     }
     let mut versions = Vec::new();
     while !r.0.is_empty() {
@@ -258,12 +283,7 @@ pub(crate) fn decode_body(data: &[u8]) -> io::Result<Mvcc> {
             },
         ));
     }
-    Ok(Mvcc::from_versions(
-        revision,
-        compact_revision,
-        versions,
-        leases,
-    ))
+    Ok(Mvcc::from_versions(revision, compact_revision, versions, leases).with_alarms(alarms))
 }
 
 /// Writes `meta` and `body` as the current snapshot of `dir`. `crash` runs once the new
@@ -375,6 +395,12 @@ mod tests {
         }
         m.apply(&WriteOp::LeaseGrant { id: 9, ttl: 30 }, &mut out)
             .expect("grant");
+        let nospace = WriteOp::Alarm {
+            activate: true,
+            member: 7,
+            alarm: crate::mvcc::ALARM_NOSPACE,
+        };
+        m.apply(&nospace, &mut out).expect("alarm");
         let point = m.hold_compaction();
         let mut w = BodyWriter::new(&point, 0);
         let mut after = None;
@@ -387,7 +413,20 @@ mod tests {
         assert_eq!(back.revision(), m.revision());
         assert_eq!(back.hash_kv(0), m.hash_kv(0));
         assert_eq!(back.leases().collect::<Vec<_>>(), vec![(9, 30)]);
+        assert_eq!(
+            back.alarms().collect::<Vec<_>>(),
+            vec![(7, crate::mvcc::ALARM_NOSPACE)]
+        );
+        assert!(back.nospace());
         assert!(decode_body(&body[..body.len() - 1]).is_err());
+        // A body of the layout before alarms (no alarm section) still reads, with none.
+        let alarms_at = BODY_MAGIC.len() + 8 + 8 + 4 + 16;
+        let mut v2 = BODY_MAGIC_V2.to_vec();
+        v2.extend_from_slice(&body[BODY_MAGIC.len()..alarms_at]);
+        v2.extend_from_slice(&body[alarms_at + 4 + 12..]);
+        let old = decode_body(&v2).expect("decode the earlier layout");
+        assert_eq!(old.hash_kv(0), m.hash_kv(0));
+        assert_eq!(old.alarms().count(), 0);
 
         let dir = tempfile::tempdir().expect("tempdir");
         assert!(read_file(dir.path()).expect("read").is_none());

@@ -60,6 +60,16 @@ pub enum WriteOp {
         /// Lease id.
         id: i64,
     },
+    /// Raise or clear an alarm (etcd's `AlarmRequest`; the NOSPACE alarm caps writes on
+    /// every member). Last, so log entries written before it existed still decode.
+    Alarm {
+        /// Raise (`true`) or clear.
+        activate: bool,
+        /// The member the alarm is about.
+        member: u64,
+        /// etcd's `AlarmType` number.
+        alarm: i32,
+    },
 }
 
 /// The application data of one Raft entry: a group-committed batch of write requests.
@@ -78,6 +88,8 @@ pub(crate) enum OpReply {
     Compact,
     LeaseGrant,
     LeaseRevoke,
+    /// The alarms that changed, `(member id, AlarmType)`.
+    Alarm(Vec<(u64, i32)>),
 }
 
 /// Outcome of one op, with the store revision right after it.

@@ -37,6 +37,7 @@ fn versions(m: &Mvcc) -> Vec<(Vec<u8>, Version)> {
         revision: m.revision(),
         compact_revision: m.compact_revision(),
         leases: Vec::new(),
+        alarms: Vec::new(),
     };
     let mut out = Vec::new();
     m.visit_versions(&point, None, usize::MAX, |k, v| {
@@ -324,4 +325,83 @@ fn compaction_waits_for_snapshot_builds_but_reads_see_it_at_once() {
     n.apply(&WriteOp::Compact(5), &mut out).unwrap();
     put(&mut n, "c", "1");
     assert_eq!(n.hash_kv(0).unwrap(), held);
+}
+
+#[test]
+fn nospace_alarm_caps_writes_that_add_data() {
+    let mut m = Mvcc::default();
+    put(&mut m, "a", "1");
+    let alarm = |activate, alarm| WriteOp::Alarm {
+        activate,
+        member: 5,
+        alarm,
+    };
+    let mut out = ApplyOutput::default();
+    // Raising the alarm "NONE" changes nothing (as in etcd).
+    assert_eq!(
+        m.apply(&alarm(true, ALARM_NONE), &mut out),
+        Ok(OpReply::Alarm(Vec::new()))
+    );
+    assert!(!m.nospace());
+    assert_eq!(
+        m.apply(&alarm(true, ALARM_NOSPACE), &mut out),
+        Ok(OpReply::Alarm(vec![(5, ALARM_NOSPACE)]))
+    );
+    assert!(m.nospace());
+    let rev = m.revision();
+    let put_op = WriteOp::Put(
+        PutRequest {
+            key: "b".into(),
+            value: "2".into(),
+            ..Default::default()
+        }
+        .encode_to_vec(),
+    );
+    assert_eq!(m.apply(&put_op, &mut out), Err(EtcdError::NoSpace));
+    let txn = |success: Vec<RequestOp>| {
+        WriteOp::Txn(
+            TxnRequest {
+                success,
+                ..Default::default()
+            }
+            .encode_to_vec(),
+        )
+    };
+    let put_req = RequestOp {
+        request: Some(request_op::Request::RequestPut(PutRequest {
+            key: "c".into(),
+            value: "3".into(),
+            ..Default::default()
+        })),
+    };
+    assert_eq!(
+        m.apply(&txn(vec![put_req.clone()]), &mut out),
+        Err(EtcdError::NoSpace)
+    );
+    assert_eq!(
+        m.apply(&WriteOp::LeaseGrant { id: 1, ttl: 10 }, &mut out),
+        Err(EtcdError::NoSpace)
+    );
+    assert_eq!(m.revision(), rev, "refused writes leave the model alone");
+    // Deleting (also in a transaction) frees space and stays allowed.
+    let delete = RequestOp {
+        request: Some(request_op::Request::RequestDeleteRange(
+            DeleteRangeRequest {
+                key: "a".into(),
+                ..Default::default()
+            },
+        )),
+    };
+    assert!(m.apply(&txn(vec![delete]), &mut out).is_ok());
+    assert_eq!(m.revision(), rev + 1);
+    // Clearing it twice reports the change once.
+    assert_eq!(
+        m.apply(&alarm(false, ALARM_NOSPACE), &mut out),
+        Ok(OpReply::Alarm(vec![(5, ALARM_NOSPACE)]))
+    );
+    assert_eq!(
+        m.apply(&alarm(false, ALARM_NOSPACE), &mut out),
+        Ok(OpReply::Alarm(Vec::new()))
+    );
+    assert!(m.apply(&put_op, &mut out).is_ok());
 }

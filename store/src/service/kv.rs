@@ -1,13 +1,12 @@
 //! `etcdserverpb.KV`: Range, Put, DeleteRange, Txn, Compact.
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use prost::Message;
 use tonic::{Request, Response, Status};
 
 use super::check_size;
 use crate::error::EtcdError;
-use crate::mvcc::check_txn;
+use crate::mvcc::{ALARM_NOSPACE, check_txn};
 use crate::node::Inner;
 use crate::pb::etcdserverpb::kv_server::Kv;
 use crate::pb::etcdserverpb::{
@@ -25,20 +24,31 @@ impl KvService {
         Self { inner }
     }
 
-    /// Space quota: a write that would exceed it raises the NOSPACE alarm, and while the alarm
-    /// is active writes that add data are refused (etcd's behaviour).
-    fn check_quota(&self, add: usize) -> Result<(), EtcdError> {
-        if self.inner.nospace.load(Ordering::Relaxed) {
+    /// Space quota: a write that would exceed it raises the NOSPACE alarm through the log, as
+    /// etcd does, and while the alarm is active every member refuses writes that add data
+    /// (checked here, and again when the entry is applied).
+    async fn check_quota(&self, add: usize) -> Result<(), EtcdError> {
+        let (size, nospace) = {
+            let st = self.inner.sm.read();
+            (st.mvcc.size(), st.mvcc.nospace())
+        };
+        if nospace {
             return Err(EtcdError::NoSpace);
         }
-        let size = self.inner.sm.read().mvcc.size();
         if size + add as u64 > self.inner.tunables.quota_backend_bytes {
             tracing::warn!(
                 size,
                 quota = self.inner.tunables.quota_backend_bytes,
                 "space quota exceeded; raising NOSPACE alarm"
             );
-            self.inner.nospace.store(true, Ordering::Relaxed);
+            let raise = WriteOp::Alarm {
+                activate: true,
+                member: self.inner.id,
+                alarm: ALARM_NOSPACE,
+            };
+            if let Err(e) = self.inner.write(raise).await {
+                tracing::warn!(error = %e, "could not raise the NOSPACE alarm");
+            }
             return Err(EtcdError::NoSpace);
         }
         Ok(())
@@ -118,7 +128,7 @@ impl Kv for KvService {
         if r.key.is_empty() {
             return Err(EtcdError::EmptyKey.into());
         }
-        self.check_quota(r.key.len() + r.value.len())?;
+        self.check_quota(r.key.len() + r.value.len()).await?;
         let reply = self.inner.write(WriteOp::Put(r.encode_to_vec())).await?;
         let resp = unpack(
             &self.inner,
@@ -178,7 +188,7 @@ impl Kv for KvService {
             return Ok(Response::new(resp));
         }
         if txn_has_put(&r.success) || txn_has_put(&r.failure) {
-            self.check_quota(len)?;
+            self.check_quota(len).await?;
         }
         let reply = self.inner.write(WriteOp::Txn(r.encode_to_vec())).await?;
         let resp = unpack(

@@ -3,11 +3,11 @@
 //! `backup.rs`), MoveLeader (see `Inner::move_leader`) and a no-op Defragment.
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
+use crate::error::EtcdError;
 use crate::node::Inner;
 use crate::pb::etcdserverpb::maintenance_server::Maintenance;
 use crate::pb::etcdserverpb::{
@@ -16,6 +16,7 @@ use crate::pb::etcdserverpb::{
     MoveLeaderResponse, SnapshotRequest, SnapshotResponse, StatusRequest, StatusResponse,
     alarm_request::AlarmAction,
 };
+use crate::types::{OpReply, WriteOp};
 
 /// The etcd API version this store speaks (clients gate features on it).
 const VERSION: &str = "3.4.0";
@@ -29,15 +30,16 @@ impl MaintenanceService {
         Self { inner }
     }
 
-    fn alarms(&self) -> Vec<AlarmMember> {
-        if self.inner.nospace.load(Ordering::Relaxed) {
-            vec![AlarmMember {
-                member_id: self.inner.id,
-                alarm: AlarmType::Nospace as i32,
-            }]
-        } else {
-            Vec::new()
-        }
+    /// The active alarms of the given type (all for `None`), as this member has applied them.
+    fn alarms(&self, of: i32) -> Vec<AlarmMember> {
+        self.inner
+            .sm
+            .read()
+            .mvcc
+            .alarms()
+            .filter(|(_, alarm)| of == AlarmType::None as i32 || *alarm == of)
+            .map(|(member_id, alarm)| AlarmMember { member_id, alarm })
+            .collect()
     }
 }
 
@@ -54,22 +56,35 @@ impl Maintenance for MaintenanceService {
         request: Request<AlarmRequest>,
     ) -> Result<Response<AlarmResponse>, Status> {
         let r = request.into_inner();
-        match r.action() {
-            AlarmAction::Get => {}
-            AlarmAction::Activate => {
-                if r.alarm() == AlarmType::Nospace {
-                    self.inner.nospace.store(true, Ordering::Relaxed);
+        // Alarms are replicated state: a change goes through the log (etcd proposes it too),
+        // a read sees every change committed before it.
+        let alarms = match r.action() {
+            AlarmAction::Get => {
+                self.inner.linearizable_barrier().await?;
+                self.alarms(r.alarm)
+            }
+            action => {
+                let op = WriteOp::Alarm {
+                    activate: action == AlarmAction::Activate,
+                    member: r.member_id,
+                    alarm: r.alarm,
+                };
+                match self.inner.write(op).await?.result? {
+                    OpReply::Alarm(changed) => changed
+                        .into_iter()
+                        .map(|(member_id, alarm)| AlarmMember { member_id, alarm })
+                        .collect(),
+                    other => {
+                        return Err(
+                            EtcdError::Internal(format!("alarm answered with {other:?}")).into(),
+                        );
+                    }
                 }
             }
-            AlarmAction::Deactivate => {
-                if r.alarm() == AlarmType::Nospace {
-                    self.inner.nospace.store(false, Ordering::Relaxed);
-                }
-            }
-        }
+        };
         Ok(Response::new(AlarmResponse {
             header: self.inner.header(self.inner.current_revision()),
-            alarms: self.alarms(),
+            alarms,
         }))
     }
 
@@ -87,10 +102,15 @@ impl Maintenance for MaintenanceService {
             let st = self.inner.sm.read();
             (st.mvcc.revision(), st.mvcc.size())
         };
+        // etcd lists each active alarm in its protobuf text form.
         let errors = self
-            .alarms()
+            .alarms(AlarmType::None as i32)
             .iter()
-            .map(|_| "memberID:{} alarm:NOSPACE".replace("{}", &self.inner.id.to_string()))
+            .map(|a| {
+                let name = AlarmType::try_from(a.alarm)
+                    .map_or_else(|_| a.alarm.to_string(), |t| t.as_str_name().to_owned());
+                format!("memberID:{} alarm:{name} ", a.member_id)
+            })
             .collect();
         Ok(Response::new(StatusResponse {
             header: self.inner.header(revision),

@@ -561,6 +561,83 @@ async fn move_leader_hands_over_while_writes_continue() {
     c.shutdown().await;
 }
 
+/// The NOSPACE alarm is cluster state, as in etcd: raised by one member's quota check, it is
+/// listed by every member, caps writes through every member (deletes and compaction still
+/// go through), survives a restart, and `etcdctl alarm disarm` through any member clears it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nospace_alarm_is_cluster_wide() {
+    use store::pb::etcdserverpb::PutRequest;
+    init_tracing();
+    let tunables = store::Tunables {
+        quota_backend_bytes: 64 * 1024,
+        ..test_tunables()
+    };
+    let mut c = TestCluster::start(3, tunables).await;
+    let leader = c.wait_leader(Duration::from_secs(30)).await;
+    let (filler, lister, writer) = ((leader + 1) % 3, (leader + 2) % 3, leader);
+    let filler_id = c.node(filler).id();
+    let mut kv = c.kv(filler).await;
+    let mut refused = None;
+    for i in 0..100 {
+        let put = kv
+            .put(PutRequest {
+                key: format!("fill/{i:03}").into(),
+                value: vec![b'x'; 4096],
+                ..Default::default()
+            })
+            .await;
+        if let Err(e) = put {
+            refused = Some(e);
+            break;
+        }
+    }
+    let refused = refused.expect("the 64 KiB quota is reached");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "{refused:?}"
+    );
+
+    let list = ok(&c.client_url(lister), &["alarm", "list"]).await;
+    assert_eq!(
+        list.trim(),
+        format!("memberID:{filler_id} alarm:NOSPACE"),
+        "alarm list through another member"
+    );
+    let (success, _, stderr) = run(&c.client_url(writer), &["put", "small", "v"], None).await;
+    assert!(!success, "a put through a third member is refused");
+    assert!(
+        stderr.contains("etcdserver: mvcc: database space exceeded"),
+        "{stderr}"
+    );
+    let status = ok(&c.client_url(writer), &["endpoint", "status", "-w", "json"]).await;
+    assert!(
+        status.contains("alarm:NOSPACE"),
+        "endpoint status: {status}"
+    );
+
+    // Persisted with the log: a restarted member still refuses.
+    c.kill(lister).await;
+    c.restart(lister).await;
+    c.wait_leader(Duration::from_secs(30)).await;
+    let list = ok(&c.client_url(lister), &["alarm", "list"]).await;
+    assert!(list.contains("alarm:NOSPACE"), "after restart: {list}");
+    let (success, _, _) = run(&c.client_url(lister), &["put", "small", "v"], None).await;
+    assert!(!success, "a restarted member still refuses puts");
+
+    // etcd's way out: free space (delete, compact), then disarm.
+    ok(&c.client_url(writer), &["del", "--prefix", "fill/"]).await;
+    let rev = header_revision(&ok(&c.client_url(writer), &["get", "x", "-w", "json"]).await);
+    ok(&c.client_url(writer), &["compact", &rev.to_string()]).await;
+    let disarmed = ok(&c.client_url(lister), &["alarm", "disarm"]).await;
+    assert!(disarmed.contains("alarm:NOSPACE"), "disarm: {disarmed}");
+    for i in 0..3 {
+        assert_eq!(ok(&c.client_url(i), &["alarm", "list"]).await.trim(), "");
+        ok(&c.client_url(i), &["put", &format!("after/{i}"), "v"]).await;
+    }
+    c.shutdown().await;
+}
+
 /// Backup and disaster recovery as etcd operators do it: `etcdctl snapshot save` from a live
 /// member, the file restored into three new data dirs (`store::restore`, which
 /// `flotilla snapshot restore` runs), and the new cluster serving the same keys, versions and
