@@ -1287,10 +1287,13 @@ async fn leader_loop(inner: Arc<Inner>) {
     }
 }
 
-/// Logs leader changes and elections (and why they happen).
+/// Logs leader changes and elections (and why they happen), and counts leader changes.
 async fn log_leadership(inner: Arc<Inner>) {
     let mut rx = inner.raft.metrics();
     let mut last = (None, 0u64, ServerState::Learner);
+    // The last leader seen, across leaderless spells: etcd counts a change to a new leader,
+    // the first one included.
+    let mut last_leader = None;
     loop {
         tokio::select! {
             _ = inner.cancel.cancelled() => return,
@@ -1312,6 +1315,10 @@ async fn log_leadership(inner: Arc<Inner>) {
         if now.0 != last.0 || now.1 != last.1 {
             match m.current_leader {
                 Some(l) => {
+                    if last_leader != Some(l) {
+                        last_leader = Some(l);
+                        inner.stats.leader_changes.fetch_add(1, Ordering::Relaxed);
+                    }
                     let name = m
                         .membership_config
                         .membership()

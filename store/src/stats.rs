@@ -79,6 +79,9 @@ pub(crate) struct Stats {
     pub(crate) h_proposal: Histogram,
     /// Leader: a write from its submission to the batcher to its reply.
     pub(crate) h_write: Histogram,
+    /// Times the known leader changed to another member (etcd's
+    /// `etcd_server_leader_changes_seen_total`).
+    pub(crate) leader_changes: AtomicU64,
 }
 
 impl Stats {
@@ -101,6 +104,27 @@ impl Stats {
         if let Some(m) = max {
             m.fetch_max(ns, Ordering::Relaxed);
         }
+    }
+
+    /// The log flushes as a Prometheus histogram named `name` (seconds; the buckets are
+    /// [`BUCKETS_MS`], cumulative as Prometheus wants them).
+    pub(crate) fn write_flush_histogram(&self, out: &mut String, name: &str) {
+        use std::fmt::Write as _;
+        let _ = writeln!(
+            out,
+            "# HELP {name} The latency distributions of the log's fdatasync.\n# TYPE {name} histogram"
+        );
+        let mut cumulative = 0;
+        for (i, c) in self.h_log_flush.counts.iter().enumerate() {
+            cumulative += c.load(Ordering::Relaxed);
+            let le = BUCKETS_MS.get(i).map_or_else(
+                || "+Inf".to_owned(),
+                |ms| format!("{}", *ms as f64 / 1000.0),
+            );
+            let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
+        }
+        let sum = self.log_flush_ns.load(Ordering::Relaxed) as f64 / 1e9;
+        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {cumulative}");
     }
 
     /// One line for the debug log.

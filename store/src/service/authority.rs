@@ -36,13 +36,21 @@ const AUTHORITY: &[u8] = b"etcd";
 /// Bytes read from the socket at a time.
 const READ_CHUNK: usize = 64 * 1024;
 
-/// Accepts client connections and hands each to tonic wrapped in an [`AuthorityShim`].
-pub(crate) fn incoming(
+/// Accepts client connections and hands each to tonic wrapped in an [`AuthorityShim`], or, if
+/// the client speaks HTTP/1 (`/health`, `/metrics`, `/version`), to a task running `http1`.
+pub(crate) fn incoming<F, Fut>(
     listener: TcpListener,
     cancel: CancellationToken,
     tracker: &TaskTracker,
-) -> tokio_stream::wrappers::ReceiverStream<io::Result<AuthorityShim<TcpStream>>> {
+    http1: F,
+) -> tokio_stream::wrappers::ReceiverStream<io::Result<AuthorityShim<TcpStream>>>
+where
+    F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let (tx, rx) = mpsc::channel(64);
+    let conns = tracker.clone();
+    let http1 = std::sync::Arc::new(http1);
     tracker.spawn(async move {
         loop {
             let conn = tokio::select! {
@@ -57,9 +65,20 @@ pub(crate) fn incoming(
                 }
             };
             let _ = tcp.set_nodelay(true);
-            if tx.send(Ok(AuthorityShim::new(tcp))).await.is_err() {
-                return;
-            }
+            // Told apart off the accept loop: a client that connects and stays silent must
+            // not hold up the next one.
+            let (tx, http1, cancel) = (tx.clone(), http1.clone(), cancel.clone());
+            conns.spawn(async move {
+                let is_http1 = tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    h = super::http::is_http1(&tcp) => h,
+                };
+                if is_http1 {
+                    http1(tcp).await;
+                } else {
+                    let _ = tx.send(Ok(AuthorityShim::new(tcp))).await;
+                }
+            });
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)

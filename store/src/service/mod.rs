@@ -16,6 +16,7 @@ use crate::pb::raftpb::raft_peer_server::RaftPeerServer;
 
 mod authority;
 mod cluster;
+mod http;
 mod kv;
 mod lease;
 mod maintenance;
@@ -60,8 +61,12 @@ pub(crate) fn serve(inner: Arc<Inner>, client: TcpListener, peer: TcpListener) {
         );
     let cancel = inner.cancel.clone();
     let tracker = inner.tracker.clone();
+    let inner_for_http = inner.clone();
     inner.tracker.spawn(async move {
-        let incoming = authority::incoming(client, cancel.clone(), &tracker);
+        let http_inner = inner_for_http;
+        let incoming = authority::incoming(client, cancel.clone(), &tracker, move |tcp| {
+            http::serve(http_inner.clone(), tcp)
+        });
         let res = client_router
             .serve_with_incoming_shutdown(incoming, cancel.cancelled())
             .await;

@@ -615,6 +615,9 @@ async fn nospace_alarm_is_cluster_wide() {
         status.contains("alarm:NOSPACE"),
         "endpoint status: {status}"
     );
+    let (code, body) = crate::harness::http_get(&c.client_url(writer), "/health").await;
+    assert_eq!(code, 503, "/health while the alarm is active: {body}");
+    assert!(body.contains("NOSPACE"), "{body}");
 
     // Persisted with the log: a restarted member still refuses.
     c.kill(lister).await;
@@ -633,8 +636,40 @@ async fn nospace_alarm_is_cluster_wide() {
     assert!(disarmed.contains("alarm:NOSPACE"), "disarm: {disarmed}");
     for i in 0..3 {
         assert_eq!(ok(&c.client_url(i), &["alarm", "list"]).await.trim(), "");
+        let (code, body) = crate::harness::http_get(&c.client_url(i), "/health").await;
+        assert_eq!(code, 200, "/health after disarm: {body}");
         ok(&c.client_url(i), &["put", &format!("after/{i}"), "v"]).await;
     }
+    c.shutdown().await;
+}
+
+/// `etcdctl check datascale` reads the member's Prometheus `/metrics` (plain HTTP on the
+/// client port) before and after writing 10,000 keys through it, then deletes them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_datascale_reads_metrics_over_http() {
+    init_tracing();
+    let c = TestCluster::start(3, test_tunables()).await;
+    let leader = c.wait_leader(Duration::from_secs(30)).await;
+    let follower = c.client_url((leader + 1) % 3);
+    let out = ok(&follower, &["check", "datascale", "--load=s"]).await;
+    assert!(
+        out.contains("PASS: Approximate system memory used"),
+        "check datascale: {out}"
+    );
+    // It wrote under its own prefix and cleaned up after itself.
+    let left = ok(
+        &follower,
+        &[
+            "get",
+            "--prefix",
+            "/etcdctl-check-datascale/",
+            "--keys-only",
+        ],
+    )
+    .await;
+    assert_eq!(left.trim(), "", "keys left by check datascale");
+    let written = ok(&follower, &["get", "x", "-w", "json"]).await;
+    assert!(header_revision(&written) > 10_000, "{written}");
     c.shutdown().await;
 }
 

@@ -260,3 +260,26 @@ async fn rebind(addr: std::net::SocketAddr) -> TcpListener {
         }
     }
 }
+
+/// A plain HTTP/1.1 GET of `path` on a member's client URL (`http://host:port`): the status
+/// and the body. Written by hand so the tests show exactly what a probe sends.
+pub async fn http_get(client_url: &str, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = client_url.trim_start_matches("http://");
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    tcp.write_all(req.as_bytes()).await.expect("send");
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), tcp.read_to_end(&mut raw))
+        .await
+        .expect("HTTP answer in time")
+        .expect("read");
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").expect("HTTP head and body");
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {head:?}"));
+    (status, body.to_owned())
+}

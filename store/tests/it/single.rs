@@ -523,3 +523,48 @@ async fn auto_compaction_by_revision_and_by_time() {
     assert!(readable_at(&mut kv, "p", old).await, "compacted too far");
     c.shutdown().await;
 }
+
+/// etcd's plain-HTTP endpoints on the client port, beside gRPC on the same port: `/health`
+/// (what Kubernetes probes), `/version`, and Prometheus `/metrics` with etcd's names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_version_and_metrics_over_http1() {
+    use crate::harness::http_get;
+    init_tracing();
+    let c = TestCluster::start(1, test_tunables()).await;
+    c.wait_leader(Duration::from_secs(20)).await;
+    let url = c.client_url(0);
+    let mut kv = c.kv(0).await;
+    put(&mut kv, "k", "v").await;
+
+    let (status, body) = http_get(&url, "/health").await;
+    assert_eq!(status, 200, "{body}");
+    let health: serde_json::Value = serde_json::from_str(&body).expect("health json");
+    assert_eq!(health["health"], "true", "{body}");
+
+    let (status, body) = http_get(&url, "/version").await;
+    assert_eq!(status, 200);
+    assert!(body.contains(r#""etcdserver":"3.4.0""#), "{body}");
+
+    let (status, body) = http_get(&url, "/metrics").await;
+    assert_eq!(status, 200);
+    let value = |name: &str| -> f64 {
+        body.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing from /metrics:\n{body}"))
+    };
+    assert_eq!(value("etcd_server_has_leader"), 1.0);
+    assert_eq!(value("etcd_server_is_leader"), 1.0);
+    assert_eq!(value("etcd_server_leader_changes_seen_total"), 1.0);
+    assert!(value("etcd_debugging_mvcc_current_revision") >= 2.0);
+    assert!(value("etcd_disk_wal_fsync_duration_seconds_count") >= 1.0);
+    assert!(value(r#"etcd_disk_wal_fsync_duration_seconds_bucket{le="+Inf"}"#) >= 1.0);
+    assert!(value("process_resident_memory_bytes") > 1e6);
+    assert!(value("process_cpu_seconds_total") > 0.0);
+
+    let (status, _) = http_get(&url, "/nope").await;
+    assert_eq!(status, 404);
+    // gRPC still served on the same port after HTTP/1 clients came and went.
+    put(&mut c.kv(0).await, "k2", "v2").await;
+    assert_eq!(get(&mut kv, "k2").await.as_deref(), Some("v2"));
+    c.shutdown().await;
+}
