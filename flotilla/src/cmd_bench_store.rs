@@ -347,6 +347,11 @@ pub(crate) struct BenchStoreArgs {
     /// rss, failover. Default: all.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// Measure each system this many times, alternating (Flotilla, etcd, Flotilla, ...), each
+    /// time on a fresh cluster, and show every row's median: the drift of a shared machine
+    /// (page cache, writeback, other load) then falls on both columns alike.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=9))]
+    rounds: u32,
 }
 
 /// One measured figure.
@@ -923,41 +928,136 @@ pub(crate) fn run(args: BenchStoreArgs) -> anyhow::Result<()> {
         if !args.no_etcd && !Path::new("/usr/bin/etcd").exists() {
             anyhow::bail!("/usr/bin/etcd not found: run scripts/bench-store (installs Debian etcd-server) or pass --no-etcd");
         }
-        eprintln!("starting 3-member flotilla store in {}", dir.display());
-        let mut f = ProcCluster::start(Kind::Flotilla, 3, &dir.join("flotilla")).await?;
-        let fr = measure(&mut f, args.quick, &args.only).await;
-        f.shutdown().await;
-        let fr = fr?;
-        let er = if args.no_etcd {
-            None
-        } else {
-            eprintln!("starting 3-member etcd in {}", dir.display());
-            let mut e = ProcCluster::start(Kind::Etcd, 3, &dir.join("etcd")).await?;
-            let er = measure(&mut e, args.quick, &args.only).await;
-            e.shutdown().await;
-            Some(er?)
-        };
+        let mut flotilla_rounds = Vec::new();
+        let mut etcd_rounds = Vec::new();
+        for round in 1..=args.rounds {
+            let last = round == args.rounds;
+            let tag = if args.rounds > 1 {
+                format!(" (round {round} of {})", args.rounds)
+            } else {
+                String::new()
+            };
+            let fdir = dir.join(round_dir("flotilla", round, args.rounds));
+            eprintln!("starting 3-member flotilla store in {}{tag}", fdir.display());
+            let mut f = ProcCluster::start(Kind::Flotilla, 3, &fdir).await?;
+            let fr = measure(&mut f, args.quick, &args.only).await;
+            f.shutdown().await;
+            flotilla_rounds.push(fr?);
+            if !last {
+                // Earlier rounds' data only fills the disk; the last round's logs stay.
+                let _ = std::fs::remove_dir_all(&fdir);
+            }
+            if !args.no_etcd {
+                let edir = dir.join(round_dir("etcd", round, args.rounds));
+                eprintln!("starting 3-member etcd in {}{tag}", edir.display());
+                let mut e = ProcCluster::start(Kind::Etcd, 3, &edir).await?;
+                let er = measure(&mut e, args.quick, &args.only).await;
+                e.shutdown().await;
+                etcd_rounds.push(er?);
+                if !last {
+                    let _ = std::fs::remove_dir_all(&edir);
+                }
+            }
+        }
+        let fr = median_rows(&flotilla_rounds);
+        let er = (!args.no_etcd).then(|| median_rows(&etcd_rounds));
+        if args.rounds > 1 {
+            println!(
+                "medians of {} rounds, alternating flotilla and etcd, each on a fresh cluster",
+                args.rounds
+            );
+        }
         print_table(&fr, er.as_deref());
         Ok(())
     })
 }
 
-fn print_table(f: &[Row], e: Option<&[Row]>) {
+/// `flotilla` for one round, `flotilla-2` etc. when there are several.
+fn round_dir(system: &str, round: u32, rounds: u32) -> String {
+    if rounds == 1 {
+        system.to_owned()
+    } else {
+        format!("{system}-{round}")
+    }
+}
+
+/// Each row's median over the rounds (rows come in the same order every round), with every
+/// round's value kept for the table.
+fn median_rows(rounds: &[Vec<Row>]) -> Vec<(Row, Vec<f64>)> {
+    let Some(first) = rounds.first() else {
+        return Vec::new();
+    };
+    first
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let values: Vec<f64> = rounds
+                .iter()
+                .filter_map(|rs| rs.get(i))
+                .map(|r| r.value)
+                .collect();
+            let mut sorted = values.clone();
+            sorted.sort_by(f64::total_cmp);
+            let mid = sorted[(sorted.len() - 1) / 2];
+            let median = if sorted.len().is_multiple_of(2) {
+                (mid + sorted[sorted.len() / 2]) / 2.0
+            } else {
+                mid
+            };
+            (
+                Row {
+                    value: median,
+                    ..r.clone()
+                },
+                values,
+            )
+        })
+        .collect()
+}
+
+fn print_table(f: &[(Row, Vec<f64>)], e: Option<&[(Row, Vec<f64>)]>) {
+    let several = f.first().is_some_and(|(_, v)| v.len() > 1);
     println!(
-        "{:<42} {:>12} {:>12} {:>8}  {:<6} better",
-        "shape", "flotilla", "etcd 3.4", "ratio", "unit"
+        "{:<42} {:>12} {:>12} {:>8}  {:<6} {:<7}{}",
+        "shape",
+        "flotilla",
+        "etcd 3.4",
+        "ratio",
+        "unit",
+        "better",
+        if several { "  ratio by round" } else { "" }
     );
-    for (i, r) in f.iter().enumerate() {
-        let ev = e.and_then(|e| e.get(i)).map(|r| r.value);
+    for (i, (r, f_values)) in f.iter().enumerate() {
+        let e_row = e.and_then(|e| e.get(i));
+        let ev = e_row.map(|(r, _)| r.value);
         let ratio = ev.map(|ev| r.value / ev);
+        let by_round = match e_row {
+            Some((_, e_values)) if several => f_values
+                .iter()
+                .zip(e_values)
+                .map(|(f, e)| format!("{:.2}x", f / e))
+                .collect::<Vec<_>>()
+                .join(" "),
+            _ if several => f_values
+                .iter()
+                .map(|v| format!("{v:.2}"))
+                .collect::<Vec<_>>()
+                .join(" "),
+            _ => String::new(),
+        };
         println!(
-            "{:<42} {:>12.2} {:>12} {:>8}  {:<6} {}",
+            "{:<42} {:>12.2} {:>12} {:>8}  {:<6} {:<7}{}",
             r.name,
             r.value,
             ev.map_or("-".to_owned(), |v| format!("{v:.2}")),
             ratio.map_or("-".to_owned(), |x| format!("{x:.2}x")),
             r.unit,
-            if r.higher_better { "higher" } else { "lower" }
+            if r.higher_better { "higher" } else { "lower" },
+            if by_round.is_empty() {
+                String::new()
+            } else {
+                format!("  {by_round}")
+            }
         );
     }
 }
