@@ -931,7 +931,6 @@ pub(crate) fn run(args: BenchStoreArgs) -> anyhow::Result<()> {
         let mut flotilla_rounds = Vec::new();
         let mut etcd_rounds = Vec::new();
         for round in 1..=args.rounds {
-            let last = round == args.rounds;
             let tag = if args.rounds > 1 {
                 format!(" (round {round} of {})", args.rounds)
             } else {
@@ -943,10 +942,7 @@ pub(crate) fn run(args: BenchStoreArgs) -> anyhow::Result<()> {
             let fr = measure(&mut f, args.quick, &args.only).await;
             f.shutdown().await;
             flotilla_rounds.push(fr?);
-            if !last {
-                // Earlier rounds' data only fills the disk; the last round's logs stay.
-                let _ = std::fs::remove_dir_all(&fdir);
-            }
+            settle_disk().await;
             if !args.no_etcd {
                 let edir = dir.join(round_dir("etcd", round, args.rounds));
                 eprintln!("starting 3-member etcd in {}{tag}", edir.display());
@@ -954,9 +950,7 @@ pub(crate) fn run(args: BenchStoreArgs) -> anyhow::Result<()> {
                 let er = measure(&mut e, args.quick, &args.only).await;
                 e.shutdown().await;
                 etcd_rounds.push(er?);
-                if !last {
-                    let _ = std::fs::remove_dir_all(&edir);
-                }
+                settle_disk().await;
             }
         }
         let fr = median_rows(&flotilla_rounds);
@@ -970,6 +964,15 @@ pub(crate) fn run(args: BenchStoreArgs) -> anyhow::Result<()> {
         print_table(&fr, er.as_deref());
         Ok(())
     })
+}
+
+/// Writes back what the last cluster left dirty before the next one starts, so neither system's
+/// `fdatasync`s wait behind the other's writeback. Data dirs are kept until the end: deleting
+/// them here would make the next run pay for the file system's discards instead.
+async fn settle_disk() {
+    if let Err(e) = tokio::process::Command::new("sync").status().await {
+        eprintln!("  (could not run sync: {e})");
+    }
 }
 
 /// `flotilla` for one round, `flotilla-2` etc. when there are several.
