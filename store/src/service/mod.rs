@@ -29,8 +29,13 @@ const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
 /// Starts the client (etcd API) and peer servers on the member's task tracker.
 pub(crate) fn serve(inner: Arc<Inner>, client: TcpListener, peer: TcpListener) {
     let max = inner.tunables.max_request_bytes + GRPC_OVERHEAD_BYTES;
+    // The standard gRPC health service, as etcd registers it: the server ("") is SERVING while
+    // the member runs (like etcd 3.4, not tied to having a leader, so a liveness probe does
+    // not restart members during a partition), NOT_SERVING once it shuts down.
+    let (health, health_service) = tonic_health::server::health_reporter();
     let client_router = tonic::transport::Server::builder()
         .tcp_nodelay(true)
+        .add_service(health_service)
         .add_service(
             KvServer::new(kv::KvService::new(inner.clone()))
                 .max_decoding_message_size(max)
@@ -62,6 +67,13 @@ pub(crate) fn serve(inner: Arc<Inner>, client: TcpListener, peer: TcpListener) {
     let cancel = inner.cancel.clone();
     let tracker = inner.tracker.clone();
     let inner_for_http = inner.clone();
+    let stopping = inner.cancel.clone();
+    inner.tracker.spawn(async move {
+        stopping.cancelled().await;
+        health
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
+    });
     inner.tracker.spawn(async move {
         let http_inner = inner_for_http;
         let incoming = authority::incoming(client, cancel.clone(), &tracker, move |tcp| {

@@ -525,7 +525,8 @@ async fn auto_compaction_by_revision_and_by_time() {
 }
 
 /// etcd's plain-HTTP endpoints on the client port, beside gRPC on the same port: `/health`
-/// (what Kubernetes probes), `/version`, and Prometheus `/metrics` with etcd's names.
+/// (what Kubernetes probes), `/version`, and Prometheus `/metrics` with etcd's names; and the
+/// standard gRPC health service.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_version_and_metrics_over_http1() {
     use crate::harness::http_get;
@@ -563,6 +564,24 @@ async fn health_version_and_metrics_over_http1() {
 
     let (status, _) = http_get(&url, "/nope").await;
     assert_eq!(status, 404);
+    // The standard gRPC health service, on the same port (grpc_health_probe, gRPC probes).
+    let channel = tonic::transport::Channel::from_shared(url.clone())
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect");
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let check = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("grpc.health.v1.Health/Check")
+        .into_inner();
+    assert_eq!(
+        check.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
     // gRPC still served on the same port after HTTP/1 clients came and went.
     put(&mut c.kv(0).await, "k2", "v2").await;
     assert_eq!(get(&mut kv, "k2").await.as_deref(), Some("v2"));
