@@ -936,21 +936,9 @@ pub(crate) fn run(args: BenchStoreArgs) -> anyhow::Result<()> {
             } else {
                 String::new()
             };
-            let fdir = dir.join(round_dir("flotilla", round, args.rounds));
-            eprintln!("starting 3-member flotilla store in {}{tag}", fdir.display());
-            let mut f = ProcCluster::start(Kind::Flotilla, 3, &fdir).await?;
-            let fr = measure(&mut f, args.quick, &args.only).await;
-            f.shutdown().await;
-            flotilla_rounds.push(fr?);
-            settle_disk().await;
+            flotilla_rounds.push(measure_round(Kind::Flotilla, &dir, round, &args, &tag).await?);
             if !args.no_etcd {
-                let edir = dir.join(round_dir("etcd", round, args.rounds));
-                eprintln!("starting 3-member etcd in {}{tag}", edir.display());
-                let mut e = ProcCluster::start(Kind::Etcd, 3, &edir).await?;
-                let er = measure(&mut e, args.quick, &args.only).await;
-                e.shutdown().await;
-                etcd_rounds.push(er?);
-                settle_disk().await;
+                etcd_rounds.push(measure_round(Kind::Etcd, &dir, round, &args, &tag).await?);
             }
         }
         let fr = median_rows(&flotilla_rounds);
@@ -964,6 +952,25 @@ pub(crate) fn run(args: BenchStoreArgs) -> anyhow::Result<()> {
         print_table(&fr, er.as_deref());
         Ok(())
     })
+}
+
+/// One round of one system: a fresh 3-member cluster in its own dir under `dir`, measured,
+/// stopped, and its dirty pages written back.
+async fn measure_round(
+    kind: Kind,
+    dir: &Path,
+    round: u32,
+    args: &BenchStoreArgs,
+    tag: &str,
+) -> anyhow::Result<Vec<Row>> {
+    let system = kind.label();
+    let dir = dir.join(round_dir(system, round, args.rounds));
+    eprintln!("starting 3-member {system} in {}{tag}", dir.display());
+    let mut c = ProcCluster::start(kind, 3, &dir).await?;
+    let rows = measure(&mut c, args.quick, &args.only).await;
+    c.shutdown().await;
+    settle_disk().await;
+    rows
 }
 
 /// Writes back what the last cluster left dirty before the next one starts, so neither system's
