@@ -931,14 +931,9 @@ pub(crate) fn run(args: BenchStoreArgs) -> anyhow::Result<()> {
         let mut flotilla_rounds = Vec::new();
         let mut etcd_rounds = Vec::new();
         for round in 1..=args.rounds {
-            let tag = if args.rounds > 1 {
-                format!(" (round {round} of {})", args.rounds)
-            } else {
-                String::new()
-            };
-            flotilla_rounds.push(measure_round(Kind::Flotilla, &dir, round, &args, &tag).await?);
+            flotilla_rounds.push(measure_round(Kind::Flotilla, &dir, round, &args).await?);
             if !args.no_etcd {
-                etcd_rounds.push(measure_round(Kind::Etcd, &dir, round, &args, &tag).await?);
+                etcd_rounds.push(measure_round(Kind::Etcd, &dir, round, &args).await?);
             }
         }
         let fr = median_rows(&flotilla_rounds);
@@ -961,11 +956,15 @@ async fn measure_round(
     dir: &Path,
     round: u32,
     args: &BenchStoreArgs,
-    tag: &str,
 ) -> anyhow::Result<Vec<Row>> {
     let system = kind.label();
     let dir = dir.join(round_dir(system, round, args.rounds));
-    eprintln!("starting 3-member {system} in {}{tag}", dir.display());
+    let of_rounds = if args.rounds > 1 {
+        format!(" (round {round} of {})", args.rounds)
+    } else {
+        String::new()
+    };
+    eprintln!("starting 3-member {system} in {}{of_rounds}", dir.display());
     let mut c = ProcCluster::start(kind, 3, &dir).await?;
     let rows = measure(&mut c, args.quick, &args.only).await;
     c.shutdown().await;

@@ -387,7 +387,9 @@ impl Mvcc {
     /// Whether a NOSPACE alarm is active: writes that add data are refused (etcd's capped
     /// applier), deletes, compaction and lease revocation still go through.
     pub(crate) fn nospace(&self) -> bool {
-        self.alarms.iter().any(|(_, a)| *a == ALARM_NOSPACE)
+        self.alarms
+            .iter()
+            .any(|(_, a)| *a == pb::AlarmType::Nospace as i32)
     }
 
     /// Replaces the alarms (a model rebuilt from a snapshot).
@@ -510,7 +512,7 @@ impl Mvcc {
                 alarm,
             } => {
                 // etcd answers with the alarms that changed: none for a no-op.
-                let changed = if *alarm == ALARM_NONE {
+                let changed = if *alarm == pb::AlarmType::None as i32 {
                     false
                 } else if *activate {
                     self.alarms.insert((*member, *alarm))
@@ -967,11 +969,6 @@ impl Mvcc {
         Self::from_versions(revision, compact_revision, versions, leases)
     }
 }
-
-/// etcd's `AlarmType::None`.
-pub(crate) const ALARM_NONE: i32 = 0;
-/// etcd's `AlarmType::Nospace`.
-pub(crate) const ALARM_NOSPACE: i32 = 1;
 
 /// Whether `ops` (nested transactions included) contain a put.
 fn ops_put(ops: &[RequestOp]) -> bool {

@@ -215,16 +215,21 @@ impl<'a> Reader<'a> {
         let b = self.take(4)?;
         Ok(u32::from_le_bytes(b.try_into().map_err(invalid)?))
     }
+    fn u64(&mut self) -> io::Result<u64> {
+        let b = self.take(8)?;
+        Ok(u64::from_le_bytes(b.try_into().map_err(invalid)?))
+    }
+    fn i32(&mut self) -> io::Result<i32> {
+        let b = self.take(4)?;
+        Ok(i32::from_le_bytes(b.try_into().map_err(invalid)?))
+    }
 }
 
 /// The model a body describes (either layout).
 pub(crate) fn decode_body(data: &[u8]) -> io::Result<Mvcc> {
-    let (rest, with_alarms) = match (
-        data.strip_prefix(BODY_MAGIC),
-        data.strip_prefix(BODY_MAGIC_V2),
-    ) {
-        (Some(rest), _) => (Some(rest), true),
-        (None, rest) => (rest, false),
+    let (rest, with_alarms) = match data.strip_prefix(BODY_MAGIC) {
+        Some(rest) => (Some(rest), true),
+        None => (data.strip_prefix(BODY_MAGIC_V2), false),
     };
     let Some(rest) = rest else {
         let body: LegacyBody = decode(data).map_err(invalid)?;
@@ -250,9 +255,7 @@ pub(crate) fn decode_body(data: &[u8]) -> io::Result<Mvcc> {
     let mut alarms = Vec::new();
     if with_alarms {
         for _ in 0..r.u32()? {
-            let member = u64::from_le_bytes(r.take(8)?.try_into().map_err(invalid)?);
-            let alarm = i32::from_le_bytes(r.take(4)?.try_into().map_err(invalid)?);
-            alarms.push((member, alarm));
+            alarms.push((r.u64()?, r.i32()?));
         }
     }
     let mut versions = Vec::new();
@@ -398,7 +401,7 @@ mod tests {
         let nospace = WriteOp::Alarm {
             activate: true,
             member: 7,
-            alarm: crate::mvcc::ALARM_NOSPACE,
+            alarm: crate::pb::etcdserverpb::AlarmType::Nospace as i32,
         };
         m.apply(&nospace, &mut out).expect("alarm");
         let point = m.hold_compaction();
@@ -415,7 +418,7 @@ mod tests {
         assert_eq!(back.leases().collect::<Vec<_>>(), vec![(9, 30)]);
         assert_eq!(
             back.alarms().collect::<Vec<_>>(),
-            vec![(7, crate::mvcc::ALARM_NOSPACE)]
+            vec![(7, crate::pb::etcdserverpb::AlarmType::Nospace as i32)]
         );
         assert!(back.nospace());
         assert!(decode_body(&body[..body.len() - 1]).is_err());

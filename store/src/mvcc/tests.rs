@@ -329,6 +329,7 @@ fn compaction_waits_for_snapshot_builds_but_reads_see_it_at_once() {
 
 #[test]
 fn nospace_alarm_caps_writes_that_add_data() {
+    const NOSPACE: i32 = pb::AlarmType::Nospace as i32;
     let mut m = Mvcc::default();
     put(&mut m, "a", "1");
     let alarm = |activate, alarm| WriteOp::Alarm {
@@ -339,13 +340,13 @@ fn nospace_alarm_caps_writes_that_add_data() {
     let mut out = ApplyOutput::default();
     // Raising the alarm "NONE" changes nothing (as in etcd).
     assert_eq!(
-        m.apply(&alarm(true, ALARM_NONE), &mut out),
+        m.apply(&alarm(true, pb::AlarmType::None as i32), &mut out),
         Ok(OpReply::Alarm(Vec::new()))
     );
     assert!(!m.nospace());
     assert_eq!(
-        m.apply(&alarm(true, ALARM_NOSPACE), &mut out),
-        Ok(OpReply::Alarm(vec![(5, ALARM_NOSPACE)]))
+        m.apply(&alarm(true, NOSPACE), &mut out),
+        Ok(OpReply::Alarm(vec![(5, NOSPACE)]))
     );
     assert!(m.nospace());
     let rev = m.revision();
@@ -396,11 +397,11 @@ fn nospace_alarm_caps_writes_that_add_data() {
     assert_eq!(m.revision(), rev + 1);
     // Clearing it twice reports the change once.
     assert_eq!(
-        m.apply(&alarm(false, ALARM_NOSPACE), &mut out),
-        Ok(OpReply::Alarm(vec![(5, ALARM_NOSPACE)]))
+        m.apply(&alarm(false, NOSPACE), &mut out),
+        Ok(OpReply::Alarm(vec![(5, NOSPACE)]))
     );
     assert_eq!(
-        m.apply(&alarm(false, ALARM_NOSPACE), &mut out),
+        m.apply(&alarm(false, NOSPACE), &mut out),
         Ok(OpReply::Alarm(Vec::new()))
     );
     assert!(m.apply(&put_op, &mut out).is_ok());

@@ -17,7 +17,6 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use crate::mvcc::ALARM_NOSPACE;
 use crate::node::Inner;
 
 /// How long a connection may stay silent before it is handed to gRPC unclassified.
@@ -120,14 +119,12 @@ async fn route(inner: &Arc<Inner>, req: Request<Incoming>) -> Response<Full<Byte
 /// etcd 3.4's health check: no active alarm, a known leader, and a linearizable read that
 /// completes in time.
 async fn health(inner: &Inner) -> (bool, String) {
-    let alarms: Vec<(u64, i32)> = inner.sm.read().mvcc.alarms().collect();
-    if let Some((member, alarm)) = alarms.first() {
-        let name = if *alarm == ALARM_NOSPACE {
-            "NOSPACE".to_owned()
-        } else {
-            alarm.to_string()
-        };
-        return (false, format!("ALARM {name} (member {member:x})"));
+    let alarm = inner.sm.read().mvcc.alarms().next();
+    if let Some((member, alarm)) = alarm {
+        return (
+            false,
+            format!("ALARM {} (member {member:x})", super::alarm_name(alarm)),
+        );
     }
     if inner.raft.metrics().borrow().current_leader.is_none() {
         return (false, "RAFT NO LEADER".into());

@@ -6,12 +6,13 @@ use tonic::{Request, Response, Status};
 
 use super::check_size;
 use crate::error::EtcdError;
-use crate::mvcc::{ALARM_NOSPACE, check_txn};
+use crate::mvcc::check_txn;
 use crate::node::Inner;
 use crate::pb::etcdserverpb::kv_server::Kv;
 use crate::pb::etcdserverpb::{
-    CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, PutRequest,
-    PutResponse, RangeRequest, RangeResponse, RequestOp, TxnRequest, TxnResponse, request_op,
+    AlarmType, CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse,
+    PutRequest, PutResponse, RangeRequest, RangeResponse, RequestOp, TxnRequest, TxnResponse,
+    request_op,
 };
 use crate::types::{OpReply, Reply, WriteOp};
 
@@ -44,7 +45,7 @@ impl KvService {
             let raise = WriteOp::Alarm {
                 activate: true,
                 member: self.inner.id,
-                alarm: ALARM_NOSPACE,
+                alarm: AlarmType::Nospace as i32,
             };
             if let Err(e) = self.inner.write(raise).await {
                 tracing::warn!(error = %e, "could not raise the NOSPACE alarm");

@@ -107,9 +107,11 @@ impl Maintenance for MaintenanceService {
             .alarms(AlarmType::None as i32)
             .iter()
             .map(|a| {
-                let name = AlarmType::try_from(a.alarm)
-                    .map_or_else(|_| a.alarm.to_string(), |t| t.as_str_name().to_owned());
-                format!("memberID:{} alarm:{name} ", a.member_id)
+                format!(
+                    "memberID:{} alarm:{} ",
+                    a.member_id,
+                    super::alarm_name(a.alarm)
+                )
             })
             .collect();
         Ok(Response::new(StatusResponse {

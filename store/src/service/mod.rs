@@ -65,17 +65,16 @@ pub(crate) fn serve(inner: Arc<Inner>, client: TcpListener, peer: TcpListener) {
                 .max_encoding_message_size(usize::MAX),
         );
     let cancel = inner.cancel.clone();
-    let tracker = inner.tracker.clone();
-    let inner_for_http = inner.clone();
-    let stopping = inner.cancel.clone();
     inner.tracker.spawn(async move {
-        stopping.cancelled().await;
+        cancel.cancelled().await;
         health
             .set_service_status("", tonic_health::ServingStatus::NotServing)
             .await;
     });
+    let cancel = inner.cancel.clone();
+    let tracker = inner.tracker.clone();
+    let http_inner = inner.clone();
     inner.tracker.spawn(async move {
-        let http_inner = inner_for_http;
         let incoming = authority::incoming(client, cancel.clone(), &tracker, move |tcp| {
             http::serve(http_inner.clone(), tcp)
         });
@@ -103,6 +102,12 @@ pub(crate) fn serve(inner: Arc<Inner>, client: TcpListener, peer: TcpListener) {
             tracing::error!(error = %e, "peer server failed");
         }
     });
+}
+
+/// An alarm type's name as etcd prints it (`NOSPACE`), or its number if unknown.
+pub(crate) fn alarm_name(alarm: i32) -> String {
+    crate::pb::etcdserverpb::AlarmType::try_from(alarm)
+        .map_or_else(|_| alarm.to_string(), |t| t.as_str_name().to_owned())
 }
 
 /// Rejects requests above the configured size with etcd's error.

@@ -566,7 +566,6 @@ async fn move_leader_hands_over_while_writes_continue() {
 /// go through), survives a restart, and `etcdctl alarm disarm` through any member clears it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nospace_alarm_is_cluster_wide() {
-    use store::pb::etcdserverpb::PutRequest;
     init_tracing();
     let tunables = store::Tunables {
         quota_backend_bytes: 64 * 1024,
@@ -577,21 +576,7 @@ async fn nospace_alarm_is_cluster_wide() {
     let (filler, lister, writer) = ((leader + 1) % 3, (leader + 2) % 3, leader);
     let filler_id = c.node(filler).id();
     let mut kv = c.kv(filler).await;
-    let mut refused = None;
-    for i in 0..100 {
-        let put = kv
-            .put(PutRequest {
-                key: format!("fill/{i:03}").into(),
-                value: vec![b'x'; 4096],
-                ..Default::default()
-            })
-            .await;
-        if let Err(e) = put {
-            refused = Some(e);
-            break;
-        }
-    }
-    let refused = refused.expect("the 64 KiB quota is reached");
+    let refused = crate::harness::put_until_refused(&mut kv, "fill/").await;
     assert_eq!(
         refused.code(),
         tonic::Code::ResourceExhausted,

@@ -283,3 +283,21 @@ pub async fn http_get(client_url: &str, path: &str) -> (u16, String) {
         .unwrap_or_else(|| panic!("no status line in {head:?}"));
     (status, body.to_owned())
 }
+
+/// Puts 4 KiB values under `prefix` (`{prefix}0`, `{prefix}1`, ...) until the store refuses
+/// one (a small space quota's NOSPACE); the refusal.
+pub async fn put_until_refused(kv: &mut KvClient<Channel>, prefix: &str) -> tonic::Status {
+    for i in 0..100 {
+        let put = kv
+            .put(PutRequest {
+                key: format!("{prefix}{i}").into(),
+                value: vec![b'x'; 4096],
+                ..Default::default()
+            })
+            .await;
+        if let Err(e) = put {
+            return e;
+        }
+    }
+    panic!("100 puts of 4 KiB under {prefix:?} were all accepted: no space quota reached");
+}

@@ -312,21 +312,7 @@ async fn space_quota_raises_nospace_alarm() {
     let c = TestCluster::start(1, tunables).await;
     c.wait_leader(Duration::from_secs(20)).await;
     let mut kv = c.kv(0).await;
-    let mut err = None;
-    for i in 0..100 {
-        let r = kv
-            .put(PutRequest {
-                key: format!("q{i}").into(),
-                value: vec![0; 4096],
-                ..Default::default()
-            })
-            .await;
-        if let Err(e) = r {
-            err = Some(e);
-            break;
-        }
-    }
-    let err = err.expect("quota reached");
+    let err = crate::harness::put_until_refused(&mut kv, "q").await;
     assert_eq!(err.code(), tonic::Code::ResourceExhausted);
     assert_eq!(err.message(), "etcdserver: mvcc: database space exceeded");
     let mut m = MaintenanceClient::connect(c.client_url(0)).await.unwrap();
