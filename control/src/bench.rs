@@ -405,10 +405,11 @@ struct LagProbe {
 }
 
 impl LagProbe {
-    fn start() -> LagProbe {
+    /// Probes the runtime `rt` (the server's).
+    fn start(rt: &tokio::runtime::Handle) -> LagProbe {
         let stop = CancellationToken::new();
         let s = stop.clone();
-        let task = tokio::spawn(async move {
+        let task = rt.spawn(async move {
             let mut out = Vec::new();
             while !s.is_cancelled() {
                 let t = Instant::now();
@@ -611,7 +612,22 @@ pub async fn run_on<S: Store>(
         addr,
         token: pki.admin_token.clone(),
     });
-    let result = measure(name, &client, &store, cfg).await;
+    // The clients get their own runtime (threads), as if in their own process: on the server's
+    // worker threads they competed with it, and their own lateness was charged to it. The lag
+    // probe stays on the server's runtime.
+    let server_rt = tokio::runtime::Handle::current();
+    let (run_name, run_cfg) = (name.to_owned(), cfg.clone());
+    let result = tokio::task::spawn_blocking(move || {
+        let clients_rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("bench-client")
+            .enable_all()
+            .build()?;
+        clients_rt.block_on(measure(&run_name, &client, &store, &run_cfg, &server_rt))
+    })
+    .await
+    .map_err(err)
+    .and_then(|r| r);
     shutdown.cancel();
     let _ = serving.await;
     result
@@ -622,6 +638,7 @@ async fn measure<S: Store>(
     client: &Arc<Client>,
     store: &S,
     cfg: &BenchConfig,
+    server_rt: &tokio::runtime::Handle,
 ) -> Result<BenchResult, BenchError> {
     let mut conn = client.connect().await?;
     let ns =
@@ -632,12 +649,12 @@ async fn measure<S: Store>(
     mutations(client, 4, 40, "warm", None).await?;
     phases::enable(cfg.phases);
     let mut reports = Vec::new();
-    let probe = LagProbe::start();
+    let probe = LagProbe::start(server_rt);
     let run = mutations(client, 1, cfg.mutations_one_client, "one", None).await?;
     let one_client = latencies(&run.1);
     reports.push(phase_report("1 client", run, &probe.finish().await));
     let t = Instant::now();
-    let probe = LagProbe::start();
+    let probe = LagProbe::start(server_rt);
     let run = mutations(client, 100, cfg.mutations_hundred_clients, "hundred", None).await?;
     let hundred_clients_rate = cfg.mutations_hundred_clients as f64 / t.elapsed().as_secs_f64();
     let hundred_clients = latencies(&run.1);
@@ -648,7 +665,7 @@ async fn measure<S: Store>(
     ));
     let paced_total = (cfg.paced_rate * cfg.paced_duration.as_secs_f64()).round() as usize;
     let pace = Duration::from_secs_f64(100.0 / cfg.paced_rate.max(1e-3));
-    let probe = LagProbe::start();
+    let probe = LagProbe::start(server_rt);
     let run = mutations(client, 100, paced_total.max(100), "paced", Some(pace)).await?;
     let paced = latencies(&run.1);
     reports.push(phase_report(

@@ -13,6 +13,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use control::apiserver::{ApiServer, ApiServerConfig, ServerToken, StoreJoinInfo};
 use control::storage::{MemStore, RemoteStore, Store};
+
+use crate::cmd_bench_store::{Kind, ProcCluster};
 use tokio_util::sync::CancellationToken;
 
 /// Arguments of `flotilla server`.
@@ -654,15 +656,13 @@ async fn bench(args: BenchApiArgs) -> anyhow::Result<()> {
     let mut results = Vec::new();
     {
         let dir = BenchDir::new("store")?;
-        let nodes =
-            control::storage::embedded::start_cluster(&dir.path().join("store"), args.members)
+        // Member processes, as etcd's are: members sharing the API server's runtime competed
+        // with it (and with each other) for its worker threads.
+        let mut cluster =
+            ProcCluster::start(Kind::Flotilla, args.members, &dir.path().join("store"))
                 .await
                 .context("failed to start the store cluster")?;
-        let endpoints: Vec<String> = nodes
-            .iter()
-            .map(|n| format!("http://{}", n.client_addr()))
-            .collect();
-        let store = RemoteStore::connect(&endpoints)?;
+        let store = RemoteStore::connect(&cluster.urls())?;
         eprintln!("benchmarking on a {}-member Flotilla store…", args.members);
         let r = control::bench::run_on(
             &format!("flotilla store ({})", args.members),
@@ -671,9 +671,7 @@ async fn bench(args: BenchApiArgs) -> anyhow::Result<()> {
             &cfg,
         )
         .await;
-        for n in &nodes {
-            n.shutdown().await;
-        }
+        cluster.shutdown().await;
         results.push(r.context("benchmark on the Flotilla store failed")?);
     }
     if !args.no_etcd {
