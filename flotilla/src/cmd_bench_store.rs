@@ -408,10 +408,45 @@ impl LoadShape {
 
 /// What a closed-loop step measured.
 struct LoopResult {
-    ops: u64,
+    /// One per completed operation.
     latencies: Vec<Duration>,
     /// CPU seconds the load generator (this process) used during the step.
     generator_cpu: f64,
+}
+
+/// Operations and load-generator CPU summed over a round's closed-loop steps.
+#[derive(Default)]
+struct LoopTotals {
+    ops: u64,
+    generator_cpu: f64,
+}
+
+impl LoopTotals {
+    /// Counts `r` in; returns its operation count and latencies.
+    fn add(&mut self, r: LoopResult) -> (u64, Vec<Duration>) {
+        let ops = r.latencies.len() as u64;
+        self.ops += ops;
+        self.generator_cpu += r.generator_cpu;
+        (ops, r.latencies)
+    }
+}
+
+/// Waits for every client task and gathers their latencies.
+async fn collect_latencies(
+    mut tasks: tokio::task::JoinSet<Vec<Duration>>,
+) -> anyhow::Result<Vec<Duration>> {
+    let mut all = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        all.extend(r?);
+    }
+    Ok(all)
+}
+
+fn report_failures(errors: &AtomicU64) {
+    let e = errors.load(Ordering::Relaxed);
+    if e > 0 {
+        eprintln!("    ({e} failed requests)");
+    }
 }
 
 /// Runs `shape.clients` closed-loop clients for `dur` against `endpoints` (leader first).
@@ -428,22 +463,16 @@ where
     let op = Arc::new(op);
     let seq = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
-    // Every generator warms its channels, then all start together.
+    // Every generator warms its channels, then all start together (and this thread starts
+    // counting their CPU).
     let ready = Arc::new(std::sync::Barrier::new(shape.procs + 1));
-    let (start_tx, start_rx) = tokio::sync::watch::channel(None::<tokio::time::Instant>);
     let mut generators = Vec::new();
     for p in 0..shape.procs {
         let mut rotated = endpoints.to_vec();
         rotated.rotate_left(p % endpoints.len().max(1));
         let channels = shape.channels / shape.procs;
         let clients = shape.clients / shape.procs + usize::from(p < shape.clients % shape.procs);
-        let (op, seq, errors, ready, mut start_rx) = (
-            op.clone(),
-            seq.clone(),
-            errors.clone(),
-            ready.clone(),
-            start_rx.clone(),
-        );
+        let (op, seq, errors, ready) = (op.clone(), seq.clone(), errors.clone(), ready.clone());
         let generator = move || -> anyhow::Result<Vec<Duration>> {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -466,13 +495,7 @@ where
                     }
                 }
                 ready.wait();
-                let start = loop {
-                    if let Some(s) = *start_rx.borrow_and_update() {
-                        break s;
-                    }
-                    start_rx.changed().await?;
-                };
-                let end = start + dur;
+                let end = tokio::time::Instant::now() + dur;
                 let mut tasks = tokio::task::JoinSet::new();
                 for c in 0..clients {
                     let kv = KvClient::new(conns[c % conns.len()].clone());
@@ -492,11 +515,7 @@ where
                         lat
                     });
                 }
-                let mut all = Vec::new();
-                while let Some(r) = tasks.join_next().await {
-                    all.extend(r?);
-                }
-                Ok(all)
+                collect_latencies(tasks).await
             })
         };
         generators.push(
@@ -508,7 +527,6 @@ where
     let ready2 = ready.clone();
     tokio::task::spawn_blocking(move || ready2.wait()).await?;
     let cpu0 = cpu_seconds(std::process::id());
-    let _ = start_tx.send(Some(tokio::time::Instant::now()));
     let joined = tokio::task::spawn_blocking(move || {
         generators
             .into_iter()
@@ -520,14 +538,9 @@ where
     })
     .await??;
     let generator_cpu = cpu_seconds(std::process::id()) - cpu0;
-    let latencies: Vec<Duration> = joined.into_iter().flatten().collect();
-    let e = errors.load(Ordering::Relaxed);
-    if e > 0 {
-        eprintln!("    ({e} failed requests)");
-    }
+    report_failures(&errors);
     Ok(LoopResult {
-        ops: latencies.len() as u64,
-        latencies,
+        latencies: joined.into_iter().flatten().collect(),
         generator_cpu,
     })
 }
@@ -568,14 +581,8 @@ async fn paced(
             lat
         });
     }
-    let mut all = Vec::new();
-    while let Some(r) = tasks.join_next().await {
-        all.extend(r?);
-    }
-    let e = errors.load(Ordering::Relaxed);
-    if e > 0 {
-        eprintln!("    ({e} failed requests)");
-    }
+    let all = collect_latencies(tasks).await?;
+    report_failures(&errors);
     Ok((all.len() as u64, all))
 }
 
@@ -645,8 +652,7 @@ async fn measure(c: &mut ProcCluster, quick: bool, only: &[String]) -> anyhow::R
 
     let cpu0 = cpu(&pids(c));
     let mut ops_total = 0u64;
-    let mut closed_loop_ops = 0u64;
-    let mut generator_cpu = 0.0;
+    let mut loops = LoopTotals::default();
     for clients in [16usize, 64] {
         if !run("put") {
             break;
@@ -660,10 +666,8 @@ async fn measure(c: &mut ProcCluster, quick: bool, only: &[String]) -> anyhow::R
         })
         .await?;
         let put_cpu = cpu(&pids(c)) - put_cpu0;
-        let (ops, mut lat) = (r.ops, r.latencies);
-        generator_cpu += r.generator_cpu;
+        let (ops, mut lat) = loops.add(r);
         ops_total += ops;
-        closed_loop_ops += ops;
         row(
             &format!("put/s, {clients} clients"),
             true,
@@ -735,10 +739,8 @@ async fn measure(c: &mut ProcCluster, quick: bool, only: &[String]) -> anyhow::R
             },
         )
         .await?;
-        let (ops, mut lat) = (r.ops, r.latencies);
-        generator_cpu += r.generator_cpu;
+        let (ops, mut lat) = loops.add(r);
         ops_total += ops;
-        closed_loop_ops += ops;
         row(
             "create-if-absent txn/s, 16 clients",
             true,
@@ -768,10 +770,8 @@ async fn measure(c: &mut ProcCluster, quick: bool, only: &[String]) -> anyhow::R
                 .map(|_| ())
             })
             .await?;
-            let (ops, mut lat) = (r.ops, r.latencies);
-            generator_cpu += r.generator_cpu;
+            let (ops, mut lat) = loops.add(r);
             ops_total += ops;
-            closed_loop_ops += ops;
             let kind = if serializable {
                 "serializable"
             } else {
@@ -801,12 +801,12 @@ async fn measure(c: &mut ProcCluster, quick: bool, only: &[String]) -> anyhow::R
         );
     }
     // The harness shares the machine: its cost is shown, not hidden (same for both systems).
-    if closed_loop_ops > 0 {
+    if loops.ops > 0 {
         row(
             "load generator CPU per op (closed loops)",
             false,
             "µs",
-            generator_cpu / closed_loop_ops as f64 * 1e6,
+            loops.generator_cpu / loops.ops as f64 * 1e6,
         );
     }
 

@@ -13,9 +13,9 @@ use std::time::Duration;
 use anyhow::Context as _;
 use control::apiserver::{ApiServer, ApiServerConfig, ServerToken, StoreJoinInfo};
 use control::storage::{MemStore, RemoteStore, Store};
+use tokio_util::sync::CancellationToken;
 
 use crate::cmd_bench_store::{Kind, ProcCluster};
-use tokio_util::sync::CancellationToken;
 
 /// Arguments of `flotilla server`.
 #[derive(clap::Args)]
