@@ -37,15 +37,17 @@ openraft::declare_raft_types!(
 );
 
 /// One mutating etcd request. Protobuf bodies stay prost-encoded: the log stores the client's
-/// own bytes and the state machine decodes them once, at apply time.
+/// own bytes and the state machine decodes them once, at apply time. They are serde bytes:
+/// postcard then copies them whole instead of visiting them byte by byte (a few per cent of
+/// a member's CPU under puts), in the same encoding (a length, then the bytes).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum WriteOp {
     /// `etcdserverpb.PutRequest`.
-    Put(Vec<u8>),
+    Put(#[serde(with = "serde_bytes")] Vec<u8>),
     /// `etcdserverpb.DeleteRangeRequest`.
-    DeleteRange(Vec<u8>),
+    DeleteRange(#[serde(with = "serde_bytes")] Vec<u8>),
     /// `etcdserverpb.TxnRequest`.
-    Txn(Vec<u8>),
+    Txn(#[serde(with = "serde_bytes")] Vec<u8>),
     /// Compact history below this revision.
     Compact(i64),
     /// Create a lease.
@@ -82,9 +84,9 @@ pub struct Request {
 /// Result of one [`WriteOp`]: responses are prost-encoded without header.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) enum OpReply {
-    Put(Vec<u8>),
-    DeleteRange(Vec<u8>),
-    Txn(Vec<u8>),
+    Put(#[serde(with = "serde_bytes")] Vec<u8>),
+    DeleteRange(#[serde(with = "serde_bytes")] Vec<u8>),
+    Txn(#[serde(with = "serde_bytes")] Vec<u8>),
     Compact,
     LeaseGrant,
     LeaseRevoke,
@@ -114,4 +116,46 @@ pub(crate) fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, postcard::Error> {
 /// Inverse of [`encode`].
 pub(crate) fn decode<T: for<'de> Deserialize<'de>>(b: &[u8]) -> Result<T, postcard::Error> {
     postcard::from_bytes(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `WriteOp` as logs, snapshots and peers encoded it before its bodies were serde bytes.
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    enum WriteOpAsSequence {
+        Put(Vec<u8>),
+        DeleteRange(Vec<u8>),
+        Txn(Vec<u8>),
+    }
+
+    #[test]
+    fn serde_bytes_bodies_keep_the_encoding_of_byte_sequences() {
+        let body: Vec<u8> = (0..=255).chain(0..40).collect();
+        let cases = [
+            (
+                WriteOp::Put(body.clone()),
+                WriteOpAsSequence::Put(body.clone()),
+            ),
+            (
+                WriteOp::DeleteRange(vec![]),
+                WriteOpAsSequence::DeleteRange(vec![]),
+            ),
+            (
+                WriteOp::Txn(vec![7; 200]),
+                WriteOpAsSequence::Txn(vec![7; 200]),
+            ),
+        ];
+        for (op, old) in cases {
+            let new_bytes = encode(&op).expect("encode");
+            let old_bytes = encode(&old).expect("encode");
+            assert_eq!(new_bytes, old_bytes, "{op:?}");
+            assert_eq!(decode::<WriteOp>(&old_bytes).expect("decode"), op);
+            assert_eq!(
+                decode::<WriteOpAsSequence>(&new_bytes).expect("decode"),
+                old
+            );
+        }
+    }
 }
