@@ -1087,8 +1087,8 @@ pub(crate) fn run(args: BenchStoreArgs) -> anyhow::Result<()> {
     })
 }
 
-/// One round of one system: a fresh 3-member cluster in its own dir under `dir`, measured,
-/// stopped, and its dirty pages written back.
+/// One round of one system: the page cache's dirty data written back, then a fresh 3-member
+/// cluster in its own dir under `dir`, measured and stopped.
 async fn measure_round(
     kind: Kind,
     dir: &Path,
@@ -1102,18 +1102,21 @@ async fn measure_round(
     } else {
         String::new()
     };
+    settle_disk().await;
     eprintln!("starting 3-member {system} in {}{of_rounds}", dir.display());
     let mut c = ProcCluster::start(kind, 3, &dir).await?;
     let rows = measure(&mut c, args.quick, &args.only).await;
     c.shutdown().await;
-    settle_disk().await;
     rows
 }
 
-/// Writes back what the last cluster left dirty before the next one starts, so neither system's
-/// `fdatasync`s wait behind the other's writeback. Data dirs are kept until the end: deleting
-/// them here would make the next run pay for the file system's discards instead.
-async fn settle_disk() {
+/// Writes back what is dirty in the page cache before a cluster starts, so its `fdatasync`s do
+/// not wait behind writeback of earlier files: the other system's last round, or a build just
+/// before the benchmark (the kernel writes a freshly linked binary back about 30 s later, and
+/// that stalled every member's log sync for 160-470 ms in the first paced phase of two runs).
+/// Data dirs are kept until the end: deleting them here would make the next run pay for the
+/// file system's discards instead.
+pub(crate) async fn settle_disk() {
     if let Err(e) = tokio::process::Command::new("sync").status().await {
         eprintln!("  (could not run sync: {e})");
     }

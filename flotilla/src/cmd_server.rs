@@ -656,6 +656,7 @@ async fn bench(args: BenchApiArgs) -> anyhow::Result<()> {
     let mut results = Vec::new();
     {
         let dir = BenchDir::new("store")?;
+        crate::cmd_bench_store::settle_disk().await;
         // Member processes, as etcd's are: members sharing the API server's runtime competed
         // with it (and with each other) for its worker threads.
         let mut cluster =
@@ -676,6 +677,7 @@ async fn bench(args: BenchApiArgs) -> anyhow::Result<()> {
     }
     if !args.no_etcd {
         let dir = BenchDir::new("etcd")?;
+        crate::cmd_bench_store::settle_disk().await;
         let (endpoints, mut children) =
             start_etcd_cluster(&args.etcd, dir.path(), args.members).await?;
         let store = RemoteStore::connect(&endpoints)?;
