@@ -814,8 +814,11 @@ async fn measure(c: &mut ProcCluster, quick: bool, only: &[String]) -> anyhow::R
         if !run("watch") {
             break;
         }
-        let (by_member, leader) =
-            watch_latency(&urls, watchers, if quick { 100 } else { 300 }).await?;
+        let WatchRun {
+            by_member,
+            leader,
+            mut put_latencies,
+        } = watch_latency(&urls, watchers, if quick { 100 } else { 300 }).await?;
         // Where the time goes: the leader's watchers see an entry on commit, the followers'
         // only once they learn the commit index.
         let served_by = |on_leader: bool| -> Vec<Duration> {
@@ -827,11 +830,13 @@ async fn measure(c: &mut ProcCluster, quick: bool, only: &[String]) -> anyhow::R
         };
         let (mut on_leader, mut on_followers) = (served_by(true), served_by(false));
         eprintln!(
-            "  watch delivery, {watchers} watchers: on the leader p50 {:.2} / p99 {:.2} ms; on followers p50 {:.2} / p99 {:.2} ms",
+            "  watch delivery, {watchers} watchers: on the leader p50 {:.2} / p99 {:.2} ms; on followers p50 {:.2} / p99 {:.2} ms; the puts' own answers p50 {:.2} / p99 {:.2} ms",
             pct(&mut on_leader, 0.5),
             pct(&mut on_leader, 0.99),
             pct(&mut on_followers, 0.5),
             pct(&mut on_followers, 0.99),
+            pct(&mut put_latencies, 0.5),
+            pct(&mut put_latencies, 0.99),
         );
         let mut lat: Vec<Duration> = by_member.into_iter().map(|(_, d)| d).collect();
         row(
@@ -940,12 +945,8 @@ async fn measure(c: &mut ProcCluster, quick: bool, only: &[String]) -> anyhow::R
 }
 
 /// One writer puts its send time; `watchers` watchers (spread over members) measure delivery.
-/// Returns each delivery with the index of the member that served it, and the leader's index.
-async fn watch_latency(
-    urls: &[String],
-    watchers: usize,
-    puts: usize,
-) -> anyhow::Result<(Vec<(usize, Duration)>, usize)> {
+/// Returns each delivery with the member that served it, the leader, and each put's round trip.
+async fn watch_latency(urls: &[String], watchers: usize, puts: usize) -> anyhow::Result<WatchRun> {
     let origin = Instant::now();
     let key = format!("watch/{watchers}").into_bytes();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(usize, Duration)>();
@@ -1006,14 +1007,16 @@ async fn watch_latency(
     }
     let leader = agreed_leader(urls, Duration::from_secs(10)).await?;
     let mut kv = KvClient::new(channel(&urls[leader], Duration::from_secs(5))?);
+    let mut put_latencies = Vec::with_capacity(puts);
     for _ in 0..puts {
-        let sent = origin.elapsed().as_nanos().to_string();
+        let sent = origin.elapsed();
         kv.put(PutRequest {
             key: key.clone(),
-            value: sent.into_bytes(),
+            value: sent.as_nanos().to_string().into_bytes(),
             ..Default::default()
         })
         .await?;
+        put_latencies.push(origin.elapsed().saturating_sub(sent));
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let _ = tokio::time::timeout(Duration::from_secs(30), async {
@@ -1025,7 +1028,22 @@ async fn watch_latency(
     while let Ok(d) = rx.try_recv() {
         lat.push(d);
     }
-    Ok((lat, leader))
+    Ok(WatchRun {
+        by_member: lat,
+        leader,
+        put_latencies,
+    })
+}
+
+/// What [`watch_latency`] saw.
+struct WatchRun {
+    /// Per event: the member whose watcher got it, and its delay from the put's start.
+    by_member: Vec<(usize, Duration)>,
+    /// Index of the leader in the URL list (the puts went there).
+    leader: usize,
+    /// Each put's own round trip: events that arrive much later than the answer point at the
+    /// watch path rather than the commit.
+    put_latencies: Vec<Duration>,
 }
 
 /// Holds a machine-wide lock for the benchmark's lifetime: two benchmarks at once on one
