@@ -1945,6 +1945,40 @@ pub(crate) async fn delete<S: Store>(
     q: &Query,
     opts: &Value,
 ) -> Result<Value> {
+    // As Kubernetes' storage does: a delete the client did not pin to a resourceVersion is not
+    // refused because something else (a controller's status update) wrote the object between
+    // the read and the write; it reads again and goes on. A pinned one fails with 409.
+    let pinned = opts.pointer("/preconditions/resourceVersion").is_some();
+    let mut attempts = 0;
+    loop {
+        match delete_attempt(app, res, ns, name, q, opts).await? {
+            Deleted::Done(v) => return Ok(v),
+            Deleted::Raced if pinned || attempts >= DELETE_ATTEMPTS => {
+                return Err(ApiError::conflict(res.group, res.plural, name));
+            }
+            Deleted::Raced => attempts += 1,
+        }
+    }
+}
+
+/// Reads and writes a delete tries before it gives up on an object that keeps changing.
+const DELETE_ATTEMPTS: u32 = 16;
+
+/// How one attempt of [`delete`] ended.
+enum Deleted {
+    Done(Value),
+    /// The object changed between the read and the write: nothing was written.
+    Raced,
+}
+
+async fn delete_attempt<S: Store>(
+    app: &App<S>,
+    res: &Resource,
+    ns: Option<&str>,
+    name: &str,
+    q: &Query,
+    opts: &Value,
+) -> Result<Deleted> {
     let key = res.key(ns, name);
     let Some(kv) = app.store.get(&key).await? else {
         return Err(ApiError::not_found(res.group, res.plural, name));
@@ -1971,7 +2005,9 @@ pub(crate) async fn delete<S: Store>(
         return Err(ApiError::conflict(res.group, res.plural, name));
     }
     if res.kind == "Namespace" {
-        return delete_namespace(app, res, name, &key, kv.mod_revision, old, q, opts).await;
+        return delete_namespace(app, res, name, &key, kv.mod_revision, old, q, opts)
+            .await
+            .map(Deleted::Done);
     }
     let requested_grace = q
         .get("gracePeriodSeconds")
@@ -2024,7 +2060,7 @@ pub(crate) async fn delete<S: Store>(
             && already.is_some_and(|a| a <= grace)
             && !policy_changed
         {
-            return Ok(old);
+            return Ok(Deleted::Done(old));
         }
         let mut new = marked;
         let at = chrono::Utc::now() + chrono::Duration::seconds(grace);
@@ -2037,10 +2073,8 @@ pub(crate) async fn delete<S: Store>(
             .update(key.clone(), encode(&new), kv.mod_revision)
             .await
         {
-            Ok(rev) => Ok(with_rv(new, rev)),
-            Err(StoreError::Conflict { .. }) => {
-                Err(ApiError::conflict(res.group, res.plural, name))
-            }
+            Ok(rev) => Ok(Deleted::Done(with_rv(new, rev))),
+            Err(StoreError::Conflict { .. }) => Ok(Deleted::Raced),
             Err(e) => Err(e.into()),
         };
     }
@@ -2052,16 +2086,14 @@ pub(crate) async fn delete<S: Store>(
         });
         ops.push(TxnOp::Delete { key: key.clone() });
         return match app.store.txn(guards, ops).await {
-            Ok(_) => Ok(old),
-            Err(StoreError::Conflict { .. }) => {
-                Err(ApiError::conflict(res.group, res.plural, name))
-            }
+            Ok(_) => Ok(Deleted::Done(old)),
+            Err(StoreError::Conflict { .. }) => Ok(Deleted::Raced),
             Err(e) => Err(e.into()),
         };
     }
     match app.store.delete(&key, Some(kv.mod_revision)).await {
-        Ok(_) => Ok(old),
-        Err(StoreError::Conflict { .. }) => Err(ApiError::conflict(res.group, res.plural, name)),
+        Ok(_) => Ok(Deleted::Done(old)),
+        Err(StoreError::Conflict { .. }) => Ok(Deleted::Raced),
         Err(StoreError::NotFound) => Err(ApiError::not_found(res.group, res.plural, name)),
         Err(e) => Err(e.into()),
     }
