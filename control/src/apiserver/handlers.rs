@@ -1949,16 +1949,14 @@ pub(crate) async fn delete<S: Store>(
     // refused because something else (a controller's status update) wrote the object between
     // the read and the write; it reads again and goes on. A pinned one fails with 409.
     let pinned = opts.pointer("/preconditions/resourceVersion").is_some();
-    let mut attempts = 0;
-    loop {
+    for _ in 0..DELETE_ATTEMPTS {
         match delete_attempt(app, res, ns, name, q, opts).await? {
             Deleted::Done(v) => return Ok(v),
-            Deleted::Raced if pinned || attempts >= DELETE_ATTEMPTS => {
-                return Err(ApiError::conflict(res.group, res.plural, name));
-            }
-            Deleted::Raced => attempts += 1,
+            Deleted::Raced if pinned => break,
+            Deleted::Raced => {}
         }
     }
+    Err(ApiError::conflict(res.group, res.plural, name))
 }
 
 /// Reads and writes a delete tries before it gives up on an object that keeps changing.
