@@ -2545,15 +2545,11 @@ mod tests {
     }
 
     use super::*;
+    use crate::storage::MemStore;
 
-    /// Binds and status updates of many pods arriving together share store transactions;
-    /// of two status writers holding the same resourceVersion only the first succeeds and
-    /// the other gets its own 409, as if each had written alone.
-    #[tokio::test]
-    async fn binds_and_status_updates_share_transactions() {
-        use crate::storage::MemStore;
-        let store = MemStore::new();
-        let app = App {
+    /// An API server's handler state on an in-memory store.
+    fn mem_app(store: &MemStore) -> App<MemStore> {
+        App {
             watch_cache: Arc::new(super::super::watch_cache::WatchCache::new(
                 store.clone(),
                 tokio_util::task::TaskTracker::new(),
@@ -2564,7 +2560,97 @@ mod tests {
             admission_cache: super::super::admission_cache::AdmissionCache::default(),
             server_address: "127.0.0.1".into(),
             tasks: tokio_util::task::TaskTracker::new(),
+        }
+    }
+
+    /// A delete the client did not pin to a resourceVersion outlasts writers that change the
+    /// object between its read and its write (a controller's status update); a pinned one
+    /// answers 409 and writes nothing; an object that never stops changing ends in 409 too.
+    #[tokio::test]
+    async fn unpinned_delete_retries_racing_writers_and_a_pinned_one_conflicts() {
+        let store = MemStore::new();
+        let app = mem_app(&store);
+        let nsres = resources::find("", "v1", "namespaces").expect("namespaces");
+        let cms = resources::find("", "v1", "configmaps").expect("configmaps");
+        let rss = resources::find("apps", "v1", "replicasets").expect("replicasets");
+        let ns = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default"}});
+        create(&app, nsres, None, ns, false, Owner::Update("test"))
+            .await
+            .expect("namespace");
+        let new_cm = |name: &str| {
+            json!({"apiVersion": "v1", "kind": "ConfigMap",
+                "metadata": {"name": name, "namespace": "default"}, "data": {"k": "v"}})
         };
+        let none = Query::parse(None);
+        for name in ["raced", "pinned", "busy"] {
+            create(
+                &app,
+                cms,
+                Some("default"),
+                new_cm(name),
+                false,
+                Owner::Update("test"),
+            )
+            .await
+            .expect("create configmap");
+        }
+
+        let raced = cms.key(Some("default"), "raced");
+        store.race_reads(&raced, 3);
+        delete(&app, cms, Some("default"), "raced", &none, &Value::Null)
+            .await
+            .expect("an unpinned delete outlasts three racing writes");
+        assert!(store.get(&raced).await.expect("get").is_none());
+
+        let pinned = cms.key(Some("default"), "pinned");
+        let rv = store
+            .get(&pinned)
+            .await
+            .expect("get")
+            .expect("exists")
+            .mod_revision;
+        store.race_reads(&pinned, 1);
+        let opts = json!({"preconditions": {"resourceVersion": rv.to_string()}});
+        let err = delete(&app, cms, Some("default"), "pinned", &none, &opts)
+            .await
+            .expect_err("a pinned delete must not retry");
+        assert_eq!(err.code, 409, "{}", err.message);
+        assert!(store.get(&pinned).await.expect("get").is_some());
+
+        let busy = cms.key(Some("default"), "busy");
+        store.race_reads(&busy, u32::MAX);
+        let err = delete(&app, cms, Some("default"), "busy", &none, &Value::Null)
+            .await
+            .expect_err("retries are bounded");
+        assert_eq!(err.code, 409, "{}", err.message);
+        assert!(store.get(&busy).await.expect("get").is_some());
+        store.race_reads(&busy, 0);
+
+        // The Orphan finalizer mark (the CI failure that found this): marked, not refused.
+        let rs = json!({"apiVersion": "apps/v1", "kind": "ReplicaSet",
+            "metadata": {"name": "orph", "namespace": "default"},
+            "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "a"}},
+                "template": {"metadata": {"labels": {"app": "a"}},
+                    "spec": {"containers": [{"name": "c", "image": "x.wasm"}]}}}});
+        create(&app, rss, Some("default"), rs, false, Owner::Update("test"))
+            .await
+            .expect("create replicaset");
+        store.race_reads(&rss.key(Some("default"), "orph"), 2);
+        let orphan = Query::parse(Some("propagationPolicy=Orphan"));
+        let out = delete(&app, rss, Some("default"), "orph", &orphan, &Value::Null)
+            .await
+            .expect("an orphan delete outlasts racing status updates");
+        assert_eq!(out["metadata"]["finalizers"], json!(["orphan"]));
+        assert!(out.pointer("/metadata/deletionTimestamp").is_some());
+    }
+
+    /// Binds and status updates of many pods arriving together share store transactions;
+    /// of two status writers holding the same resourceVersion only the first succeeds and
+    /// the other gets its own 409, as if each had written alone.
+    #[tokio::test]
+    async fn binds_and_status_updates_share_transactions() {
+        let store = MemStore::new();
+        let app = mem_app(&store);
         let nsres = resources::find("", "v1", "namespaces").expect("namespaces");
         let pods = resources::find("", "v1", "pods").expect("pods");
         let ns = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default"}});

@@ -23,6 +23,9 @@ pub struct MemStore {
     inner: Arc<Mutex<Inner>>,
     /// Fault hook: while set every call fails with `Unavailable` (tests of the 503 path).
     down: Arc<AtomicBool>,
+    /// Fault hook: a key and how many more of its reads another writer races (see
+    /// [`MemStore::race_reads`]).
+    raced: Arc<Mutex<Option<(String, u32)>>>,
     /// The events of one revision per message: a watcher never sees part of a transaction
     /// without the rest (the store and etcd send a revision in one watch response too).
     events: broadcast::Sender<Arc<Vec<WatchEvent>>>,
@@ -51,8 +54,49 @@ impl MemStore {
                 history: VecDeque::new(),
             })),
             down: Arc::new(AtomicBool::new(false)),
+            raced: Arc::default(),
             events,
         }
+    }
+
+    /// Fault hook: each of the next `reads` reads of `key` is followed, before the reader can
+    /// write, by another writer's update of it (same value, new revision), as a controller's
+    /// status update lands between an API server's read and its write. Tests of the retries
+    /// of read-modify-write paths.
+    pub fn race_reads(&self, key: &str, reads: u32) {
+        if let Ok(mut r) = self.raced.lock() {
+            *r = Some((key.to_string(), reads));
+        }
+    }
+
+    /// Applies the racing write [`MemStore::race_reads`] asked for after a read of `key`.
+    fn race_after_read(&self, key: &str, inner: &mut Inner) {
+        let Ok(mut raced) = self.raced.lock() else {
+            return;
+        };
+        let Some((k, left)) = raced.as_mut() else {
+            return;
+        };
+        if k != key || *left == 0 {
+            return;
+        }
+        *left -= 1;
+        let Some(prev) = inner.data.get(key).cloned() else {
+            return;
+        };
+        inner.revision += 1;
+        let kv = Versioned {
+            mod_revision: inner.revision,
+            ..prev.clone()
+        };
+        inner.data.insert(key.to_string(), kv.clone());
+        self.record(
+            inner,
+            WatchEvent::Put {
+                kv,
+                prev: Some(prev),
+            },
+        );
     }
 
     /// Simulates a store outage (`true`) or its end (`false`).
@@ -115,7 +159,10 @@ fn event_key(event: &WatchEvent) -> &str {
 
 impl Store for MemStore {
     async fn get(&self, key: &str) -> Result<Option<Versioned>, StoreError> {
-        Ok(self.lock()?.data.get(key).cloned())
+        let mut inner = self.lock()?;
+        let found = inner.data.get(key).cloned();
+        self.race_after_read(key, &mut inner);
+        Ok(found)
     }
 
     async fn list(&self, prefix: &str) -> Result<(Vec<Versioned>, Revision), StoreError> {
