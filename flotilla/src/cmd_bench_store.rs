@@ -546,8 +546,8 @@ where
 }
 
 /// `clients` clients together sending `rate` puts per second on a fixed schedule for `dur`.
-/// Latency counts from the scheduled send time, so a stall also delays (and is charged to)
-/// the requests queued behind it.
+/// Latency counts as [`control::bench::paced_slot`] says: from the scheduled send time when a
+/// client is behind schedule, so a stall is also charged to the requests queued behind it.
 async fn paced(
     urls: &[String],
     clients: usize,
@@ -569,10 +569,9 @@ async fn paced(
         tasks.spawn(async move {
             let mut lat = Vec::new();
             for i in 0..n_each {
-                let due = start + offset + interval * i;
-                tokio::time::sleep_until(due).await;
+                let from = control::bench::paced_slot(start + offset + interval * i).await;
                 match kv.put(put_req(format!("paced/{c}/{i}"))).await {
-                    Ok(_) => lat.push(due.elapsed()),
+                    Ok(_) => lat.push(from.elapsed()),
                     Err(_) => {
                         errors.fetch_add(1, Ordering::Relaxed);
                     }
