@@ -1,8 +1,9 @@
 //! Raft transport over tonic (`flotilla.raft.v1.RaftPeer`), behind openraft's
 //! `RaftNetworkFactory` so tests can wrap or replace it (fault injection).
 //!
-//! A replication stream's AppendEntries go over one long-lived bidirectional gRPC stream per
-//! connection (one DATA frame per message each way); the rest are unary calls.
+//! AppendEntries go over long-lived bidirectional gRPC streams (one DATA frame per message each
+//! way): a replication stream keeps one, and the one-message connections of ReadIndex rounds
+//! borrow an idle one; votes and snapshots are unary calls.
 //!
 //! Every RPC is bounded by `RPCOption::soft_ttl()`: without a deadline a partition can wedge a
 //! replication stream forever.
@@ -36,7 +37,17 @@ use crate::types::{Member, TypeConfig, decode, encode};
 pub struct TonicNetworkFactory {
     max_message_bytes: usize,
     channels: Arc<Mutex<HashMap<String, Channel>>>,
+    idle_streams: IdleStreams,
 }
+
+/// AppendEntries streams no connection is using, per peer URL. openraft opens a connection per
+/// ReadIndex round (one heartbeat per follower); taking an open stream from here makes that
+/// heartbeat one DATA frame each way instead of a unary call (a new HTTP/2 stream, headers and
+/// trailers, a server task).
+type IdleStreams = Arc<Mutex<HashMap<String, Vec<PeerStream>>>>;
+
+/// Idle streams kept per peer: enough for the rounds that overlap.
+const IDLE_STREAMS_PER_PEER: usize = 4;
 
 impl TonicNetworkFactory {
     /// A factory whose clients accept messages up to `max_message_bytes` (snapshot chunks and
@@ -45,6 +56,7 @@ impl TonicNetworkFactory {
         Self {
             max_message_bytes,
             channels: Arc::default(),
+            idle_streams: Arc::default(),
         }
     }
 
@@ -68,16 +80,33 @@ pub(crate) fn peer_channel(url: &str) -> Result<Channel, tonic::transport::Error
 }
 
 /// One peer connection, as openraft holds it: one per replication stream, or one per
-/// ReadIndex round or election.
+/// ReadIndex round or election. Its AppendEntries go over a stream, reused across
+/// connections (see [`IdleStreams`]).
 #[derive(Debug)]
 pub struct TonicConnection {
     target: u64,
+    url: String,
     client: Option<RaftPeerClient<Channel>>,
     error: Option<String>,
-    /// AppendEntries sent so far; the stream is opened from the second one on, so the
-    /// one-message connections of ReadIndex rounds do not pay for opening it.
-    appends: u64,
     append_stream: Option<PeerStream>,
+    /// Where `append_stream` goes back when the connection is dropped.
+    idle_streams: IdleStreams,
+}
+
+impl Drop for TonicConnection {
+    fn drop(&mut self) {
+        let Some(mut stream) = self.append_stream.take() else {
+            return;
+        };
+        if !stream.reusable() {
+            return;
+        }
+        let mut idle = self.idle_streams.lock().unwrap_or_else(|p| p.into_inner());
+        let streams = idle.entry(self.url.clone()).or_default();
+        if streams.len() < IDLE_STREAMS_PER_PEER {
+            streams.push(stream);
+        }
+    }
 }
 
 /// Request/response exchanges over one long-lived bidirectional stream
@@ -162,22 +191,24 @@ impl RaftNetworkFactory<TypeConfig> for TonicNetworkFactory {
                 let max = self.max_message_bytes.max(64 * 1024 * 1024);
                 TonicConnection {
                     target,
+                    url: node.peer_url.clone(),
                     client: Some(
                         RaftPeerClient::new(ch)
                             .max_decoding_message_size(max)
                             .max_encoding_message_size(max),
                     ),
                     error: None,
-                    appends: 0,
                     append_stream: None,
+                    idle_streams: self.idle_streams.clone(),
                 }
             }
             Err(e) => TonicConnection {
                 target,
+                url: node.peer_url.clone(),
                 client: None,
                 error: Some(format!("bad peer url {:?}: {e}", node.peer_url)),
-                appends: 0,
                 append_stream: None,
+                idle_streams: self.idle_streams.clone(),
             },
         }
     }
@@ -245,17 +276,23 @@ impl TonicConnection {
         data: Vec<u8>,
     ) -> Result<Vec<u8>, tonic::Status> {
         let unary = match rpc {
-            Rpc::AppendEntries => {
-                self.appends += 1;
-                if self.appends > 1 {
-                    return self.append_streamed(client, data).await;
-                }
-                client.append_entries(RaftBytes { data }).await
-            }
+            Rpc::AppendEntries => return self.append_streamed(client, data).await,
             Rpc::Vote => client.vote(RaftBytes { data }).await,
             Rpc::InstallSnapshot => client.install_snapshot(RaftBytes { data }).await,
         };
         unary.map(|r| r.into_inner().data)
+    }
+
+    /// An idle AppendEntries stream to this peer that is still usable, if any.
+    fn idle_stream(&self) -> Option<PeerStream> {
+        let mut idle = self.idle_streams.lock().unwrap_or_else(|p| p.into_inner());
+        let streams = idle.get_mut(&self.url)?;
+        while let Some(mut s) = streams.pop() {
+            if s.reusable() {
+                return Some(s);
+            }
+        }
+        None
     }
 
     async fn append_streamed(
@@ -265,6 +302,9 @@ impl TonicConnection {
     ) -> Result<Vec<u8>, tonic::Status> {
         if self.append_stream.as_mut().is_some_and(|s| !s.reusable()) {
             self.append_stream = None;
+        }
+        if self.append_stream.is_none() {
+            self.append_stream = self.idle_stream();
         }
         if let Some(stream) = self.append_stream.as_mut() {
             match stream.exchange(data.clone()).await {
