@@ -33,21 +33,58 @@ use crate::types::{Member, TypeConfig, decode, encode};
 ///
 /// Channels are cached per URL: openraft asks for a new client for every replication stream
 /// and for every ReadIndex round, and one HTTP/2 connection per peer carries them all.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct TonicNetworkFactory {
     max_message_bytes: usize,
     channels: Arc<Mutex<HashMap<String, Channel>>>,
     idle_streams: IdleStreams,
 }
 
-/// AppendEntries streams no connection is using, per peer URL. openraft opens a connection per
-/// ReadIndex round (one heartbeat per follower); taking an open stream from here makes that
-/// heartbeat one DATA frame each way instead of a unary call (a new HTTP/2 stream, headers and
-/// trailers, a server task).
-type IdleStreams = Arc<Mutex<HashMap<String, Vec<PeerStream>>>>;
+/// AppendEntries streams no connection is using. openraft opens a connection per ReadIndex
+/// round (one heartbeat per follower); taking an open stream from here makes that heartbeat
+/// one DATA frame each way instead of a unary call (a new HTTP/2 stream, headers and
+/// trailers, a server task). Four per peer cover the rounds that overlap.
+type IdleStreams = Arc<StreamPool>;
 
-/// Idle streams kept per peer: enough for the rounds that overlap.
-const IDLE_STREAMS_PER_PEER: usize = 4;
+/// Idle `PeerStream`s per peer URL, at most `cap` each: borrowed for one exchange or one
+/// connection's life, then given back.
+#[derive(Debug)]
+pub(crate) struct StreamPool {
+    idle: Mutex<HashMap<String, Vec<PeerStream>>>,
+    cap: usize,
+}
+
+impl StreamPool {
+    pub(crate) fn new(cap: usize) -> Self {
+        Self {
+            idle: Mutex::default(),
+            cap,
+        }
+    }
+
+    /// An idle stream to `url` that can still take a request. One whose connection closed
+    /// while idle is dropped here, before a request goes out on it: a fresh stream then
+    /// tells a refused connection (safe to retry) from a lost answer.
+    pub(crate) fn take(&self, url: &str) -> Option<PeerStream> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let streams = idle.get_mut(url)?;
+        while let Some(mut s) = streams.pop() {
+            if s.reusable() {
+                return Some(s);
+            }
+        }
+        None
+    }
+
+    /// Gives `stream` back, unless `url` already has `cap` idle ones.
+    pub(crate) fn give_back(&self, url: &str, stream: PeerStream) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let streams = idle.entry(url.to_owned()).or_default();
+        if streams.len() < self.cap {
+            streams.push(stream);
+        }
+    }
+}
 
 impl TonicNetworkFactory {
     /// A factory whose clients accept messages up to `max_message_bytes` (snapshot chunks and
@@ -56,7 +93,7 @@ impl TonicNetworkFactory {
         Self {
             max_message_bytes,
             channels: Arc::default(),
-            idle_streams: Arc::default(),
+            idle_streams: Arc::new(StreamPool::new(4)),
         }
     }
 
@@ -98,13 +135,8 @@ impl Drop for TonicConnection {
         let Some(mut stream) = self.append_stream.take() else {
             return;
         };
-        if !stream.reusable() {
-            return;
-        }
-        let mut idle = self.idle_streams.lock().unwrap_or_else(|p| p.into_inner());
-        let streams = idle.entry(self.url.clone()).or_default();
-        if streams.len() < IDLE_STREAMS_PER_PEER {
-            streams.push(stream);
+        if stream.reusable() {
+            self.idle_streams.give_back(&self.url, stream);
         }
     }
 }
@@ -283,18 +315,6 @@ impl TonicConnection {
         unary.map(|r| r.into_inner().data)
     }
 
-    /// An idle AppendEntries stream to this peer that is still usable, if any.
-    fn idle_stream(&self) -> Option<PeerStream> {
-        let mut idle = self.idle_streams.lock().unwrap_or_else(|p| p.into_inner());
-        let streams = idle.get_mut(&self.url)?;
-        while let Some(mut s) = streams.pop() {
-            if s.reusable() {
-                return Some(s);
-            }
-        }
-        None
-    }
-
     async fn append_streamed(
         &mut self,
         mut client: RaftPeerClient<Channel>,
@@ -304,7 +324,7 @@ impl TonicConnection {
             self.append_stream = None;
         }
         if self.append_stream.is_none() {
-            self.append_stream = self.idle_stream();
+            self.append_stream = self.idle_streams.take(&self.url);
         }
         if let Some(stream) = self.append_stream.as_mut() {
             match stream.exchange(data.clone()).await {

@@ -21,7 +21,7 @@ use crate::faults::{FaultHooks, LinkFate};
 use crate::forwarder::{self, ForwardQueue};
 use crate::lessor::Lessor;
 use crate::log_store::SledLogStore;
-use crate::network::{PeerStream, StreamRpc, TonicNetworkFactory, peer_channel};
+use crate::network::{PeerStream, StreamPool, StreamRpc, TonicNetworkFactory, peer_channel};
 use crate::pb::etcdserverpb::ResponseHeader;
 use crate::pb::raftpb::raft_peer_client::RaftPeerClient;
 use crate::read_index::{ReadQueue, Reads, resolve};
@@ -133,7 +133,8 @@ pub(crate) struct Inner {
     peers: Mutex<HashMap<String, RaftPeerClient<tonic::transport::Channel>>>,
     /// Idle `ForwardStream`s per leader peer URL: a forwarded request costs one DATA frame
     /// each way on one of them, where a unary call cost three client writes and a server task.
-    forward_streams: Mutex<HashMap<String, Vec<PeerStream>>>,
+    /// Eight per peer, more than the forwarder keeps in flight, so steady traffic opens none.
+    forward_streams: StreamPool,
     pub(crate) stats: Arc<Stats>,
     fault_hooks: FaultHooks,
     /// Set once a ReadIndex round has completed since start (see [`Inner::local_read_barrier`]).
@@ -488,7 +489,7 @@ impl Node {
             linearizable_reads: Default::default(),
             lessor: Lessor::new(fault_hooks.clock_offset_ms.clone()),
             peers: Mutex::new(HashMap::new()),
-            forward_streams: Mutex::new(HashMap::new()),
+            forward_streams: StreamPool::new(8),
             stats,
             fault_hooks,
             local_reads_ready: AtomicBool::new(false),
@@ -696,7 +697,7 @@ impl Inner {
                 EtcdError::TimeoutDueToConnectionLost
             });
         }
-        let pooled = self.take_forward_stream(peer_url);
+        let pooled = self.forward_streams.take(peer_url);
         let res = tokio::time::timeout(self.tunables.request_timeout, async {
             let mut stream = match pooled {
                 Some(s) => s,
@@ -716,7 +717,7 @@ impl Inner {
         match res {
             Err(_) => Err(EtcdError::Timeout),
             Ok(Ok((stream, reply))) => {
-                self.return_forward_stream(peer_url, stream);
+                self.forward_streams.give_back(peer_url, stream);
                 decode::<Result<ForwardResponse, EtcdError>>(&reply)
                     .map_err(|e| EtcdError::Internal(e.to_string()))?
             }
@@ -730,36 +731,6 @@ impl Inner {
                     Err(EtcdError::TimeoutDueToConnectionLost)
                 }
             }
-        }
-    }
-
-    fn take_forward_stream(&self, peer_url: &str) -> Option<PeerStream> {
-        let mut pools = self
-            .forward_streams
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        let pool = pools.get_mut(peer_url)?;
-        // A stream whose connection closed while idle is dropped here, before a request
-        // goes out on it: a fresh stream then tells a refused connection (safe to retry)
-        // from a lost answer.
-        while let Some(mut s) = pool.pop() {
-            if s.reusable() {
-                return Some(s);
-            }
-        }
-        None
-    }
-
-    fn return_forward_stream(&self, peer_url: &str, stream: PeerStream) {
-        /// More than the forwarder keeps in flight, so steady traffic opens none.
-        const MAX_IDLE: usize = 8;
-        let mut pools = self
-            .forward_streams
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        let pool = pools.entry(peer_url.to_owned()).or_default();
-        if pool.len() < MAX_IDLE {
-            pool.push(stream);
         }
     }
 

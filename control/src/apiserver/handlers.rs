@@ -2547,9 +2547,9 @@ mod tests {
     use super::*;
     use crate::storage::MemStore;
 
-    /// An API server's handler state on an in-memory store.
-    fn mem_app(store: &MemStore) -> App<MemStore> {
-        App {
+    /// An API server's handler state on an in-memory store holding the `default` namespace.
+    async fn mem_app(store: &MemStore) -> App<MemStore> {
+        let app = App {
             watch_cache: Arc::new(super::super::watch_cache::WatchCache::new(
                 store.clone(),
                 tokio_util::task::TaskTracker::new(),
@@ -2560,7 +2560,13 @@ mod tests {
             admission_cache: super::super::admission_cache::AdmissionCache::default(),
             server_address: "127.0.0.1".into(),
             tasks: tokio_util::task::TaskTracker::new(),
-        }
+        };
+        let nsres = resources::find("", "v1", "namespaces").expect("namespaces");
+        let ns = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default"}});
+        create(&app, nsres, None, ns, false, Owner::Update("test"))
+            .await
+            .expect("namespace");
+        app
     }
 
     /// A delete the client did not pin to a resourceVersion outlasts writers that change the
@@ -2569,14 +2575,9 @@ mod tests {
     #[tokio::test]
     async fn unpinned_delete_retries_racing_writers_and_a_pinned_one_conflicts() {
         let store = MemStore::new();
-        let app = mem_app(&store);
-        let nsres = resources::find("", "v1", "namespaces").expect("namespaces");
+        let app = mem_app(&store).await;
         let cms = resources::find("", "v1", "configmaps").expect("configmaps");
         let rss = resources::find("apps", "v1", "replicasets").expect("replicasets");
-        let ns = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default"}});
-        create(&app, nsres, None, ns, false, Owner::Update("test"))
-            .await
-            .expect("namespace");
         let new_cm = |name: &str| {
             json!({"apiVersion": "v1", "kind": "ConfigMap",
                 "metadata": {"name": name, "namespace": "default"}, "data": {"k": "v"}})
@@ -2650,13 +2651,8 @@ mod tests {
     #[tokio::test]
     async fn binds_and_status_updates_share_transactions() {
         let store = MemStore::new();
-        let app = mem_app(&store);
-        let nsres = resources::find("", "v1", "namespaces").expect("namespaces");
+        let app = mem_app(&store).await;
         let pods = resources::find("", "v1", "pods").expect("pods");
-        let ns = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default"}});
-        create(&app, nsres, None, ns, false, Owner::Update("test"))
-            .await
-            .expect("namespace");
         let n = 200;
         let mut rvs = Vec::new();
         for i in 0..n {
