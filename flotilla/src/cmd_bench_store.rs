@@ -1182,22 +1182,75 @@ fn median_rows(rounds: &[Vec<Row>]) -> Vec<(Row, Vec<f64>)> {
         .collect()
 }
 
+/// Issue #3's target for a row: throughputs at least 1.5x etcd's; p99s, server CPU and RSS at
+/// most etcd's; failover within 1.5 s. Medians, maxima and the load generator have none.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Target {
+    RatioAtLeast(f64),
+    RatioAtMost(f64),
+    AtMost(f64),
+}
+
+impl Target {
+    fn of(row: &Row) -> Option<Target> {
+        let name = row.name.as_str();
+        if row.unit == "ops/s" {
+            Some(Target::RatioAtLeast(1.5))
+        } else if name.starts_with("failover") {
+            Some(Target::AtMost(1500.0))
+        } else if name.contains("p99") || name.starts_with("server CPU") || name.starts_with("RSS")
+        {
+            Some(Target::RatioAtMost(1.0))
+        } else {
+            None
+        }
+    }
+
+    fn label(self) -> String {
+        match self {
+            Target::RatioAtLeast(x) => format!(">={x:.1}x"),
+            Target::RatioAtMost(x) => format!("<={x:.1}x"),
+            Target::AtMost(v) => format!("<={v:.0}"),
+        }
+    }
+
+    /// Met, missed, or unknown (a ratio target without an etcd row).
+    fn met(self, value: f64, ratio: Option<f64>) -> Option<bool> {
+        match self {
+            Target::RatioAtLeast(x) => ratio.map(|r| r >= x),
+            Target::RatioAtMost(x) => ratio.map(|r| r <= x),
+            Target::AtMost(v) => Some(value <= v),
+        }
+    }
+}
+
 fn print_table(f: &[(Row, Vec<f64>)], e: Option<&[(Row, Vec<f64>)]>) {
     let several = f.first().is_some_and(|(_, v)| v.len() > 1);
     println!(
-        "{:<42} {:>12} {:>12} {:>8}  {:<6} {:<7}{}",
+        "{:<42} {:>12} {:>12} {:>8}  {:<6} {:<7} {:<8} {:<6}{}",
         "shape",
         "flotilla",
         "etcd 3.4",
         "ratio",
         "unit",
         "better",
+        "target",
+        "",
         if several { "  ratio by round" } else { "" }
     );
+    let mut missed = Vec::new();
+    let mut met = 0;
     for (i, (r, f_values)) in f.iter().enumerate() {
         let e_row = e.and_then(|e| e.get(i));
         let ev = e_row.map(|(r, _)| r.value);
         let ratio = ev.map(|ev| r.value / ev);
+        let target = Target::of(r);
+        let verdict = target.and_then(|t| t.met(r.value, ratio));
+        match verdict {
+            Some(true) => met += 1,
+            Some(false) => missed.push(r.name.clone()),
+            None => {}
+        }
         let by_round = match e_row {
             Some((_, e_values)) if several => f_values
                 .iter()
@@ -1213,18 +1266,99 @@ fn print_table(f: &[(Row, Vec<f64>)], e: Option<&[(Row, Vec<f64>)]>) {
             _ => String::new(),
         };
         println!(
-            "{:<42} {:>12.2} {:>12} {:>8}  {:<6} {:<7}{}",
+            "{:<42} {:>12.2} {:>12} {:>8}  {:<6} {:<7} {:<8} {:<6}{}",
             r.name,
             r.value,
             ev.map_or("-".to_owned(), |v| format!("{v:.2}")),
             ratio.map_or("-".to_owned(), |x| format!("{x:.2}x")),
             r.unit,
             if r.higher_better { "higher" } else { "lower" },
+            target.map_or(String::new(), Target::label),
+            match verdict {
+                Some(true) => "met",
+                Some(false) => "MISSED",
+                None => "",
+            },
             if by_round.is_empty() {
                 String::new()
             } else {
                 format!("  {by_round}")
             }
         );
+    }
+    if missed.is_empty() {
+        println!("targets: {met} met, none missed");
+    } else {
+        println!(
+            "targets: {met} met, {} missed: {}",
+            missed.len(),
+            missed.join("; ")
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(name: &str, unit: &'static str, value: f64) -> Row {
+        Row {
+            name: name.to_owned(),
+            higher_better: unit == "ops/s",
+            unit,
+            value,
+        }
+    }
+
+    #[test]
+    fn each_row_gets_issue_3s_target() {
+        let cases = [
+            (
+                "put/s, 16 clients",
+                "ops/s",
+                Some(Target::RatioAtLeast(1.5)),
+            ),
+            ("put p99, 16 clients", "ms", Some(Target::RatioAtMost(1.0))),
+            (
+                "watch delivery p99, 10 watchers",
+                "ms",
+                Some(Target::RatioAtMost(1.0)),
+            ),
+            (
+                "server CPU per put, 16 clients",
+                "µs",
+                Some(Target::RatioAtMost(1.0)),
+            ),
+            (
+                "RSS per member with 100k keys",
+                "MiB",
+                Some(Target::RatioAtMost(1.0)),
+            ),
+            (
+                "failover after leader kill -9, median of 5",
+                "ms",
+                Some(Target::AtMost(1500.0)),
+            ),
+            ("sequential put, 1 client, p50", "ms", None),
+            ("paced put 500/s, 100 clients, max", "ms", None),
+            ("load generator CPU per op (closed loops)", "µs", None),
+        ];
+        for (name, unit, want) in cases {
+            assert_eq!(Target::of(&row(name, unit, 1.0)), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn verdicts_compare_the_ratio_or_the_value() {
+        let at_least = Target::RatioAtLeast(1.5);
+        assert_eq!(at_least.met(0.0, Some(1.5)), Some(true));
+        assert_eq!(at_least.met(0.0, Some(1.49)), Some(false));
+        assert_eq!(at_least.met(0.0, None), None, "no etcd row, no verdict");
+        let at_most = Target::RatioAtMost(1.0);
+        assert_eq!(at_most.met(0.0, Some(1.07)), Some(false));
+        assert_eq!(at_most.met(0.0, Some(0.93)), Some(true));
+        let failover = Target::AtMost(1500.0);
+        assert_eq!(failover.met(1109.0, None), Some(true));
+        assert_eq!(failover.met(1600.0, Some(0.9)), Some(false));
     }
 }
