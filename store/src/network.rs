@@ -76,8 +76,12 @@ impl StreamPool {
         None
     }
 
-    /// Gives `stream` back, unless `url` already has `cap` idle ones.
-    pub(crate) fn give_back(&self, url: &str, stream: PeerStream) {
+    /// Gives `stream` back, unless it cannot take another request or `url` already has `cap`
+    /// idle ones.
+    pub(crate) fn give_back(&self, url: &str, mut stream: PeerStream) {
+        if !stream.reusable() {
+            return;
+        }
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let streams = idle.entry(url.to_owned()).or_default();
         if streams.len() < self.cap {
@@ -132,10 +136,7 @@ pub struct TonicConnection {
 
 impl Drop for TonicConnection {
     fn drop(&mut self) {
-        let Some(mut stream) = self.append_stream.take() else {
-            return;
-        };
-        if stream.reusable() {
+        if let Some(stream) = self.append_stream.take() {
             self.idle_streams.give_back(&self.url, stream);
         }
     }
