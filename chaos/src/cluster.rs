@@ -47,6 +47,8 @@ struct CrashState {
     capture: bool,
     /// Its files as of the last `BeforeLogFlush`.
     captured: Option<Files>,
+    /// Log syncs wait at `BeforeLogFlush` while set (a disk that has stopped answering).
+    stall_syncs: bool,
 }
 
 /// Arms a member to crash at a [`CrashPoint`]: when storage reaches it, the data dir is copied
@@ -85,9 +87,18 @@ impl CrashSwitch {
         self.lock().armed = None;
     }
 
+    /// Holds every log sync of the member before it starts (`true`) or lets them go on.
+    /// Only for a leader: its syncs run on their own thread, a follower's on the runtime.
+    pub fn stall_syncs(&self, stall: bool) {
+        self.lock().stall_syncs = stall;
+    }
+
     fn hook(&self, data_dir: PathBuf) -> store::CrashHook {
         let me = self.clone();
         Arc::new(move |point| {
+            while point == CrashPoint::BeforeLogFlush && me.lock().stall_syncs {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
             let mut s = me.lock();
             if s.dead {
                 return true;

@@ -32,6 +32,7 @@
 
 mod backup;
 mod batcher;
+mod commit_gate;
 mod config;
 mod error;
 mod faults;

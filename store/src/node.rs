@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::batcher::{BatchCounters, Batcher};
+use crate::commit_gate::CommitGate;
 use crate::config::{AutoCompaction, ClusterState, StoreConfig, Tunables, cluster_id, member_id};
 use crate::error::{EtcdError, StoreError};
 use crate::faults::{FaultHooks, LinkFate};
@@ -90,6 +91,8 @@ pub struct NodeMetrics {
     pub term: u64,
     /// Index of the last applied log entry.
     pub last_applied: u64,
+    /// Index of the last entry in this member's log (synced or not).
+    pub last_log: u64,
     /// Current store revision.
     pub revision: i64,
     /// Last log index included in this member's latest snapshot (0 = none).
@@ -399,7 +402,8 @@ impl Node {
             .with(stats.clone(), hooks.clone());
         let sm = SledStateMachine::open(&db, &config.data_dir)?
             .with(stats.clone(), hooks)
-            .with_trash(log.trash());
+            .with_trash(log.trash())
+            .with_log_durability(log.durability());
         let raft_err = |e: &dyn std::fmt::Display| StoreError::Raft(e.to_string());
         let (fresh, restored) = {
             let state = log.get_log_state().await.map_err(|e| raft_err(&e))?;
@@ -451,6 +455,8 @@ impl Node {
         .validate()
         .map_err(|e| raft_err(&e))?;
         let shared = sm.shared();
+        let log = log.for_member(id).map_err(|e| raft_err(&e))?;
+        let network = CommitGate::new(network, log.clone(), !fault_hooks.ack_before_flush);
         let raft = Raft::new(id, Arc::new(raft_config), network, wrap_log(log), sm)
             .await
             .map_err(|e| raft_err(&e))?;
@@ -556,6 +562,7 @@ impl NodeHandle {
             leader: m.current_leader,
             term: m.current_term,
             last_applied: m.last_applied.map_or(0, |l| l.index),
+            last_log: m.last_log_index.unwrap_or(0),
             revision: self.inner.sm.read().mvcc.revision(),
             snapshot: m.snapshot.map_or(0, |l| l.index),
             purged: m.purged.map_or(0, |l| l.index),

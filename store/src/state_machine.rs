@@ -32,6 +32,7 @@ use crate::snapshot::{self as file, BodyWriter, Stored as StoredSnapshot};
 use crate::stats::Stats;
 use crate::trash::Trash;
 use crate::types::{Member, Reply, Response, TypeConfig, WriteOp, decode};
+use crate::wal::Durability;
 
 type StorageResult<T> = Result<T, StorageError<u64>>;
 
@@ -170,12 +171,21 @@ pub struct SledStateMachine {
     /// Where replaced snapshot files go (the log store's trash); without one they are freed
     /// at once.
     trash: Option<Trash>,
+    /// How far the Raft log is synced: no entry is applied beyond it (the leader reports its
+    /// appends to openraft before syncing them; see `SledLogStore::append`).
+    log_durability: Option<Arc<Durability>>,
 }
 
 impl SledStateMachine {
     /// Frees replaced snapshot files through `trash` (see [`crate::trash`]).
     pub(crate) fn with_trash(mut self, trash: Trash) -> Self {
         self.trash = Some(trash);
+        self
+    }
+
+    /// Applies entries only once the Raft log has them synced.
+    pub(crate) fn with_log_durability(mut self, durability: Arc<Durability>) -> Self {
+        self.log_durability = Some(durability);
         self
     }
 
@@ -222,6 +232,7 @@ impl SledStateMachine {
             stats: Arc::default(),
             hooks: FaultHooks::default(),
             trash: None,
+            log_durability: None,
         };
         let corrupt = |what: &'static str| {
             move |e: &dyn std::fmt::Display| StoreError::Corrupt {
@@ -500,8 +511,18 @@ impl RaftStateMachine<TypeConfig> for SledStateMachine {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let start = std::time::Instant::now();
         let entries: Vec<Entry<TypeConfig>> = entries.into_iter().collect();
+        if let (Some(durability), Some(last)) = (&self.log_durability, entries.last())
+            && !self.hooks.ack_before_flush
+            && !durability.wait_synced(last.log_id.index).await
+        {
+            self.stats.sm_failed();
+            return Err(StorageIOError::write_logs(AnyError::error(
+                "the raft log failed before these entries were synced",
+            ))
+            .into());
+        }
+        let start = std::time::Instant::now();
         let mut responses = Vec::new();
         let mut published = Vec::new();
         {

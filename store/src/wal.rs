@@ -21,6 +21,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Read as _};
 use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::trash::Trash;
@@ -82,12 +83,70 @@ impl State {
     }
 }
 
-/// The entry log of one member. All mutations come from openraft's core, one at a time;
-/// reads may run concurrently.
+/// How far the log is on stable storage. Shared with the state machine, which applies no
+/// entry beyond it, and with the transport, which tells followers of no commit beyond it (see
+/// `crate::commit_gate`).
+#[derive(Debug, Default)]
+pub(crate) struct Durability {
+    /// Index of the last entry synced (0: none).
+    synced: AtomicU64,
+    /// A sync failed (or a fault test crashed the member there): nothing more becomes durable.
+    failed: AtomicBool,
+    changed: tokio::sync::Notify,
+}
+
+impl Durability {
+    pub(crate) fn synced(&self) -> u64 {
+        self.synced.load(Ordering::SeqCst)
+    }
+
+    fn advance(&self, index: u64) {
+        self.synced.fetch_max(index, Ordering::SeqCst);
+        self.changed.notify_waiters();
+    }
+
+    /// Entries from `index` on were removed.
+    fn cut(&self, index: u64) {
+        self.synced
+            .fetch_min(index.saturating_sub(1), Ordering::SeqCst);
+    }
+
+    /// Marks the log failed and wakes every waiter.
+    pub(crate) fn fail(&self) {
+        self.failed.store(true, Ordering::SeqCst);
+        self.changed.notify_waiters();
+    }
+
+    pub(crate) fn has_failed(&self) -> bool {
+        self.failed.load(Ordering::SeqCst)
+    }
+
+    /// Waits until entry `index` is synced; `false` if the log failed first.
+    pub(crate) async fn wait_synced(&self, index: u64) -> bool {
+        loop {
+            // Created before the checks: `notify_waiters` wakes it even if not yet polled.
+            let changed = self.changed.notified();
+            if self.synced() >= index {
+                return true;
+            }
+            if self.has_failed() {
+                return false;
+            }
+            changed.await;
+        }
+    }
+}
+
+/// The entry log of one member. Appends and truncations come from openraft's core, one at a
+/// time; a flush may run beside an append (the leader syncs in the background), and reads may
+/// run concurrently with everything.
 #[derive(Debug)]
 pub(crate) struct Wal {
     dir: PathBuf,
     state: Mutex<State>,
+    /// Held through a whole flush or truncation, so that they never interleave.
+    flushing: Mutex<()>,
+    durability: Arc<Durability>,
     /// Where deleted segments go (freed gradually); without one they are freed at once.
     trash: Option<Trash>,
 }
@@ -223,9 +282,16 @@ impl Wal {
         if st.segments.is_empty() {
             st.segments.push(create_segment(dir, 1)?);
         }
+        // What a killed process wrote may still be only in the page cache: sync it before
+        // counting it as durable.
+        st.last().file.sync_data()?;
+        let durability = Arc::new(Durability::default());
+        durability.advance(st.last_index().unwrap_or(0));
         Ok(Self {
             dir: dir.to_path_buf(),
             state: Mutex::new(st),
+            flushing: Mutex::new(()),
+            durability,
             trash: None,
         })
     }
@@ -245,6 +311,22 @@ impl Wal {
 
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_flushing(&self) -> MutexGuard<'_, ()> {
+        self.flushing.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// How far this log is synced.
+    pub(crate) fn durability(&self) -> Arc<Durability> {
+        self.durability.clone()
+    }
+
+    /// Whether the last segment is full, so that the next flush should find nothing appended
+    /// after what it writes (only then does it start a new segment).
+    pub(crate) fn segment_full(&self) -> bool {
+        let st = self.lock();
+        st.last().written + st.pending.len() as u64 >= SEGMENT_BYTES
     }
 
     /// `(first, last)` index held, if any.
@@ -279,7 +361,8 @@ impl Wal {
 
     /// Writes and syncs what was appended (blocking: call it off the async runtime).
     pub(crate) fn flush(&self) -> io::Result<()> {
-        let (file, at, mut bytes, allocated) = {
+        let _flushing = self.lock_flushing();
+        let (file, at, mut bytes, allocated, upto) = {
             let st = self.lock();
             if st.pending.is_empty() {
                 return Ok(());
@@ -293,6 +376,7 @@ impl Wal {
                 last.written,
                 st.pending.clone(),
                 last.allocated,
+                st.last_index().unwrap_or(0),
             )
         };
         let n = bytes.len();
@@ -305,6 +389,7 @@ impl Wal {
         }
         file.write_all_at(&bytes, at)?;
         file.sync_data()?;
+        self.durability.advance(upto);
         let mut st = self.lock();
         st.pending.drain(..n);
         let next = st.last_index().map_or(1, |l| l + 1);
@@ -363,7 +448,9 @@ impl Wal {
 
     /// Removes entries from `index` on, durably.
     pub(crate) fn truncate(&self, index: u64) -> io::Result<()> {
+        let _flushing = self.lock_flushing();
         let mut st = self.lock();
+        self.durability.cut(index);
         let removed = st.index.split_off(&index);
         let Some(cut) = removed.values().next().copied() else {
             return Ok(());
@@ -479,6 +566,63 @@ mod tests {
         assert_eq!(wal.bounds(), Some((1, 9)));
         wal.append(10, &entry(10)).expect("append after repair");
         assert_eq!(wal.read(10).expect("read"), Some(entry(10)));
+    }
+
+    #[test]
+    fn durability_follows_flushes_truncations_and_reopens() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let wal = Wal::open(dir.path(), idx).expect("open");
+        let durable = wal.durability();
+        for i in 1..=4 {
+            wal.append(i, &entry(i)).expect("append");
+        }
+        assert_eq!(durable.synced(), 0, "appended is not synced");
+        wal.flush().expect("flush");
+        assert_eq!(durable.synced(), 4);
+        wal.append(5, &entry(5)).expect("append");
+        assert_eq!(durable.synced(), 4);
+        wal.truncate(3).expect("truncate");
+        assert_eq!(
+            durable.synced(),
+            2,
+            "a replaced entry is no longer the synced one"
+        );
+        wal.append(3, &entry(3)).expect("append");
+        wal.flush().expect("flush");
+        assert_eq!(durable.synced(), 3);
+        drop(wal);
+        let wal = Wal::open(dir.path(), idx).expect("reopen");
+        assert_eq!(
+            wal.durability().synced(),
+            3,
+            "what is found on open is synced"
+        );
+    }
+
+    #[tokio::test]
+    async fn waiting_for_a_sync_ends_with_it_or_with_a_failure() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let wal = Arc::new(Wal::open(dir.path(), idx).expect("open"));
+        let durable = wal.durability();
+        wal.append(1, &entry(1)).expect("append");
+        let waiter = tokio::spawn({
+            let durable = durable.clone();
+            async move { durable.wait_synced(1).await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        tokio::task::spawn_blocking(move || wal.flush())
+            .await
+            .expect("task")
+            .expect("flush");
+        assert!(waiter.await.expect("waiter"), "synced");
+        let failing = tokio::spawn({
+            let durable = durable.clone();
+            async move { durable.wait_synced(2).await }
+        });
+        tokio::task::yield_now().await;
+        durable.fail();
+        assert!(!failing.await.expect("waiter"), "failed");
     }
 
     #[test]

@@ -289,3 +289,87 @@ async fn f8_torn_log_tail() {
     )
     .await;
 }
+
+/// The leader reports its appends to openraft before syncing them, so that replication
+/// overlaps its own sync; its unsynced copy must still not count towards a commit. With the
+/// leader's log syncs stalled, a put reaches both followers' logs but is applied nowhere and
+/// not acknowledged; once the leader's sync goes through, it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_sync_gates_commit() {
+    use chaos::cluster::{FaultCluster, fault_tunables};
+    use store::pb::etcdserverpb::PutRequest;
+    use store::pb::etcdserverpb::kv_client::KvClient;
+
+    let put = |key: &str| PutRequest {
+        key: key.as_bytes().to_vec(),
+        value: b"v".to_vec(),
+        ..Default::default()
+    };
+    let cluster = FaultCluster::start(3, 1, fault_tunables())
+        .await
+        .expect("cluster");
+    let wait = Duration::from_secs(10);
+    let l = cluster.wait_leader(wait).await.expect("leader");
+    let mut kv = KvClient::connect(cluster.endpoints()[l].clone())
+        .await
+        .expect("client");
+    kv.put(put("before")).await.expect("put before the stall");
+    for i in 0..3 {
+        cluster.wait_caught_up(i, wait).await.expect("caught up");
+    }
+    let metrics = |c: &FaultCluster, i: usize| {
+        c.members[i]
+            .handle
+            .as_ref()
+            .expect("member running")
+            .metrics()
+    };
+    let applied: Vec<u64> = (0..3).map(|i| metrics(&cluster, i).last_applied).collect();
+
+    /// Lets the leader's syncs go on however the test ends (a stalled sync thread would keep
+    /// the runtime from shutting down after a failed assertion).
+    struct Unstall(chaos::cluster::CrashSwitch);
+    impl Drop for Unstall {
+        fn drop(&mut self) {
+            self.0.stall_syncs(false);
+        }
+    }
+    let stalled = Unstall(cluster.members[l].crash.clone());
+    stalled.0.stall_syncs(true);
+    let during = tokio::spawn(async move { kv.put(put("during")).await });
+    let deadline = tokio::time::Instant::now() + wait;
+    for f in others(3, l) {
+        while metrics(&cluster, f).last_log <= applied[f] {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "follower {f} never received the entry while the leader's sync was stalled \
+                 (replication waited for it)"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    // Both followers acknowledged it: only the leader's own sync is missing.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !during.is_finished(),
+        "the put was acknowledged before the leader synced it"
+    );
+    for (i, before) in applied.iter().enumerate() {
+        assert_eq!(
+            metrics(&cluster, i).last_applied,
+            *before,
+            "member {i} applied an entry the leader had not synced"
+        );
+    }
+
+    drop(stalled);
+    tokio::time::timeout(wait, during)
+        .await
+        .expect("the put completes once the leader's sync does")
+        .expect("task")
+        .expect("put after the stall");
+    for i in 0..3 {
+        cluster.wait_caught_up(i, wait).await.expect("caught up");
+    }
+    cluster.shutdown().await;
+}
