@@ -6,9 +6,11 @@
 //! copy towards a majority early. That is safe as long as nothing acts on such a commit before
 //! the leader's copy is synced: the leader's state machine waits for the sync, and this
 //! wrapper, around whichever transport the member uses, lowers the `leader_commit` of every
-//! AppendEntries to the leader's synced entry. So any entry applied anywhere is synced on a
-//! majority: on the followers that acknowledged it, and on the leader.
+//! AppendEntries to the leader's synced entry (one that carries only the commit waits for the
+//! sync instead). So any entry applied anywhere is synced on a majority: on the followers that
+//! acknowledged it, and on the leader.
 use std::future::Future;
+use std::time::Duration;
 
 use openraft::error::{
     Fatal, InstallSnapshotError, RPCError, RaftError, ReplicationClosed, StreamingError,
@@ -22,6 +24,10 @@ use openraft::{Snapshot, Vote};
 
 use crate::log_store::SledLogStore;
 use crate::types::{Member, TypeConfig};
+
+/// How long a commit-only AppendEntries waits for the leader's sync (a sync takes well under
+/// a millisecond; heartbeats go every 100 ms by default).
+const COMMIT_WAIT: Duration = Duration::from_millis(20);
 
 /// Wraps a transport factory so that its connections gate `leader_commit`.
 pub(crate) struct CommitGate<N> {
@@ -67,6 +73,17 @@ impl<C: RaftNetwork<TypeConfig>> RaftNetwork<TypeConfig> for GatedConnection<C> 
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<u64>, RPCError<u64, Member, RaftError<u64>>> {
         if self.enabled {
+            if let Some(commit) = rpc.leader_commit
+                && rpc.entries.is_empty()
+            {
+                // Only news of a commit (openraft sends one whenever its commit advances): wait
+                // for the leader's sync it depends on, which is already under way, rather than
+                // send a lowered commit and leave the followers to learn the rest from the next
+                // heartbeat. Bounded, so that a stalled disk does not hold back heartbeats.
+                let durability = self.log.durability();
+                let _ =
+                    tokio::time::timeout(COMMIT_WAIT, durability.wait_synced(commit.index)).await;
+            }
             rpc.leader_commit = self.log.durable_commit(rpc.leader_commit);
         }
         self.inner.append_entries(rpc, option).await
