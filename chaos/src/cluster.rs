@@ -47,9 +47,12 @@ struct CrashState {
     capture: bool,
     /// Its files as of the last `BeforeLogFlush`.
     captured: Option<Files>,
-    /// Log syncs wait at `BeforeLogFlush` while set (a disk that has stopped answering).
-    stall_syncs: bool,
+    /// Log syncs wait at `BeforeLogFlush` until then (a disk that has stopped answering).
+    stall_syncs_until: Option<std::time::Instant>,
 }
+
+/// The longest [`CrashSwitch::stall_syncs`] holds a sync.
+pub const MAX_SYNC_STALL: Duration = Duration::from_secs(5);
 
 /// Arms a member to crash at a [`CrashPoint`]: when storage reaches it, the data dir is copied
 /// as it is on disk at that instant (what a `kill -9` would leave, since sled's unflushed
@@ -87,16 +90,22 @@ impl CrashSwitch {
         self.lock().armed = None;
     }
 
-    /// Holds every log sync of the member before it starts (`true`) or lets them go on.
-    /// Only for a leader: its syncs run on their own thread, a follower's on the runtime.
+    /// Holds every log sync of the member before it starts (`true`, for at most
+    /// [`MAX_SYNC_STALL`]) or lets them go on. Meant for a leader, whose syncs run on their own
+    /// thread; a follower's run on the runtime, which the bound keeps from wedging for good.
     pub fn stall_syncs(&self, stall: bool) {
-        self.lock().stall_syncs = stall;
+        self.lock().stall_syncs_until = stall.then(|| std::time::Instant::now() + MAX_SYNC_STALL);
     }
 
     fn hook(&self, data_dir: PathBuf) -> store::CrashHook {
         let me = self.clone();
         Arc::new(move |point| {
-            while point == CrashPoint::BeforeLogFlush && me.lock().stall_syncs {
+            while point == CrashPoint::BeforeLogFlush
+                && me
+                    .lock()
+                    .stall_syncs_until
+                    .is_some_and(|until| std::time::Instant::now() < until)
+            {
                 std::thread::sleep(std::time::Duration::from_millis(2));
             }
             let mut s = me.lock();

@@ -297,26 +297,28 @@ async fn f8_torn_log_tail() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_sync_gates_commit() {
     use chaos::cluster::{FaultCluster, fault_tunables};
-    use store::pb::etcdserverpb::PutRequest;
+    use store::pb::etcdserverpb::cluster_client::ClusterClient;
     use store::pb::etcdserverpb::kv_client::KvClient;
+    use store::pb::etcdserverpb::{MemberListRequest, PutRequest};
 
     let put = |key: &str| PutRequest {
         key: key.as_bytes().to_vec(),
         value: b"v".to_vec(),
         ..Default::default()
     };
-    let cluster = FaultCluster::start(3, 1, fault_tunables())
-        .await
-        .expect("cluster");
+    // Elections slower than the fault suite's: the other scenarios running beside this one
+    // must not move the leadership while its syncs are stalled.
+    let tunables = store::Tunables {
+        election_timeout: Duration::from_secs(3),
+        ..fault_tunables()
+    };
+    let cluster = FaultCluster::start(3, 1, tunables).await.expect("cluster");
     let wait = Duration::from_secs(10);
     let l = cluster.wait_leader(wait).await.expect("leader");
     let mut kv = KvClient::connect(cluster.endpoints()[l].clone())
         .await
         .expect("client");
     kv.put(put("before")).await.expect("put before the stall");
-    for i in 0..3 {
-        cluster.wait_caught_up(i, wait).await.expect("caught up");
-    }
     let metrics = |c: &FaultCluster, i: usize| {
         c.members[i]
             .handle
@@ -324,7 +326,56 @@ async fn leader_sync_gates_commit() {
             .expect("member running")
             .metrics()
     };
-    let applied: Vec<u64> = (0..3).map(|i| metrics(&cluster, i).last_applied).collect();
+    let views = |c: &FaultCluster| -> Vec<String> {
+        (0..3)
+            .map(|i| {
+                let m = metrics(c, i);
+                format!(
+                    "member {i}: leader {:?} term {} log {} applied {}",
+                    m.leader, m.term, m.last_log, m.last_applied
+                )
+            })
+            .collect()
+    };
+    // Quiet first. Every member has published its client URL, a membership change the leader
+    // syncs before reporting it (so on the runtime: stalling it would stall the runtime);
+    // and every member has applied all it holds, the same on all, so no entry appended (and
+    // perhaps synced) before the stall can be applied during it.
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut cluster_api = ClusterClient::connect(cluster.endpoints()[l].clone())
+        .await
+        .expect("cluster client");
+    loop {
+        let members = cluster_api
+            .member_list(MemberListRequest::default())
+            .await
+            .expect("member list")
+            .into_inner()
+            .members;
+        if members.len() == 3 && members.iter().all(|m| !m.client_ur_ls.is_empty()) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "members never published their client URLs: {members:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let applied = loop {
+        let all: Vec<_> = (0..3).map(|i| metrics(&cluster, i)).collect();
+        if all
+            .iter()
+            .all(|m| m.last_log == m.last_applied && m.last_applied == all[0].last_applied)
+        {
+            break all[0].last_applied;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the cluster never settled: {:?}",
+            views(&cluster)
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
 
     /// Lets the leader's syncs go on however the test ends (a stalled sync thread would keep
     /// the runtime from shutting down after a failed assertion).
@@ -339,7 +390,7 @@ async fn leader_sync_gates_commit() {
     let during = tokio::spawn(async move { kv.put(put("during")).await });
     let deadline = tokio::time::Instant::now() + wait;
     for f in others(3, l) {
-        while metrics(&cluster, f).last_log <= applied[f] {
+        while metrics(&cluster, f).last_log <= applied {
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "follower {f} never received the entry while the leader's sync was stalled \
@@ -350,15 +401,22 @@ async fn leader_sync_gates_commit() {
     }
     // Both followers acknowledged it: only the leader's own sync is missing.
     tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        cluster.leader(),
+        Some(l),
+        "the leadership moved while the leader's syncs were stalled: {:?}",
+        views(&cluster)
+    );
     assert!(
         !during.is_finished(),
         "the put was acknowledged before the leader synced it"
     );
-    for (i, before) in applied.iter().enumerate() {
+    for i in 0..3 {
         assert_eq!(
             metrics(&cluster, i).last_applied,
-            *before,
-            "member {i} applied an entry the leader had not synced"
+            applied,
+            "member {i} applied an entry the leader had not synced: {:?}",
+            views(&cluster)
         );
     }
 
