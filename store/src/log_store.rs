@@ -20,13 +20,13 @@ use openraft::{
 
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use crate::faults::{CrashPoint, FaultHooks, InjectedCrash};
 use crate::stats::Stats;
 use crate::trash::Trash;
-use crate::types::{TypeConfig, decode, encode};
+use crate::types::{TypeConfig, decode, encode, entry_log_id};
 use crate::wal::{Durability, Wal};
 
 type StorageResult<T> = Result<T, StorageError<u64>>;
@@ -72,9 +72,10 @@ pub struct SledLogStore {
     gate_purge: bool,
     trash: Trash,
     /// This member's Raft id (0 until known: never the leader's log).
-    member: Arc<AtomicU64>,
-    /// The saved vote is this member's own, committed: appends are the leader's.
-    leading: Arc<AtomicBool>,
+    member: u64,
+    /// The saved vote is this member's own, committed: appends are the leader's. Only the
+    /// instance openraft owns saves votes and appends, so this needs no sharing.
+    leading: bool,
     /// A background sync is due to start.
     sync_scheduled: Arc<AtomicBool>,
 }
@@ -87,8 +88,7 @@ impl SledLogStore {
     /// Opens the log of the data dir `dir`, whose sled database is `db`.
     pub fn new(db: &sled::Db, dir: &Path) -> Result<Self, sled::Error> {
         let index_of = |payload: &[u8]| -> std::io::Result<u64> {
-            let entry: Entry<TypeConfig> = decode(payload).map_err(std::io::Error::other)?;
-            Ok(entry.log_id.index)
+            Ok(entry_log_id(payload).map_err(std::io::Error::other)?.index)
         };
         let trash = Trash::open(dir).map_err(io_err)?;
         let wal = Wal::open(&dir.join("raftlog"), index_of)
@@ -102,8 +102,8 @@ impl SledLogStore {
             stats: Arc::default(),
             hooks: FaultHooks::default(),
             gate_purge: false,
-            member: Arc::default(),
-            leading: Arc::default(),
+            member: 0,
+            leading: false,
             sync_scheduled: Arc::default(),
         };
         store.import_legacy_log()?;
@@ -236,18 +236,17 @@ impl SledLogStore {
     }
 
     /// Tells the log which member it belongs to, so that it knows when it is the leader's.
-    pub(crate) fn for_member(self, id: u64) -> StorageResult<Self> {
-        self.member.store(id, Ordering::SeqCst);
+    pub(crate) fn for_member(mut self, id: u64) -> StorageResult<Self> {
+        self.member = id;
         let vote = self.get_meta::<Vote<u64>>(VOTE)?;
         self.note_vote(vote.as_ref());
         Ok(self)
     }
 
-    fn note_vote(&self, vote: Option<&Vote<u64>>) {
-        let me = self.member.load(Ordering::SeqCst);
-        let leading = vote
+    fn note_vote(&mut self, vote: Option<&Vote<u64>>) {
+        let me = self.member;
+        self.leading = vote
             .is_some_and(|v| me != 0 && v.is_committed() && v.leader_id().voted_for() == Some(me));
-        self.leading.store(leading, Ordering::SeqCst);
     }
 
     /// The leader's commit as followers may learn it: no further than this log is synced
@@ -259,7 +258,7 @@ impl SledLogStore {
             return Some(commit);
         }
         let bytes = self.wal.read(synced).ok().flatten()?;
-        decode::<Entry<TypeConfig>>(&bytes).ok().map(|e| e.log_id)
+        entry_log_id(&bytes).ok()
     }
 
     /// How far this log is synced.
@@ -305,7 +304,7 @@ impl RaftLogStorage<TypeConfig> for SledLogStore {
             None => None,
             Some((_, last)) => match self.wal.read(last).map_err(read_err)? {
                 None => None,
-                Some(v) => Some(decode::<Entry<TypeConfig>>(&v).map_err(read_err)?.log_id),
+                Some(v) => Some(entry_log_id(&v).map_err(read_err)?),
             },
         };
         Ok(LogState {
@@ -376,7 +375,7 @@ impl RaftLogStorage<TypeConfig> for SledLogStore {
             callback.log_io_completed(Ok(()));
             return self.crash(CrashPoint::BeforeLogFlush);
         }
-        if self.leading.load(Ordering::SeqCst) && !changes_membership && !self.wal.segment_full() {
+        if self.leading && !changes_membership && !self.wal.segment_full() {
             // The leader tells openraft at once and syncs in the background, so replication
             // to the followers overlaps its own sync (openraft 0.9 replicates only once this
             // returns). Safe because nothing counts on the leader's copy before it is synced:

@@ -118,9 +118,41 @@ pub(crate) fn decode<T: for<'de> Deserialize<'de>>(b: &[u8]) -> Result<T, postca
     postcard::from_bytes(b)
 }
 
+/// The log id of an encoded Raft entry, without decoding its payload (a batch of writes):
+/// openraft's `Entry` serializes `log_id` first, and postcard writes fields in order.
+pub(crate) fn entry_log_id(b: &[u8]) -> Result<openraft::LogId<u64>, postcard::Error> {
+    postcard::take_from_bytes(b).map(|(id, _rest)| id)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_entrys_log_id_reads_without_its_payload() {
+        use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId};
+        let log_id = LogId::new(CommittedLeaderId::new(7, 3), 42);
+        let entries: [Entry<TypeConfig>; 2] = [
+            Entry {
+                log_id,
+                payload: EntryPayload::Blank,
+            },
+            Entry {
+                log_id,
+                payload: EntryPayload::Normal(Request {
+                    ops: vec![WriteOp::Put(vec![9; 300]), WriteOp::Txn(vec![1; 20])],
+                }),
+            },
+        ];
+        for entry in entries {
+            let bytes = encode(&entry).expect("encode");
+            assert_eq!(entry_log_id(&bytes).expect("log id"), log_id);
+            assert_eq!(
+                entry_log_id(&bytes).expect("log id"),
+                decode::<Entry<TypeConfig>>(&bytes).expect("decode").log_id
+            );
+        }
+    }
 
     /// `WriteOp` as logs, snapshots and peers encoded it before its bodies were serde bytes.
     #[derive(Debug, PartialEq, Serialize, Deserialize)]
