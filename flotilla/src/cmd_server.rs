@@ -79,6 +79,20 @@ pub(crate) struct ServerArgs {
     /// (`--node-monitor-grace-period`, 40 s as in Kubernetes).
     #[arg(long, default_value_t = 40_000)]
     node_monitor_grace_period_ms: u64,
+    /// Write an audit log (`audit.k8s.io/v1` Events, one JSON object per line) to this file;
+    /// `-` writes to standard output. As kube-apiserver's `--audit-log-path`.
+    #[arg(long, value_name = "PATH")]
+    audit_log_path: Option<std::path::PathBuf>,
+    /// Audit policy (Kubernetes' `audit.k8s.io/v1` Policy, YAML or JSON): which requests
+    /// are recorded and at what level. Default: every request at `Metadata` level.
+    #[arg(long, value_name = "PATH", requires = "audit_log_path")]
+    audit_policy_file: Option<std::path::PathBuf>,
+    /// Rotate the audit log when it would grow past this many MiB (0: never).
+    #[arg(long, default_value_t = 0, requires = "audit_log_path")]
+    audit_log_maxsize: u64,
+    /// Rotated audit logs to keep (0: all).
+    #[arg(long, default_value_t = 0, requires = "audit_log_path")]
+    audit_log_maxbackup: usize,
 }
 
 /// Runs the server until Ctrl-C.
@@ -116,6 +130,15 @@ async fn serve(args: ServerArgs) -> anyhow::Result<()> {
     }
     sans.extend(args.advertise_address.clone());
     config.extra_sans = sans;
+    if let Some(path) = &args.audit_log_path {
+        let mut audit = control::apiserver::AuditConfig::new(path);
+        if let Some(policy) = &args.audit_policy_file {
+            audit.policy = control::apiserver::AuditPolicy::from_file(policy)?;
+        }
+        audit.max_size_mb = args.audit_log_maxsize;
+        audit.max_backups = args.audit_log_maxbackup;
+        config.audit = Some(audit);
+    }
 
     // Bound before anything joins: a server that cannot serve must not become a store member.
     let listener = match args.print_node_token {

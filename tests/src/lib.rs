@@ -100,7 +100,12 @@ impl Cluster {
     /// Starts API server, scheduler and controllers.
     pub async fn start(opts: ClusterOptions) -> anyhow::Result<Cluster> {
         let dir = tempfile::tempdir()?;
-        let server = ApiServer::new(ApiServerConfig::new(dir.path()), MemStore::new())?;
+        let mut config = ApiServerConfig::new(dir.path());
+        // Audited as an operator would run it, so exec, logs and watches go through the layer.
+        config.audit = Some(control::apiserver::AuditConfig::new(
+            dir.path().join("audit.log"),
+        ));
+        let server = ApiServer::new(config, MemStore::new())?;
         server.bootstrap().await?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;

@@ -30,6 +30,16 @@ impl Identity {
             Identity::Anonymous => "system:anonymous".into(),
         }
     }
+
+    /// Groups as Kubernetes would give such a user (audit events list them).
+    pub(crate) fn groups(&self) -> &'static [&'static str] {
+        match self {
+            Identity::Admin => &["system:masters", "system:authenticated"],
+            Identity::ReadOnly => &["flotilla:viewers", "system:authenticated"],
+            Identity::Node(_) => &["system:nodes", "system:authenticated"],
+            Identity::Anonymous => &["system:unauthenticated"],
+        }
+    }
 }
 
 /// What a request wants to do.
@@ -132,6 +142,8 @@ fn public_path(path: &str) -> bool {
 pub(crate) struct Authenticator {
     /// `None` = insecure dev mode: everyone is [`Identity::Anonymous`] with full rights.
     pub pki: Option<super::pki::Pki>,
+    /// Records requests that fail authentication.
+    pub audit: Option<std::sync::Arc<super::audit::Auditor>>,
 }
 
 /// Tower layer body: resolves the bearer token into an [`Identity`] request extension; 401 if
@@ -163,7 +175,13 @@ pub(crate) async fn authenticate(
             req.extensions_mut().insert(Identity::ReadOnly);
             next.run(req).await
         }
-        None => ApiError::unauthorized().into_response(),
+        None => {
+            let mut resp = ApiError::unauthorized().into_response();
+            if let Some(auditor) = &auth.audit {
+                super::audit::failed_authentication(auditor, &req, &mut resp);
+            }
+            resp
+        }
     }
 }
 

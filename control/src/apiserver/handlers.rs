@@ -138,7 +138,7 @@ fn now_rfc3339() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
-fn new_uid() -> String {
+pub(crate) fn new_uid() -> String {
     let b: [u8; 16] = rand::random();
     let h = hex::encode(b);
     // Version 4 / variant bits are cosmetic here; uniqueness comes from the 122 random bits.

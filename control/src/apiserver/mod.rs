@@ -15,11 +15,13 @@ use hyper_util::service::TowerToHyperService;
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tower::ServiceExt as _;
 
 use crate::storage::Store;
 
 mod admission;
 mod admission_cache;
+mod audit;
 mod auth;
 mod discovery;
 pub mod endpoint_reconciler;
@@ -39,6 +41,7 @@ mod watch;
 mod watch_cache;
 mod write_batch;
 
+pub use audit::{AuditConfig, AuditError, Level as AuditLevel, Policy as AuditPolicy};
 pub use auth::Identity;
 pub use join::{JOIN_PATH, JoinAnswer, JoinError, StoreJoinInfo, fetch_join};
 pub use pki::{JoinBundle, Pki, PkiError, ServerToken, ca_hash};
@@ -54,6 +57,8 @@ pub struct ApiServerConfig {
     pub extra_sans: Vec<String>,
     /// Limit for non-watch requests.
     pub request_timeout: Duration,
+    /// Audit log (`--audit-log-path`); `None` records nothing.
+    pub audit: Option<AuditConfig>,
 }
 
 impl ApiServerConfig {
@@ -64,6 +69,7 @@ impl ApiServerConfig {
             insecure_http: false,
             extra_sans: Vec::new(),
             request_timeout: Duration::from_secs(60),
+            audit: None,
         }
     }
 }
@@ -77,6 +83,14 @@ pub enum ApiServerError {
     /// The listener failed.
     #[error("listener failed")]
     Io(#[from] std::io::Error),
+    /// The audit log cannot be opened.
+    #[error("cannot open the audit log {path}")]
+    Audit {
+        /// The configured log path.
+        path: PathBuf,
+        /// Why it cannot be opened.
+        source: std::io::Error,
+    },
     /// The store refused the bootstrap writes.
     #[error("store failed during bootstrap")]
     Store(#[from] crate::storage::StoreError),
@@ -91,6 +105,8 @@ pub struct ApiServer<S: Store> {
     stop: CancellationToken,
     /// The embedded store joining servers add their member to (`--join`).
     store_join: Option<StoreJoinInfo>,
+    /// The audit log's writer, when `config.audit` is set.
+    auditor: Option<Arc<audit::Auditor>>,
 }
 
 /// Namespaces every cluster has.
@@ -103,6 +119,15 @@ impl<S: Store> ApiServer<S> {
             None
         } else {
             Some(Pki::load_or_create(&config.data_dir, &config.extra_sans)?)
+        };
+        let auditor = match &config.audit {
+            Some(a) => Some(
+                audit::Auditor::start(a).map_err(|source| ApiServerError::Audit {
+                    path: a.log_path.clone(),
+                    source,
+                })?,
+            ),
+            None => None,
         };
         let tasks = tokio_util::task::TaskTracker::new();
         let stop = CancellationToken::new();
@@ -123,6 +148,7 @@ impl<S: Store> ApiServer<S> {
             config,
             stop,
             store_join: None,
+            auditor,
         })
     }
 
@@ -193,7 +219,8 @@ impl<S: Store> ApiServer<S> {
         }
     }
 
-    /// The axum router with every layer: request logging → authentication → timeout → handlers.
+    /// The axum router with every layer: request logging → authentication → audit → timeout →
+    /// handlers.
     fn router(&self) -> Router {
         let timeout = self.config.request_timeout;
         Router::new()
@@ -207,8 +234,13 @@ impl<S: Store> ApiServer<S> {
                 timeout_layer(timeout, req, next)
             }))
             .layer(middleware::from_fn_with_state(
+                self.auditor.clone(),
+                audit::audit,
+            ))
+            .layer(middleware::from_fn_with_state(
                 auth::Authenticator {
                     pki: self.pki.clone(),
+                    audit: self.auditor.clone(),
                 },
                 auth::authenticate,
             ))
@@ -231,7 +263,6 @@ impl<S: Store> ApiServer<S> {
                 let router = router.clone();
                 let fut: apiclient::local::ResponseFuture = Box::pin(async move {
                     use http_body_util::BodyExt as _;
-                    use tower::ServiceExt as _;
                     let resp = match router.oneshot(req).await {
                         Ok(r) => r,
                         Err(never) => match never {},
@@ -281,7 +312,12 @@ impl<S: Store> ApiServer<S> {
                 },
             };
             let _ = stream.set_nodelay(true);
-            let service = TowerToHyperService::new(router.clone());
+            let service = TowerToHyperService::new(router.clone().map_request(
+                move |mut req: http::Request<hyper::body::Incoming>| {
+                    req.extensions_mut().insert(audit::PeerAddr(peer));
+                    req
+                },
+            ));
             let tls = tls.clone();
             let cancel = conn_cancel.clone();
             conns.spawn(async move {

@@ -258,6 +258,10 @@ impl IntoResponse for ApiError {
         let code = StatusCode::from_u16(self.code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let body = self.status_json().to_string();
         let mut resp = (code, body).into_response();
+        resp.extensions_mut().insert(super::audit::FailureStatus {
+            reason: self.reason,
+            message: self.message,
+        });
         resp.headers_mut().insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),

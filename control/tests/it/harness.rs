@@ -162,7 +162,11 @@ async fn start_with_ref<S: control::storage::Store>(
     dir: &Path,
     store: S,
 ) -> anyhow::Result<Started> {
-    let server = ApiServer::new(ApiServerConfig::new(dir), store)?;
+    let mut config = ApiServerConfig::new(dir);
+    // Every test server keeps an audit log (every request at Metadata level): the layer runs
+    // under every test, and `audit_events` reads what it wrote.
+    config.audit = Some(control::apiserver::AuditConfig::new(dir.join("audit.log")));
+    let server = ApiServer::new(config, store)?;
     server.bootstrap().await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
@@ -205,6 +209,16 @@ impl Server {
             shutdown,
             task: Some(task),
         }
+    }
+}
+
+impl Server {
+    /// The audit events written so far (`audit.log` in the server's data dir).
+    pub fn audit_events(&self) -> anyhow::Result<Vec<serde_json::Value>> {
+        let text = std::fs::read_to_string(self.dir.path().join("audit.log"))?;
+        text.lines()
+            .map(|l| serde_json::from_str(l).with_context(|| format!("audit line {l:?}")))
+            .collect()
     }
 }
 

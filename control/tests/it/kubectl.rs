@@ -1,5 +1,6 @@
 //! The real kubectl 1.37.1 (installed by scripts/kubectl) against an in-process server.
 
+use anyhow::Context as _;
 use std::time::Duration;
 
 use crate::harness::Server;
@@ -742,3 +743,149 @@ crate::on_both_stores!(
     server_side_apply_and_errors,
     server_side_apply_field_ownership
 );
+
+/// The audit log (`--audit-log-path`, default policy: every request at Metadata level) records
+/// what kubectl and other clients did, who did it and how it ended, as Kubernetes' audit
+/// events: successes, conflicts, denials, unauthenticated requests and a watch's two stages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_log_records_requests() -> anyhow::Result<()> {
+    let s = crate::harness::start().await?;
+    s.kubectl(&["create", "configmap", "audited", "--from-literal=k=v"])
+        .await?
+        .ok()?;
+    s.kubectl(&["get", "configmap", "audited", "-o", "name"])
+        .await?
+        .ok()?;
+    let again = s
+        .kubectl(&["create", "configmap", "audited", "--from-literal=k=v"])
+        .await?;
+    assert_ne!(again.code, 0, "{again:?}");
+    let viewer = s.kubeconfig_with("viewer.yaml", &s.readonly_token)?;
+    let denied = s
+        .kubectl_as(&viewer, &["delete", "configmap", "audited"], None)
+        .await?;
+    assert_ne!(denied.code, 0, "{denied:?}");
+    let anonymous = s
+        .http_as(None, "GET", "/api/v1/namespaces/default/secrets", &[], b"")
+        .await?;
+    assert_eq!(anonymous.status, 401);
+    let anonymous_id = anonymous
+        .header("audit-id")
+        .context("a 401 carries its Audit-Id")?
+        .to_owned();
+    // A watch that the server ends after a second: both of its stages.
+    let watch = s
+        .http(
+            "GET",
+            "/api/v1/namespaces/default/configmaps?watch=true&timeoutSeconds=1",
+            &[],
+            b"",
+        )
+        .await?;
+    assert_eq!(watch.status, 200);
+    let watch_id = watch.header("audit-id").context("Audit-Id")?.to_owned();
+    s.kubectl(&["delete", "configmap", "audited"]).await?.ok()?;
+
+    // The writer thread appends shortly after each answer.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let events = loop {
+        let events = s.audit_events()?;
+        let deleted = events.iter().any(|e| {
+            e["verb"] == "delete"
+                && e["user"]["username"] == "admin"
+                && e["stage"] == "ResponseComplete"
+        });
+        if deleted || tokio::time::Instant::now() > deadline {
+            break events;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let find = |what: &str, f: &dyn Fn(&serde_json::Value) -> bool| {
+        events
+            .iter()
+            .find(|e| f(e))
+            .cloned()
+            .with_context(|| format!("no audit event for {what} in {events:#?}"))
+    };
+    let configmap = |e: &serde_json::Value| {
+        e["objectRef"]["resource"] == "configmaps" && e["objectRef"]["namespace"] == "default"
+    };
+    for e in &events {
+        assert_eq!(e["kind"], "Event");
+        assert_eq!(e["apiVersion"], "audit.k8s.io/v1");
+        assert_eq!(e["level"], "Metadata");
+        assert_ne!(
+            e["stage"], "RequestReceived",
+            "omitted by the default policy"
+        );
+        assert!(
+            e["auditID"].as_str().is_some_and(|id| id.len() == 36),
+            "{e}"
+        );
+        assert!(e["requestReceivedTimestamp"].is_string() && e["stageTimestamp"].is_string());
+    }
+    let created = find("the create", &|e| {
+        configmap(e) && e["verb"] == "create" && e["responseStatus"]["code"] == 201
+    })?;
+    assert_eq!(created["user"]["username"], "admin");
+    assert!(
+        created["user"]["groups"]
+            .as_array()
+            .is_some_and(|g| g.iter().any(|g| g == "system:masters")),
+        "{created}"
+    );
+    assert!(
+        created["userAgent"]
+            .as_str()
+            .is_some_and(|a| a.starts_with("kubectl")),
+        "{created}"
+    );
+    assert_eq!(created["sourceIPs"], serde_json::json!(["127.0.0.1"]));
+    assert_eq!(created["objectRef"]["apiVersion"], "v1");
+    assert_eq!(created["stage"], "ResponseComplete");
+    assert!(
+        created.get("requestObject").is_none(),
+        "Metadata level has no bodies"
+    );
+    find("the get", &|e| {
+        configmap(e)
+            && e["verb"] == "get"
+            && e["objectRef"]["name"] == "audited"
+            && e["responseStatus"]["code"] == 200
+    })?;
+    let conflict = find("the second create", &|e| {
+        configmap(e) && e["verb"] == "create" && e["responseStatus"]["code"] == 409
+    })?;
+    assert_eq!(conflict["responseStatus"]["reason"], "AlreadyExists");
+    assert_eq!(conflict["responseStatus"]["status"], "Failure");
+    let forbidden = find("the viewer's delete", &|e| {
+        configmap(e) && e["verb"] == "delete" && e["user"]["username"] == "viewer"
+    })?;
+    assert_eq!(forbidden["responseStatus"]["code"], 403);
+    assert_eq!(forbidden["responseStatus"]["reason"], "Forbidden");
+    let unauthenticated = find("the request without credentials", &|e| {
+        e["auditID"] == anonymous_id.as_str()
+    })?;
+    assert_eq!(unauthenticated["responseStatus"]["code"], 401);
+    assert_eq!(unauthenticated["stage"], "ResponseStarted");
+    assert_eq!(unauthenticated["user"], serde_json::json!({}));
+    assert_eq!(unauthenticated["verb"], "list");
+    assert_eq!(unauthenticated["objectRef"]["resource"], "secrets");
+    let watch_stages: Vec<&serde_json::Value> = events
+        .iter()
+        .filter(|e| e["auditID"] == watch_id.as_str())
+        .map(|e| &e["stage"])
+        .collect();
+    assert_eq!(
+        watch_stages,
+        ["ResponseStarted", "ResponseComplete"],
+        "the watch's stages"
+    );
+    find("the admin's delete", &|e| {
+        configmap(e)
+            && e["verb"] == "delete"
+            && e["user"]["username"] == "admin"
+            && e["responseStatus"]["code"] == 200
+    })?;
+    Ok(())
+}

@@ -247,6 +247,19 @@ async fn kubectl_logs_and_exec_reach_the_node() -> anyhow::Result<()> {
     );
     let o = kubectl(&c, &["exec", "toolbox", "--", "exit", "4"])?;
     assert_eq!(o.code, 4, "{}{}", o.stdout, o.stderr);
+    // The exec upgrade went through the audit layer: a long-running request's two stages.
+    let audited = std::fs::read_to_string(c.dir.path().join("audit.log"))?;
+    let exec_stages: Vec<String> = audited
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| e["objectRef"]["subresource"] == "exec" && e["objectRef"]["name"] == "toolbox")
+        .map(|e| e["stage"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert!(
+        exec_stages.iter().any(|s| s == "ResponseStarted")
+            && exec_stages.iter().any(|s| s == "ResponseComplete"),
+        "exec audit stages: {exec_stages:?}"
+    );
     // An exported function, by name.
     let o = kubectl(&c, &["exec", "toolbox", "--", "unhealthy"])?;
     assert_eq!(o.code, 3, "{}{}", o.stdout, o.stderr);
