@@ -213,14 +213,14 @@ impl Policy {
 
 impl PolicyRule {
     fn matches(&self, user: &UserInfo, info: &RequestInfo) -> bool {
-        if !self.users.is_empty() && !self.users.iter().any(|u| *u == user.username) {
+        if !self.users.is_empty() && !self.users.contains(&user.username) {
             return false;
         }
         if !self.user_groups.is_empty() && !self.user_groups.iter().any(|g| user.groups.contains(g))
         {
             return false;
         }
-        if !self.verbs.is_empty() && !self.verbs.iter().any(|v| *v == info.verb) {
+        if !self.verbs.is_empty() && !self.verbs.contains(&info.verb) {
             return false;
         }
         match &info.object {
@@ -548,12 +548,12 @@ impl RequestInfo {
             rest = &rest[1..];
         }
         let mut namespace = None;
-        if rest.first() == Some(&"namespaces") {
-            if let Some(ns) = rest.get(1) {
-                namespace = Some(ns.to_string());
-                if rest.len() > 2 && !NAMESPACE_SUBRESOURCES.contains(&rest[2]) {
-                    rest = &rest[2..];
-                }
+        if rest.first() == Some(&"namespaces")
+            && let Some(ns) = rest.get(1)
+        {
+            namespace = Some(ns.to_string());
+            if rest.len() > 2 && !NAMESPACE_SUBRESOURCES.contains(&rest[2]) {
+                rest = &rest[2..];
             }
         }
         let Some(resource) = rest.first().filter(|r| !r.is_empty()) else {
@@ -606,6 +606,11 @@ struct ResponseStatus {
     reason: Option<&'static str>,
     code: u16,
 }
+
+/// The name of the object a response carries: completes `objectRef` for creates, whose URL
+/// has no name (kube-apiserver takes it from the request object).
+#[derive(Debug, Clone)]
+pub(crate) struct ObjectName(pub String);
 
 /// What an error answer tells the audit layer (a response extension set by [`ApiError`]).
 #[derive(Debug, Clone)]
@@ -802,7 +807,7 @@ pub(crate) async fn audit(
         );
         req = Request::from_parts(parts, Body::from(bytes));
     }
-    let record = Record {
+    let mut record = Record {
         auditor: auditor.clone(),
         level,
         omit,
@@ -831,6 +836,13 @@ pub(crate) async fn audit(
     }
     let mut resp = next.run(req).await;
     set_audit_id(&mut resp, &record.audit_id);
+    if let (Some(o), Some(ObjectName(n))) = (
+        record.info.object.as_mut(),
+        resp.extensions().get::<ObjectName>(),
+    ) && o.name.is_none()
+    {
+        o.name = Some(n.clone());
+    }
     let status = ResponseStatus::of(&resp);
     if record.info.long_running && status.code < 300 {
         if record.wants(Stage::ResponseStarted) {

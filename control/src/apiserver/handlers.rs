@@ -638,7 +638,7 @@ async fn dispatch_inner<S: Store>(app: Arc<App<S>>, req: Request) -> Result<Resp
             .await?;
             warnings.extend(admission_warnings);
             Ok(with_warnings(
-                json_response(StatusCode::CREATED, &created),
+                object_response(t.res, StatusCode::CREATED, created, false),
                 &warnings,
             ))
         }
@@ -883,7 +883,20 @@ pub(crate) async fn get_object<S: Store>(
     }
 }
 
+/// One object as the answer (a Table row when asked); names the object for the audit log.
 fn object_response(res: &Resource, code: StatusCode, obj: Value, table: bool) -> Response {
+    let name = obj
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    let mut r = object_response_inner(res, code, obj, table);
+    if let Some(n) = name {
+        r.extensions_mut().insert(super::audit::ObjectName(n));
+    }
+    r
+}
+
+fn object_response_inner(res: &Resource, code: StatusCode, obj: Value, table: bool) -> Response {
     if table {
         let meta = json!({"resourceVersion": obj.pointer("/metadata/resourceVersion").cloned().unwrap_or(Value::Null)});
         let mut r = json_response(code, &table::table(res, &[obj], meta, true));

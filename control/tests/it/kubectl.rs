@@ -842,6 +842,10 @@ async fn audit_log_records_requests() -> anyhow::Result<()> {
     );
     assert_eq!(created["sourceIPs"], serde_json::json!(["127.0.0.1"]));
     assert_eq!(created["objectRef"]["apiVersion"], "v1");
+    assert_eq!(
+        created["objectRef"]["name"], "audited",
+        "a create names its object"
+    );
     assert_eq!(created["stage"], "ResponseComplete");
     assert!(
         created.get("requestObject").is_none(),
