@@ -32,7 +32,6 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::auth::Identity;
-use super::status::ApiError;
 
 /// How much of a request an event records (Kubernetes' audit levels, in order).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize, Serialize)]
@@ -612,7 +611,7 @@ struct ResponseStatus {
 #[derive(Debug, Clone)]
 pub(crate) struct ObjectName(pub String);
 
-/// What an error answer tells the audit layer (a response extension set by [`ApiError`]).
+/// What an error answer tells the audit layer (a response extension the `Status` answers carry).
 #[derive(Debug, Clone)]
 pub(crate) struct FailureStatus {
     pub reason: &'static str,
@@ -782,30 +781,31 @@ pub(crate) async fn audit(
     }
     let mut req = req;
     let mut request_object = None;
+    let mut refused = None;
     if level >= Level::Request
         && matches!(*req.method(), Method::POST | Method::PUT | Method::PATCH)
     {
+        // Read here (the body-limit layer is inside this one, so the limit applies here too);
+        // a body past it is answered, and recorded, as the handlers would.
         let (parts, body) = req.into_parts();
-        let bytes = match axum::body::to_bytes(body, super::handlers::MAX_BODY_BYTES).await {
-            Ok(b) => b,
-            Err(_) => {
-                return ApiError::new(
-                    413,
-                    "RequestEntityTooLarge",
-                    format!(
-                        "the request body is larger than the limit of {} bytes",
-                        super::handlers::MAX_BODY_BYTES
-                    ),
-                )
-                .into_response();
+        let limited = Body::new(http_body_util::Limited::new(
+            body,
+            super::limits::MAX_BODY_BYTES,
+        ));
+        match super::limits::read_all(limited).await {
+            Ok(bytes) => {
+                request_object = body_object(
+                    parts.headers.get(header::CONTENT_TYPE),
+                    &bytes,
+                    omit_managed_fields,
+                );
+                req = Request::from_parts(parts, Body::from(bytes));
             }
-        };
-        request_object = body_object(
-            parts.headers.get(header::CONTENT_TYPE),
-            &bytes,
-            omit_managed_fields,
-        );
-        req = Request::from_parts(parts, Body::from(bytes));
+            Err(e) => {
+                refused = Some(e.into_response());
+                req = Request::from_parts(parts, Body::empty());
+            }
+        }
     }
     let mut record = Record {
         auditor: auditor.clone(),
@@ -834,7 +834,10 @@ pub(crate) async fn audit(
             .emit(&record.event(Stage::RequestReceived, None, None))
             .await;
     }
-    let mut resp = next.run(req).await;
+    let mut resp = match refused {
+        Some(r) => r,
+        None => next.run(req).await,
+    };
     set_audit_id(&mut resp, &record.audit_id);
     if let (Some(o), Some(ObjectName(n))) = (
         record.info.object.as_mut(),

@@ -23,9 +23,6 @@ use super::watch;
 use crate::bench::phases::mark;
 use crate::storage::{Guard, Revision, Store, StoreError, TxnOp, Versioned};
 
-/// Largest request body accepted (Kubernetes' limit is 3 MiB).
-pub(crate) const MAX_BODY_BYTES: usize = 3 * 1024 * 1024;
-
 /// Shared state of every request.
 pub(crate) struct App<S> {
     pub store: S,
@@ -769,26 +766,9 @@ fn with_warnings(mut r: Response, warnings: &[String]) -> Response {
     r
 }
 
+/// The request body, within the body-limit layer's limit.
 async fn read_body(req: Request) -> Result<Bytes> {
-    let too_large = || {
-        ApiError::new(
-            413,
-            "RequestEntityTooLarge",
-            format!("the request body is larger than the limit of {MAX_BODY_BYTES} bytes"),
-        )
-    };
-    if let Some(len) = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok())
-        && len > MAX_BODY_BYTES
-    {
-        return Err(too_large());
-    }
-    axum::body::to_bytes(req.into_body(), MAX_BODY_BYTES)
-        .await
-        .map_err(|_| too_large())
+    super::limits::read_all(req.into_body()).await
 }
 
 /// Parses JSON (or YAML for `*yaml` content types); errors name the problem.

@@ -27,6 +27,7 @@ mod discovery;
 pub mod endpoint_reconciler;
 mod handlers;
 mod join;
+mod limits;
 mod managed_fields;
 mod node_proxy;
 mod patch;
@@ -219,8 +220,8 @@ impl<S: Store> ApiServer<S> {
         }
     }
 
-    /// The axum router with every layer: request logging → authentication → audit → timeout →
-    /// handlers.
+    /// The axum router with every layer: request logging → authentication → audit → body
+    /// limit → timeout → handlers.
     fn router(&self) -> Router {
         let timeout = self.config.request_timeout;
         Router::new()
@@ -233,6 +234,7 @@ impl<S: Store> ApiServer<S> {
             .layer(middleware::from_fn(move |req: Request, next: Next| {
                 timeout_layer(timeout, req, next)
             }))
+            .layer(middleware::from_fn(limits::body_limit))
             .layer(middleware::from_fn_with_state(
                 self.auditor.clone(),
                 audit::audit,

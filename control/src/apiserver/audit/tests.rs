@@ -375,3 +375,150 @@ fn log_file_rotates_and_keeps_the_newest_backups() {
     let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
     assert_eq!(mode & 0o777, 0o600);
 }
+
+/// The layer itself, on a router with a stand-in handler: bodies at `RequestResponse`, the
+/// `RequestReceived` stage when the policy keeps it, a watch's two stages, 413 at `Request`.
+#[tokio::test]
+async fn layer_records_bodies_and_stages_as_the_policy_says() {
+    use axum::Router;
+    use tower::ServiceExt as _;
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("audit.log");
+    let mut cfg = AuditConfig::new(&path);
+    cfg.policy = Policy::parse(
+        r#"
+apiVersion: audit.k8s.io/v1
+kind: Policy
+rules:
+  - level: RequestResponse
+    resources: [{group: "", resources: ["configmaps"]}]
+  - level: Request
+    resources: [{group: "", resources: ["secrets"]}]
+    omitStages: ["RequestReceived"]
+  - level: Metadata
+    omitStages: ["RequestReceived"]
+"#,
+    )
+    .expect("policy");
+    let auditor = Auditor::start(&cfg).expect("auditor");
+    let app = Router::new()
+        .fallback(|req: Request| async move {
+            let watch = req.uri().query().unwrap_or("").contains("watch=true");
+            let body = super::super::limits::read_all(req.into_body()).await;
+            match body {
+                Err(e) => e.into_response(),
+                Ok(_) if watch => {
+                    let events = futures::stream::iter(
+                        [r#"{"type":"ADDED"}"#, r#"{"type":"MODIFIED"}"#]
+                            .map(|e| Ok::<_, std::io::Error>(Bytes::from(e))),
+                    );
+                    Response::new(Body::from_stream(events))
+                }
+                Ok(_) => {
+                    let mut r = Response::new(Body::from(
+                        r#"{"kind":"ConfigMap","metadata":{"name":"c","managedFields":[{}]}}"#,
+                    ));
+                    r.headers_mut().insert(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("application/json"),
+                    );
+                    r
+                }
+            }
+        })
+        .layer(axum::middleware::from_fn(super::super::limits::body_limit))
+        .layer(axum::middleware::from_fn_with_state(
+            Some(auditor.clone()),
+            audit,
+        ))
+        .layer(axum::middleware::from_fn(
+            |mut req: Request, next: Next| async move {
+                req.extensions_mut().insert(Identity::Admin);
+                next.run(req).await
+            },
+        ));
+    let call = |method: Method, uri: &str, body: Body| {
+        let app = app.clone();
+        let req = http::Request::builder()
+            .method(method)
+            .uri(uri)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(body)
+            .expect("request");
+        async move {
+            let resp = app.oneshot(req).await.expect("infallible");
+            let id = resp
+                .headers()
+                .get("audit-id")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned();
+            let code = resp.status().as_u16();
+            let body = axum::body::to_bytes(resp.into_body(), usize::MAX)
+                .await
+                .expect("body");
+            (code, id, body)
+        }
+    };
+    let (code, created, body) = call(
+        Method::POST,
+        "/api/v1/namespaces/a/configmaps",
+        Body::from(r#"{"kind":"ConfigMap","metadata":{"name":"c"},"data":{"k":"v"}}"#),
+    )
+    .await;
+    assert_eq!(code, 200);
+    assert!(
+        body.starts_with(b"{\"kind\":\"ConfigMap\""),
+        "the client still gets the body"
+    );
+    let (_, secret, _) = call(
+        Method::PUT,
+        "/api/v1/namespaces/a/secrets/s",
+        Body::from(r#"{"kind":"Secret","metadata":{"name":"s"}}"#),
+    )
+    .await;
+    let (code, big, _) = call(
+        Method::POST,
+        "/api/v1/namespaces/a/secrets",
+        Body::from(vec![b' '; super::super::limits::MAX_BODY_BYTES + 1]),
+    )
+    .await;
+    assert_eq!(code, 413);
+    let (code, watch, body) = call(Method::GET, "/api/v1/pods?watch=true", Body::empty()).await;
+    assert_eq!((code, body.len()), (200, 35));
+    drop(auditor);
+    drop(app);
+
+    let mut events: Vec<Value> = Vec::new();
+    for _ in 0..100 {
+        events = std::fs::read_to_string(&path)
+            .expect("log")
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("json line"))
+            .collect();
+        if events.len() >= 6 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let of = |id: &str| -> Vec<&Value> { events.iter().filter(|e| e["auditID"] == id).collect() };
+    let c = of(&created);
+    assert_eq!(c.len(), 2, "{c:#?}");
+    assert_eq!(c[0]["stage"], "RequestReceived");
+    assert!(c[0].get("responseStatus").is_none());
+    assert_eq!(c[1]["stage"], "ResponseComplete");
+    assert_eq!(c[1]["level"], "RequestResponse");
+    assert_eq!(c[1]["requestObject"]["data"], json!({"k": "v"}));
+    assert_eq!(c[1]["responseObject"]["metadata"]["name"], "c");
+    let s = of(&secret);
+    assert_eq!(s.len(), 1, "{s:#?}");
+    assert_eq!(s[0]["level"], "Request");
+    assert_eq!(s[0]["requestObject"]["kind"], "Secret");
+    assert!(s[0].get("responseObject").is_none());
+    let b = of(&big);
+    assert_eq!(b.len(), 1, "{b:#?}");
+    assert_eq!(b[0]["responseStatus"]["code"], 413);
+    assert_eq!(b[0]["responseStatus"]["reason"], "RequestEntityTooLarge");
+    let w: Vec<&Value> = of(&watch).into_iter().map(|e| &e["stage"]).collect();
+    assert_eq!(w, [&json!("ResponseStarted"), &json!("ResponseComplete")]);
+}
