@@ -161,6 +161,9 @@ pub struct BenchResult {
     pub hundred_clients: (Duration, Duration),
     /// Calls per second completed in that saturating run.
     pub hundred_clients_rate: f64,
+    /// Share of the machine's CPU time the hypervisor gave to other guests during the paced
+    /// run (`steal` in `/proc/stat`; `None` where that is not available), in percent.
+    pub paced_steal: Option<f64>,
     /// Mutating call latency, 100 clients sending at a fixed aggregate rate
     /// ([`BenchConfig::paced_rate`]), measured as [`paced_slot`] says: p50, p99.
     pub paced: (Duration, Duration),
@@ -392,6 +395,29 @@ async fn mutations(
         tracing::warn!(run = tag, retried, "creates answered 503 and were retried");
     }
     Ok((start, all))
+}
+
+/// This machine's CPU time so far, all of it and the part stolen by the hypervisor (the
+/// first line of `/proc/stat`, in clock ticks).
+fn cpu_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()?
+        .strip_prefix("cpu ")?
+        .split_whitespace()
+        .take(8)
+        .map(|t| t.parse().ok())
+        .collect::<Option<_>>()?;
+    // user nice system idle iowait irq softirq steal (guest time is inside user).
+    (ticks.len() == 8).then(|| (ticks.iter().sum(), ticks[7]))
+}
+
+/// Stolen share of the CPU time between two [`cpu_ticks`] readings, in percent.
+fn steal_percent(before: Option<(u64, u64)>, after: Option<(u64, u64)>) -> Option<f64> {
+    let ((t0, s0), (t1, s1)) = (before?, after?);
+    let total = t1.checked_sub(t0).filter(|t| *t > 0)?;
+    Some(s1.saturating_sub(s0) as f64 * 100.0 / total as f64)
 }
 
 /// Waits for a paced call's slot; returns the instant the call's latency counts from.
@@ -683,7 +709,9 @@ async fn measure<S: Store>(
     let paced_total = (cfg.paced_rate * cfg.paced_duration.as_secs_f64()).round() as usize;
     let pace = Duration::from_secs_f64(100.0 / cfg.paced_rate.max(1e-3));
     let probe = LagProbe::start(server_rt);
+    let cpu_before = cpu_ticks();
     let run = mutations(client, 100, paced_total.max(100), "paced", Some(pace)).await?;
+    let paced_steal = steal_percent(cpu_before, cpu_ticks());
     let paced = latencies(&run.1);
     reports.push(phase_report(
         &format!("100 clients at {:.0}/s", cfg.paced_rate),
@@ -812,6 +840,7 @@ async fn measure<S: Store>(
         one_client,
         hundred_clients,
         hundred_clients_rate,
+        paced_steal,
         paced,
         list,
         watch: p50_p99(deliveries),
@@ -856,6 +885,11 @@ pub fn table(results: &[BenchResult]) -> String {
             "<= 10 ms".into(),
             vec![],
         ),
+        (
+            "  CPU time stolen by the host meanwhile".into(),
+            "".into(),
+            vec![],
+        ),
         ("LIST pods (median of 5)".into(), "<= 100 ms".into(), vec![]),
         (
             "watch delivery p50, from write start".into(),
@@ -887,6 +921,9 @@ pub fn table(results: &[BenchResult]) -> String {
             format!("{:.0}/s", r.hundred_clients_rate),
             ms(r.paced.0),
             ms(r.paced.1),
+            r.paced_steal
+                .map(|p| format!("{p:.1} %"))
+                .unwrap_or_else(|| "-".into()),
             ms(r.list),
             ms(r.watch.0),
             ms(r.watch.1),
@@ -930,6 +967,18 @@ mod tests {
     use super::*;
 
     /// A small run end to end on a MemStore: every figure is measured and the table prints.
+    #[test]
+    fn steal_share_of_two_readings() {
+        assert_eq!(
+            steal_percent(Some((1000, 10)), Some((1200, 30))),
+            Some(10.0)
+        );
+        assert_eq!(steal_percent(Some((1000, 10)), Some((1000, 10))), None);
+        assert_eq!(steal_percent(None, Some((1000, 10))), None);
+        let (total, steal) = cpu_ticks().expect("/proc/stat");
+        assert!(total > 0 && steal <= total);
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn small_run() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -950,6 +999,9 @@ mod tests {
         assert!(r.hundred_clients.1 >= r.hundred_clients.0);
         assert!(r.hundred_clients_rate > 0.0);
         assert!(r.paced.0 > Duration::ZERO && r.paced.1 >= r.paced.0);
+        // Linux has /proc/stat: the share is measured, and is a share.
+        let steal = r.paced_steal.expect("steal measured");
+        assert!((0.0..=100.0).contains(&steal), "{steal}");
         assert!(r.list > Duration::ZERO);
         assert!(r.watch.1 >= r.watch.0 && r.watch.0 > Duration::ZERO);
         let t = table(&[r]);
