@@ -813,18 +813,10 @@ pub(crate) async fn audit(
         omit,
         omit_managed_fields,
         audit_id,
-        request_uri: req
-            .uri()
-            .path_and_query()
-            .map(|p| p.as_str().to_owned())
-            .unwrap_or_else(|| req.uri().path().to_owned()),
+        request_uri: request_uri(&req),
         user,
         source_ips: source_ips(&req),
-        user_agent: req
-            .headers()
-            .get(header::USER_AGENT)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned),
+        user_agent: user_agent(&req),
         info,
         request_object,
         received,
@@ -889,6 +881,21 @@ fn set_audit_id(resp: &mut Response, id: &str) {
     }
 }
 
+/// Path and query, as the client sent them.
+fn request_uri(req: &Request) -> String {
+    req.uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| req.uri().path().to_owned())
+}
+
+fn user_agent(req: &Request) -> Option<String> {
+    req.headers()
+        .get(header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
 /// `X-Forwarded-For` addresses first, then the peer's, as kube-apiserver lists them.
 fn source_ips(req: &Request) -> Vec<String> {
     let mut ips: Vec<String> = req
@@ -930,18 +937,10 @@ pub(crate) fn failed_authentication(auditor: &Arc<Auditor>, req: &Request, resp:
         omit,
         omit_managed_fields: false,
         audit_id,
-        request_uri: req
-            .uri()
-            .path_and_query()
-            .map(|p| p.as_str().to_owned())
-            .unwrap_or_default(),
+        request_uri: request_uri(req),
         user,
         source_ips: source_ips(req),
-        user_agent: req
-            .headers()
-            .get(header::USER_AGENT)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned),
+        user_agent: user_agent(req),
         info,
         request_object: None,
         received: micros_now(),
