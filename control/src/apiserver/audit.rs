@@ -108,8 +108,7 @@ impl Auditor {
     }
 
     async fn emit(&self, event: &Event<'_>) {
-        if let Ok(mut line) = serde_json::to_vec(event) {
-            line.push(b'\n');
+        if let Some(line) = line_of(event) {
             let _ = self.lines.send(line).await;
         }
     }
@@ -117,10 +116,9 @@ impl Auditor {
     /// From synchronous code (a response body's end): queued if there is room, else sent by
     /// a task so the order of one request's events may only be off when the queue is full.
     fn emit_now(self: &Arc<Self>, event: &Event<'_>) {
-        let Ok(mut line) = serde_json::to_vec(event) else {
+        let Some(line) = line_of(event) else {
             return;
         };
-        line.push(b'\n');
         if let Err(tokio::sync::mpsc::error::TrySendError::Full(line)) = self.lines.try_send(line) {
             let tx = self.lines.clone();
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
@@ -130,6 +128,13 @@ impl Auditor {
             }
         }
     }
+}
+
+/// An event as one line of the log.
+fn line_of(event: &Event<'_>) -> Option<Vec<u8>> {
+    let mut line = serde_json::to_vec(event).ok()?;
+    line.push(b'\n');
+    Some(line)
 }
 
 /// The log file (or standard output) with size-based rotation as kube-apiserver's
@@ -351,13 +356,17 @@ impl RequestInfo {
 #[derive(Debug, Clone, Serialize)]
 struct ResponseStatus {
     metadata: Value,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    status: Option<&'static str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    message: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    reason: Option<&'static str>,
+    #[serde(flatten)]
+    failure: Option<Failure>,
     code: u16,
+}
+
+/// The failure half of a `responseStatus`.
+#[derive(Debug, Clone, Serialize)]
+struct Failure {
+    status: &'static str,
+    message: String,
+    reason: &'static str,
 }
 
 /// The name of the object a response carries: completes `objectRef` for creates, whose URL
@@ -375,12 +384,14 @@ pub(crate) struct FailureStatus {
 impl ResponseStatus {
     fn of(resp: &Response) -> ResponseStatus {
         let code = resp.status().as_u16();
-        let failure = resp.extensions().get::<FailureStatus>();
+        let failure = resp.extensions().get::<FailureStatus>().map(|f| Failure {
+            status: "Failure",
+            message: f.message.clone(),
+            reason: f.reason,
+        });
         ResponseStatus {
             metadata: json!({}),
-            status: failure.map(|_| "Failure"),
-            message: failure.map(|f| f.message.clone()),
-            reason: failure.map(|f| f.reason),
+            failure,
             code,
         }
     }
@@ -400,8 +411,8 @@ struct Event<'a> {
     request_uri: &'a str,
     verb: &'a str,
     user: &'a UserInfo,
-    #[serde(rename = "sourceIPs", skip_serializing_if = "Vec::is_empty")]
-    source_ips: Vec<String>,
+    #[serde(rename = "sourceIPs", skip_serializing_if = "<[String]>::is_empty")]
+    source_ips: &'a [String],
     #[serde(skip_serializing_if = "Option::is_none")]
     user_agent: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -441,6 +452,27 @@ struct Record {
 }
 
 impl Record {
+    /// What the policy says of `req` by `user`, and what every event of it repeats.
+    fn begin(auditor: &Arc<Auditor>, req: &Request, user: UserInfo) -> Record {
+        let received = micros_now();
+        let info = RequestInfo::parse(req.method(), req.uri().path(), req.uri().query());
+        let (level, omit, omit_managed_fields) = auditor.policy.evaluate(&user, &info);
+        Record {
+            auditor: auditor.clone(),
+            level,
+            omit,
+            omit_managed_fields,
+            audit_id: super::handlers::new_uid(),
+            request_uri: request_uri(req),
+            user,
+            source_ips: source_ips(req),
+            user_agent: user_agent(req),
+            info,
+            request_object: None,
+            received,
+        }
+    }
+
     fn event(
         &self,
         stage: Stage,
@@ -456,7 +488,7 @@ impl Record {
             request_uri: &self.request_uri,
             verb: &self.info.verb,
             user: &self.user,
-            source_ips: self.source_ips.clone(),
+            source_ips: &self.source_ips,
             user_agent: self.user_agent.as_deref(),
             object_ref: self.info.object.as_ref(),
             response_status: status,
@@ -513,28 +545,24 @@ fn strip_managed_fields(v: &mut Value) {
 /// response as kube-apiserver does.
 pub(crate) async fn audit(
     State(auditor): State<Option<Arc<Auditor>>>,
-    req: Request,
+    mut req: Request,
     next: Next,
 ) -> Response {
     let Some(auditor) = auditor else {
         return next.run(req).await;
     };
-    let received = micros_now();
-    let info = RequestInfo::parse(req.method(), req.uri().path(), req.uri().query());
     let user = req
         .extensions()
         .get::<Identity>()
         .map(UserInfo::of)
         .unwrap_or_default();
-    let (level, omit, omit_managed_fields) = auditor.policy.evaluate(&user, &info);
-    let audit_id = super::handlers::new_uid();
+    let mut record = Record::begin(&auditor, &req, user);
+    let level = record.level;
     if level == Level::None {
         let mut resp = next.run(req).await;
-        set_audit_id(&mut resp, &audit_id);
+        set_audit_id(&mut resp, &record.audit_id);
         return resp;
     }
-    let mut req = req;
-    let mut request_object = None;
     let mut refused = None;
     if level >= Level::Request
         && matches!(*req.method(), Method::POST | Method::PUT | Method::PATCH)
@@ -548,10 +576,10 @@ pub(crate) async fn audit(
         ));
         match super::limits::read_all(limited).await {
             Ok(bytes) => {
-                request_object = body_object(
+                record.request_object = body_object(
                     parts.headers.get(header::CONTENT_TYPE),
                     &bytes,
-                    omit_managed_fields,
+                    record.omit_managed_fields,
                 );
                 req = Request::from_parts(parts, Body::from(bytes));
             }
@@ -561,20 +589,6 @@ pub(crate) async fn audit(
             }
         }
     }
-    let mut record = Record {
-        auditor: auditor.clone(),
-        level,
-        omit,
-        omit_managed_fields,
-        audit_id,
-        request_uri: request_uri(&req),
-        user,
-        source_ips: source_ips(&req),
-        user_agent: user_agent(&req),
-        info,
-        request_object,
-        received,
-    };
     if record.wants(Stage::RequestReceived) {
         auditor
             .emit(&record.event(Stage::RequestReceived, None, None))
@@ -677,28 +691,13 @@ fn source_ips(req: &Request) -> Vec<String> {
 /// as kube-apiserver's failed-authentication audit does, if the policy records anonymous
 /// requests of this kind.
 pub(crate) fn failed_authentication(auditor: &Arc<Auditor>, req: &Request, resp: &mut Response) {
-    let user = UserInfo::default();
-    let info = RequestInfo::parse(req.method(), req.uri().path(), req.uri().query());
-    let (level, omit, _) = auditor.policy.evaluate(&user, &info);
-    let audit_id = super::handlers::new_uid();
-    set_audit_id(resp, &audit_id);
-    if level == Level::None || omit.contains(&Stage::ResponseStarted) {
+    let mut record = Record::begin(auditor, req, UserInfo::default());
+    set_audit_id(resp, &record.audit_id);
+    if record.level == Level::None || !record.wants(Stage::ResponseStarted) {
         return;
     }
-    let record = Record {
-        auditor: auditor.clone(),
-        level: Level::Metadata.min(level),
-        omit,
-        omit_managed_fields: false,
-        audit_id,
-        request_uri: request_uri(req),
-        user,
-        source_ips: source_ips(req),
-        user_agent: user_agent(req),
-        info,
-        request_object: None,
-        received: micros_now(),
-    };
+    // No body is read before authentication.
+    record.level = record.level.min(Level::Metadata);
     auditor.emit_now(&record.event(Stage::ResponseStarted, Some(ResponseStatus::of(resp)), None));
 }
 

@@ -307,9 +307,11 @@ fn events_have_the_kubernetes_shape() {
     };
     let status = ResponseStatus {
         metadata: json!({}),
-        status: Some("Failure"),
-        message: Some("configmaps \"c\" already exists".into()),
-        reason: Some("AlreadyExists"),
+        failure: Some(Failure {
+            status: "Failure",
+            message: "configmaps \"c\" already exists".into(),
+            reason: "AlreadyExists",
+        }),
         code: 409,
     };
     let v = serde_json::to_value(record.event(Stage::ResponseComplete, Some(status), None))
