@@ -140,7 +140,7 @@ impl Default for BenchConfig {
             mutations_one_client: 300,
             mutations_hundred_clients: 3000,
             paced_rate: 500.0,
-            paced_duration: Duration::from_secs(6),
+            paced_duration: Duration::from_secs(20),
             list_pods: 10_000,
             watchers: 1000,
             watch_events: 10,

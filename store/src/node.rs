@@ -1267,7 +1267,10 @@ async fn leader_loop(inner: Arc<Inner>) {
 
 /// Logs leader changes and elections (and why they happen), and counts leader changes.
 async fn log_leadership(inner: Arc<Inner>) {
-    let mut rx = inner.raft.metrics();
+    // The server metrics change only with the vote, the role, the leader or the membership;
+    // the full metrics change with every append, ack and apply, and waking this task (and
+    // cloning them) for each cost every write a wakeup.
+    let mut rx = inner.raft.server_metrics();
     let mut last = (None, 0u64, ServerState::Learner);
     // The last leader seen, across leaderless spells: etcd counts a change to a new leader,
     // the first one included.
@@ -1277,15 +1280,16 @@ async fn log_leadership(inner: Arc<Inner>) {
             _ = inner.cancel.cancelled() => return,
             r = rx.changed() => if r.is_err() { return },
         }
-        let m = rx.borrow().clone();
-        let now = (m.current_leader, m.current_term, m.state);
+        let m = rx.borrow_and_update().clone();
+        let term = m.vote.leader_id().get_term();
+        let now = (m.current_leader, term, m.state);
         if now == last {
             continue;
         }
         if m.state == ServerState::Candidate && last.2 != ServerState::Candidate {
             tracing::warn!(
                 member = %inner.name,
-                term = m.current_term,
+                term,
                 previous_leader = ?last.0.map(|l| format!("{l:x}")),
                 "starting election: no heartbeat from a leader within the election timeout"
             );
@@ -1307,12 +1311,12 @@ async fn log_leadership(inner: Arc<Inner>) {
                         member = %inner.name,
                         leader = format_args!("{l:x}"),
                         leader_name = %name,
-                        term = m.current_term,
+                        term,
                         is_me = l == inner.id,
                         "raft leader elected"
                     );
                 }
-                None => tracing::info!(member = %inner.name, term = m.current_term, "no leader"),
+                None => tracing::info!(member = %inner.name, term, "no leader"),
             }
         }
         last = now;

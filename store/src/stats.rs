@@ -5,8 +5,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// A phase slower than this is logged on its own (target `store::stats`, debug), with its
-/// time, so stalls can be lined up across members.
-const SLOW: Duration = Duration::from_millis(20);
+/// time, so stalls can be lined up across members. `FLOTILLA_STATS_SLOW_MS` lowers it to
+/// chase shorter stalls.
+fn slow() -> Duration {
+    static SLOW: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *SLOW.get_or_init(|| {
+        let ms = std::env::var("FLOTILLA_STATS_SLOW_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(20);
+        Duration::from_millis(ms)
+    })
+}
 
 /// Upper bounds (ms) of the [`Histogram`] buckets; the last bucket is everything above.
 const BUCKETS_MS: [u64; 8] = [1, 2, 4, 8, 16, 32, 64, 128];
@@ -26,7 +36,7 @@ impl Histogram {
             .position(|b| ms < *b)
             .unwrap_or(BUCKETS_MS.len());
         self.counts[i].fetch_add(1, Ordering::Relaxed);
-        if d >= SLOW {
+        if d >= slow() {
             tracing::debug!(target: "store::stats", phase = what, ms = d.as_secs_f64() * 1e3, "slow");
         }
     }
