@@ -936,8 +936,11 @@ pub fn table(results: &[BenchResult]) -> String {
     }
     let mut out = String::new();
     out.push_str(&format!(
-        "API server benchmark ({} pods listed, {} watchers x {} events, HTTPS + token)\n",
-        cfg.list_pods, cfg.watchers, cfg.watch_events
+        "API server benchmark ({} pods listed, {} watchers x {} events, paced run {} s, HTTPS + token)\n",
+        cfg.list_pods,
+        cfg.watchers,
+        cfg.watch_events,
+        cfg.paced_duration.as_secs()
     ));
     out.push_str(&format!("{:<42} {:>10}", "measure", "target"));
     for r in results {

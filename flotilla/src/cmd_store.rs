@@ -66,6 +66,11 @@ pub(crate) struct StoreArgs {
     /// held in memory until then.
     #[arg(long, default_value = "0")]
     auto_compaction_retention: String,
+    /// A write-path phase (log sync, proposal, write, follower append) at least this slow, in
+    /// ms, is logged on its own with its time (`RUST_LOG=store::stats=debug`), so stalls can be
+    /// lined up across members.
+    #[arg(long, default_value_t = 20, value_name = "MS")]
+    slow_phase_ms: u64,
     /// Serve the fault-injection admin endpoint (HTTP, `/faults`) on this address, e.g.
     /// `127.0.0.1:2381`: partitions, message drops/delays/duplicates and a slow disk for this
     /// member, driven by `flotilla chaos --fault-admin`. Off by default; never expose it.
@@ -173,6 +178,7 @@ impl StoreArgs {
                 &self.auto_compaction_mode,
                 &self.auto_compaction_retention,
             )?,
+            slow_phase: Duration::from_millis(self.slow_phase_ms),
             ..store::Tunables::default()
         };
         Ok(store::StoreConfig {

@@ -95,7 +95,9 @@ impl Batcher {
             .await
             .map_err(|_| EtcdError::Stopped)?;
         let res = rx.await.map_err(|_| EtcdError::Stopped)?;
-        self.stats.h_write.observe("write", start.elapsed());
+        self.stats
+            .h_write
+            .observe("write", start.elapsed(), self.stats.slow);
         res
     }
 
@@ -183,7 +185,9 @@ async fn run(
                 .proposals
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             Stats::record(&stats.proposal_ns, None, start);
-            stats.h_proposal.observe("proposal", start.elapsed());
+            stats
+                .h_proposal
+                .observe("proposal", start.elapsed(), stats.slow);
             match res {
                 Ok(resp) => {
                     let replies = resp.data.replies;

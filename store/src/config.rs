@@ -40,6 +40,9 @@ pub struct Tunables {
     pub request_timeout: Duration,
     /// Automatic compaction of the key history by the leader (etcd `--auto-compaction-*`).
     pub auto_compaction: AutoCompaction,
+    /// A write-path phase (log sync, proposal, write) at least this slow is logged on its own
+    /// with its time (target `store::stats`, debug), like etcd's `--warning-apply-duration`.
+    pub slow_phase: Duration,
 }
 
 /// Automatic compaction of the key history (etcd `--auto-compaction-mode` and
@@ -77,6 +80,7 @@ impl Default for Tunables {
             max_batch_ops: 256,
             request_timeout: Duration::from_secs(7),
             auto_compaction: AutoCompaction::Off,
+            slow_phase: Duration::from_millis(20),
         }
     }
 }

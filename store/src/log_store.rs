@@ -208,9 +208,13 @@ impl SledLogStore {
         self.crash(CrashPoint::BeforeLogFlush)?;
         let start = Instant::now();
         let res = self.wal.flush();
-        self.stats.h_log_sync.observe("log sync", start.elapsed());
+        self.stats
+            .h_log_sync
+            .observe("log sync", start.elapsed(), self.stats.slow);
         self.stats.log_flushes.fetch_add(1, Ordering::Relaxed);
-        self.stats.h_log_flush.observe("log flush", start.elapsed());
+        self.stats
+            .h_log_flush
+            .observe("log flush", start.elapsed(), self.stats.slow);
         Stats::record(
             &self.stats.log_flush_ns,
             Some(&self.stats.log_flush_max_ns),

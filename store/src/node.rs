@@ -393,7 +393,10 @@ impl Node {
         }
         let db = open_db(&config.data_dir).await?;
         check_identity(&db, &config)?;
-        let stats = Arc::new(Stats::default());
+        let stats = Arc::new(Stats {
+            slow: crate::stats::SlowPhase(config.tunables.slow_phase),
+            ..Stats::default()
+        });
         let mut log = SledLogStore::new(&db, &config.data_dir)
             .map_err(|source| StoreError::Open {
                 path: config.data_dir.clone(),

@@ -4,18 +4,15 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-/// A phase slower than this is logged on its own (target `store::stats`, debug), with its
-/// time, so stalls can be lined up across members. `FLOTILLA_STATS_SLOW_MS` lowers it to
-/// chase shorter stalls.
-fn slow() -> Duration {
-    static SLOW: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
-    *SLOW.get_or_init(|| {
-        let ms = std::env::var("FLOTILLA_STATS_SLOW_MS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(20);
-        Duration::from_millis(ms)
-    })
+/// A phase at least this slow is logged on its own (target `store::stats`, debug), with its
+/// time, so stalls can be lined up across members ([`crate::Tunables::slow_phase`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SlowPhase(pub(crate) Duration);
+
+impl Default for SlowPhase {
+    fn default() -> Self {
+        SlowPhase(crate::Tunables::default().slow_phase)
+    }
 }
 
 /// Upper bounds (ms) of the [`Histogram`] buckets; the last bucket is everything above.
@@ -28,15 +25,15 @@ pub(crate) struct Histogram {
 }
 
 impl Histogram {
-    /// Counts `d`; logs it when slow.
-    pub(crate) fn observe(&self, what: &'static str, d: Duration) {
+    /// Counts `d`; logs it when at least `slow`.
+    pub(crate) fn observe(&self, what: &'static str, d: Duration, slow: SlowPhase) {
         let ms = d.as_millis() as u64;
         let i = BUCKETS_MS
             .iter()
             .position(|b| ms < *b)
             .unwrap_or(BUCKETS_MS.len());
         self.counts[i].fetch_add(1, Ordering::Relaxed);
-        if d >= slow() {
+        if d >= slow.0 {
             tracing::debug!(target: "store::stats", phase = what, ms = d.as_secs_f64() * 1e3, "slow");
         }
     }
@@ -62,6 +59,8 @@ impl Histogram {
 /// Counters shared by the log store, the state machine and the batcher of one member.
 #[derive(Debug, Default)]
 pub(crate) struct Stats {
+    /// Phases at least this slow are logged one by one.
+    pub(crate) slow: SlowPhase,
     /// Log appends flushed (one sled flush each).
     pub(crate) log_flushes: AtomicU64,
     /// Total and worst time spent in those flushes.

@@ -61,7 +61,7 @@ async fn append_entries(inner: &Inner, data: &[u8]) -> Result<RaftBytes, Status>
     inner
         .stats
         .h_follower_append
-        .observe("follower append", start.elapsed());
+        .observe("follower append", start.elapsed(), inner.stats.slow);
     res
 }
 
