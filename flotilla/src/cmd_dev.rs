@@ -174,7 +174,9 @@ async fn serve<S: Store>(
     }
     step("scheduler and controllers (ReplicaSet, Deployment, node lifecycle, GC) running");
 
-    // The local agent joins with the node token, exactly as a remote one would.
+    // The local agent joins with the node token, exactly as a remote one would. It stops
+    // before the API server it reports to, as a drained node would.
+    let agent_stop = CancellationToken::new();
     let token_path = data_dir.join("node-token");
     let token_text = wait_for_file(&token_path).await?;
     let join = JoinToken::parse(&token_text).context("node-token is malformed")?;
@@ -192,18 +194,18 @@ async fn serve<S: Store>(
         args.container_runtime_endpoint
             .as_deref()
             .map(|e| (e, crate::cmd_agent::CriOptions::default())),
-        shutdown.clone(),
+        agent_stop.clone(),
     )
     .await?;
     let agent = Agent::new(acfg, runtime).context("invalid agent configuration")?;
-    {
-        let stop = shutdown.clone();
-        tasks.spawn(async move {
+    let agent_task = {
+        let stop = agent_stop.clone();
+        tokio::spawn(async move {
             if let Err(e) = agent.run(stop).await {
                 tracing::error!(error = %e, "agent failed");
             }
-        });
-    }
+        })
+    };
     let runtimes = match &args.container_runtime_endpoint {
         Some(e) => format!("wasm runtime and CRI at {e}"),
         None => "wasm runtime".to_owned(),
@@ -222,15 +224,16 @@ async fn serve<S: Store>(
             Ok(())
         }
     };
-    tokio::select! {
-        r = demo => if let Err(e) = r {
-            step(&format!("demo Deployment not ready: {e:#}"));
-        },
-        _ = tokio::signal::ctrl_c() => {
-            shutdown.cancel();
+    let interrupted = tokio::select! {
+        r = demo => {
+            if let Err(e) = r {
+                step(&format!("demo Deployment not ready: {e:#}"));
+            }
+            false
         }
-    }
-    if !shutdown.is_cancelled() {
+        _ = tokio::signal::ctrl_c() => true,
+    };
+    if !interrupted {
         println!();
         println!("Flotilla dev cluster is ready. In another terminal:");
         println!();
@@ -254,6 +257,8 @@ async fn serve<S: Store>(
         let _ = tokio::signal::ctrl_c().await;
     }
     step("shutting down");
+    agent_stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), agent_task).await;
     shutdown.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(10), async {
         while tasks.join_next().await.is_some() {}
