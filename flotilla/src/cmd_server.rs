@@ -654,7 +654,7 @@ pub(crate) struct BenchApiArgs {
     /// Length of the paced run, in seconds. Its slow calls come in clusters of 10-50, so the
     /// p99 of a short run is decided by one or two of them; 20 s (10,000 calls at 500/s)
     /// gives a steadier figure.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = control::bench::DEFAULT_PACED_SECONDS)]
     paced_seconds: u64,
 }
 
@@ -675,7 +675,10 @@ async fn bench(args: BenchApiArgs) -> anyhow::Result<()> {
         );
     }
     if args.paced_seconds == 0 {
-        anyhow::bail!("--paced-seconds 0 leaves no paced run: give at least 1 (the default is 20)");
+        anyhow::bail!(
+            "--paced-seconds 0 leaves no paced run: give at least 1 (the default is {})",
+            control::bench::DEFAULT_PACED_SECONDS
+        );
     }
     let cfg = control::bench::BenchConfig {
         list_pods: args.list_pods,
