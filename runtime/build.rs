@@ -53,13 +53,29 @@ fn main() {
         cmd.env_remove(var);
     }
     let guests = guest_target.join("wasm32-wasip1/release");
-    match cmd.status() {
-        Ok(s) if s.success() => {}
-        Ok(s) => println!(
-            "cargo:warning=building wasm-examples for wasm32-wasip1 failed ({s}); is the target \
-             installed (`rustup target add wasm32-wasip1`)? Tests that run guests will fail."
-        ),
-        Err(e) => println!("cargo:warning=cannot run cargo to build wasm-examples: {e}"),
+    let built = match cmd.status() {
+        Ok(s) if s.success() => true,
+        Ok(s) => {
+            println!(
+                "cargo:warning=building wasm-examples for wasm32-wasip1 failed ({s}); is the \
+                 target installed (`rustup target add wasm32-wasip1`)? Tests that run guests \
+                 will fail."
+            );
+            false
+        }
+        Err(e) => {
+            println!("cargo:warning=cannot run cargo to build wasm-examples: {e}");
+            false
+        }
+    };
+    if !built {
+        // Cargo reruns a build script while a file it watches is missing: without this, a
+        // build made before `rustup target add wasm32-wasip1` kept its failure (and its
+        // warning) until the guests' sources changed.
+        println!(
+            "cargo:rerun-if-changed={}",
+            guest_target.join("no-guests-yet").display()
+        );
     }
     println!("cargo:rustc-env=FLOTILLA_GUESTS_DIR={}", guests.display());
 }

@@ -115,6 +115,11 @@ pub mod phases {
 /// run's p99 is decided by one or two of them.
 pub const DEFAULT_PACED_SECONDS: u64 = 20;
 
+/// Default number of calls in the saturating 100-client run. It used to be 3,000: a run of
+/// a third of a second whose p99 was decided by the first 100 ms, when all 100 clients start
+/// at once; 30,000 calls (3-10 s) measure the steady state.
+pub const DEFAULT_SATURATING_CALLS: usize = 30_000;
+
 /// Sizes of one benchmark run.
 #[derive(Debug, Clone)]
 pub struct BenchConfig {
@@ -142,7 +147,7 @@ impl Default for BenchConfig {
     fn default() -> Self {
         BenchConfig {
             mutations_one_client: 300,
-            mutations_hundred_clients: 3000,
+            mutations_hundred_clients: DEFAULT_SATURATING_CALLS,
             paced_rate: 500.0,
             paced_duration: Duration::from_secs(DEFAULT_PACED_SECONDS),
             list_pods: 10_000,
@@ -700,10 +705,10 @@ async fn measure<S: Store>(
     let run = mutations(client, 1, cfg.mutations_one_client, "one", None).await?;
     let one_client = latencies(&run.1);
     reports.push(phase_report("1 client", run, &probe.finish().await));
-    let t = Instant::now();
     let probe = LagProbe::start(server_rt);
     let run = mutations(client, 100, cfg.mutations_hundred_clients, "hundred", None).await?;
-    let hundred_clients_rate = cfg.mutations_hundred_clients as f64 / t.elapsed().as_secs_f64();
+    // From the first call, not from before the 100 connections' TLS handshakes.
+    let hundred_clients_rate = run.1.len() as f64 / run.0.elapsed().as_secs_f64();
     let hundred_clients = latencies(&run.1);
     reports.push(phase_report(
         "100 clients, saturating",
@@ -875,7 +880,7 @@ pub fn table(results: &[BenchResult]) -> String {
         ),
         (
             "mutating p99, 100 clients, saturating".into(),
-            "<= 10 ms".into(),
+            "".into(),
             vec![],
         ),
         ("  throughput at saturation".into(), "".into(), vec![]),
@@ -958,6 +963,13 @@ pub fn table(results: &[BenchResult]) -> String {
         }
         out.push('\n');
     }
+    out.push_str(&format!(
+        "The 10 ms p99 target is read at a steady load, as Kubernetes' latency SLO is: 100 \
+         clients at {:.0} calls/s each ({paced} in all; 5/s is client-go's default rate \
+         limit). The saturating run keeps 100 calls in flight whatever the speed, so its \
+         latency is 100 / throughput (Little's law): it measures capacity.\n",
+        cfg.paced_rate / 100.0
+    ));
     for r in results {
         if !r.phases.is_empty() {
             out.push_str(&format!("\nwhere the time went, {}:\n", r.store));
@@ -973,7 +985,6 @@ pub fn table(results: &[BenchResult]) -> String {
 mod tests {
     use super::*;
 
-    /// A small run end to end on a MemStore: every figure is measured and the table prints.
     #[test]
     fn steal_share_of_two_readings() {
         assert_eq!(
@@ -1013,6 +1024,12 @@ mod tests {
         assert!(r.watch.1 >= r.watch.0 && r.watch.0 > Duration::ZERO);
         let t = table(&[r]);
         assert!(t.contains("watch delivery p99") && t.contains("mem"), "{t}");
+        // The 10 ms target sits on the paced row only; the saturating row measures capacity.
+        let targeted: Vec<&str> = t.lines().filter(|l| l.contains("<= 10 ms")).collect();
+        assert!(
+            targeted.len() == 1 && targeted[0].contains("100 clients at 200/s"),
+            "{t}"
+        );
         println!("{t}");
     }
 }

@@ -644,8 +644,8 @@ pub(crate) struct BenchApiArgs {
     /// Concurrent watchers.
     #[arg(long, default_value_t = 1000)]
     watchers: usize,
-    /// Mutating calls at 100 clients (in total).
-    #[arg(long, default_value_t = 3000)]
+    /// Mutating calls in the saturating 100-client run (in total).
+    #[arg(long, default_value_t = control::bench::DEFAULT_SATURATING_CALLS)]
     mutations: usize,
     /// Aggregate rate of the paced 100-client run (calls/s). The default is 100 clients at
     /// client-go's default rate limit of 5 QPS; raise it to see where the p99 bends.
