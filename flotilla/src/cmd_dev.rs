@@ -305,7 +305,7 @@ fn sleeper_module() -> anyhow::Result<PathBuf> {
     step(
         "building the wasm-examples guests (cargo build --release --target wasm32-wasip1 -p wasm-examples)",
     );
-    let status =
+    let build = || {
         std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
             .current_dir(&workspace)
             .args([
@@ -318,7 +318,22 @@ fn sleeper_module() -> anyhow::Result<PathBuf> {
             ])
             .env("CARGO_TARGET_DIR", &target)
             .status()
-            .context("failed to run cargo to build the wasm guests")?;
+            .context("failed to run cargo to build the wasm guests")
+    };
+    let mut status = build()?;
+    // rust-toolchain.toml lists the target, yet on a fresh machine whose toolchain was
+    // already installed rustup did not add it, and the README's first command stopped here.
+    if !status.success() && wasm_target_missing(&workspace) {
+        step("adding the rust target the guests need (rustup target add wasm32-wasip1)");
+        let added = std::process::Command::new("rustup")
+            .current_dir(&workspace)
+            .args(["target", "add", "wasm32-wasip1"])
+            .status()
+            .context("failed to run rustup to add the wasm32-wasip1 target")?;
+        if added.success() {
+            status = build()?;
+        }
+    }
     let p = target.join("wasm32-wasip1/release/sleeper.wasm");
     if status.success() && p.exists() {
         Ok(p)
@@ -327,6 +342,20 @@ fn sleeper_module() -> anyhow::Result<PathBuf> {
             "could not build the sleeper guest ({status}); is the target installed (`rustup target add wasm32-wasip1`)?"
         )
     }
+}
+
+/// Whether rustup is here and says the workspace's toolchain lacks `wasm32-wasip1`.
+fn wasm_target_missing(workspace: &Path) -> bool {
+    std::process::Command::new("rustup")
+        .current_dir(workspace)
+        .args(["target", "list", "--installed"])
+        .output()
+        .is_ok_and(|o| {
+            o.status.success()
+                && !String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .any(|l| l.trim() == "wasm32-wasip1")
+        })
 }
 
 /// Applies the demo Deployment and waits until its pods run, printing progress.
