@@ -302,10 +302,26 @@ fn sleeper_module() -> anyhow::Result<PathBuf> {
         .context("workspace root")?
         .to_path_buf();
     let target = workspace.join("target/wasm-guests");
+    // rust-toolchain.toml lists the target, yet on a fresh machine whose toolchain was
+    // already installed rustup did not add it, and the README's first command stopped here.
+    if wasm_target_missing(&workspace) {
+        step("adding the rust target the guests need (rustup target add wasm32-wasip1)");
+        let added = std::process::Command::new("rustup")
+            .current_dir(&workspace)
+            .args(["target", "add", "wasm32-wasip1"])
+            .status()
+            .context("failed to run rustup to add the wasm32-wasip1 target")?;
+        if !added.success() {
+            anyhow::bail!(
+                "`rustup target add wasm32-wasip1` failed ({added}); add the target by hand and \
+                 run flotilla dev again"
+            );
+        }
+    }
     step(
         "building the wasm-examples guests (cargo build --release --target wasm32-wasip1 -p wasm-examples)",
     );
-    let build = || {
+    let status =
         std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
             .current_dir(&workspace)
             .args([
@@ -318,22 +334,7 @@ fn sleeper_module() -> anyhow::Result<PathBuf> {
             ])
             .env("CARGO_TARGET_DIR", &target)
             .status()
-            .context("failed to run cargo to build the wasm guests")
-    };
-    let mut status = build()?;
-    // rust-toolchain.toml lists the target, yet on a fresh machine whose toolchain was
-    // already installed rustup did not add it, and the README's first command stopped here.
-    if !status.success() && wasm_target_missing(&workspace) {
-        step("adding the rust target the guests need (rustup target add wasm32-wasip1)");
-        let added = std::process::Command::new("rustup")
-            .current_dir(&workspace)
-            .args(["target", "add", "wasm32-wasip1"])
-            .status()
-            .context("failed to run rustup to add the wasm32-wasip1 target")?;
-        if added.success() {
-            status = build()?;
-        }
-    }
+            .context("failed to run cargo to build the wasm guests")?;
     let p = target.join("wasm32-wasip1/release/sleeper.wasm");
     if status.success() && p.exists() {
         Ok(p)
