@@ -997,6 +997,7 @@ mod tests {
         assert!(total > 0 && steal <= total);
     }
 
+    /// A small run end to end on a MemStore: every figure is measured and the table prints.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn small_run() {
         let dir = tempfile::tempdir().expect("tempdir");
