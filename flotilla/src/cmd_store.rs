@@ -69,7 +69,11 @@ pub(crate) struct StoreArgs {
     /// A write-path phase (log sync, proposal, write, follower append) at least this slow, in
     /// ms, is logged on its own with its time (`RUST_LOG=store::stats=debug`), so stalls can be
     /// lined up across members.
-    #[arg(long, default_value_t = 20, value_name = "MS")]
+    #[arg(
+        long,
+        default_value_t = store::Tunables::default().slow_phase.as_millis() as u64,
+        value_name = "MS"
+    )]
     slow_phase_ms: u64,
     /// Serve the fault-injection admin endpoint (HTTP, `/faults`) on this address, e.g.
     /// `127.0.0.1:2381`: partitions, message drops/delays/duplicates and a slow disk for this

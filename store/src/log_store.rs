@@ -212,9 +212,6 @@ impl SledLogStore {
             .h_log_sync
             .observe("log sync", start.elapsed(), self.stats.slow);
         self.stats.log_flushes.fetch_add(1, Ordering::Relaxed);
-        self.stats
-            .h_log_flush
-            .observe("log flush", start.elapsed(), self.stats.slow);
         Stats::record(
             &self.stats.log_flush_ns,
             Some(&self.stats.log_flush_max_ns),

@@ -78,10 +78,9 @@ pub(crate) struct Stats {
     pub(crate) snapshot_durable_changed: tokio::sync::Notify,
     /// The state machine failed (its storage calls error): nothing waits for it any more.
     pub(crate) sm_failed: std::sync::atomic::AtomicBool,
-    /// Log flushes: write plus `fdatasync` as the WAL thread saw them.
+    /// Log flushes: write plus `fdatasync` as the WAL thread saw them (also served as
+    /// `etcd_disk_wal_fsync_duration_seconds`).
     pub(crate) h_log_sync: Histogram,
-    /// Log flushes as openraft waited for them (includes the hop to the WAL thread).
-    pub(crate) h_log_flush: Histogram,
     /// Follower: an AppendEntries request from receipt to answer.
     pub(crate) h_follower_append: Histogram,
     /// Leader: group-commit proposal from `client_write` to its applied reply.
@@ -124,7 +123,7 @@ impl Stats {
             "# HELP {name} The latency distributions of the log's fdatasync.\n# TYPE {name} histogram"
         );
         let mut cumulative = 0;
-        for (i, c) in self.h_log_flush.counts.iter().enumerate() {
+        for (i, c) in self.h_log_sync.counts.iter().enumerate() {
             cumulative += c.load(Ordering::Relaxed);
             let le = BUCKETS_MS.get(i).map_or_else(
                 || "+Inf".to_owned(),
@@ -150,9 +149,8 @@ impl Stats {
             g(&self.proposals),
             avg_us(g(&self.proposal_ns), g(&self.proposals)),
         ) + &format!(
-            "; ms histograms: log sync{}; log flush{}; follower append{}; proposal{}; write{}",
+            "; ms histograms: log sync{}; follower append{}; proposal{}; write{}",
             self.h_log_sync.summary(),
-            self.h_log_flush.summary(),
             self.h_follower_append.summary(),
             self.h_proposal.summary(),
             self.h_write.summary(),
